@@ -1,0 +1,428 @@
+"""The denoising loop: one generator of step and canvas events, and the collected result.
+
+Three layers, every consumer (``run``, batch jobs, live views, benchmarks, tests) on the same
+loop:
+
+* :func:`stream` returns a :class:`Generation`; iterating it runs the loop and yields a
+  :class:`StepEvent` after every denoising step and a :class:`CanvasEvent` after every
+  committed canvas.
+* :attr:`Generation.result` then holds the :class:`GenerationResult`: per prompt the text,
+  the token ids, the finish reason and :class:`CompletionStats`.
+* :func:`generate` runs a generation to the end and returns its result.
+
+The loop is an own implementation of transformers' ``DiffusionGemmaGenerationMixin.generate``
+(DESIGN.md §2) over the model's encoder and decoder forward passes. With the same seed on the
+CPU it produces the same tokens: same operations, same random draws in the same order.
+
+Events carry device tensors and are built from values the loop computes anyway; nothing is
+copied to the host per step unless a consumer reads them (``observe=False`` skips building
+step events at all).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from diffgen.decode import split_response
+from diffgen.errors import PromptTooLongError, UsageError
+from diffgen.sampling import (
+    GlobalNoise,
+    StableAndConfident,
+    TemperatureSchedule,
+    entropy_bound_acceptance,
+    renoise,
+    token_entropy,
+)
+from diffgen.settings import GenerationSettings
+
+if TYPE_CHECKING:
+    from diffgen.loader import LoadedModel
+
+FinishReason = Literal["eos", "length"]
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One denoising step of one canvas, for every row of the batch.
+
+    Tensors live on the model's device; reading them (``.tolist()``, ``.cpu()``) is the
+    consumer's choice and cost.
+
+    Attributes:
+        canvas: index of the canvas being denoised, from 0.
+        canvases: canvases planned (``ceil(max_new_tokens / canvas_length)``); fewer run when
+            every row meets an EOS earlier.
+        step: denoising steps done on this canvas so far, from 1.
+        max_steps: N, the step budget per canvas.
+        temperature: the schedule's temperature at this step.
+        accepted: ``(B, C)`` bool, positions whose sampled token was accepted at this step
+            (all other positions were renoised). Meaningless for rows in ``finished``.
+        draft: ``(B, C)`` int64, the argmax of the temperature-scaled logits: the text the
+            canvas would commit to if denoising stopped now.
+        canvas_tokens: ``(B, C)`` int64, the canvas after acceptance and renoising, which the
+            next step reads.
+        token_entropy: ``(B, C)`` float32, entropy in nats of each position's distribution.
+        mean_entropy: ``(B,)`` float32, mean of ``token_entropy`` over the canvas.
+        finished: ``(B,)`` bool, rows that no longer change this canvas: adaptive stopping
+            fired for them, or they met an EOS in an earlier canvas.
+        elapsed: seconds since the generation started, read on the host (on a GPU this is
+            when the step was queued, not when it finished).
+    """
+
+    canvas: int
+    canvases: int
+    step: int
+    max_steps: int
+    temperature: float
+    accepted: torch.Tensor
+    draft: torch.Tensor
+    canvas_tokens: torch.Tensor
+    token_entropy: torch.Tensor
+    mean_entropy: torch.Tensor
+    finished: torch.Tensor
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class CanvasEvent:
+    """A canvas committed for every row.
+
+    Attributes:
+        canvas: index of the committed canvas, from 0.
+        canvases: canvases planned.
+        tokens: ``(B, C)`` int64, the committed tokens (the last step's argmax), with pad
+            after a row's first EOS and for rows that ended in an earlier canvas.
+        steps: denoising steps (decoder forward passes) this canvas took for the batch.
+        finished: ``(B,)`` bool, rows that have met an EOS so far.
+        elapsed: seconds since the generation started.
+    """
+
+    canvas: int
+    canvases: int
+    tokens: torch.Tensor
+    steps: int
+    finished: torch.Tensor
+    elapsed: float
+
+
+Event = StepEvent | CanvasEvent
+
+
+@dataclass(frozen=True)
+class CompletionStats:
+    """Numbers for one completion.
+
+    Attributes:
+        prompt_tokens: tokens in the prompt (padding excluded).
+        new_tokens: tokens returned (``len(Completion.token_ids)``).
+        canvases: canvases generated for the batch.
+        steps_per_canvas: decoder forward passes this row took, per canvas (0 for canvases
+            after the row had ended).
+        tokens_per_forward: ``new_tokens`` divided by this row's decoder forward passes.
+        seconds: wall time of the whole generation, prefill included.
+        tokens_per_second: ``new_tokens / seconds``.
+        peak_memory_bytes: peak accelerator memory allocated by torch during the generation
+            (CUDA only; ``None`` where torch cannot tell).
+    """
+
+    prompt_tokens: int
+    new_tokens: int
+    canvases: int
+    steps_per_canvas: tuple[int, ...]
+    tokens_per_forward: float
+    seconds: float
+    tokens_per_second: float
+    peak_memory_bytes: int | None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One prompt's output.
+
+    Attributes:
+        text: the answer, decoded without special tokens and without the thought channel.
+        thoughts: the thought channel's text, or ``None`` when the model opened none.
+        token_ids: generated ids, cut before the first EOS and at ``max_new_tokens``
+            (thought-channel tokens included).
+        finish_reason: ``"eos"`` when the model ended the answer, ``"length"`` when
+            ``max_new_tokens`` cut it.
+        stats: numbers for this completion.
+    """
+
+    text: str
+    thoughts: str | None
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    stats: CompletionStats
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """All completions of one generation, in prompt order, and the settings used."""
+
+    completions: tuple[Completion, ...]
+    settings: GenerationSettings
+
+
+@dataclass
+class _Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_lengths: list[int] = field(default_factory=list)
+
+
+class Generation:
+    """A generation ready to run: iterate it for events; :attr:`result` afterwards."""
+
+    def __init__(self, loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
+                 *, observe: bool = True):
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise UsageError("every prompt needs at least one token")
+        self.loaded = loaded
+        self.settings = settings
+        self.observe = observe
+        self.canvas_length = int(loaded.model.config.canvas_length)
+        self.canvases = math.ceil(settings.max_new_tokens / self.canvas_length)
+        self._prompts = [list(p) for p in prompts]
+        self._check_context()
+        self._result: GenerationResult | None = None
+        self._started = False
+
+    @property
+    def result(self) -> GenerationResult:
+        if self._result is None:
+            raise RuntimeError("the generation has not run to the end yet: iterate it first")
+        return self._result
+
+    def __iter__(self) -> Iterator[Event]:
+        if self._started:
+            raise RuntimeError("a Generation runs once; call stream() again for another run")
+        self._started = True
+        with torch.no_grad():
+            yield from self._run()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _check_context(self) -> None:
+        text_config = self.loaded.model.config.get_text_config()
+        limit = getattr(text_config, "max_position_embeddings", None)
+        longest = max(len(p) for p in self._prompts)
+        needed = longest + self.canvases * self.canvas_length
+        if limit is not None and needed > limit:
+            raise PromptTooLongError(
+                f"the prompt ({longest} tokens) plus {self.canvases} canvas(es) of {self.canvas_length} "
+                f"tokens needs {needed} positions, more than the model's context of {limit}",
+                "shorten the prompt or lower --max-new-tokens",
+            )
+
+    def _left_pad(self, device: torch.device) -> _Batch:
+        longest = max(len(p) for p in self._prompts)
+        pad = self.settings.pad_token_id
+        ids = [[pad] * (longest - len(p)) + p for p in self._prompts]
+        mask = [[False] * (longest - len(p)) + [True] * len(p) for p in self._prompts]
+        return _Batch(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+            attention_mask=torch.tensor(mask, dtype=torch.bool, device=device),
+            prompt_lengths=[len(p) for p in self._prompts],
+        )
+
+    def _run(self) -> Iterator[Event]:
+        from transformers import DynamicCache
+
+        settings = self.settings
+        model = self.loaded.model
+        device = model.device
+        start = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+
+        batch = self._left_pad(device)
+        input_ids, attention_mask = batch.input_ids, batch.attention_mask
+        batch_size, prompt_len = input_ids.shape
+        canvas_length = self.canvas_length
+        n_steps = settings.max_denoising_steps
+
+        noise = GlobalNoise(model.config.text_config.vocab_size, canvas_length, device)
+        schedule = TemperatureSchedule(settings.t_min, settings.t_max, n_steps)
+        accept = entropy_bound_acceptance(settings.entropy_bound)
+        stopper = (
+            StableAndConfident(settings.stability_threshold, settings.confidence_threshold)
+            if settings.adaptive_stopping
+            else None
+        )
+        eos = torch.tensor(settings.eos_token_ids, device=device)
+        embed_dtype = model.model.decoder.embed_tokens.weight.dtype
+        cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+
+        cur_len = prompt_len
+        encoder_positions = torch.arange(0, cur_len, dtype=torch.int32, device=device).unsqueeze(0)
+        decoder_positions = torch.arange(cur_len, cur_len + canvas_length, dtype=torch.int32, device=device)[None]
+        decoder_attention_mask = torch.nn.functional.pad(attention_mask, (0, canvas_length), value=True)
+        finished_rows = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        forwards = torch.zeros(batch_size, dtype=torch.int, device=device)
+        unencoded = input_ids
+        committed_canvases: list[torch.Tensor] = []
+        row_steps: list[torch.Tensor] = []
+
+        for canvas_index in range(self.canvases):
+            # Encode what the cache has not seen yet: the prompt, then each committed canvas.
+            self._encode(unencoded, attention_mask, encoder_positions, cache)
+            canvas = noise.uniform_canvas(batch_size)
+            decoder_mask = model.model.decoder.create_diffusion_decoder_attention_mask(
+                config=model.config,
+                inputs_embeds=canvas.unsqueeze(-1),
+                past_key_values=cache,
+                decoder_attention_mask=decoder_attention_mask,
+            )
+            stopped = torch.zeros(batch_size, dtype=torch.bool, device=device)
+            if stopper is not None:
+                stopper.reset()
+            argmax_canvas = canvas
+            self_conditioning = None
+            forwards_before = forwards
+            steps = 0
+            for remaining in range(n_steps, 0, -1):
+                steps += 1
+                forwards = forwards + ~(stopped | finished_rows)
+                logits = model(
+                    decoder_input_ids=canvas,
+                    self_conditioning_logits=self_conditioning,
+                    decoder_attention_mask=decoder_mask,
+                    past_key_values=cache,
+                    decoder_position_ids=decoder_positions,
+                ).logits
+                scaled = logits / schedule(torch.tensor(remaining, device=device, dtype=torch.int32))
+                probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
+                sampled = noise.sample(probs)
+                new_argmax = torch.argmax(scaled, dim=-1)
+                entropy = token_entropy(scaled)
+                accepted = accept(entropy)
+                new_canvas = renoise(torch.where(accepted, sampled, canvas), accepted, noise)
+                mean_entropy = entropy.mean(dim=-1)
+                if stopper is not None:
+                    # Rows that stopped earlier keep their canvas, draft and logits.
+                    if stopped.any():
+                        new_argmax = torch.where(stopped[:, None], argmax_canvas, new_argmax)
+                        new_canvas = torch.where(stopped[:, None], canvas, new_canvas)
+                        scaled = torch.where(stopped[:, None, None], self_conditioning, scaled)
+                    stopped = stopped | stopper(new_argmax, mean_entropy)
+                self_conditioning = scaled.to(embed_dtype)
+                canvas, argmax_canvas = new_canvas, new_argmax
+                if self.observe:
+                    yield StepEvent(
+                        canvas=canvas_index,
+                        canvases=self.canvases,
+                        step=steps,
+                        max_steps=n_steps,
+                        temperature=schedule.value(remaining),
+                        accepted=accepted,
+                        draft=argmax_canvas,
+                        canvas_tokens=canvas,
+                        token_entropy=entropy,
+                        mean_entropy=mean_entropy,
+                        finished=stopped | finished_rows,
+                        elapsed=time.perf_counter() - start,
+                    )
+                if bool(stopped.all()):
+                    break
+
+            committed, finished_rows = _commit(argmax_canvas, finished_rows, eos, settings.pad_token_id)
+            committed_canvases.append(committed)
+            row_steps.append(forwards - forwards_before)
+            yield CanvasEvent(
+                canvas=canvas_index,
+                canvases=self.canvases,
+                tokens=committed,
+                steps=steps,
+                finished=finished_rows,
+                elapsed=time.perf_counter() - start,
+            )
+            if bool(finished_rows.all()):
+                break
+            # Prepare the next canvas: the committed one is encoded into the cache next.
+            unencoded = committed
+            cur_len += canvas_length
+            attention_mask = torch.nn.functional.pad(attention_mask, (0, canvas_length), value=True)
+            decoder_attention_mask = torch.nn.functional.pad(decoder_attention_mask, (0, canvas_length), value=True)
+            encoder_positions = decoder_positions
+            decoder_positions = torch.arange(cur_len, cur_len + canvas_length, dtype=torch.int32, device=device)[None]
+
+        self._result = self._collect(batch, committed_canvases, row_steps, forwards, eos, start)
+
+    def _encode(self, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache) -> None:
+        model = self.loaded.model
+        ids = ids.clone(memory_format=torch.contiguous_format)
+        mask = model.model.encoder.create_masks_for_generate(
+            config=model.config,
+            inputs_embeds=torch.empty((ids.shape[0], ids.shape[1], 0), dtype=model.dtype, device=ids.device),
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=positions,
+        )
+        model.model.encoder(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions)
+
+    def _collect(self, batch: _Batch, canvases: list[torch.Tensor], row_steps: list[torch.Tensor],
+                 forwards: torch.Tensor, eos: torch.Tensor, start: float) -> GenerationResult:
+        settings = self.settings
+        device = batch.input_ids.device
+        generated = torch.cat(canvases, dim=-1).tolist()
+        steps = torch.stack(row_steps, dim=-1).tolist()
+        forwards_list = forwards.tolist()
+        eos_ids = set(settings.eos_token_ids)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        seconds = time.perf_counter() - start
+        completions = []
+        for row, tokens in enumerate(generated):
+            end = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+            if end is not None and end <= settings.max_new_tokens:
+                tokens, reason = tokens[:end], "eos"
+            else:
+                tokens, reason = tokens[: settings.max_new_tokens], "length"
+            response = split_response(self.loaded.tokenizer, tokens)
+            stats = CompletionStats(
+                prompt_tokens=batch.prompt_lengths[row],
+                new_tokens=len(tokens),
+                canvases=len(canvases),
+                steps_per_canvas=tuple(steps[row]),
+                tokens_per_forward=len(tokens) / max(forwards_list[row], 1),
+                seconds=seconds,
+                tokens_per_second=len(tokens) / seconds if seconds > 0 else 0.0,
+                peak_memory_bytes=peak,
+            )
+            completions.append(Completion(response.text, response.thoughts, tuple(tokens), reason, stats))
+        return GenerationResult(tuple(completions), settings)
+
+
+def _commit(argmax_canvas: torch.Tensor, finished_rows: torch.Tensor, eos: torch.Tensor,
+            pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Commit a canvas: rows ended earlier become all pad, pad follows a row's first EOS."""
+    committed = argmax_canvas.clone()
+    is_eos = torch.isin(committed, eos)
+    ended_now = is_eos.any(dim=-1)
+    committed[finished_rows] = pad_token_id
+    is_eos = torch.isin(committed, eos)
+    seen = is_eos.cumsum(dim=-1)
+    committed[(seen > 0) & ~((seen == 1) & is_eos)] = pad_token_id
+    return committed, finished_rows | ended_now
+
+
+def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
+           *, observe: bool = True) -> Generation:
+    """Prepare a generation of ``prompts`` (token id lists; several are batched, left padded)."""
+    return Generation(loaded, prompts, settings, observe=observe)
+
+
+def generate(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings) -> GenerationResult:
+    """Run a generation to the end and return its result."""
+    generation = stream(loaded, prompts, settings, observe=False)
+    for _ in generation:
+        pass
+    return generation.result

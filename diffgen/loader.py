@@ -1,0 +1,191 @@
+"""Checkpoint resolution and loading under a plan.
+
+``--model`` names a local directory or a Hugging Face Hub id. A Hub id resolves through the
+Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``), downloading only safetensors weights,
+configs and tokenizer files; offline (``--offline`` or ``HF_HUB_OFFLINE=1``) it resolves from
+the cache alone. Whatever the source, the loader checks the directory before handing it to
+transformers, so a wrong directory, pickled weights or a missing tokenizer get one clear
+error instead of a traceback. Remote code is never trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffgen.errors import (
+    HubUnreachableError,
+    ModelNotFoundError,
+    NotACheckpointError,
+    TokenizerMissingError,
+    UnsafeCheckpointError,
+)
+from diffgen.plan import LoadPlan
+from diffgen.settings import GenerationSettings
+
+DEFAULT_MODEL = "google/diffusiongemma-26B-A4B-it"
+MODEL_TYPE = "diffusion_gemma"
+# What a Hub download fetches: never pickled weights.
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A resolved checkpoint. Attributes: ``name`` as the user gave it; ``path`` the local
+    directory holding it; ``from_hub`` whether it came through the Hugging Face cache."""
+
+    name: str
+    path: Path
+    from_hub: bool
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate.
+
+    Attributes:
+        model: the ``DiffusionGemmaForBlockDiffusion``, in eval mode on ``plan.device``.
+        tokenizer: its tokenizer (with the chat template when the checkpoint has one).
+        defaults: generation settings from the checkpoint's ``generation_config.json``.
+        checkpoint: where it came from.
+        plan: how it was loaded.
+    """
+
+    model: Any
+    tokenizer: Any
+    defaults: GenerationSettings
+    checkpoint: Checkpoint
+    plan: LoadPlan
+
+
+def env_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` asks for offline mode (read now, not at import time)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _looks_like_path(name: str) -> bool:
+    """A Hub id is ``name`` or ``org/name``; anything else with a path shape is a path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def resolve(name: str, *, offline: bool = False) -> Checkpoint:
+    """Find the checkpoint directory for ``name`` (a local directory or a Hub id)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return Checkpoint(name, path.resolve(), from_hub=False)
+    if path.exists():
+        raise NotACheckpointError(f"{name} is a file, not a checkpoint directory",
+                                  "pass the directory that holds config.json")
+    if _looks_like_path(name) or not _HUB_ID.match(name):
+        raise ModelNotFoundError(f"no directory {name}",
+                                 "check the path, or give a Hub id such as " + DEFAULT_MODEL)
+    return Checkpoint(name, _from_hub(name, offline=offline or env_offline()), from_hub=True)
+
+
+def _from_hub(repo_id: str, *, offline: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=offline))
+    except GatedRepoError as exc:
+        raise ModelNotFoundError(f"{repo_id} is gated on the Hub and this machine has no access",
+                                 "accept its licence on the model page, then run `hf auth login`") from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelNotFoundError(f"model {repo_id} was not found on the Hub",
+                                 "check the name, or pass a local checkpoint directory") from exc
+    except LocalEntryNotFoundError as exc:
+        if offline:
+            raise HubUnreachableError(f"{repo_id} is not in the Hugging Face cache and offline mode is on",
+                                      "run once online (without --offline / HF_HUB_OFFLINE) to download it") from exc
+        raise HubUnreachableError(f"the Hugging Face Hub could not be reached and {repo_id} is not in the cache",
+                                  "check the network, or pass a local checkpoint directory") from exc
+    except HfHubHTTPError as exc:
+        raise HubUnreachableError(f"the Hub refused to serve {repo_id}: {exc}".splitlines()[0],
+                                  "try again later, or pass a local checkpoint directory") from exc
+
+
+def inspect_checkpoint(path: Path, name: str | None = None) -> dict[str, Any]:
+    """Check that ``path`` holds a loadable DiffusionGemma checkpoint; return its config.json."""
+    label = name or str(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise NotACheckpointError(f"{label} has no config.json, so it is not a model checkpoint",
+                                  "pass the directory that holds config.json and the weights")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise NotACheckpointError(f"{label}/config.json is not valid JSON ({exc})") from exc
+    model_type = config.get("model_type")
+    if model_type != MODEL_TYPE:
+        raise NotACheckpointError(f"{label} is a {model_type or 'unknown'} checkpoint, not a DiffusionGemma one",
+                                  f"diffgen runs model_type {MODEL_TYPE!r} checkpoints such as {DEFAULT_MODEL}")
+    files = [p.name for p in path.iterdir() if p.is_file()]
+    if not any(f.endswith(".safetensors") for f in files):
+        pickled = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+        if pickled:
+            raise UnsafeCheckpointError(
+                f"{label} holds only pickled weights ({', '.join(pickled[:3])}), which can run code when loaded",
+                "convert them to safetensors first; diffgen loads safetensors only")
+        raise NotACheckpointError(f"{label} has no weights (*.safetensors)",
+                                  "download the complete checkpoint")
+    if not any(f in files for f in TOKENIZER_FILES):
+        raise TokenizerMissingError(f"{label} has no tokenizer (tokenizer.json or tokenizer.model)",
+                                    "copy the tokenizer files of the original checkpoint into it")
+    return config
+
+
+def read_defaults(path: Path, config: dict[str, Any]) -> GenerationSettings:
+    """Generation defaults from ``generation_config.json`` (JSON only: no weights, no torch)."""
+    generation_file = path / "generation_config.json"
+    generation = None
+    if generation_file.is_file():
+        try:
+            generation = json.loads(generation_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise NotACheckpointError(f"{path}/generation_config.json is not valid JSON ({exc})") from exc
+    return GenerationSettings.from_generation_config(generation, config)
+
+
+def load(name: str, plan: LoadPlan, *, offline: bool = False, progress: bool = True) -> LoadedModel:
+    """Resolve, check and load a checkpoint under ``plan``."""
+    checkpoint = resolve(name, offline=offline)
+    return load_checkpoint(checkpoint, plan, progress=progress)
+
+
+def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = True) -> LoadedModel:
+    """Check and load a resolved checkpoint directory; ``progress`` shows transformers' bar."""
+    config = inspect_checkpoint(checkpoint.path, checkpoint.name)
+    defaults = read_defaults(checkpoint.path, config)
+    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+    from transformers.utils import logging as hf_logging
+
+    if not os.environ.get("DIFFGEN_DEBUG"):
+        hf_logging.set_verbosity_error()
+    if progress:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+    path = checkpoint.path
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+        path,
+        dtype=plan.torch_dtype,
+        device_map={"": plan.device},
+        use_safetensors=True,
+        local_files_only=True,
+    )
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, defaults=defaults, checkpoint=checkpoint, plan=plan)

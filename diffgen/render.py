@@ -1,0 +1,70 @@
+"""Renderers: what a finished generation looks like on stdout and stderr.
+
+stdout carries only the answer (plus a final newline) or one JSON object; thoughts, stats and
+warnings go to stderr. One serialiser (:func:`completion_record`) gives every JSON output the
+same shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from diffgen.generate import Completion, GenerationResult
+
+
+def completion_record(completion: Completion, result: GenerationResult, *, model: str) -> dict[str, Any]:
+    """The JSON object for one completion."""
+    return {
+        "text": completion.text,
+        "thoughts": completion.thoughts,
+        "tokens": list(completion.token_ids),
+        "finish_reason": completion.finish_reason,
+        "model": model,
+        "seed": result.settings.seed,
+        "settings": result.settings.to_dict(),
+        "stats": dataclasses.asdict(completion.stats),
+    }
+
+
+def write_json(record: dict[str, Any], out: IO[str]) -> None:
+    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    out.flush()
+
+
+def write_answer(completion: Completion, out: IO[str]) -> None:
+    out.write(completion.text + "\n")
+    out.flush()
+
+
+def stats_line(completion: Completion) -> str:
+    """One line of numbers, e.g. ``42 tokens in 1.20 s (35.0 tok/s), 2 canvases, steps 14+12, ...``."""
+    s = completion.stats
+    steps = "+".join(str(n) for n in s.steps_per_canvas)
+    parts = [
+        f"{s.new_tokens} tokens in {s.seconds:.2f} s ({s.tokens_per_second:.1f} tok/s)",
+        f"prompt {s.prompt_tokens} tokens",
+        f"{s.canvases} canvas{'es' if s.canvases != 1 else ''}, steps {steps}",
+        f"{s.tokens_per_forward:.2f} tokens/forward",
+        f"finish {completion.finish_reason}",
+    ]
+    if s.peak_memory_bytes is not None:
+        parts.append(f"peak {s.peak_memory_bytes / 2**30:.2f} GiB")
+    return ", ".join(parts)
+
+
+def error_console(no_color: bool = False) -> Any:
+    """A Rich console on stderr (NO_COLOR is honoured by Rich itself)."""
+    from rich.console import Console
+
+    return Console(stderr=True, no_color=no_color or None, highlight=False)
+
+
+def show_thoughts(thoughts: str, console: Any) -> None:
+    """The thought channel, dimmed, on the stderr console."""
+    from rich.text import Text
+
+    console.print(Text("thinking:", style="dim bold"))
+    console.print(Text(thoughts, style="dim italic"))

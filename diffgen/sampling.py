@@ -1,0 +1,138 @@
+"""The sampler's policies, each a small callable built by a factory.
+
+Every function here reproduces transformers' reference formulas operation for operation
+(``DiffusionGemmaGenerationMixin`` in transformers 5.23), because the exactness contract —
+the same tokens as ``model.generate()`` for the same seed — depends on bit-identical floats
+and on drawing random numbers in the same order:
+
+1. ``randint`` for the initial canvas,
+2. per step: ``multinomial`` over every canvas position, then ``randint`` for renoising.
+
+:class:`GlobalNoise` owns those draws, so a faster or per-row source can replace it without
+touching the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TemperatureSchedule:
+    """Linear temperature ``t_min + (t_max - t_min) * n / N`` at remaining-step ``n`` (N..1).
+
+    Attributes:
+        t_min: temperature at the last step (n = 1 reaches t_min + (t_max - t_min) / N).
+        t_max: temperature at the first step (n = N).
+        max_steps: N.
+    """
+
+    t_min: float
+    t_max: float
+    max_steps: int
+
+    def __call__(self, remaining: torch.Tensor) -> torch.Tensor:
+        """The temperature as a 0-d float32 tensor; ``remaining`` is an int32 0-d tensor.
+
+        Computed exactly as the reference does (int32 / int promotes to float32), so dividing
+        logits by it gives the reference's bits.
+        """
+        return self.t_min + ((self.t_max - self.t_min) * (remaining / self.max_steps))
+
+    def value(self, remaining: int) -> float:
+        """The same temperature as a Python float, for display (no device round trip)."""
+        return self.t_min + (self.t_max - self.t_min) * remaining / self.max_steps
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each position's softmax, shape ``logits.shape[:-1]``.
+
+    Same arithmetic as ``torch.distributions.Categorical(logits=logits).entropy()`` (which the
+    reference calls), without its argument validation and its device sync.
+    """
+    normalized = logits - logits.logsumexp(dim=-1, keepdim=True)
+    probs = torch.softmax(normalized, dim=-1)
+    clamped = torch.clamp(normalized, min=torch.finfo(normalized.dtype).min)
+    return -(clamped * probs).sum(-1)
+
+
+def entropy_bound_acceptance(entropy_bound: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Build the entropy-bound acceptance rule (https://arxiv.org/abs/2505.24857).
+
+    The returned callable takes per-token entropies ``(B, C)`` and returns the accepted mask
+    ``(B, C)``: sort ascending, accept while ``cumsum(H) - H_i <= entropy_bound``. The
+    lowest-entropy token is always accepted (its left side is 0).
+    """
+
+    def accept(entropy: torch.Tensor) -> torch.Tensor:
+        sorted_entropy, order = torch.sort(entropy, dim=-1, descending=False)
+        cumulative = torch.cumsum(sorted_entropy, dim=-1)
+        sorted_mask = cumulative - sorted_entropy <= entropy_bound
+        return torch.scatter(torch.zeros_like(sorted_mask), dim=-1, index=order, src=sorted_mask)
+
+    return accept
+
+
+class StableAndConfident:
+    """Adaptive stop: a row stops when its argmax canvas has not changed for
+    ``stability_threshold`` steps and its mean token entropy is below ``confidence_threshold``.
+
+    Stateful over one canvas; call :meth:`reset` before each canvas.
+    """
+
+    def __init__(self, stability_threshold: int, confidence_threshold: float):
+        self.stability_threshold = stability_threshold
+        self.confidence_threshold = confidence_threshold
+        self._history: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self._history = None
+
+    def __call__(self, argmax_canvas: torch.Tensor, mean_entropy: torch.Tensor) -> torch.Tensor:
+        """Rows that may stop now, ``(B,)`` bool. ``mean_entropy`` is ``(B,)``."""
+        if self.stability_threshold == 0:
+            stable = torch.ones(argmax_canvas.shape[0], dtype=torch.bool, device=argmax_canvas.device)
+        else:
+            if self._history is None:
+                self._history = torch.full(
+                    (self.stability_threshold, *argmax_canvas.shape),
+                    -1,
+                    dtype=argmax_canvas.dtype,
+                    device=argmax_canvas.device,
+                )
+            stable = (self._history == argmax_canvas[None]).all(dim=-1).all(dim=0)
+            self._history = torch.roll(self._history, shifts=-1, dims=0)
+            self._history[-1] = argmax_canvas
+        return stable & (mean_entropy < self.confidence_threshold)
+
+
+class GlobalNoise:
+    """Random draws from torch's global RNG on ``device``, in the reference's order.
+
+    Attributes:
+        vocab_size: tokens are drawn uniformly from ``[0, vocab_size)``.
+        canvas_length: positions per canvas.
+    """
+
+    def __init__(self, vocab_size: int, canvas_length: int, device: torch.device):
+        self.vocab_size = vocab_size
+        self.canvas_length = canvas_length
+        self.device = device
+
+    def uniform_canvas(self, batch_size: int) -> torch.Tensor:
+        """A canvas of uniformly random tokens, ``(B, C)`` int64."""
+        return torch.randint(0, self.vocab_size, (batch_size, self.canvas_length), device=self.device)
+
+    def sample(self, probs: torch.Tensor) -> torch.Tensor:
+        """One token per position from ``probs`` ``(B, C, V)`` float32, ``(B, C)`` int64."""
+        batch, canvas, vocab = probs.shape
+        return torch.multinomial(probs.view(-1, vocab), num_samples=1).view(batch, canvas)
+
+
+def renoise(accepted_canvas: torch.Tensor, accepted: torch.Tensor, noise: GlobalNoise) -> torch.Tensor:
+    """Replace every position that was not accepted by a fresh uniform token."""
+    fresh = noise.uniform_canvas(accepted_canvas.shape[0])
+    return torch.where(~accepted, fresh, accepted_canvas)

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random DiffusionGemma checkpoints, built once per test session.
+
+No test touches the network: HF_HUB_OFFLINE is forced on for this process and every
+subprocess it starts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("DIFFGEN_MODEL", None)
+os.environ.pop("DIFFGEN_DEBUG", None)
+
+# Adaptive stopping fires on this checkpoint with these settings, at different steps for
+# different rows (a random model's logits are otherwise too flat for the confidence test).
+SHARP_LOGIT_SCALE = 50.0
+SHARP_SETTINGS = {"entropy_bound": 5.0, "confidence_threshold": 1.5}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from diffgen.tiny import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sharp_checkpoint(tmp_path_factory) -> Path:
+    from diffgen.tiny import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("sharp") / "ckpt", seed=0, logit_scale=SHARP_LOGIT_SCALE)
+
+
+def _load(path: Path):
+    from diffgen.loader import load
+    from diffgen.plan import LoadPlan
+
+    return load(str(path), LoadPlan("cpu", "float32"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_checkpoint):
+    """The tiny checkpoint loaded on the CPU in fp32 (a LoadedModel)."""
+    return _load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def sharp(sharp_checkpoint):
+    return _load(sharp_checkpoint)
+
+
+def run_cli(*args: str, input: bytes | None = None, env: dict | None = None, timeout: float = 120,
+            shell: str | None = None) -> subprocess.CompletedProcess:
+    """Run the real ``diffgen`` CLI in a subprocess (``python -m diffgen``)."""
+    full_env = {**os.environ, **(env or {})}
+    if shell is not None:
+        return subprocess.run(["bash", "-c", shell], input=input, capture_output=True, env=full_env, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "diffgen", *args], input=input, capture_output=True,
+                          env=full_env, timeout=timeout)
