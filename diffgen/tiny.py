@@ -64,7 +64,7 @@ _CORPUS = [
 
 def build_tokenizer(vocab_size: int = 512) -> Any:
     """A byte-level BPE tokenizer (every string encodes, every id decodes) of ``vocab_size`` ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = [SPECIAL_TOKENS.get(i, f"<unused{i}>") for i in range(SPECIAL_COUNT)]
@@ -82,6 +82,8 @@ def build_tokenizer(vocab_size: int = 512) -> Any:
     extra = [f"<unused{i}>" for i in range(tok.get_vocab_size(), vocab_size)]
     if extra:
         tok.add_special_tokens(extra)
+    # Like Gemma's tokenizer: plain encoding starts with <bos>.
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<bos>",

@@ -1,0 +1,246 @@
+"""The ``diffgen`` command line, in process (CliRunner) and as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from diffgen.cli import app
+from diffgen.decode import Response
+from tests.conftest import run_cli
+from tests.test_loader import copy_checkpoint, hub_cache
+
+runner = CliRunner()
+
+
+def invoke(*args, input=None, env=None):
+    return runner.invoke(app, list(args), input=input, env=env)
+
+
+def _prompt_tokens(loaded, text):
+    from diffgen.prompt import encode
+
+    return len(encode(loaded.tokenizer, text))
+
+
+@pytest.mark.parametrize(
+    "args, stdin, expected_prompt",
+    [
+        (["Why is the sky blue?"], None, "Why is the sky blue?"),
+        ([], "notes on light\n", "notes on light"),
+        (["-"], "notes on light\n", "notes on light"),
+        (["Summarise this"], "notes on light\n\n", "notes on light\n\nSummarise this"),
+    ],
+    ids=["argument", "stdin", "dash", "stdin+argument"],
+)
+def test_prompt_sources_compose_as_documented(tiny, tiny_checkpoint, args, stdin, expected_prompt):
+    result = invoke("run", "-m", str(tiny_checkpoint), "--json", "--seed", "4", "-n", "8", "--steps", "3", *args,
+                    input=stdin)
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["stats"]["prompt_tokens"] == _prompt_tokens(tiny, expected_prompt)
+
+
+def test_stdout_is_the_answer_alone_and_matches_the_library(tiny, tiny_checkpoint):
+    from diffgen.generate import generate
+    from diffgen.prompt import encode
+
+    result = invoke("run", "-m", str(tiny_checkpoint), "--seed", "7", "-n", "12", "--steps", "4", "Hello there")
+    assert result.exit_code == 0, result.stderr
+    settings = tiny.defaults.replace(seed=7, max_new_tokens=12, max_denoising_steps=4)
+    expected = generate(tiny, [encode(tiny.tokenizer, "Hello there")], settings).completions[0]
+    assert result.stdout == expected.text + "\n"
+
+
+def test_json_has_the_documented_fields(tiny_checkpoint):
+    result = invoke("run", "-m", str(tiny_checkpoint), "--json", "--seed", "3", "-n", "20", "--steps", "2", "Hi")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert {"text", "tokens", "finish_reason", "model", "seed", "stats"} <= set(record)
+    assert record["seed"] == 3 and record["model"] == str(tiny_checkpoint)
+    assert record["finish_reason"] in {"eos", "length"} and len(record["tokens"]) <= 20
+    assert record["stats"]["steps_per_canvas"] == [2, 2][: record["stats"]["canvases"]]
+    assert record["settings"]["max_denoising_steps"] == 2
+
+
+def test_without_seed_a_random_seed_is_reported_and_reproduces(tiny_checkpoint):
+    first = json.loads(invoke("run", "-m", str(tiny_checkpoint), "--json", "-n", "8", "--steps", "2", "Hi").stdout)
+    again = invoke("run", "-m", str(tiny_checkpoint), "--json", "-n", "8", "--steps", "2", "--seed",
+                   str(first["seed"]), "Hi")
+    assert json.loads(again.stdout)["tokens"] == first["tokens"]
+
+
+def test_generation_flags_reach_the_sampler(tiny_checkpoint):
+    result = invoke("run", "-m", str(tiny_checkpoint), "--json", "--seed", "1", "-n", "4", "--steps", "5",
+                    "--entropy-bound", "0.7", "--t-min", "0.2", "--t-max", "0.9", "--stability", "3",
+                    "--confidence", "0.01", "Hi")
+    settings = json.loads(result.stdout)["settings"]
+    assert settings == {**settings, "max_new_tokens": 4, "max_denoising_steps": 5, "entropy_bound": 0.7,
+                        "t_min": 0.2, "t_max": 0.9, "stability_threshold": 3, "confidence_threshold": 0.01}
+
+
+def test_stats_line_goes_to_stderr(tiny_checkpoint):
+    result = invoke("run", "-m", str(tiny_checkpoint), "--stats", "--seed", "1", "-n", "4", "--steps", "2", "Hi")
+    assert result.exit_code == 0
+    assert "tokens in" in result.stderr and "steps 2" in result.stderr
+    assert "tokens in" not in result.stdout
+
+
+def test_model_from_environment(tiny_checkpoint):
+    result = invoke("run", "--json", "--seed", "1", "-n", "4", "--steps", "1", "Hi",
+                    env={"DIFFGEN_MODEL": str(tiny_checkpoint)})
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["model"] == str(tiny_checkpoint)
+
+
+@pytest.fixture
+def fake_thoughts(monkeypatch):
+    monkeypatch.setattr("diffgen.generate.split_response", lambda tok, ids: Response("the answer", "secret musing"))
+
+
+def test_think_shows_thoughts_dimmed_on_stderr_never_stdout(tiny_checkpoint, fake_thoughts):
+    result = invoke("run", "-m", str(tiny_checkpoint), "--think", "--seed", "1", "-n", "4", "--steps", "1", "Q")
+    assert result.exit_code == 0
+    assert result.stdout == "the answer\n"
+    assert "secret musing" in result.stderr
+
+
+def test_without_think_thoughts_are_not_shown(tiny_checkpoint, fake_thoughts):
+    result = invoke("run", "-m", str(tiny_checkpoint), "--seed", "1", "-n", "4", "--steps", "1", "Q")
+    assert result.stdout == "the answer\n"
+    assert "secret musing" not in result.stderr
+
+
+def _one_error_line(result, code, *words):
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("diffgen: error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def test_empty_prompt_is_a_usage_error(tiny_checkpoint):
+    _one_error_line(invoke("run", "-m", str(tiny_checkpoint), input=""), 2, "no prompt")
+
+
+def test_missing_model(tmp_path):
+    _one_error_line(invoke("run", "-m", str(tmp_path / "nope"), "Hi"), 1, "no directory")
+
+
+def test_not_in_cache_while_offline(tmp_path):
+    _one_error_line(invoke("run", "-m", "acme/absent", "--offline", "Hi", env={"HF_HOME": str(tmp_path)}), 1,
+                    "offline")
+
+
+def test_directory_that_is_not_a_checkpoint(tmp_path):
+    _one_error_line(invoke("run", "-m", str(tmp_path), "Hi"), 1, "config.json")
+
+
+def test_pickled_checkpoint_is_refused(tiny_checkpoint, tmp_path):
+    pickled = copy_checkpoint(tiny_checkpoint, tmp_path / "p", drop=["model.safetensors"],
+                              add={"pytorch_model.bin": b"x"})
+    _one_error_line(invoke("run", "-m", str(pickled), "Hi"), 1, "pickled")
+
+
+def test_missing_tokenizer(tiny_checkpoint, tmp_path):
+    bare = copy_checkpoint(tiny_checkpoint, tmp_path / "t", drop=["tokenizer.json", "tokenizer_config.json"])
+    _one_error_line(invoke("run", "-m", str(bare), "Hi"), 1, "tokenizer")
+
+
+def test_prompt_longer_than_the_context(tiny_checkpoint):
+    _one_error_line(invoke("run", "-m", str(tiny_checkpoint), "-n", "5000", "Hi"), 1, "context")
+
+
+def test_invalid_setting_combination_is_a_usage_error(tiny_checkpoint):
+    _one_error_line(invoke("run", "-m", str(tiny_checkpoint), "--t-min", "0.9", "Hi"), 2, "t-max")
+
+
+def test_debug_shows_the_real_exception(tmp_path):
+    result = invoke("run", "-m", str(tmp_path / "nope"), "Hi", env={"DIFFGEN_DEBUG": "1"})
+    assert result.exit_code == 1
+    assert type(result.exception).__name__ == "ModelNotFoundError"
+
+
+def test_invalid_utf8_on_stdin_is_replaced_with_a_warning(tiny_checkpoint):
+    result = invoke("run", "-m", str(tiny_checkpoint), "--seed", "1", "-n", "4", "--steps", "1", input=b"caf\xe9")
+    assert result.exit_code == 0
+    assert "not valid UTF-8" in result.stderr
+
+
+def test_ctrl_c_exits_130_without_traceback(tiny_checkpoint, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("diffgen.generate.generate", interrupted)
+    result = invoke("run", "-m", str(tiny_checkpoint), "Hi")
+    assert result.exit_code == 130
+    assert "interrupted" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_has_examples_and_explains_whole_canvases():
+    result = invoke("run", "--help", env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "Examples" in result.stdout and "cat notes.md | diffgen run" in result.stdout
+    assert "whole canvases" in result.stdout.replace("\n", " ")
+
+
+def test_version_names_diffgen_torch_and_transformers():
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout.startswith("diffgen ") and "torch " in result.stdout and "transformers " in result.stdout
+
+
+# -- real subprocesses ---------------------------------------------------------------------
+
+
+def test_shell_pipe_into_the_real_cli(tiny_checkpoint):
+    done = run_cli(shell=f"printf 'notes on light\\n' | {sys.executable} -m diffgen run -m '{tiny_checkpoint}' "
+                         "--json --seed 2 -n 8 --steps 2 'Summarise this'")
+    assert done.returncode == 0, done.stderr.decode()
+    record = json.loads(done.stdout)
+    assert record["seed"] == 2 and record["stats"]["new_tokens"] == len(record["tokens"])
+    assert b"Traceback" not in done.stderr
+    assert b"Loading weights" not in done.stderr  # no progress bars when stderr is not a terminal
+
+
+def test_hub_id_from_the_cache_with_hf_hub_offline(tiny_checkpoint, tmp_path):
+    hub_cache(tmp_path / "hub", "acme/tiny-diffusion", tiny_checkpoint)
+    done = run_cli("run", "-m", "acme/tiny-diffusion", "--json", "--seed", "1", "-n", "4", "--steps", "1", "Hi",
+                   env={"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout)["model"] == "acme/tiny-diffusion"
+
+
+def test_sigint_during_generation_exits_130(tiny_checkpoint):
+    process = subprocess.Popen(
+        # One canvas with a step budget far beyond the wait: still denoising when the signal comes.
+        [sys.executable, "-m", "diffgen", "run", "-m", str(tiny_checkpoint), "-n", "16", "--steps", "10000000", "Hi"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    time.sleep(6)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err.decode()
+    assert b"Traceback" not in err and out == b""
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from diffgen.cli import app\n"
+        "result = CliRunner().invoke(app, ['run', '--help'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
