@@ -21,6 +21,7 @@ step events at all).
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -190,6 +191,7 @@ class Generation:
         self.canvas_length = int(loaded.model.config.canvas_length)
         self.canvases = math.ceil(settings.max_new_tokens / self.canvas_length)
         self._prompts = [list(p) for p in prompts]
+        self._cache_kw = cache_keyword(loaded.model)
         self._check_context()
         self._result: GenerationResult | None = None
         self._started = False
@@ -277,10 +279,7 @@ class Generation:
             self._encode(unencoded, attention_mask, encoder_positions, cache)
             canvas = noise.uniform_canvas(batch_size)
             decoder_mask = model.model.decoder.create_diffusion_decoder_attention_mask(
-                config=model.config,
-                inputs_embeds=canvas.unsqueeze(-1),
-                past_key_values=cache,
-                decoder_attention_mask=decoder_attention_mask,
+                model.config, canvas.unsqueeze(-1), cache, decoder_attention_mask
             )
             stopped = torch.zeros(batch_size, dtype=torch.bool, device=device)
             if stopper is not None:
@@ -296,8 +295,8 @@ class Generation:
                     decoder_input_ids=canvas,
                     self_conditioning_logits=self_conditioning,
                     decoder_attention_mask=decoder_mask,
-                    past_key_values=cache,
                     decoder_position_ids=decoder_positions,
+                    **{self._cache_kw: cache},
                 ).logits
                 scaled = logits / schedule(torch.tensor(remaining, device=device, dtype=torch.int32))
                 probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
@@ -364,10 +363,10 @@ class Generation:
             config=model.config,
             inputs_embeds=torch.empty((ids.shape[0], ids.shape[1], 0), dtype=model.dtype, device=ids.device),
             attention_mask=attention_mask,
-            past_key_values=cache,
             position_ids=positions,
+            **{self._cache_kw: cache},
         )
-        model.model.encoder(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions)
+        model.model.encoder(input_ids=ids, attention_mask=mask, position_ids=positions, **{self._cache_kw: cache})
 
     def _collect(self, batch: _Batch, canvases: list[torch.Tensor], row_steps: list[torch.Tensor],
                  forwards: torch.Tensor, eos: torch.Tensor, start: float) -> GenerationResult:
@@ -399,6 +398,15 @@ class Generation:
             )
             completions.append(Completion(response.text, response.thoughts, tuple(tokens), reason, stats))
         return GenerationResult(tuple(completions), settings)
+
+
+def cache_keyword(model) -> str:
+    """The name under which this transformers release passes the KV cache to the model.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name is deprecated
+    until 5.40); diffgen supports releases on both sides of the rename.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _commit(argmax_canvas: torch.Tensor, finished_rows: torch.Tensor, eos: torch.Tensor,
