@@ -156,7 +156,6 @@ def generation_config_dict(**overrides: Any) -> dict[str, Any]:
         "confidence_threshold": 0.005,
         "eos_token_id": list(EOS_TOKEN_IDS),
         "pad_token_id": 0,
-        "bos_token_id": 2,
     }
     data.update(overrides)
     return data
