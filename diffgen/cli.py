@@ -188,6 +188,15 @@ def run(
     offline: OfflineOption = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print one line of timing and step stats on stderr.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the text.")] = False,
+    show_steps: Annotated[
+        bool,
+        typer.Option("--show-steps", help="Watch the denoising live on stderr (one plain line per step when stderr "
+                                          "is not a terminal). stdout is unchanged."),
+    ] = False,
+    trace_file: Annotated[
+        Optional[Path],
+        typer.Option("--trace", dir_okay=False, help="Write a JSONL trace of every step, for `diffgen replay`."),
+    ] = None,
 ) -> None:
     """Generate an answer to PROMPT (and/or stdin) and print it on stdout."""
     with error_funnel():
@@ -220,18 +229,104 @@ def run(
         from diffgen import generate
 
         ids = prompt_mod.encode(loaded.tokenizer, composed.text, system=system, think=think, raw=raw)
-        with _status(console, "Denoising"):
-            result = generate.generate(loaded, [ids], settings)
+        if show_steps or trace_file is not None:
+            result = _observed(loaded, ids, settings, console, show_steps=show_steps, trace_file=trace_file,
+                               model=model, prompt=composed.text)
+        else:
+            with _status(console, "Denoising"):
+                result = generate.generate(loaded, [ids], settings)
         completion = result.completions[0]
 
         if json_output:
             render.write_json(render.completion_record(completion, result, model=model), sys.stdout)
         else:
-            if think and completion.thoughts:
+            if think and completion.thoughts and not show_steps:
                 render.show_thoughts(completion.thoughts, console)
             render.write_answer(completion, sys.stdout)
         if stats:
             typer.echo(render.stats_line(completion), err=True)
+
+
+def _observed(loaded, ids, settings, console, *, show_steps: bool, trace_file: Optional[Path], model: str,
+              prompt: str):
+    """Run a generation whose steps feed the live view and/or a trace file; return its result."""
+    import dataclasses
+
+    from diffgen import generate, render, trace, view
+
+    generation = generate.stream(loaded, [ids], settings, observe=True)
+    texts = trace.TokenTexts(loaded.tokenizer)
+    with contextlib.ExitStack() as stack:
+        sinks = []
+        writer = None
+        if trace_file is not None:
+            try:
+                handle = stack.enter_context(open(trace_file, "w", encoding="utf-8"))
+            except OSError as exc:
+                from diffgen.errors import UsageError
+
+                raise UsageError(f"cannot write --trace {trace_file}: {exc.strerror or exc}") from exc
+            writer = trace.TraceWriter(handle)
+            writer.header(model=model, prompt=prompt, settings=settings.to_dict(),
+                          canvas_length=generation.canvas_length, channel_ids=texts.channel_ids)
+            sinks.append(writer)
+        if show_steps:
+            sinks.append(stack.enter_context(view.step_view(console, texts.channel_ids, sys.stderr)))
+        for record in trace.records(generation, texts):
+            for sink in sinks:
+                sink.update(record)
+        result = generation.result
+        if writer is not None:
+            completion = result.completions[0]
+            writer.result({"text": completion.text, "thoughts": completion.thoughts,
+                           "finish_reason": completion.finish_reason,
+                           "stats": dataclasses.asdict(completion.stats)})
+    return result
+
+
+REPLAY_EPILOG = (
+    "Examples:\n\n"
+    '  diffgen run --trace run.jsonl "Why is the sky blue?"\n\n'
+    "  diffgen replay run.jsonl --speed 0.25          (four times slower than it ran)\n\n"
+    "  diffgen replay run.jsonl --svg run.svg --html run.html"
+)
+
+
+@app.command(epilog=REPLAY_EPILOG)
+def replay(
+    file: Annotated[Path, typer.Argument(help="A trace written by `diffgen run --trace`.", dir_okay=False)],
+    speed: Annotated[float, typer.Option("--speed", min=0, help="Playback speed; 0 plays without pauses.")] = 1.0,
+    svg: Annotated[
+        Optional[Path], typer.Option("--svg", dir_okay=False, help="Write a picture of the run as SVG instead.")
+    ] = None,
+    html: Annotated[
+        Optional[Path], typer.Option("--html", dir_okay=False, help="Write a picture of the run as HTML instead.")
+    ] = None,
+) -> None:
+    """Re-draw a traced run without a model, or export a picture of when each token settled."""
+    with error_funnel():
+        import time
+
+        from diffgen import render, trace, view
+
+        recorded = trace.read_trace(file)
+        if svg is not None or html is not None:
+            from diffgen import picture
+
+            for path in picture.export(recorded, svg=svg, html=html):
+                typer.echo(f"wrote {path}", err=True)
+            return
+        console = render.error_console()
+        with view.step_view(console, recorded.channel_ids, sys.stderr) as shown:
+            clock = 0.0
+            for record in recorded.records:
+                if speed > 0:
+                    time.sleep(min(max(record.elapsed - clock, 0.0) / speed, 2.0))
+                clock = record.elapsed
+                shown.update(record)
+        if recorded.result is not None:
+            sys.stdout.write(recorded.result["text"] + "\n")
+            sys.stdout.flush()
 
 
 @contextlib.contextmanager

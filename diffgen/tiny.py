@@ -78,10 +78,11 @@ def build_tokenizer(vocab_size: int = 512) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    # Pad the vocabulary with unused specials so that every id the model can emit decodes.
-    extra = [f"<unused{i}>" for i in range(tok.get_vocab_size(), vocab_size)]
+    # Pad the vocabulary with plain filler words so that every id the model can emit decodes
+    # to visible text (as most of a real vocabulary does).
+    extra = [f" w{i}" for i in range(tok.get_vocab_size(), vocab_size)]
     if extra:
-        tok.add_special_tokens(extra)
+        tok.add_tokens(extra)
     # Like Gemma's tokenizer: plain encoding starts with <bos>.
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     fast = PreTrainedTokenizerFast(

@@ -1,0 +1,117 @@
+"""A picture of a denoising run: the final text as a heatmap of when each token settled.
+
+Each committed token is coloured by the step from which the draft (argmax) at its position
+never changed again — early steps cool, late steps warm — with a legend, and under it a
+per-canvas chart of how many tokens each step accepted. Drawn with Rich on a recording
+console and exported as SVG or HTML, so wide characters and escaping are Rich's business.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.text import Text
+
+from diffgen.trace import CanvasRecord, StepRecord, Trace
+from diffgen.view import _visible
+
+# Eight background colours from early (cool) to late (warm) steps.
+PALETTE = ["#313695", "#4575b4", "#74add1", "#abd9e9", "#fee090", "#fdae61", "#f46d43", "#a50026"]
+WHITE_TEXT = {0, 1, 7}  # palette indices dark enough for white text
+BARS = "▁▂▃▄▅▆▇█"
+WIDTH = 100
+
+
+def settle_steps(steps: Sequence[StepRecord], committed: Sequence[int]) -> list[int]:
+    """Per position, the first step (from 1) after which the draft always equalled ``committed``."""
+    settled = [len(steps)] * len(committed) if steps else [0] * len(committed)
+    for position, token in enumerate(committed):
+        for index in range(len(steps) - 1, -1, -1):
+            if steps[index].draft[position] != token:
+                break
+            settled[position] = steps[index].step
+    return settled
+
+
+def _colour(step: int, max_steps: int) -> str:
+    bucket = min(len(PALETTE) - 1, (max(step, 1) - 1) * len(PALETTE) // max(max_steps, 1))
+    text = "white" if bucket in WHITE_TEXT else "black"
+    return f"{text} on {PALETTE[bucket]}"
+
+
+def _canvases(trace: Trace) -> list[tuple[list[StepRecord], CanvasRecord]]:
+    out, steps = [], []
+    for record in trace.records:
+        if isinstance(record, StepRecord):
+            steps.append(record)
+        else:
+            out.append((steps, record))
+            steps = []
+    return out
+
+
+def _legend(max_steps: int) -> Text:
+    legend = Text("settled at step: ", style="bold")
+    for bucket, colour in enumerate(PALETTE):
+        low = bucket * max_steps // len(PALETTE) + 1
+        high = (bucket + 1) * max_steps // len(PALETTE)
+        if high < low:
+            continue
+        label = f" {low}" + (f"–{high} " if high > low else " ")
+        legend.append(label, style=_colour(low, max_steps))
+        legend.append(" ")
+    return legend
+
+
+def _chart(canvases: list[tuple[list[StepRecord], CanvasRecord]]) -> Group:
+    lines = [Text("accepted tokens per step", style="bold")]
+    for steps, canvas in canvases:
+        counts = [s.accepted_count for s in steps]
+        top = max(counts, default=0) or 1
+        bars = "".join(BARS[min(len(BARS) - 1, c * len(BARS) // (top + 1))] for c in counts)
+        line = Text(f"canvas {canvas.canvas + 1:>2}  ", style="dim")
+        line.append(bars, style="#4575b4")
+        line.append(f"  {len(counts)} steps, max {top}/{len(canvas.tokens)}", style="dim")
+        lines.append(line)
+    return Group(*lines)
+
+
+def render_picture(trace: Trace) -> Group:
+    """The heatmap text, its legend and the per-step chart as one Rich renderable."""
+    canvases = _canvases(trace)
+    max_steps = int(trace.header.get("settings", {}).get("max_denoising_steps") or 1)
+    opener, closer = trace.channel_ids or (None, None)
+    thoughts, answer = Text(), Text()
+    target = answer
+    for steps, canvas in canvases:
+        for token, text, step in zip(canvas.tokens, canvas.texts, settle_steps(steps, canvas.tokens)):
+            if token == opener:
+                target = thoughts
+            elif token == closer:
+                target = answer
+            elif text:
+                target.append(_visible(text), style=_colour(step, max_steps))
+    prompt = " ".join(str(trace.header.get("prompt", "")).split())
+    parts = [Text(f"prompt: {prompt[:200]}", style="bold")]
+    if thoughts.plain.strip():
+        parts += [Text("thinking:", style="dim bold"), thoughts]
+    parts += [Text(), answer, Text(), _legend(max_steps), Text(), _chart(canvases)]
+    return Group(*parts)
+
+
+def export(trace: Trace, svg: Path | None = None, html: Path | None = None) -> list[Path]:
+    """Write the picture as SVG and/or HTML; return the paths written."""
+    console = Console(record=True, width=WIDTH, file=io.StringIO(), force_terminal=True, color_system="truecolor")
+    console.print(render_picture(trace))
+    written = []
+    if svg is not None:
+        Path(svg).write_text(console.export_svg(title="diffgen: when each token settled", clear=False),
+                             encoding="utf-8")
+        written.append(Path(svg))
+    if html is not None:
+        Path(html).write_text(console.export_html(inline_styles=True, clear=False), encoding="utf-8")
+        written.append(Path(html))
+    return written

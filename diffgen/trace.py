@@ -1,0 +1,236 @@
+"""Host-side records of the denoising, and the JSONL trace that stores them.
+
+The generator's events hold device tensors; a view or a trace copies from them only what it
+draws: per step one row's canvas ids, accepted mask, per-token entropy and draft ids — never
+logits. :func:`records` turns events into :class:`StepRecord` / :class:`CanvasRecord`, which
+the live view, the plain step log, the trace writer and ``diffgen replay`` all consume, so a
+replay draws exactly what the live run drew.
+
+Trace format (JSON Lines, one object per line, ``type`` first):
+
+* ``header``: ``version``, ``model``, ``prompt``, ``settings``, ``canvas_length``,
+  ``channel_ids`` (thought-channel open/close ids or null);
+* ``step``: the fields of :class:`StepRecord`;
+* ``canvas``: the fields of :class:`CanvasRecord`;
+* ``result``: ``text``, ``thoughts``, ``finish_reason``, ``stats``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from diffgen.decode import CHANNEL_CLOSE, CHANNEL_OPEN
+from diffgen.errors import UsageError
+
+TRACE_VERSION = 1
+ENTROPY_DECIMALS = 4
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One denoising step of one row, on the host.
+
+    Attributes:
+        canvas: canvas index, from 0. canvases: canvases planned.
+        step: steps done on this canvas, from 1. max_steps: N.
+        temperature: the schedule's temperature at this step.
+        tokens: the canvas ids after acceptance and renoising.
+        accepted: per position, whether its token was accepted at this step (the rest is noise).
+        texts: display text per position for accepted positions, ``""`` for noise.
+        draft: the argmax ids (what the canvas would commit to now).
+        entropy: per-token entropy in nats (rounded to 4 decimals).
+        mean_entropy: mean token entropy in nats.
+        finished: whether this row stopped denoising this canvas.
+        elapsed: seconds since the generation started.
+    """
+
+    canvas: int
+    canvases: int
+    step: int
+    max_steps: int
+    temperature: float
+    tokens: list[int]
+    accepted: list[bool]
+    texts: list[str]
+    draft: list[int]
+    entropy: list[float]
+    mean_entropy: float
+    finished: bool
+    elapsed: float
+
+    @property
+    def accepted_count(self) -> int:
+        return sum(self.accepted)
+
+
+@dataclass(frozen=True)
+class CanvasRecord:
+    """A committed canvas of one row: ``tokens`` ids, ``texts`` their display text,
+    ``steps`` the denoising steps it took, ``finished`` whether the row has met an EOS."""
+
+    canvas: int
+    canvases: int
+    tokens: list[int]
+    texts: list[str]
+    steps: int
+    finished: bool
+    elapsed: float
+
+
+Record = StepRecord | CanvasRecord
+
+
+class TokenTexts:
+    """Display text per token position, with a per-id cache.
+
+    Special tokens show as nothing (the answer text skips them too). A run of tokens that each decode to a partial UTF-8
+    character (byte fallback) is decoded together; its text goes to the run's first position.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+        vocab_ids = [tokenizer.convert_tokens_to_ids(t) for t in (CHANNEL_OPEN, CHANNEL_CLOSE)]
+        unk = tokenizer.unk_token_id
+        self.channel_ids = None if any(i is None or i == unk for i in vocab_ids) else tuple(vocab_ids)
+
+    def piece(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=True)
+            self._cache[token_id] = text
+        return text
+
+    def texts(self, ids: Sequence[int], keep: Sequence[bool] | None = None) -> list[str]:
+        """Texts for ``ids``; positions where ``keep`` is false get ``""`` without decoding."""
+        out = [self.piece(t) if keep is None or keep[i] else "" for i, t in enumerate(ids)]
+        i = 0
+        while i < len(out):
+            if "\ufffd" not in out[i]:
+                i += 1
+                continue
+            j = i
+            while j < len(out) and "\ufffd" in out[j] and (keep is None or keep[j]):
+                j += 1
+            joined = self.tokenizer.decode(list(ids[i:j]), skip_special_tokens=True)
+            if "\ufffd" not in joined:
+                out[i:j] = [joined] + [""] * (j - i - 1)
+            i = max(j, i + 1)
+        return out
+
+
+def records(events: Iterable[Any], texts: TokenTexts, row: int = 0) -> Iterator[Record]:
+    """Host records of ``row`` from generator events (copies only what views draw)."""
+    from diffgen.generate import StepEvent
+
+    for event in events:
+        if isinstance(event, StepEvent):
+            tokens = event.canvas_tokens[row].tolist()
+            accepted = event.accepted[row].tolist()
+            yield StepRecord(
+                canvas=event.canvas,
+                canvases=event.canvases,
+                step=event.step,
+                max_steps=event.max_steps,
+                temperature=round(event.temperature, 6),
+                tokens=tokens,
+                accepted=accepted,
+                texts=texts.texts(tokens, accepted),
+                draft=event.draft[row].tolist(),
+                entropy=[round(h, ENTROPY_DECIMALS) for h in event.token_entropy[row].tolist()],
+                mean_entropy=float(event.mean_entropy[row]),
+                finished=bool(event.finished[row]),
+                elapsed=event.elapsed,
+            )
+        else:
+            tokens = event.tokens[row].tolist()
+            yield CanvasRecord(
+                canvas=event.canvas,
+                canvases=event.canvases,
+                tokens=tokens,
+                texts=texts.texts(tokens),
+                steps=event.steps,
+                finished=bool(event.finished[row]),
+                elapsed=event.elapsed,
+            )
+
+
+# -- the trace file --------------------------------------------------------------------------
+
+
+class TraceWriter:
+    """Writes a trace as JSON Lines, one flushed line per record."""
+
+    def __init__(self, out: IO[str]):
+        self.out = out
+
+    def _line(self, kind: str, data: dict[str, Any]) -> None:
+        self.out.write(json.dumps({"type": kind, **data}, ensure_ascii=False) + "\n")
+        self.out.flush()
+
+    def header(self, *, model: str, prompt: str, settings: dict[str, Any], canvas_length: int,
+               channel_ids: Sequence[int] | None) -> None:
+        self._line("header", {"version": TRACE_VERSION, "model": model, "prompt": prompt, "settings": settings,
+                              "canvas_length": canvas_length,
+                              "channel_ids": list(channel_ids) if channel_ids else None})
+
+    def update(self, record: Record) -> None:
+        """Append one record (the same interface as the views)."""
+        self._line("step" if isinstance(record, StepRecord) else "canvas", dataclasses.asdict(record))
+
+    def result(self, data: dict[str, Any]) -> None:
+        self._line("result", data)
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A trace read back: the header dict, the records in order, the result dict (or None)."""
+
+    header: dict[str, Any]
+    records: list[Record]
+    result: dict[str, Any] | None
+
+    @property
+    def channel_ids(self) -> tuple[int, int] | None:
+        ids = self.header.get("channel_ids")
+        return tuple(ids) if ids else None
+
+
+def read_trace(path: Path) -> Trace:
+    """Read a trace file; a missing or malformed file is a :class:`UsageError` naming the line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read trace {path}: {exc.strerror or exc}") from exc
+    header: dict[str, Any] | None = None
+    result = None
+    out: list[Record] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+            kind = data.pop("type")
+            if kind == "header":
+                header = data
+            elif kind == "step":
+                out.append(StepRecord(**data))
+            elif kind == "canvas":
+                out.append(CanvasRecord(**data))
+            elif kind == "result":
+                result = data
+            else:
+                raise ValueError(f"unknown record type {kind!r}")
+        except (ValueError, TypeError, KeyError) as exc:
+            raise UsageError(f"{path}:{number} is not a diffgen trace line ({exc})",
+                             "write traces with `diffgen run --trace FILE`") from exc
+    if header is None:
+        raise UsageError(f"{path} has no trace header", "write traces with `diffgen run --trace FILE`")
+    if header.get("version") != TRACE_VERSION:
+        raise UsageError(f"{path} is a version {header.get('version')} trace; this diffgen reads version {TRACE_VERSION}")
+    return Trace(header, out, result)

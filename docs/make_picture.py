@@ -1,0 +1,33 @@
+"""Regenerate docs/denoising.svg (and docs/denoising.trace.jsonl): a traced run of a tiny random
+model, drawn by `diffgen replay --svg`. A random model writes gibberish; the picture shows how
+the denoising settles, not what it says.
+
+    python docs/make_picture.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    from diffgen.tiny import save_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # Sharpened logits so that adaptive stopping fires and tokens settle at different steps.
+        checkpoint = save_tiny_checkpoint(Path(tmp) / "tiny", canvas_length=32, logit_scale=50.0)
+        trace = HERE / "denoising.trace.jsonl"
+        diffgen = [sys.executable, "-m", "diffgen"]
+        subprocess.run([*diffgen, "run", "-m", str(checkpoint), "--seed", "5", "-n", "96", "--entropy-bound", "5",
+                        "--confidence", "1.5", "--trace", str(trace), "Why is the sky blue?"],
+                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([*diffgen, "replay", str(trace), "--svg", str(HERE / "denoising.svg")], check=True)
+
+
+if __name__ == "__main__":
+    main()
