@@ -34,6 +34,7 @@ from diffgen.decode import split_response
 from diffgen.errors import PromptTooLongError, UsageError
 from diffgen.sampling import (
     GlobalNoise,
+    PerRowNoise,
     StableAndConfident,
     TemperatureSchedule,
     entropy_bound_acceptance,
@@ -182,9 +183,12 @@ class Generation:
     """A generation ready to run: iterate it for events; :attr:`result` afterwards."""
 
     def __init__(self, loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
-                 *, observe: bool = True):
+                 *, observe: bool = True, seeds: Sequence[int] | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UsageError("every prompt needs at least one token")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise UsageError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        self.seeds = list(seeds) if seeds is not None else None
         self.loaded = loaded
         self.settings = settings
         self.observe = observe
@@ -212,16 +216,7 @@ class Generation:
     # -- internals -------------------------------------------------------------------------
 
     def _check_context(self) -> None:
-        text_config = self.loaded.model.config.get_text_config()
-        limit = getattr(text_config, "max_position_embeddings", None)
-        longest = max(len(p) for p in self._prompts)
-        needed = longest + self.canvases * self.canvas_length
-        if limit is not None and needed > limit:
-            raise PromptTooLongError(
-                f"the prompt ({longest} tokens) plus {self.canvases} canvas(es) of {self.canvas_length} "
-                f"tokens needs {needed} positions, more than the model's context of {limit}",
-                "shorten the prompt or lower --max-new-tokens",
-            )
+        check_context(self.loaded.model, max(len(p) for p in self._prompts), self.settings)
 
     def _left_pad(self, device: torch.device) -> _Batch:
         longest = max(len(p) for p in self._prompts)
@@ -252,7 +247,12 @@ class Generation:
         canvas_length = self.canvas_length
         n_steps = settings.max_denoising_steps
 
-        noise = GlobalNoise(model.config.text_config.vocab_size, canvas_length, device)
+        vocab_size = model.config.text_config.vocab_size
+        noise = (
+            GlobalNoise(vocab_size, canvas_length, device)
+            if self.seeds is None
+            else PerRowNoise(vocab_size, canvas_length, device, self.seeds)
+        )
         schedule = TemperatureSchedule(settings.t_min, settings.t_max, n_steps)
         accept = entropy_bound_acceptance(settings.entropy_bound)
         stopper = (
@@ -277,7 +277,7 @@ class Generation:
         for canvas_index in range(self.canvases):
             # Encode what the cache has not seen yet: the prompt, then each committed canvas.
             self._encode(unencoded, attention_mask, encoder_positions, cache)
-            canvas = noise.uniform_canvas(batch_size)
+            canvas = noise.uniform_canvas(batch_size, ~finished_rows)
             decoder_mask = model.model.decoder.create_diffusion_decoder_attention_mask(
                 model.config, canvas.unsqueeze(-1), cache, decoder_attention_mask
             )
@@ -290,7 +290,8 @@ class Generation:
             steps = 0
             for remaining in range(n_steps, 0, -1):
                 steps += 1
-                forwards = forwards + ~(stopped | finished_rows)
+                active = ~(stopped | finished_rows)
+                forwards = forwards + active
                 logits = model(
                     decoder_input_ids=canvas,
                     self_conditioning_logits=self_conditioning,
@@ -300,11 +301,11 @@ class Generation:
                 ).logits
                 scaled = logits / schedule(torch.tensor(remaining, device=device, dtype=torch.int32))
                 probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
-                sampled = noise.sample(probs)
+                sampled = noise.sample(probs, active)
                 new_argmax = torch.argmax(scaled, dim=-1)
                 entropy = token_entropy(scaled)
                 accepted = accept(entropy)
-                new_canvas = renoise(torch.where(accepted, sampled, canvas), accepted, noise)
+                new_canvas = renoise(torch.where(accepted, sampled, canvas), accepted, noise, active)
                 mean_entropy = entropy.mean(dim=-1)
                 if stopper is not None:
                     # Rows that stopped earlier keep their canvas, draft and logits.
@@ -330,7 +331,10 @@ class Generation:
                         finished=stopped | finished_rows,
                         elapsed=time.perf_counter() - start,
                     )
-                if bool(stopped.all()):
+                # The reference keeps denoising rows that ended in an earlier canvas until every row
+                # stops; with per-row noise those rows are done and draw nothing.
+                done = stopped | finished_rows if noise.per_row else stopped
+                if bool(done.all()):
                     break
 
             committed, finished_rows = _commit(argmax_canvas, finished_rows, eos, settings.pad_token_id)
@@ -400,6 +404,20 @@ class Generation:
         return GenerationResult(tuple(completions), settings)
 
 
+def check_context(model, prompt_tokens: int, settings: GenerationSettings) -> None:
+    """Raise :class:`PromptTooLongError` when the prompt plus its canvases exceed the context."""
+    canvas_length = int(model.config.canvas_length)
+    canvases = math.ceil(settings.max_new_tokens / canvas_length)
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    needed = prompt_tokens + canvases * canvas_length
+    if limit is not None and needed > limit:
+        raise PromptTooLongError(
+            f"the prompt ({prompt_tokens} tokens) plus {canvases} canvas(es) of {canvas_length} "
+            f"tokens needs {needed} positions, more than the model's context of {limit}",
+            "shorten the prompt or lower --max-new-tokens",
+        )
+
+
 def cache_keyword(model) -> str:
     """The name under which this transformers release passes the KV cache to the model.
 
@@ -423,14 +441,20 @@ def _commit(argmax_canvas: torch.Tensor, finished_rows: torch.Tensor, eos: torch
 
 
 def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
-           *, observe: bool = True) -> Generation:
-    """Prepare a generation of ``prompts`` (token id lists; several are batched, left padded)."""
-    return Generation(loaded, prompts, settings, observe=observe)
+           *, observe: bool = True, seeds: Sequence[int] | None = None) -> Generation:
+    """Prepare a generation of ``prompts`` (token id lists; several are batched, left padded).
+
+    Without ``seeds`` the random draws come from torch's global generator (seeded by
+    ``settings.seed``) exactly as in transformers' ``generate()``. With one seed per prompt each
+    row draws from its own generator, so its tokens do not depend on the rest of the batch.
+    """
+    return Generation(loaded, prompts, settings, observe=observe, seeds=seeds)
 
 
-def generate(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings) -> GenerationResult:
+def generate(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
+             *, seeds: Sequence[int] | None = None) -> GenerationResult:
     """Run a generation to the end and return its result."""
-    generation = stream(loaded, prompts, settings, observe=False)
+    generation = stream(loaded, prompts, settings, observe=False, seeds=seeds)
     for _ in generation:
         pass
     return generation.result

@@ -15,16 +15,19 @@ if TYPE_CHECKING:
     from diffgen.generate import Completion, GenerationResult
 
 
-def completion_record(completion: Completion, result: GenerationResult, *, model: str) -> dict[str, Any]:
-    """The JSON object for one completion."""
+def completion_record(completion: Completion, result: GenerationResult, *, model: str,
+                      seed: int | None = None) -> dict[str, Any]:
+    """The JSON object for one completion (``seed`` overrides the settings' seed, for rows that
+    drew from their own generator)."""
+    seed = result.settings.seed if seed is None else seed
     return {
         "text": completion.text,
         "thoughts": completion.thoughts,
         "tokens": list(completion.token_ids),
         "finish_reason": completion.finish_reason,
         "model": model,
-        "seed": result.settings.seed,
-        "settings": result.settings.to_dict(),
+        "seed": seed,
+        "settings": {**result.settings.to_dict(), "seed": seed},
         "stats": dataclasses.asdict(completion.stats),
     }
 

@@ -8,13 +8,14 @@ and on drawing random numbers in the same order:
 1. ``randint`` for the initial canvas,
 2. per step: ``multinomial`` over every canvas position, then ``randint`` for renoising.
 
-:class:`GlobalNoise` owns those draws, so a faster or per-row source can replace it without
-touching the loop.
+:class:`GlobalNoise` owns those draws, so another source can replace it without touching the
+loop: :class:`PerRowNoise` gives every row its own seeded generator and draws only for rows
+still denoising, so a row's tokens depend on its own seed and not on its neighbours.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,29 +111,67 @@ class StableAndConfident:
 
 
 class GlobalNoise:
-    """Random draws from torch's global RNG on ``device``, in the reference's order.
+    """Random draws from torch's global RNG on ``device``, in the reference's order, for every
+    row whether it is still denoising or not (``active`` is ignored), as ``generate()`` does.
 
     Attributes:
         vocab_size: tokens are drawn uniformly from ``[0, vocab_size)``.
         canvas_length: positions per canvas.
     """
 
+    per_row = False
+
     def __init__(self, vocab_size: int, canvas_length: int, device: torch.device):
         self.vocab_size = vocab_size
         self.canvas_length = canvas_length
         self.device = device
 
-    def uniform_canvas(self, batch_size: int) -> torch.Tensor:
+    def uniform_canvas(self, batch_size: int, active: torch.Tensor | None = None) -> torch.Tensor:
         """A canvas of uniformly random tokens, ``(B, C)`` int64."""
         return torch.randint(0, self.vocab_size, (batch_size, self.canvas_length), device=self.device)
 
-    def sample(self, probs: torch.Tensor) -> torch.Tensor:
+    def sample(self, probs: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         """One token per position from ``probs`` ``(B, C, V)`` float32, ``(B, C)`` int64."""
         batch, canvas, vocab = probs.shape
         return torch.multinomial(probs.view(-1, vocab), num_samples=1).view(batch, canvas)
 
 
-def renoise(accepted_canvas: torch.Tensor, accepted: torch.Tensor, noise: GlobalNoise) -> torch.Tensor:
+class PerRowNoise(GlobalNoise):
+    """Draws from one seeded generator per row, only for rows in ``active``.
+
+    A row's stream is exactly what the global generator gives after ``torch.manual_seed(seed)``
+    for a batch of one, so a row generated in any batch draws the same numbers as the same
+    prompt generated alone with the same seed. Inactive rows get zeros (the loop keeps their
+    previous state anyway).
+    """
+
+    per_row = True
+
+    def __init__(self, vocab_size: int, canvas_length: int, device: torch.device, seeds: Sequence[int]):
+        super().__init__(vocab_size, canvas_length, device)
+        self.generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+
+    def _rows(self, active: torch.Tensor | None) -> list[int]:
+        if active is None:
+            return list(range(len(self.generators)))
+        return [i for i, on in enumerate(active.tolist()) if on]
+
+    def uniform_canvas(self, batch_size: int, active: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.zeros((batch_size, self.canvas_length), dtype=torch.long, device=self.device)
+        for row in self._rows(active):
+            out[row] = torch.randint(0, self.vocab_size, (self.canvas_length,), device=self.device,
+                                     generator=self.generators[row])
+        return out
+
+    def sample(self, probs: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.zeros(probs.shape[:2], dtype=torch.long, device=self.device)
+        for row in self._rows(active):
+            out[row] = torch.multinomial(probs[row], num_samples=1, generator=self.generators[row]).squeeze(-1)
+        return out
+
+
+def renoise(accepted_canvas: torch.Tensor, accepted: torch.Tensor, noise: GlobalNoise,
+            active: torch.Tensor | None = None) -> torch.Tensor:
     """Replace every position that was not accepted by a fresh uniform token."""
-    fresh = noise.uniform_canvas(accepted_canvas.shape[0])
+    fresh = noise.uniform_canvas(accepted_canvas.shape[0], active)
     return torch.where(~accepted, fresh, accepted_canvas)

@@ -1,0 +1,1 @@
+"""One module per subcommand; :mod:`diffgen.commands.common` holds what they share."""

@@ -1,0 +1,146 @@
+"""What the commands share: option declarations, the error funnel, settings and loading.
+
+Only light modules are imported here, so building the CLI (``--help``, completion) stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from diffgen.errors import EXIT_INTERRUPTED, DiffgenError
+from diffgen.loader import DEFAULT_MODEL  # the loader module imports nothing heavy at import time
+
+__all__ = ["DEFAULT_MODEL"]
+
+
+def debug() -> bool:
+    return os.environ.get("DIFFGEN_DEBUG", "").strip() not in {"", "0"}
+
+
+@contextlib.contextmanager
+def error_funnel(interrupted: str = "interrupted") -> Iterator[None]:
+    """Known errors -> one line on stderr and their exit code; Ctrl-C -> exit 130."""
+    try:
+        yield
+    except DiffgenError as exc:
+        if debug():
+            raise
+        message = f"diffgen: error: {exc.message}"
+        if exc.hint:
+            message += f" — {exc.hint}"
+        typer.echo(message, err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        if debug():
+            raise
+        typer.echo(f"diffgen: {interrupted}", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except BrokenPipeError:
+        # stdout was closed early (e.g. `diffgen run ... | head -1`): not an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(0) from None
+
+
+# -- options shared by the commands that load a model and generate ------------------------------
+
+ModelOption = Annotated[
+    str,
+    typer.Option("--model", "-m", envvar="DIFFGEN_MODEL", show_envvar=True,
+                 help="Hub id (resolved through the Hugging Face cache) or local checkpoint directory."),
+]
+DeviceOption = Annotated[
+    str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps. auto: CUDA in bf16, else MPS, else CPU in fp32.")
+]
+OfflineOption = Annotated[
+    bool, typer.Option("--offline", help="Never contact the Hub; use the local cache only (like HF_HUB_OFFLINE=1).")
+]
+SystemOption = Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")]
+RawOption = Annotated[bool, typer.Option("--raw", help="No chat template: tokenise the text as is.")]
+ThinkOption = Annotated[
+    bool, typer.Option("--think", help="Thinking mode; thoughts are shown dimmed on stderr, never on stdout.")
+]
+MaxNewTokensOption = Annotated[
+    Optional[int],
+    typer.Option("--max-new-tokens", "-n", min=1, show_default=False,
+                 help="Most tokens to return. Whole canvases are generated; the answer is cut to this. "
+                      "[default: from the checkpoint, 256]"),
+]
+StepsOption = Annotated[
+    Optional[int],
+    typer.Option("--steps", min=1, show_default=False,
+                 help="Most denoising steps per canvas. [default: from the checkpoint, 48]"),
+]
+EntropyBoundOption = Annotated[
+    Optional[float],
+    typer.Option("--entropy-bound", show_default=False,
+                 help="Entropy budget (nats) for accepting tokens per step; higher accepts more. [default: 0.1]"),
+]
+TMinOption = Annotated[
+    Optional[float], typer.Option("--t-min", min=0, show_default=False, help="Temperature at the last step. [default: 0.4]")
+]
+TMaxOption = Annotated[
+    Optional[float], typer.Option("--t-max", min=0, show_default=False, help="Temperature at the first step. [default: 0.8]")
+]
+StabilityOption = Annotated[
+    Optional[int],
+    typer.Option("--stability", min=0, show_default=False,
+                 help="Adaptive stop: steps the draft must stay unchanged. [default: 1]"),
+]
+ConfidenceOption = Annotated[
+    Optional[float],
+    typer.Option("--confidence", show_default=False,
+                 help="Adaptive stop: mean token entropy (nats) must fall below this. [default: 0.005]"),
+]
+
+
+def resolve_settings(model: str, offline: bool, **flags: Any):
+    """Resolve the checkpoint and build settings from its defaults and the flags (no weights read).
+
+    ``flags`` are the generation flags by their settings names; ``None`` keeps the default.
+    Returns ``(checkpoint, settings)``; invalid values raise before any loading.
+    """
+    from diffgen import loader
+
+    checkpoint = loader.resolve(model, offline=offline)
+    defaults = loader.read_defaults(checkpoint.path, loader.inspect_checkpoint(checkpoint.path, model))
+    return checkpoint, defaults.replace(**flags)
+
+
+def load_model(checkpoint: Any, device: str, console: Any) -> Any:
+    """Load the checkpoint under the device plan, with a note and progress when on a terminal."""
+    from diffgen import loader, plan
+
+    load_plan = plan.simple_plan(device)
+    if console.is_terminal:
+        console.print(f"Loading {checkpoint.name} on {load_plan.describe()}", style="dim", markup=False)
+    return loader.load_checkpoint(checkpoint, load_plan, progress=console.is_terminal)
+
+
+@contextlib.contextmanager
+def status(console: Any, message: str) -> Iterator[None]:
+    """A spinner on stderr while ``message`` runs, only when stderr is a terminal."""
+    if console.is_terminal:
+        with console.status(message):
+            yield
+    else:
+        yield
+
+
+def read_input(path: str) -> tuple[bytes, str]:
+    """The bytes of a file, or of stdin for ``-``; and a name for messages."""
+    if path == "-":
+        return sys.stdin.buffer.read(), "stdin"
+    try:
+        return Path(path).read_bytes(), path
+    except OSError as exc:
+        from diffgen.errors import UsageError
+
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc

@@ -1,0 +1,53 @@
+"""``diffgen replay``: re-draw a traced run without a model, or export a picture of it."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from diffgen.commands.common import error_funnel
+
+EPILOG = (
+    "Examples:\n\n"
+    '  diffgen run --trace run.jsonl "Why is the sky blue?"\n\n'
+    "  diffgen replay run.jsonl --speed 0.25          (four times slower than it ran)\n\n"
+    "  diffgen replay run.jsonl --svg run.svg --html run.html"
+)
+
+
+def replay(
+    file: Annotated[Path, typer.Argument(help="A trace written by `diffgen run --trace`.", dir_okay=False)],
+    speed: Annotated[float, typer.Option("--speed", min=0, help="Playback speed; 0 plays without pauses.")] = 1.0,
+    svg: Annotated[
+        Optional[Path], typer.Option("--svg", dir_okay=False, help="Write a picture of the run as SVG instead.")
+    ] = None,
+    html: Annotated[
+        Optional[Path], typer.Option("--html", dir_okay=False, help="Write a picture of the run as HTML instead.")
+    ] = None,
+) -> None:
+    """Re-draw a traced run without a model, or export a picture of when each token settled."""
+    with error_funnel():
+        from diffgen import render, trace, view
+
+        recorded = trace.read_trace(file)
+        if svg is not None or html is not None:
+            from diffgen import picture
+
+            for path in picture.export(recorded, svg=svg, html=html):
+                typer.echo(f"wrote {path}", err=True)
+            return
+        console = render.error_console()
+        with view.step_view(console, recorded.channel_ids, sys.stderr) as shown:
+            clock = 0.0
+            for record in recorded.records:
+                if speed > 0:
+                    time.sleep(min(max(record.elapsed - clock, 0.0) / speed, 2.0))
+                clock = record.elapsed
+                shown.update(record)
+        if recorded.result is not None:
+            sys.stdout.write(recorded.result["text"] + "\n")
+            sys.stdout.flush()

@@ -1,0 +1,160 @@
+"""``diffgen run``: one prompt in, the answer on stdout."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import secrets
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from diffgen.commands.common import (
+    DEFAULT_MODEL,
+    ConfidenceOption,
+    DeviceOption,
+    EntropyBoundOption,
+    MaxNewTokensOption,
+    ModelOption,
+    OfflineOption,
+    RawOption,
+    StabilityOption,
+    StepsOption,
+    SystemOption,
+    ThinkOption,
+    TMaxOption,
+    TMinOption,
+    error_funnel,
+    load_model,
+    resolve_settings,
+    status,
+)
+
+EPILOG = (
+    "Examples:\n\n"
+    '  diffgen run "Why is the sky blue?"\n\n'
+    '  cat notes.md | diffgen run "Summarise this"      (stdin, a blank line, then the argument)\n\n'
+    '  diffgen run -f a.py -f b.py "What differs?"\n\n'
+    '  diffgen run --think --stats "Is 1001 prime?"\n\n'
+    '  diffgen run --show-steps --trace run.jsonl "Write a haiku"\n\n'
+    '  diffgen run --json --seed 1 "Hello" | jq .text\n\n'
+    "Generation runs in whole canvases (256 tokens for the released model); the answer is cut "
+    "to --max-new-tokens."
+)
+
+
+def run(
+    prompt: Annotated[
+        Optional[str],
+        typer.Argument(help="The prompt. Omit it or pass - to read the prompt from stdin.", show_default=False),
+    ] = None,
+    model: ModelOption = DEFAULT_MODEL,
+    file: Annotated[
+        Optional[list[Path]],
+        typer.Option("--file", "-f", exists=True, dir_okay=False, readable=True,
+                     help="Add a file's text before the prompt (repeatable)."),
+    ] = None,
+    system: SystemOption = None,
+    raw: RawOption = False,
+    think: ThinkOption = False,
+    max_new_tokens: MaxNewTokensOption = None,
+    steps: StepsOption = None,
+    entropy_bound: EntropyBoundOption = None,
+    t_min: TMinOption = None,
+    t_max: TMaxOption = None,
+    stability: StabilityOption = None,
+    confidence: ConfidenceOption = None,
+    seed: Annotated[
+        Optional[int],
+        typer.Option("--seed", min=0, show_default=False,
+                     help="Random seed (torch.manual_seed); same seed, same answer on the same machine. "
+                          "[default: random, reported by --json]"),
+    ] = None,
+    device: DeviceOption = "auto",
+    offline: OfflineOption = False,
+    stats: Annotated[bool, typer.Option("--stats", help="Print one line of timing and step stats on stderr.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the text.")] = False,
+    show_steps: Annotated[
+        bool,
+        typer.Option("--show-steps", help="Watch the denoising live on stderr (one plain line per step when stderr "
+                                          "is not a terminal). stdout is unchanged."),
+    ] = False,
+    trace_file: Annotated[
+        Optional[Path],
+        typer.Option("--trace", dir_okay=False, help="Write a JSONL trace of every step, for `diffgen replay`."),
+    ] = None,
+) -> None:
+    """Generate an answer to PROMPT (and/or stdin) and print it on stdout."""
+    with error_funnel():
+        from diffgen import prompt as prompt_mod
+
+        composed = prompt_mod.compose(prompt, prompt_mod.read_stdin(sys.stdin), file or ())
+        for warning in composed.warnings:
+            typer.echo(f"diffgen: warning: {warning}", err=True)
+
+        from diffgen import render
+
+        console = render.error_console()
+        checkpoint, settings = resolve_settings(
+            model, offline,
+            max_new_tokens=max_new_tokens, max_denoising_steps=steps, entropy_bound=entropy_bound, t_min=t_min,
+            t_max=t_max, stability_threshold=stability, confidence_threshold=confidence,
+            seed=seed if seed is not None else secrets.randbelow(2**31),
+        )
+        loaded = load_model(checkpoint, device, console)
+
+        from diffgen import generate
+
+        ids = prompt_mod.encode(loaded.tokenizer, composed.text, system=system, think=think, raw=raw)
+        if show_steps or trace_file is not None:
+            result = _observed(loaded, ids, settings, console, show_steps=show_steps, trace_file=trace_file,
+                               model=model, prompt=composed.text)
+        else:
+            with status(console, "Denoising"):
+                result = generate.generate(loaded, [ids], settings)
+        completion = result.completions[0]
+
+        if json_output:
+            render.write_json(render.completion_record(completion, result, model=model), sys.stdout)
+        else:
+            if think and completion.thoughts and not show_steps:
+                render.show_thoughts(completion.thoughts, console)
+            render.write_answer(completion, sys.stdout)
+        if stats:
+            typer.echo(render.stats_line(completion), err=True)
+
+
+def _observed(loaded: Any, ids: list[int], settings: Any, console: Any, *, show_steps: bool,
+              trace_file: Optional[Path], model: str, prompt: str) -> Any:
+    """Run a generation whose steps feed the live view and/or a trace file; return its result."""
+    from diffgen import generate, trace, view
+    from diffgen.errors import UsageError
+
+    generation = generate.stream(loaded, [ids], settings, observe=True)
+    texts = trace.TokenTexts(loaded.tokenizer)
+    with contextlib.ExitStack() as stack:
+        sinks: list[Any] = []
+        writer = None
+        if trace_file is not None:
+            try:
+                handle = stack.enter_context(open(trace_file, "w", encoding="utf-8"))
+            except OSError as exc:
+                raise UsageError(f"cannot write --trace {trace_file}: {exc.strerror or exc}") from exc
+            writer = trace.TraceWriter(handle)
+            writer.header(model=model, prompt=prompt, settings=settings.to_dict(),
+                          canvas_length=generation.canvas_length, channel_ids=texts.channel_ids)
+            sinks.append(writer)
+        if show_steps:
+            sinks.append(stack.enter_context(view.step_view(console, texts.channel_ids, sys.stderr)))
+        for record in trace.records(generation, texts):
+            for sink in sinks:
+                sink.update(record)
+        result = generation.result
+        if writer is not None:
+            completion = result.completions[0]
+            writer.result({"text": completion.text, "thoughts": completion.thoughts,
+                           "finish_reason": completion.finish_reason,
+                           "stats": dataclasses.asdict(completion.stats)})
+    return result
