@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from diffgen import __version__
-from diffgen.commands import batch, replay, run
+from diffgen.commands import batch, info, pull, replay, run
 from diffgen.commands.common import error_funnel  # noqa: F401 - re-exported for library users
 from diffgen.errors import EXIT_INTERRUPTED
 
@@ -36,6 +36,8 @@ app = typer.Typer(
 app.command(epilog=run.EPILOG)(run.run)
 app.command(epilog=batch.EPILOG)(batch.batch)
 app.command(epilog=replay.EPILOG)(replay.replay)
+app.command(epilog=info.EPILOG)(info.info)
+app.command(epilog=pull.EPILOG)(pull.pull)
 
 
 def versions() -> str:

@@ -89,7 +89,54 @@ def resolve(name: str, *, offline: bool = False) -> Checkpoint:
     return Checkpoint(name, _from_hub(name, offline=offline or env_offline()), from_hub=True)
 
 
-def _from_hub(repo_id: str, *, offline: bool) -> Path:
+def resolve_config(name: str, *, offline: bool = False) -> tuple[str, dict[str, Any]]:
+    """``(where, config)`` for ``name`` from its config.json alone: a local directory (which may
+    hold nothing else), a Hub snapshot in the cache, or — online — just config.json from the Hub."""
+    path = Path(name).expanduser()
+    if path.is_dir() or _looks_like_path(name) or not _HUB_ID.match(name):
+        checkpoint = resolve(name, offline=True)
+        return str(checkpoint.path), _read_config(checkpoint.path, name)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        file = hf_hub_download(name, "config.json", local_files_only=True)
+    except LocalEntryNotFoundError:
+        if offline or env_offline():
+            raise HubUnreachableError(f"{name} is not in the Hugging Face cache and offline mode is on",
+                                      "run `diffgen pull` while online, or pass a local directory") from None
+        try:
+            file = hf_hub_download(name, "config.json")
+        except Exception as exc:  # noqa: BLE001 - any Hub failure is reported the same way
+            raise HubUnreachableError(f"could not fetch {name}/config.json from the Hub ({type(exc).__name__})",
+                                      "check the name and the network") from exc
+    return name, _read_config(Path(file).parent, name)
+
+
+def _read_config(path: Path, label: str) -> dict[str, Any]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise NotACheckpointError(f"{label} has no config.json, so it is not a model checkpoint",
+                                  "pass the directory that holds config.json and the weights")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise NotACheckpointError(f"{label}/config.json is not valid JSON ({exc})") from exc
+    model_type = config.get("model_type")
+    if model_type != MODEL_TYPE:
+        raise NotACheckpointError(f"{label} is a {model_type or 'unknown'} checkpoint, not a DiffusionGemma one",
+                                  f"diffgen runs model_type {MODEL_TYPE!r} checkpoints such as {DEFAULT_MODEL}")
+    return config
+
+
+def pull(repo_id: str, *, offline: bool = False, revision: str | None = None) -> Path:
+    """Download a checkpoint's safe files into the Hugging Face cache (resumable); return its path."""
+    if Path(repo_id).expanduser().exists() or _looks_like_path(repo_id) or not _HUB_ID.match(repo_id):
+        raise ModelNotFoundError(f"{repo_id} is not a Hub id", "pull takes an id such as " + DEFAULT_MODEL)
+    return _from_hub(repo_id, offline=offline or env_offline(), revision=revision)
+
+
+def _from_hub(repo_id: str, *, offline: bool, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -99,7 +146,8 @@ def _from_hub(repo_id: str, *, offline: bool) -> Path:
     )
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=offline))
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=offline,
+                                      revision=revision))
     except GatedRepoError as exc:
         raise ModelNotFoundError(f"{repo_id} is gated on the Hub and this machine has no access",
                                  "accept its licence on the model page, then run `hf auth login`") from exc
@@ -120,18 +168,7 @@ def _from_hub(repo_id: str, *, offline: bool) -> Path:
 def inspect_checkpoint(path: Path, name: str | None = None) -> dict[str, Any]:
     """Check that ``path`` holds a loadable DiffusionGemma checkpoint; return its config.json."""
     label = name or str(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise NotACheckpointError(f"{label} has no config.json, so it is not a model checkpoint",
-                                  "pass the directory that holds config.json and the weights")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise NotACheckpointError(f"{label}/config.json is not valid JSON ({exc})") from exc
-    model_type = config.get("model_type")
-    if model_type != MODEL_TYPE:
-        raise NotACheckpointError(f"{label} is a {model_type or 'unknown'} checkpoint, not a DiffusionGemma one",
-                                  f"diffgen runs model_type {MODEL_TYPE!r} checkpoints such as {DEFAULT_MODEL}")
+    config = _read_config(path, label)
     files = [p.name for p in path.iterdir() if p.is_file()]
     if not any(f.endswith(".safetensors") for f in files):
         pickled = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
@@ -166,7 +203,11 @@ def load(name: str, plan: LoadPlan, *, offline: bool = False, progress: bool = T
 
 
 def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = True) -> LoadedModel:
-    """Check and load a resolved checkpoint directory; ``progress`` shows transformers' bar."""
+    """Check and load a resolved checkpoint directory; ``progress`` shows a progress bar.
+
+    Unquantised plans load through transformers' ``from_pretrained``; quantised ones through
+    :func:`diffgen.streaming.load_quantized`, which quantises tensor by tensor from the shards.
+    """
     config = inspect_checkpoint(checkpoint.path, checkpoint.name)
     defaults = read_defaults(checkpoint.path, config)
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
@@ -180,12 +221,34 @@ def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = 
         hf_logging.disable_progress_bar()
     path = checkpoint.path
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(
-        path,
-        dtype=plan.torch_dtype,
-        device_map={"": plan.device},
-        use_safetensors=True,
-        local_files_only=True,
-    )
+    if plan.quant != "none":
+        from diffgen.streaming import load_quantized
+
+        model = load_quantized(path, plan, progress=progress)
+    else:
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+            path,
+            dtype=plan.torch_dtype,
+            device_map=_device_map(plan),
+            use_safetensors=True,
+            local_files_only=True,
+        )
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, defaults=defaults, checkpoint=checkpoint, plan=plan)
+
+
+def _device_map(plan: LoadPlan) -> Any:
+    """Everything on the plan's device, or the plan's offload map (layer pairs kept together)."""
+    return dict(plan.device_map) if plan.device_map else {"": plan.device}
+
+
+def resident_bytes(model: Any) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once (ties included)."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = (tensor.device, tensor.data_ptr())
+        if key in seen or tensor.device.type == "meta":
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size()
+    return total

@@ -1,28 +1,70 @@
-"""The load plan: where the model goes and in which dtype.
+"""The load plan: where the model goes, in which dtype, with which expert quantisation, and
+whether it fits.
 
-For now a simple choice — CUDA in bf16 when present, Apple MPS in bf16 where it works, else
-the CPU in fp32 — behind ``--device``. The loader takes a :class:`LoadPlan`, so a plan that
-also carries quantisation and a device map can replace this without touching the loader's
-callers.
+The memory estimate comes from ``config.json`` alone: the model is instantiated on the meta
+device (no weights read, no memory used) to count every parameter exactly, ties included, and
+each scheme's storage is computed from those shapes (DESIGN.md §3):
+
+=========  ====================================================================================
+scheme     weights
+=========  ====================================================================================
+fp32       everything fp32 (the CPU default)
+bf16/fp16  everything 16-bit
+fp8        experts float8 e4m3 + one fp32 scale per output row (cc >= 8.9 on CUDA); rest 16-bit
+int8       experts int8 weight-only + one fp32 scale per output row; rest 16-bit
+nf4        experts 4-bit NF4, blocks of 64 with an fp32 absmax (4.5 bits); rest 16-bit
+nf4-all    nf4 experts, and the attention / dense-MLP linears of the text layers as NF4 too
+=========  ====================================================================================
+
+Router, embeddings / LM head, self-conditioning and the vision tower always stay unquantised.
+Runtime memory adds the KV cache for the context, the prefill workspace and the canvas /
+sampler workspace per batch row.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from diffgen.errors import DeviceError
+from diffgen.errors import DeviceError, UsageError
+
+if TYPE_CHECKING:
+    from diffgen.hardware import HardwareProfile
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+SCHEMES = ("fp32", "bf16", "fp16", "fp8", "int8", "nf4", "nf4-all")
+QUANT_CHOICES = ("auto", *SCHEMES)
+UNQUANTISED = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+NF4_BLOCK = 64
+GB = 1000**3
+GiB = 1024**3
+CUDA_CONTEXT = int(0.5 * GiB)
+DEFAULT_CONTEXT = 8192
+# Text-layer linears that nf4-all quantises (attention and the dense MLP).
+LINEAR_PATTERN = re.compile(r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
+EXPERT_PATTERN = re.compile(r"\.layers\.\d+\.experts\.(gate_up_proj|down_proj)$")
+LAYER_INDEX = re.compile(r"language_model\.layers\.(\d+)\.|decoder\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
 class LoadPlan:
-    """Attributes: ``device`` a torch device string (``"cpu"``, ``"cuda:0"``, ``"mps"``);
-    ``dtype`` the torch dtype name of the weights (``"float32"``, ``"bfloat16"``)."""
+    """How to load a model.
+
+    Attributes:
+        device: torch device string (``"cpu"``, ``"cuda:0"``, ``"mps"``).
+        dtype: dtype name of the unquantised weights and of compute (``"bfloat16"``, ...).
+        quant: ``"none"``, ``"fp8"``, ``"int8"``, ``"nf4"`` or ``"nf4-all"``.
+        offload_bytes: bytes of weights planned onto the CPU (0: everything on ``device``).
+        device_map: with offload, (module prefix, device) pairs for transformers' loader.
+    """
 
     device: str
     dtype: str
+    quant: str = "none"
+    offload_bytes: int = 0
+    device_map: tuple[tuple[str, str], ...] = ()
 
     @property
     def torch_dtype(self) -> Any:
@@ -30,12 +72,23 @@ class LoadPlan:
 
         return getattr(torch, self.dtype)
 
+    @property
+    def scheme(self) -> str:
+        if self.quant != "none":
+            return self.quant
+        return {v: k for k, v in UNQUANTISED.items()}[self.dtype]
+
     def describe(self) -> str:
-        return f"{self.device}, {self.dtype}"
+        text = f"{self.device}, {self.scheme}"
+        if self.quant != "none":
+            text += f" experts (rest {self.dtype})"
+        if self.offload_bytes:
+            text += f", {self.offload_bytes / GB:.1f} GB offloaded to the CPU"
+        return text
 
 
-def simple_plan(device: str = "auto") -> LoadPlan:
-    """Pick the device and dtype for ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
+def device_dtype(device: str = "auto") -> tuple[str, str]:
+    """The device for ``device`` and its default dtype: CUDA bf16 (fp16 before Ampere), MPS bf16, CPU fp32."""
     import torch
 
     request = (device or "auto").strip().lower()
@@ -47,25 +100,294 @@ def simple_plan(device: str = "auto") -> LoadPlan:
         else:
             request = "cpu"
     if request == "cpu":
-        return LoadPlan("cpu", "float32")
+        return "cpu", "float32"
     if request == "mps":
         if not _mps_available(torch):
             raise DeviceError("--device mps was asked for, but this machine has no usable Apple MPS device",
                               "use --device cpu")
-        return LoadPlan("mps", "bfloat16")
+        return "mps", "bfloat16"
     if request == "cuda" or request.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise DeviceError(f"--device {device} was asked for, but torch sees no CUDA GPU",
                               "install a CUDA build of torch, or use --device cpu")
-        index = int(request.split(":", 1)[1]) if ":" in request else 0
+        index = int(request.split(":", 1)[1]) if ":" in request and request.split(":", 1)[1].isdigit() else 0
         if not 0 <= index < torch.cuda.device_count():
             raise DeviceError(f"--device {device}: there is no CUDA device {index}",
                               f"this machine has {torch.cuda.device_count()}")
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-        return LoadPlan(f"cuda:{index}", dtype)
+        return f"cuda:{index}", "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     raise DeviceError(f"unknown device {device!r}", f"use one of {', '.join(DEVICE_CHOICES)} or cuda:N")
+
+
+def simple_plan(device: str = "auto") -> LoadPlan:
+    """The unquantised plan for ``device`` (no memory check)."""
+    return LoadPlan(*device_dtype(device))
 
 
 def _mps_available(torch: Any) -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend and backend.is_available())
+
+
+# -- counting parameters from config.json --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Every unique parameter of the model by role (numbers of elements), from the config.
+
+    Attributes:
+        experts: shapes ``(E, out, in)`` of the fused expert tensors (one per layer and kind).
+        linears: numels of the text-layer attention / dense-MLP linear weights.
+        other: numel of everything else (embeddings, norms, router, vision, ...).
+        buffers: bytes of the rotary tables (``inv_freq``), which stay fp32 whatever the dtype.
+        cast_buffers: elements of the other floating buffers (scalars), stored in the weights' dtype.
+        layers: numel of each text layer (encoder and decoder layer i share theirs), for offload maps.
+    """
+
+    experts: tuple[tuple[int, int, int], ...]
+    linears: tuple[int, ...]
+    other: int
+    buffers: int
+    cast_buffers: int = 0
+    layers: tuple[int, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return sum(e * o * i for e, o, i in self.experts) + sum(self.linears) + self.other
+
+
+def count_parameters(config: dict[str, Any]) -> ParameterCounts:
+    """Instantiate the model on the meta device from ``config`` (a parsed config.json) and count."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    model_config = DiffusionGemmaConfig.from_dict(dict(config))
+    with init_empty_weights(include_buffers=False):
+        model = DiffusionGemmaForBlockDiffusion(model_config)
+    model.tie_weights()
+    experts, linears, other = [], [], 0
+    layers = [0] * model.config.text_config.num_hidden_layers
+    for name, param in model.named_parameters():  # unique parameters: ties counted once
+        layer = LAYER_INDEX.search(name)
+        if layer and "vision" not in name:
+            layers[int(layer.group(1) or layer.group(2))] += param.numel()
+        if EXPERT_PATTERN.search(name):
+            experts.append(tuple(param.shape))
+        elif "vision" not in name and LINEAR_PATTERN.search(name):
+            linears.append(param.numel())
+        else:
+            other += param.numel()
+    fixed = cast = 0
+    for name, buffer in model.named_buffers():
+        if keeps_dtype(name, buffer):
+            fixed += buffer.numel() * buffer.element_size()
+        else:
+            cast += buffer.numel()
+    return ParameterCounts(tuple(experts), tuple(linears), other, fixed, cast, tuple(layers))
+
+
+def keeps_dtype(name: str, buffer: Any) -> bool:
+    """Whether a buffer keeps its dtype when the weights are cast (as transformers loads them):
+    rotary frequency tables and non-floating buffers do; scalars follow the weights' dtype."""
+    return "inv_freq" in name or not buffer.is_floating_point()
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+def nf4_bytes(numel: int) -> int:
+    """Packed 4-bit values plus one fp32 absmax per block of 64."""
+    return numel // 2 + math.ceil(numel / NF4_BLOCK) * 4
+
+
+def weight_bytes(counts: ParameterCounts, scheme: str, dtype: str) -> int:
+    """Bytes of weights resident under ``scheme`` (``dtype`` for what stays unquantised)."""
+    if scheme in UNQUANTISED:
+        dtype = UNQUANTISED[scheme]
+    size = _dtype_bytes(dtype)
+    total = (counts.other + counts.cast_buffers) * size + counts.buffers
+    for experts, out_dim, in_dim in counts.experts:
+        numel = experts * out_dim * in_dim
+        if scheme in ("fp8", "int8"):
+            total += numel + experts * out_dim * 4
+        elif scheme in ("nf4", "nf4-all"):
+            total += experts * nf4_bytes(out_dim * in_dim)
+        else:
+            total += numel * size
+    for numel in counts.linears:
+        total += nf4_bytes(numel) if scheme == "nf4-all" else numel * size
+    return total
+
+
+def runtime_bytes(config: dict[str, Any], dtype: str, *, context: int = DEFAULT_CONTEXT, batch: int = 1,
+                  device: str = "cuda") -> dict[str, int]:
+    """Runtime memory beyond the weights, by part (an estimate; DESIGN.md §3).
+
+    ``kv``: the KV cache for ``context`` tokens (sliding layers keep at most their window);
+    ``prefill``: attention scores of the longest full-attention prefill plus activations;
+    ``canvas``: per batch row, ~5 logits-sized fp32 buffers (logits, scaled, probabilities,
+    entropy temporaries) and decoder activations; ``context``: CUDA context and allocator slack.
+    """
+    text = config.get("text_config", config)
+    size = _dtype_bytes(dtype)
+    hidden = text["hidden_size"]
+    heads = text["num_attention_heads"]
+    window = text.get("sliding_window", context)
+    layer_types = text.get("layer_types") or ["full_attention"] * text["num_hidden_layers"]
+    per_layer = {int(k): v for k, v in (text.get("per_layer_config") or {}).items()}
+    kv = 0
+    for index, kind in enumerate(layer_types):
+        override = per_layer.get(index, {})
+        if kind == "full_attention" and not override:
+            override = {"head_dim": text.get("global_head_dim", text["head_dim"]),
+                        "num_key_value_heads": text.get("num_global_key_value_heads") or text["num_key_value_heads"]}
+        head_dim = override.get("head_dim", text["head_dim"])
+        kv_heads = override.get("num_key_value_heads", text["num_key_value_heads"])
+        tokens = min(context, window) if kind == "sliding_attention" else context
+        kv += 2 * tokens * kv_heads * head_dim * size
+    canvas = config.get("canvas_length", 256)
+    vocab = text["vocab_size"]
+    parts = {
+        "kv": kv * batch,
+        "prefill": batch * (heads * context * context * size + context * hidden * 8 * size),
+        "canvas": batch * (canvas * vocab * 4 * 5 + canvas * hidden * 32 * size),
+        "context": CUDA_CONTEXT if device.startswith("cuda") else 0,
+    }
+    return parts
+
+
+# -- choosing a scheme -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One scheme's memory: ``weights`` and ``runtime`` bytes, ``fits`` the budget or not,
+    ``available`` whether this device can run the scheme at all (and ``why`` not)."""
+
+    scheme: str
+    weights: int
+    runtime: int
+    fits: bool
+    available: bool = True
+    why: str = ""
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.runtime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant": self.scheme, "weights_gb": round(self.weights / GB, 3),
+                "runtime_gb": round(self.runtime / GB, 3), "total_gb": round(self.total / GB, 3),
+                "fits": self.fits, "available": self.available, "why": self.why or None}
+
+
+def candidate_schemes(device: str, dtype: str, hardware: HardwareProfile | None) -> list[tuple[str, bool, str]]:
+    """Schemes in quality order with whether this device can run them (and why not)."""
+    cuda = device.startswith("cuda")
+    profile = hardware.devices[0] if hardware is not None and hardware.devices else None
+    fp8 = (profile.fp8 if profile is not None else False) if cuda else True
+    bf16 = dtype != "float16"
+    out = [("fp32", device == "cpu", "fp32 is the CPU scheme; GPUs use bf16"),
+           ("bf16", bf16, "this GPU has no bf16 (compute capability < 8.0); use fp16"),
+           ("fp16", not bf16 or device != "cpu", "fp16 is for GPUs without bf16"),
+           ("fp8", fp8, "fp8 experts need compute capability >= 8.9 (Ada, Hopper, Blackwell)"),
+           ("int8", True, ""), ("nf4", True, ""), ("nf4-all", True, "")]
+    return out
+
+
+def estimates(config: dict[str, Any], counts: ParameterCounts, *, device: str, dtype: str, budget: int | None,
+              hardware: HardwareProfile | None = None, context: int = DEFAULT_CONTEXT,
+              batch: int = 1) -> list[Estimate]:
+    out = []
+    for scheme, available, why in candidate_schemes(device, dtype, hardware):
+        compute = UNQUANTISED.get(scheme, dtype)
+        weights = weight_bytes(counts, scheme, dtype)
+        runtime = sum(runtime_bytes(config, compute, context=context, batch=batch, device=device).values())
+        fits = budget is None or weights + runtime <= budget
+        out.append(Estimate(scheme, weights, runtime, fits, available, "" if available else why))
+    return out
+
+
+def choose(table: list[Estimate], requested: str, budget: int | None, *, offload: bool = False) -> Estimate:
+    """The scheme to load: ``requested``, or with ``auto`` the best-quality available one that fits.
+
+    Never over-commits: a requested scheme that does not fit, or ``auto`` with nothing that
+    fits, is refused (naming the nearest option) unless ``offload`` allows the excess on the CPU.
+    """
+    by_name = {e.scheme: e for e in table}
+    if requested != "auto":
+        estimate = by_name.get(requested)
+        if estimate is None:
+            raise UsageError(f"unknown --quant {requested!r}", f"use one of {', '.join(QUANT_CHOICES)}")
+        if not estimate.available:
+            raise UsageError(f"--quant {requested} cannot run here: {estimate.why}")
+        if estimate.fits or offload:
+            return estimate
+        raise _too_big(estimate, table, budget)
+    usable = [e for e in table if e.available]
+    for estimate in usable:
+        if estimate.fits:
+            return estimate
+    if offload:  # only unquantised weights can be offloaded: the best of those, partly on the CPU
+        return next(e for e in usable if e.scheme in UNQUANTISED)
+    raise _too_big(min(usable, key=lambda e: e.total), table, budget)
+
+
+def _too_big(estimate: Estimate, table: list[Estimate], budget: int | None) -> UsageError:
+    fitting = [e for e in table if e.available and e.fits]
+    have = f"{budget / GB:.1f} GB usable" if budget is not None else "the budget"
+    if fitting:
+        hint = f"--quant {fitting[0].scheme} fits ({fitting[0].total / GB:.1f} GB)"
+    else:
+        hint = ("free memory, raise --max-memory if the budget is too cautious, or pass --offload "
+                "(slow: offloaded layers cross PCIe at every step)")
+    return UsageError(f"--quant {estimate.scheme} needs {estimate.total / GB:.1f} GB "
+                      f"({estimate.weights / GB:.1f} weights + {estimate.runtime / GB:.1f} runtime) and {have}", hint)
+
+
+def parse_size(text: str) -> int:
+    """``"20GB"``, ``"18.5 GiB"``, ``"512MB"`` or a number of bytes -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*", text or "", re.IGNORECASE)
+    if not match:
+        raise UsageError(f"cannot read memory size {text!r}", "write it like 20GB, 18.5GiB or 512MB")
+    value, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    powers = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
+    base = 1024 if "I" in unit else 1000
+    return int(value * base ** powers[unit.rstrip("IB")])
+
+
+def make_plan(estimate: Estimate, device: str, dtype: str, budget: int | None,
+              counts: ParameterCounts | None = None) -> LoadPlan:
+    """The plan for a chosen estimate; over budget (only reachable with ``--offload``) the top text
+    layers go to the CPU, which works for unquantised schemes only."""
+    quant = "none" if estimate.scheme in UNQUANTISED else estimate.scheme
+    dtype = UNQUANTISED.get(estimate.scheme, dtype)
+    if budget is None or estimate.fits:
+        return LoadPlan(device, dtype, quant)
+    if quant != "none" or counts is None or device == "cpu":
+        raise UsageError(f"--offload works with unquantised weights on a GPU; {estimate.scheme} does not fit "
+                         f"({estimate.total / GB:.1f} GB for {budget / GB:.1f} GB usable)",
+                         "use --quant bf16 --offload, or free memory")
+    mapping = offload_device_map(counts, dtype, device, budget, estimate.runtime)
+    return LoadPlan(device, dtype, quant, max(0, estimate.total - budget), tuple(mapping.items()))
+
+
+def offload_device_map(counts: ParameterCounts, dtype: str, device: str, budget: int, runtime: int) -> dict[str, str]:
+    """A device map that keeps everything but the last text layers on ``device``.
+
+    Layers go to the CPU from the top down until the rest fits ``budget - runtime``; encoder
+    layer i and decoder layer i always land on the same device (they share their weights).
+    """
+    size = _dtype_bytes(dtype)
+    resident = weight_bytes(counts, {v: k for k, v in UNQUANTISED.items()}[dtype], dtype)
+    room = budget - runtime
+    mapping = {"": device}
+    for index in range(len(counts.layers) - 1, -1, -1):
+        if resident <= room:
+            break
+        mapping[f"model.encoder.language_model.layers.{index}"] = "cpu"
+        mapping[f"model.decoder.layers.{index}"] = "cpu"
+        resident -= counts.layers[index] * size
+    return mapping

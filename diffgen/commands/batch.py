@@ -14,9 +14,12 @@ from diffgen.commands.common import (
     ConfidenceOption,
     DeviceOption,
     EntropyBoundOption,
+    MaxMemoryOption,
     MaxNewTokensOption,
     ModelOption,
+    OffloadOption,
     OfflineOption,
+    QuantOption,
     RawOption,
     StabilityOption,
     StepsOption,
@@ -76,6 +79,9 @@ def batch(
                                                 "this and its id.")
     ] = 0,
     device: DeviceOption = "auto",
+    quant: QuantOption = "auto",
+    max_memory: MaxMemoryOption = None,
+    offload: OffloadOption = False,
     offline: OfflineOption = False,
 ) -> None:
     """Generate an answer for every prompt in INPUT, writing one JSONL record per prompt."""
@@ -104,7 +110,8 @@ def batch(
                 if not quiet:
                     typer.echo("diffgen: no prompts in the input", err=True)
                 return
-            loaded = load_model(checkpoint, device, console)
+            loaded = load_model(checkpoint, console, device=device, quant=quant, max_memory=max_memory,
+                                offload=offload, batch=size, quiet=quiet)
             summary = _run(batch_mod, items, loaded, defaults, seed, size, out, console, model,
                            system=system, raw=raw, think=think, show=not quiet)
         finally:

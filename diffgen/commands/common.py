@@ -114,13 +114,64 @@ def resolve_settings(model: str, offline: bool, **flags: Any):
     return checkpoint, defaults.replace(**flags)
 
 
-def load_model(checkpoint: Any, device: str, console: Any) -> Any:
-    """Load the checkpoint under the device plan, with a note and progress when on a terminal."""
-    from diffgen import loader, plan
+QuantOption = Annotated[
+    str,
+    typer.Option("--quant", help="Weights: auto, fp32, bf16, fp16, fp8, int8, nf4 or nf4-all (experts and linears). "
+                                 "auto: the best quality that fits this machine's memory."),
+]
+MaxMemoryOption = Annotated[
+    Optional[str],
+    typer.Option("--max-memory", help="Memory budget to plan for instead of the measured one, e.g. 20GB or 18GiB.",
+                 show_default=False),
+]
+OffloadOption = Annotated[
+    bool,
+    typer.Option("--offload", help="Last resort when nothing fits: put some layers on the CPU. Slow: every "
+                                   "denoising step streams them over PCIe."),
+]
 
-    load_plan = plan.simple_plan(device)
-    if console.is_terminal:
-        console.print(f"Loading {checkpoint.name} on {load_plan.describe()}", style="dim", markup=False)
+
+def plan_load(checkpoint: Any, config: dict, *, device: str, quant: str, max_memory: Optional[str], offload: bool,
+              batch: int = 1) -> Any:
+    """Choose the load plan for this machine from the config alone (see :mod:`diffgen.plan`)."""
+    from diffgen import hardware, plan
+
+    if quant not in plan.QUANT_CHOICES:
+        raise typer.BadParameter(f"use one of {', '.join(plan.QUANT_CHOICES)}", param_hint="--quant")
+    device_name, dtype = plan.device_dtype(device)
+    profile = hardware.detect()
+    budget = plan.parse_size(max_memory) if max_memory else _device_budget(profile, device_name)
+    counts = plan.count_parameters(config)
+    text = config.get("text_config", config)
+    context = min(plan.DEFAULT_CONTEXT, int(text.get("max_position_embeddings", plan.DEFAULT_CONTEXT)))
+    table = plan.estimates(config, counts, device=device_name, dtype=dtype, budget=budget, hardware=profile,
+                           context=context, batch=batch)
+    chosen = plan.choose(table, quant, budget, offload=offload)
+    return plan.make_plan(chosen, device_name, dtype, budget, counts), chosen, budget
+
+
+def _device_budget(profile: Any, device: str) -> int:
+    for candidate in profile.devices:
+        if candidate.device == device:
+            return candidate.usable
+    return profile.devices[0].usable
+
+
+def load_model(checkpoint: Any, console: Any, *, device: str = "auto", quant: str = "auto",
+               max_memory: Optional[str] = None, offload: bool = False, batch: int = 1, quiet: bool = False) -> Any:
+    """Plan, say the plan in one line on stderr, and load (progress bar on a terminal)."""
+    from diffgen import loader
+    from diffgen.plan import GB
+
+    config = loader.inspect_checkpoint(checkpoint.path, checkpoint.name)
+    load_plan, chosen, budget = plan_load(checkpoint, config, device=device, quant=quant, max_memory=max_memory,
+                                          offload=offload, batch=batch)
+    if console.is_terminal and not quiet:
+        typer.echo(f"diffgen: plan: {checkpoint.name} as {load_plan.describe()} — {chosen.weights / GB:.1f} GB "
+                   f"weights + {chosen.runtime / GB:.1f} GB runtime, {budget / GB:.1f} GB usable", err=True)
+    if load_plan.offload_bytes:
+        typer.echo(f"diffgen: warning: {load_plan.offload_bytes / GB:.1f} GB of layers offloaded to the CPU; every "
+                   "denoising step streams them over PCIe, so expect generation to be many times slower", err=True)
     return loader.load_checkpoint(checkpoint, load_plan, progress=console.is_terminal)
 
 

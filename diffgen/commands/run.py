@@ -16,9 +16,12 @@ from diffgen.commands.common import (
     ConfidenceOption,
     DeviceOption,
     EntropyBoundOption,
+    MaxMemoryOption,
     MaxNewTokensOption,
     ModelOption,
+    OffloadOption,
     OfflineOption,
+    QuantOption,
     RawOption,
     StabilityOption,
     StepsOption,
@@ -73,6 +76,9 @@ def run(
                           "[default: random, reported by --json]"),
     ] = None,
     device: DeviceOption = "auto",
+    quant: QuantOption = "auto",
+    max_memory: MaxMemoryOption = None,
+    offload: OffloadOption = False,
     offline: OfflineOption = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print one line of timing and step stats on stderr.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the text.")] = False,
@@ -103,7 +109,8 @@ def run(
             t_max=t_max, stability_threshold=stability, confidence_threshold=confidence,
             seed=seed if seed is not None else secrets.randbelow(2**31),
         )
-        loaded = load_model(checkpoint, device, console)
+        loaded = load_model(checkpoint, console, device=device, quant=quant, max_memory=max_memory,
+                                offload=offload)
 
         from diffgen import generate
 

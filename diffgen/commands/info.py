@@ -1,0 +1,101 @@
+"""``diffgen info``: this machine, its memory budget, and — with a model — the plan table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any, Optional
+
+import typer
+
+from diffgen.commands.common import DeviceOption, MaxMemoryOption, OfflineOption, error_funnel
+
+EPILOG = (
+    "Examples:\n\n"
+    "  diffgen info                                         (the hardware profile and memory budget)\n\n"
+    "  diffgen info -m google/diffusiongemma-26B-A4B-it     (plus the plan table: which --quant fits)\n\n"
+    "  diffgen info -m ./config-only-dir --max-memory 24GB --json\n\n"
+    "No weights are read and no GPU is needed: the plan comes from config.json alone."
+)
+
+
+def info(
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", "-m", envvar="DIFFGEN_MODEL", show_default=False,
+                     help="A Hub id (in the cache, or its config.json fetched) or a directory with config.json."),
+    ] = None,
+    device: DeviceOption = "auto",
+    max_memory: MaxMemoryOption = None,
+    context: Annotated[int, typer.Option("--context", min=1, help="Context length to plan the KV cache for.")] = 8192,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Batch rows to plan the sampler workspace for.")] = 1,
+    offline: OfflineOption = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+) -> None:
+    """Show the hardware profile, the usable memory and how it was measured, and the plan per --quant."""
+    with error_funnel():
+        from diffgen import hardware, plan
+
+        profile = hardware.detect()
+        device_name, dtype = plan.device_dtype(device)
+        budget = plan.parse_size(max_memory) if max_memory else next(
+            (d.usable for d in profile.devices if d.device == device_name), profile.usable)
+        data: dict[str, Any] = {"hardware": profile.to_dict(), "device": device_name, "dtype": dtype,
+                                "budget_gb": round(budget / plan.GB, 3),
+                                "budget_source": "--max-memory" if max_memory else "measured",
+                                "plans": [], "chosen": None}
+        if model is not None:
+            from diffgen import loader
+
+            where, config = loader.resolve_config(model, offline=offline)
+            counts = plan.count_parameters(config)
+            table = plan.estimates(config, counts, device=device_name, dtype=dtype, budget=budget, hardware=profile,
+                                   context=context, batch=batch)
+            try:
+                chosen = plan.choose(table, "auto", budget).scheme
+            except Exception:  # noqa: BLE001 - nothing fits: the table says so
+                chosen = None
+            data.update(model=model, source=where, parameters=counts.total, context=context, batch=batch,
+                        plans=[e.to_dict() for e in table], chosen=chosen)
+        if json_output:
+            sys.stdout.write(json.dumps(data, indent=2) + "\n")
+            return
+        _print(data)
+
+
+def _print(data: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from diffgen.plan import GiB
+
+    console = Console(highlight=False)
+    hw = data["hardware"]
+    console.print(f"[bold]machine[/bold]: {hw['kind_label']}; host RAM {hw['host_total'] / GiB:.1f} GiB "
+                  f"({hw['host_available'] / GiB:.1f} GiB available)")
+    devices = Table("device", "name", "cc", "total GiB", "free GiB", "usable GiB", "bf16", "fp8", box=None)
+    for d in hw["devices"]:
+        cc = ".".join(map(str, d["capability"])) if d["capability"] else "-"
+        devices.add_row(d["device"], d["name"], cc, f"{d['total'] / GiB:.1f}", f"{d['free'] / GiB:.1f}",
+                        f"{d['usable'] / GiB:.1f}", "yes" if d["bf16"] else "no", "yes" if d["fp8"] else "no")
+    console.print(devices)
+    for d in hw["devices"]:
+        console.print(f"[dim]{d['device']} usable: {d['measured']}[/dim]")
+    for note in hw.get("notes", []):
+        console.print(f"[yellow]note[/yellow]: {note}")
+    console.print(f"[bold]budget[/bold]: {data['budget_gb']:.1f} GB ({data['budget_source']}) on "
+                  f"{data['device']} ({data['dtype']})")
+    if not data["plans"]:
+        console.print("[dim]pass --model to see which --quant fits[/dim]")
+        return
+    console.print(f"[bold]model[/bold]: {data['model']} — {data['parameters'] / 1e9:.2f}B parameters; "
+                  f"context {data['context']}, batch {data['batch']}")
+    table = Table("quant", "weights GB", "runtime GB", "total GB", "fits", "", box=None)
+    for row in data["plans"]:
+        mark = "← auto" if row["quant"] == data["chosen"] else (row["why"] or "")
+        fits = "yes" if row["fits"] and row["available"] else ("n/a" if not row["available"] else "no")
+        table.add_row(row["quant"], f"{row['weights_gb']:.2f}", f"{row['runtime_gb']:.2f}", f"{row['total_gb']:.2f}",
+                      fits, mark, style="bold" if row["quant"] == data["chosen"] else None)
+    console.print(table)
+    if data["chosen"] is None:
+        console.print("[red]nothing fits[/red]: free memory, raise --max-memory, or use --offload (slow)")

@@ -1,0 +1,33 @@
+"""``diffgen pull``: download a checkpoint into the Hugging Face cache."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from diffgen.commands.common import OfflineOption, error_funnel
+
+EPILOG = (
+    "Examples:\n\n"
+    "  diffgen pull google/diffusiongemma-26B-A4B-it\n\n"
+    "  HF_HOME=/data/hf diffgen pull google/diffusiongemma-26B-A4B-it\n\n"
+    "Only safetensors weights, configs, the tokenizer and the chat template are fetched, never pickled "
+    "weights. An interrupted pull resumes where it stopped. The snapshot's path is printed on stdout."
+)
+
+
+def pull(
+    model: Annotated[str, typer.Argument(help="Hub id, e.g. google/diffusiongemma-26B-A4B-it.")],
+    revision: Annotated[
+        Optional[str], typer.Option("--revision", help="Branch, tag or commit. [default: main]", show_default=False)
+    ] = None,
+    offline: OfflineOption = False,
+) -> None:
+    """Download MODEL into the Hugging Face cache (resumable), with a progress bar on stderr."""
+    with error_funnel("interrupted; run the same pull again to resume"):
+        from diffgen import loader
+
+        path = loader.pull(model, offline=offline, revision=revision)
+        sys.stdout.write(f"{path}\n")

@@ -1,0 +1,118 @@
+"""The memory plan from config.json alone, and choosing a scheme that fits."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from diffgen import plan
+from diffgen.errors import UsageError
+from diffgen.plan import GB, Estimate
+
+REAL_CONFIG = json.loads((Path(__file__).parent / "data" / "diffusiongemma-26b-a4b-config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def real_counts():
+    return plan.count_parameters(REAL_CONFIG)
+
+
+def test_real_model_parameter_count(real_counts):
+    assert real_counts.total == pytest.approx(25.82e9, rel=0.005)
+    experts = sum(e * o * i for e, o, i in real_counts.experts)
+    assert experts == pytest.approx(22.84e9, rel=0.005)
+    assert len(real_counts.layers) == 30
+
+
+@pytest.mark.parametrize("scheme, expected, tolerance", [
+    ("bf16", 51.6, 0.02), ("fp8", 28.8, 0.02), ("int8", 28.8, 0.02), ("nf4", 18.8, 0.02), ("nf4-all", 16.4, 0.02),
+])
+def test_real_model_weight_memory_per_scheme(real_counts, scheme, expected, tolerance):
+    assert plan.weight_bytes(real_counts, scheme, "bfloat16") / GB == pytest.approx(expected, rel=tolerance)
+
+
+def test_real_model_runtime_at_8k():
+    parts = plan.runtime_bytes(REAL_CONFIG, "bfloat16", context=8192, batch=1, device="cuda:0")
+    gib = {k: v / 1024**3 for k, v in parts.items()}
+    assert gib["kv"] == pytest.approx(0.35, abs=0.05)
+    assert gib["canvas"] == pytest.approx(1.3, abs=0.1)
+    assert 2.0 < gib["prefill"] < 3.0
+    assert sum(gib.values()) == pytest.approx(4.5, abs=0.3)
+    two_rows = plan.runtime_bytes(REAL_CONFIG, "bfloat16", context=8192, batch=2, device="cuda:0")
+    assert two_rows["canvas"] == 2 * parts["canvas"]
+
+
+def table(budget, fp8=True, device="cuda:0"):
+    class Profile:
+        devices = [type("D", (), {"fp8": fp8})()]
+
+    counts = plan.count_parameters(REAL_CONFIG)
+    return plan.estimates(REAL_CONFIG, counts, device=device, dtype="bfloat16", budget=budget, hardware=Profile())
+
+
+@pytest.mark.parametrize("budget_gb, chosen", [(75, "bf16"), (40, "fp8"), (24, "nf4"), (22, "nf4-all")])
+def test_auto_picks_the_best_quality_that_fits(budget_gb, chosen):
+    assert plan.choose(table(budget_gb * GB), "auto", budget_gb * GB).scheme == chosen
+
+
+def test_no_fp8_before_ada_so_auto_takes_int8():
+    estimates = table(40 * GB, fp8=False)
+    assert not next(e for e in estimates if e.scheme == "fp8").available
+    assert plan.choose(estimates, "auto", 40 * GB).scheme == "int8"
+
+
+def test_nothing_fits_is_refused_naming_the_nearest_option():
+    with pytest.raises(UsageError) as info:
+        plan.choose(table(12 * GB), "auto", 12 * GB)
+    message = str(info.value)
+    assert "nf4-all" in message and "--offload" in message
+
+
+def test_a_requested_scheme_that_does_not_fit_names_one_that_does():
+    with pytest.raises(UsageError) as info:
+        plan.choose(table(24 * GB), "bf16", 24 * GB)
+    assert "--quant nf4 fits" in str(info.value)
+
+
+def test_offload_is_the_explicit_last_resort_and_keeps_layer_pairs_together():
+    counts = plan.count_parameters(REAL_CONFIG)
+    estimates = plan.estimates(REAL_CONFIG, counts, device="cuda:0", dtype="bfloat16", budget=15 * GB)
+    chosen = plan.choose(estimates, "auto", 15 * GB, offload=True)
+    assert chosen.scheme == "bf16"
+    load_plan = plan.make_plan(chosen, "cuda:0", "bfloat16", 15 * GB, counts)
+    mapping = dict(load_plan.device_map)
+    assert load_plan.offload_bytes > 0 and mapping[""] == "cuda:0"
+    offloaded = {k.rsplit(".", 1)[1] for k, v in mapping.items() if v == "cpu" and "decoder" in k}
+    assert offloaded == {k.rsplit(".", 1)[1] for k, v in mapping.items() if v == "cpu" and "encoder" in k}
+    assert "29" in offloaded and "0" not in offloaded
+
+
+def test_quantised_offload_is_refused():
+    estimate = Estimate("nf4", 30 * GB, 5 * GB, fits=False)
+    with pytest.raises(UsageError):
+        plan.make_plan(estimate, "cuda:0", "bfloat16", 20 * GB, plan.count_parameters(REAL_CONFIG))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("20GB", 20 * 1000**3), ("18.5GiB", int(18.5 * 1024**3)), ("512MB", 512 * 1000**2), ("1024", 1024),
+    ("4 gib", 4 * 1024**3),
+])
+def test_parse_size(text, expected):
+    assert plan.parse_size(text) == expected
+
+
+def test_parse_size_rejects_nonsense():
+    with pytest.raises(UsageError):
+        plan.parse_size("lots")
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "bf16", "int8", "fp8", "nf4", "nf4-all"])
+def test_estimate_equals_resident_bytes_on_the_tiny_checkpoint(tiny_checkpoint, scheme):
+    from diffgen.loader import load, resident_bytes
+
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    counts = plan.count_parameters(config)
+    quant = "none" if scheme in plan.UNQUANTISED else scheme
+    dtype = plan.UNQUANTISED.get(scheme, "float32")
+    loaded = load(str(tiny_checkpoint), plan.LoadPlan("cpu", dtype, quant), progress=False)
+    assert resident_bytes(loaded.model) == plan.weight_bytes(counts, scheme, "float32")
