@@ -1,31 +1,41 @@
-"""Wall time of `diffgen --help` (and other start-up paths): median of several runs.
+"""Start-up time: `diffgen --help`, `diffgen run --help` and a TAB completion, median of runs.
 
-    python bench/startup.py [--runs 15] [ARGS ...]      (default ARGS: --help)
+    python bench/startup.py [--runs 15]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
 import time
 
+CASES = [
+    ("diffgen --help", ["--help"], {}),
+    ("diffgen run --help", ["run", "--help"], {}),
+    ("completion of `diffgen ru<TAB>`", [], {"_DIFFGEN_COMPLETE": "complete_bash", "COMP_WORDS": "diffgen ru",
+                                              "COMP_CWORD": "1"}),
+]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15)
-    parser.add_argument("args", nargs="*", default=["--help"])
-    options = parser.parse_args()
-    command = [sys.executable, "-m", "diffgen", *options.args]
-    subprocess.run(command, capture_output=True, check=True)  # warm the file cache
-    times = []
-    for _ in range(options.runs):
-        start = time.perf_counter()
-        subprocess.run(command, capture_output=True, check=True)
-        times.append(time.perf_counter() - start)
-    print(f"`diffgen {' '.join(options.args)}`: median {statistics.median(times) * 1e3:.0f} ms, "
-          f"min {min(times) * 1e3:.0f} ms, max {max(times) * 1e3:.0f} ms over {options.runs} runs")
+    runs = parser.parse_args().runs
+    script = os.path.join(os.path.dirname(sys.executable), "diffgen")
+    command = [script] if os.path.exists(script) else [sys.executable, "-m", "diffgen"]
+    print(f"{'what':<36}{'median ms':>10}{'min':>7}{'max':>7}   ({runs} runs, {' '.join(command)})")
+    for label, args, env in CASES:
+        full_env = {**os.environ, **env}
+        subprocess.run(command + args, capture_output=True, env=full_env)  # warm the file cache
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            subprocess.run(command + args, capture_output=True, env=full_env, check=True)
+            times.append((time.perf_counter() - start) * 1e3)
+        print(f"{label:<36}{statistics.median(times):>10.0f}{min(times):>7.0f}{max(times):>7.0f}")
 
 
 if __name__ == "__main__":

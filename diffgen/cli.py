@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from diffgen import __version__
-from diffgen.commands import batch, info, pull, replay, run
+from diffgen.commands import batch, completion, info, pull, replay, run
 from diffgen.commands.common import error_funnel  # noqa: F401 - re-exported for library users
 from diffgen.errors import EXIT_INTERRUPTED
 
@@ -29,7 +29,7 @@ app = typer.Typer(
         "Set DIFFGEN_DEBUG=1 to see tracebacks."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -38,6 +38,7 @@ app.command(epilog=batch.EPILOG)(batch.batch)
 app.command(epilog=replay.EPILOG)(replay.replay)
 app.command(epilog=info.EPILOG)(info.info)
 app.command(epilog=pull.EPILOG)(pull.pull)
+app.command(epilog=completion.EPILOG)(completion.completion)
 
 
 def versions() -> str:
@@ -61,13 +62,37 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_version_callback, is_eager=True,
                      help="Print the versions of diffgen, torch and transformers, then exit."),
     ] = False,
+    no_color: Annotated[bool, typer.Option("--no-color", help="No colours on stderr (like NO_COLOR=1).")] = False,
 ) -> None:
     """Run DiffusionGemma text-diffusion models locally."""
+    import os
+
+    if no_color:
+        os.environ["NO_COLOR"] = "1"
+    if ctx.resilient_parsing:  # shell completion: stay fast and quiet
+        return
+    with error_funnel():
+        _apply_config(ctx)
+
+
+def _apply_config(ctx: typer.Context) -> None:
+    """Defaults from the config file become click's default_map (flags > env > file > built-in)."""
+    from diffgen import config
+
+    data = config.read()
+    if not data:
+        return
+    commands = {name: config.option_keys(command.params) for name, command in ctx.command.commands.items()}
+    defaults, unknown = config.default_map(data, commands)
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    for key in unknown:
+        typer.echo(f"diffgen: warning: {config.config_path()}: {key!r} is not an option of any command", err=True)
 
 
 def main() -> None:

@@ -51,11 +51,31 @@ def error_funnel(interrupted: str = "interrupted") -> Iterator[None]:
 
 # -- options shared by the commands that load a model and generate ------------------------------
 
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, found the way huggingface_hub finds it (without importing it)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def complete_model(incomplete: str) -> list[str]:
+    """``--model`` completion: the models in the local Hugging Face cache (no imports, no network)."""
+    try:
+        names = [entry.name[len("models--"):].replace("--", "/") for entry in hub_cache_dir().iterdir()
+                 if entry.name.startswith("models--")]
+    except OSError:
+        return []
+    return sorted(name for name in names if name.startswith(incomplete))
+
+
 ModelOption = Annotated[
     str,
-    typer.Option("--model", "-m", envvar="DIFFGEN_MODEL", show_envvar=True,
+    typer.Option("--model", "-m", envvar="DIFFGEN_MODEL", show_envvar=True, autocompletion=complete_model,
                  help="Hub id (resolved through the Hugging Face cache) or local checkpoint directory."),
 ]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only the answer and errors: no plan, spinner or warnings.")]
 DeviceOption = Annotated[
     str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps. auto: CUDA in bf16, else MPS, else CPU in fp32.")
 ]
@@ -172,13 +192,13 @@ def load_model(checkpoint: Any, console: Any, *, device: str = "auto", quant: st
     if load_plan.offload_bytes:
         typer.echo(f"diffgen: warning: {load_plan.offload_bytes / GB:.1f} GB of layers offloaded to the CPU; every "
                    "denoising step streams them over PCIe, so expect generation to be many times slower", err=True)
-    return loader.load_checkpoint(checkpoint, load_plan, progress=console.is_terminal)
+    return loader.load_checkpoint(checkpoint, load_plan, progress=console.is_terminal and not quiet)
 
 
 @contextlib.contextmanager
-def status(console: Any, message: str) -> Iterator[None]:
+def status(console: Any, message: str, *, quiet: bool = False) -> Iterator[None]:
     """A spinner on stderr while ``message`` runs, only when stderr is a terminal."""
-    if console.is_terminal:
+    if console.is_terminal and not quiet:
         with console.status(message):
             yield
     else:

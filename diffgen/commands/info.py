@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.commands.common import DeviceOption, MaxMemoryOption, OfflineOption, error_funnel
+from diffgen.commands.common import DeviceOption, MaxMemoryOption, OfflineOption, complete_model, error_funnel
 
 EPILOG = (
     "Examples:\n\n"
@@ -22,7 +22,7 @@ EPILOG = (
 def info(
     model: Annotated[
         Optional[str],
-        typer.Option("--model", "-m", envvar="DIFFGEN_MODEL", show_default=False,
+        typer.Option("--model", "-m", envvar="DIFFGEN_MODEL", show_default=False, autocompletion=complete_model,
                      help="A Hub id (in the cache, or its config.json fetched) or a directory with config.json."),
     ] = None,
     device: DeviceOption = "auto",
@@ -34,16 +34,19 @@ def info(
 ) -> None:
     """Show the hardware profile, the usable memory and how it was measured, and the plan per --quant."""
     with error_funnel():
-        from diffgen import hardware, plan
+        from diffgen import config, hardware, plan
 
         profile = hardware.detect()
+        settings_file = config.config_path()
         device_name, dtype = plan.device_dtype(device)
         budget = plan.parse_size(max_memory) if max_memory else next(
             (d.usable for d in profile.devices if d.device == device_name), profile.usable)
         data: dict[str, Any] = {"hardware": profile.to_dict(), "device": device_name, "dtype": dtype,
                                 "budget_gb": round(budget / plan.GB, 3),
                                 "budget_source": "--max-memory" if max_memory else "measured",
-                                "plans": [], "chosen": None}
+                                "plans": [], "chosen": None,
+                                "config": {"path": str(settings_file), "exists": settings_file.is_file(),
+                                           "values": config.read(settings_file), "precedence": config.PRECEDENCE}}
         if model is not None:
             from diffgen import loader
 
@@ -83,6 +86,11 @@ def _print(data: dict[str, Any]) -> None:
         console.print(f"[dim]{d['device']} usable: {d['measured']}[/dim]")
     for note in hw.get("notes", []):
         console.print(f"[yellow]note[/yellow]: {note}")
+    cfg = data["config"]
+    state = "" if cfg["exists"] else " (none)"
+    console.print(f"[bold]config[/bold]: {cfg['path']}{state}; precedence: {cfg['precedence']}", markup=True)
+    for key, value in cfg["values"].items():
+        console.print(f"  {key} = {value!r}", markup=False)
     console.print(f"[bold]budget[/bold]: {data['budget_gb']:.1f} GB ({data['budget_source']}) on "
                   f"{data['device']} ({data['dtype']})")
     if not data["plans"]:

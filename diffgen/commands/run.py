@@ -22,6 +22,7 @@ from diffgen.commands.common import (
     OffloadOption,
     OfflineOption,
     QuantOption,
+    QuietOption,
     RawOption,
     StabilityOption,
     StepsOption,
@@ -80,6 +81,7 @@ def run(
     max_memory: MaxMemoryOption = None,
     offload: OffloadOption = False,
     offline: OfflineOption = False,
+    quiet: QuietOption = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print one line of timing and step stats on stderr.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the text.")] = False,
     show_steps: Annotated[
@@ -97,7 +99,7 @@ def run(
         from diffgen import prompt as prompt_mod
 
         composed = prompt_mod.compose(prompt, prompt_mod.read_stdin(sys.stdin), file or ())
-        for warning in composed.warnings:
+        for warning in composed.warnings if not quiet else ():
             typer.echo(f"diffgen: warning: {warning}", err=True)
 
         from diffgen import render
@@ -110,7 +112,7 @@ def run(
             seed=seed if seed is not None else secrets.randbelow(2**31),
         )
         loaded = load_model(checkpoint, console, device=device, quant=quant, max_memory=max_memory,
-                                offload=offload)
+                                offload=offload, quiet=quiet)
 
         from diffgen import generate
 
@@ -119,7 +121,7 @@ def run(
             result = _observed(loaded, ids, settings, console, show_steps=show_steps, trace_file=trace_file,
                                model=model, prompt=composed.text)
         else:
-            with status(console, "Denoising"):
+            with status(console, "Denoising", quiet=quiet):
                 result = generate.generate(loaded, [ids], settings)
         completion = result.completions[0]
 

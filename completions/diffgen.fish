@@ -1,0 +1,1 @@
+complete --command diffgen --no-files --arguments "(env _DIFFGEN_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) diffgen)" --condition "env _DIFFGEN_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) diffgen"
