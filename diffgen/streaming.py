@@ -72,38 +72,52 @@ def _retie(model: Any) -> None:
 
 
 def load_quantized(path: Path, plan: LoadPlan, *, progress: bool = False) -> Any:
-    """Build the model empty, then stream every tensor in under ``plan``."""
-    from accelerate import init_empty_weights
+    """Build the model empty, then stream every tensor of the checkpoint's shards in under ``plan``."""
     from safetensors import safe_open
-    from transformers import AutoConfig, DiffusionGemmaForBlockDiffusion
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    files = shard_files(path)
+    bar = _progress(progress, len(files))
+
+    def tensors():
+        for file in files:
+            with safe_open(str(file), framework="pt", device="cpu") as shard:
+                for key in shard.keys():
+                    yield key, shard.get_tensor(key)
+            if bar is not None:
+                bar.update(1)
+
+    model = build_quantized(config, tensors(), plan, source=str(path))
+    if bar is not None:
+        bar.close()
+    return model
+
+
+def build_quantized(config: Any, tensors: Any, plan: LoadPlan, *, source: str = "the checkpoint") -> Any:
+    """An empty model filled from ``(name, tensor)`` pairs (checkpoint names) under ``plan``."""
+    from accelerate import init_empty_weights
+    from transformers import DiffusionGemmaForBlockDiffusion
 
     device = torch.device(plan.device)
     dtype = plan.torch_dtype
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
     with init_empty_weights(include_buffers=False):
         model = DiffusionGemmaForBlockDiffusion(config)
     model.tie_weights()
-    _swap_modules(model, plan, device)
+    if plan.quant != "none":
+        _swap_modules(model, plan, device)
     # Buffers (rotary tables, scalars) were built for real on the CPU: move them to the device,
     # scalars in the weights' dtype as transformers would.
     for name, buffer in list(model.named_buffers()):
         value = buffer if keeps_dtype(name, buffer) else buffer.to(dtype)
         set_module_tensor_to_device(model, name, device, value=value)
 
-    files = shard_files(path)
-    bar = _progress(progress, len(files))
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as shard:
-            for key in shard.keys():
-                _place(model, key, shard.get_tensor(key), device, dtype)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    for key, tensor in tensors:
+        _place(model, key, tensor, device, dtype)
     _retie(model)
     missing = [name for name, param in model.named_parameters() if param.device.type == "meta"]
     if missing:
-        raise NotACheckpointError(f"{path} lacks {len(missing)} weights the model needs (first: {missing[0]})",
+        raise NotACheckpointError(f"{source} lacks {len(missing)} weights the model needs (first: {missing[0]})",
                                   "the checkpoint is incomplete; download it again")
     return model
 

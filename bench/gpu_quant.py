@@ -1,0 +1,119 @@
+"""GPU check for the quantisation issue, in one call: a random model of the real dimensions
+under nf4, fp8 and bf16 — resident GPU memory and denoising-step time per scheme.
+
+No checkpoint is written: random tensors (seeded, so every scheme gets the same weights) are
+generated tensor by tensor on the device and streamed through the same loader that reads
+shards, so the bf16 experts never sit in memory at once for the quantised schemes. Prints a
+table last.
+
+    python bench/gpu_quant.py                         # real dimensions, cuda, nf4 fp8 bf16
+    python bench/gpu_quant.py --config tiny --device cpu --schemes nf4 int8 fp32   # CPU dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REAL = Path(__file__).resolve().parent.parent / "tests" / "data" / "diffusiongemma-26b-a4b-config.json"
+
+
+class NumbersTokenizer:
+    """Enough of a tokenizer for the generator's final decode (ids as text)."""
+
+    unk_token_id = -1
+
+    def convert_tokens_to_ids(self, token):
+        return -1
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def random_tensors(config, device, seed=0):
+    """(checkpoint name, tensor) for every unique weight, decoder-side names as checkpoints store them."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    with init_empty_weights(include_buffers=False):
+        model = DiffusionGemmaForBlockDiffusion(config)
+    model.tie_weights()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        name = name.replace("model.encoder.language_model.", "model.decoder.")
+        if name.endswith(("norm.weight", "scale")):
+            yield name, torch.ones(param.shape, dtype=torch.bfloat16, device=device)
+        else:
+            yield name, torch.randn(param.shape, dtype=torch.bfloat16, device=device, generator=generator) * 0.02
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=["real", "tiny"], default="real")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--schemes", nargs="+", default=["nf4", "fp8", "bf16"])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+    from transformers import DiffusionGemmaConfig
+
+    from diffgen.generate import StepEvent, stream
+    from diffgen.loader import Checkpoint, LoadedModel, resident_bytes
+    from diffgen.plan import UNQUANTISED, LoadPlan
+    from diffgen.settings import GenerationSettings
+    from diffgen.streaming import build_quantized
+    from diffgen.tiny import tiny_config
+
+    config = DiffusionGemmaConfig.from_dict(json.loads(REAL.read_text())) if args.config == "real" else tiny_config()
+    cuda = args.device.startswith("cuda")
+    rows = []
+    for scheme in args.schemes:
+        dtype = UNQUANTISED.get(scheme, "bfloat16" if cuda else "float32")
+        plan = LoadPlan(args.device, dtype, "none" if scheme in UNQUANTISED else scheme)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        model = build_quantized(config, random_tensors(config, args.device), plan, source="random weights").eval()
+        load_s = time.perf_counter() - start
+        resident = (torch.cuda.memory_allocated() - base) if cuda else resident_bytes(model)
+        peak_load = (torch.cuda.max_memory_allocated() - base) if cuda else None
+        loaded = LoadedModel(model, NumbersTokenizer(), GenerationSettings(), Checkpoint("random", Path("."), False),
+                             plan)
+        settings = replace(GenerationSettings(max_new_tokens=config.canvas_length, max_denoising_steps=args.steps,
+                                              eos_token_ids=(1,), seed=0),
+                           stability_threshold=None, confidence_threshold=None)
+        prompt = list(range(2, 2 + args.prompt_tokens))
+        times = []
+        for attempt in range(2):  # the first run warms up kernels and caches
+            marks = [time.perf_counter()]
+            for event in stream(loaded, [prompt], settings):
+                if isinstance(event, StepEvent):
+                    if cuda:
+                        torch.cuda.synchronize()
+                    marks.append(time.perf_counter())
+            if attempt:
+                times = [b - a for a, b in zip(marks[1:], marks[2:])]
+        rows.append((scheme, resident / 2**30, (peak_load or 0) / 2**30, load_s,
+                     statistics.median(times) * 1e3 if times else float("nan")))
+        del model, loaded
+    device = torch.cuda.get_device_name(0) if cuda else "CPU"
+    print(f"\n{device}; torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"{args.config} dimensions, random weights; batch 1, {args.prompt_tokens}-token prompt, "
+          f"{args.steps} fixed steps, median step after the first")
+    print(f"{'scheme':<9}{'resident GiB':>13}{'load peak GiB':>14}{'load s':>8}{'ms/step':>9}")
+    for scheme, resident, peak, load_s, step in rows:
+        print(f"{scheme:<9}{resident:>13.2f}{peak:>14.2f}{load_s:>8.1f}{step:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()
