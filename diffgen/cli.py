@@ -14,7 +14,7 @@ import typer
 
 from diffgen import __version__
 from diffgen.commands import batch, completion, info, pull, replay, run
-from diffgen.commands.common import error_funnel  # noqa: F401 - re-exported for library users
+from diffgen.commands.common import error_funnel
 from diffgen.errors import EXIT_INTERRUPTED
 
 app = typer.Typer(

@@ -406,9 +406,23 @@ class Generation:
 
 def check_context(model, prompt_tokens: int, settings: GenerationSettings) -> None:
     """Raise :class:`PromptTooLongError` when the prompt plus its canvases exceed the context."""
-    canvas_length = int(model.config.canvas_length)
-    canvases = math.ceil(settings.max_new_tokens / canvas_length)
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    _check_context(int(model.config.canvas_length), limit, prompt_tokens, settings)
+
+
+def check_context_config(path, prompt_tokens: int, settings: GenerationSettings) -> None:
+    """The same check from a checkpoint's config.json, before any weights are loaded."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    text = config.get("text_config", config)
+    _check_context(int(config.get("canvas_length", 256)), text.get("max_position_embeddings"), prompt_tokens,
+                   settings)
+
+
+def _check_context(canvas_length: int, limit: int | None, prompt_tokens: int, settings: GenerationSettings) -> None:
+    canvases = math.ceil(settings.max_new_tokens / canvas_length)
     needed = prompt_tokens + canvases * canvas_length
     if limit is not None and needed > limit:
         raise PromptTooLongError(

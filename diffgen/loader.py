@@ -202,7 +202,15 @@ def load(name: str, plan: LoadPlan, *, offline: bool = False, progress: bool = T
     return load_checkpoint(checkpoint, plan, progress=progress)
 
 
-def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = True) -> LoadedModel:
+def load_tokenizer(path: Path) -> Any:
+    """The checkpoint's tokenizer (local files only; remote code never trusted)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = True,
+                    tokenizer: Any = None) -> LoadedModel:
     """Check and load a resolved checkpoint directory; ``progress`` shows a progress bar.
 
     Unquantised plans load through transformers' ``from_pretrained``; quantised ones through
@@ -210,7 +218,7 @@ def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = 
     """
     config = inspect_checkpoint(checkpoint.path, checkpoint.name)
     defaults = read_defaults(checkpoint.path, config)
-    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+    from transformers import DiffusionGemmaForBlockDiffusion
     from transformers.utils import logging as hf_logging
 
     if not os.environ.get("DIFFGEN_DEBUG"):
@@ -220,7 +228,7 @@ def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = 
     else:
         hf_logging.disable_progress_bar()
     path = checkpoint.path
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
     if plan.quant != "none":
         from diffgen.streaming import load_quantized
 

@@ -178,7 +178,8 @@ def _device_budget(profile: Any, device: str) -> int:
 
 
 def load_model(checkpoint: Any, console: Any, *, device: str = "auto", quant: str = "auto",
-               max_memory: Optional[str] = None, offload: bool = False, batch: int = 1, quiet: bool = False) -> Any:
+               max_memory: Optional[str] = None, offload: bool = False, batch: int = 1, quiet: bool = False,
+               tokenizer: Any = None) -> Any:
     """Plan, say the plan in one line on stderr, and load (progress bar on a terminal)."""
     from diffgen import loader
     from diffgen.plan import GB
@@ -186,13 +187,14 @@ def load_model(checkpoint: Any, console: Any, *, device: str = "auto", quant: st
     config = loader.inspect_checkpoint(checkpoint.path, checkpoint.name)
     load_plan, chosen, budget = plan_load(checkpoint, config, device=device, quant=quant, max_memory=max_memory,
                                           offload=offload, batch=batch)
-    if console.is_terminal and not quiet:
+    if not quiet:
         typer.echo(f"diffgen: plan: {checkpoint.name} as {load_plan.describe()} — {chosen.weights / GB:.1f} GB "
                    f"weights + {chosen.runtime / GB:.1f} GB runtime, {budget / GB:.1f} GB usable", err=True)
     if load_plan.offload_bytes:
         typer.echo(f"diffgen: warning: {load_plan.offload_bytes / GB:.1f} GB of layers offloaded to the CPU; every "
                    "denoising step streams them over PCIe, so expect generation to be many times slower", err=True)
-    return loader.load_checkpoint(checkpoint, load_plan, progress=console.is_terminal and not quiet)
+    return loader.load_checkpoint(checkpoint, load_plan, progress=console.is_terminal and not quiet,
+                                  tokenizer=tokenizer)
 
 
 @contextlib.contextmanager

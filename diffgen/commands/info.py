@@ -35,6 +35,7 @@ def info(
     """Show the hardware profile, the usable memory and how it was measured, and the plan per --quant."""
     with error_funnel():
         from diffgen import config, hardware, plan
+        from diffgen.errors import UsageError
 
         profile = hardware.detect()
         settings_file = config.config_path()
@@ -56,7 +57,7 @@ def info(
                                    context=context, batch=batch)
             try:
                 chosen = plan.choose(table, "auto", budget).scheme
-            except Exception:  # noqa: BLE001 - nothing fits: the table says so
+            except UsageError:  # nothing fits: the table says so
                 chosen = None
             data.update(model=model, source=where, parameters=counts.total, context=context, batch=batch,
                         plans=[e.to_dict() for e in table], chosen=chosen)

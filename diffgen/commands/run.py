@@ -111,12 +111,14 @@ def run(
             t_max=t_max, stability_threshold=stability, confidence_threshold=confidence,
             seed=seed if seed is not None else secrets.randbelow(2**31),
         )
+        from diffgen import generate, loader
+
+        # Tokenise and check the context before the (long) weight load.
+        tokenizer = loader.load_tokenizer(checkpoint.path)
+        ids = prompt_mod.encode(tokenizer, composed.text, system=system, think=think, raw=raw)
+        generate.check_context_config(checkpoint.path, len(ids), settings)
         loaded = load_model(checkpoint, console, device=device, quant=quant, max_memory=max_memory,
-                                offload=offload, quiet=quiet)
-
-        from diffgen import generate
-
-        ids = prompt_mod.encode(loaded.tokenizer, composed.text, system=system, think=think, raw=raw)
+                            offload=offload, quiet=quiet, tokenizer=tokenizer)
         if show_steps or trace_file is not None:
             result = _observed(loaded, ids, settings, console, show_steps=show_steps, trace_file=trace_file,
                                model=model, prompt=composed.text)
