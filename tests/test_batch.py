@@ -194,3 +194,20 @@ def test_killed_run_then_resume_holds_every_id_exactly_once(tiny_checkpoint, tmp
     assert done.returncode == 0, done.stderr.decode()
     records = read_records(out)  # every line parses: no partial line survived
     assert sorted(r["id"] for r in records) == sorted(ids)
+
+
+def test_progress_bar_shows_records_tokens_per_second_and_eta():
+    import io
+
+    from rich.console import Console
+
+    from diffgen.batch import Summary
+    from diffgen.commands.batch import _Progress
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=100)
+    progress = _Progress(console)
+    progress.update(Summary(total=4, ok=0), 0)
+    progress.update(Summary(total=4, ok=2, tokens=40), 40)
+    progress.stop()
+    text = console.file.getvalue()
+    assert "2/4" in text and "tok/s" in text and "records" in text
