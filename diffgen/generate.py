@@ -33,13 +33,14 @@ import torch
 from diffgen.decode import split_response
 from diffgen.errors import PromptTooLongError, UsageError
 from diffgen.sampling import (
+    ExactSampler,
+    FastSampler,
     GlobalNoise,
     PerRowNoise,
     StableAndConfident,
     TemperatureSchedule,
     entropy_bound_acceptance,
     renoise,
-    token_entropy,
 )
 from diffgen.settings import GenerationSettings
 
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from diffgen.loader import LoadedModel
 
 FinishReason = Literal["eos", "length"]
+FAST_CHECK_EVERY = 4
 
 
 @dataclass(frozen=True)
@@ -183,12 +185,20 @@ class Generation:
     """A generation ready to run: iterate it for events; :attr:`result` afterwards."""
 
     def __init__(self, loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
-                 *, observe: bool = True, seeds: Sequence[int] | None = None):
+                 *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
+                 check_every: int | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UsageError("every prompt needs at least one token")
         if seeds is not None and len(seeds) != len(prompts):
             raise UsageError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         self.seeds = list(seeds) if seeds is not None else None
+        device = loaded.model.device
+        # The exact loop is the default on the CPU (and always with per-row seeds); elsewhere the fast one.
+        self.exact = (device.type == "cpu" or seeds is not None) if exact is None else exact
+        if not self.exact and seeds is not None:
+            raise UsageError("per-row seeds need the exact sampler")
+        # How often the loop asks the device whether every row has stopped (each ask is a host sync).
+        self.check_every = check_every or (1 if self.exact else FAST_CHECK_EVERY)
         self.loaded = loaded
         self.settings = settings
         self.observe = observe
@@ -238,7 +248,7 @@ class Generation:
         start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        if settings.seed is not None:
+        if settings.seed is not None and self.exact:
             torch.manual_seed(settings.seed)
 
         batch = self._left_pad(device)
@@ -248,11 +258,13 @@ class Generation:
         n_steps = settings.max_denoising_steps
 
         vocab_size = model.config.text_config.vocab_size
-        noise = (
-            GlobalNoise(vocab_size, canvas_length, device)
-            if self.seeds is None
-            else PerRowNoise(vocab_size, canvas_length, device, self.seeds)
-        )
+        if not self.exact:
+            sampler = FastSampler(vocab_size, canvas_length, device, settings.seed)
+        elif self.seeds is None:
+            sampler = ExactSampler(GlobalNoise(vocab_size, canvas_length, device))
+        else:
+            sampler = ExactSampler(PerRowNoise(vocab_size, canvas_length, device, self.seeds))
+        noise = sampler.noise
         schedule = TemperatureSchedule(settings.t_min, settings.t_max, n_steps)
         accept = entropy_bound_acceptance(settings.entropy_bound)
         stopper = (
@@ -277,6 +289,8 @@ class Generation:
         for canvas_index in range(self.canvases):
             # Encode what the cache has not seen yet: the prompt, then each committed canvas.
             self._encode(unencoded, attention_mask, encoder_positions, cache)
+            if not self.exact:
+                sampler.at(canvas_index, 0)
             canvas = noise.uniform_canvas(batch_size, ~finished_rows)
             decoder_mask = model.model.decoder.create_diffusion_decoder_attention_mask(
                 model.config, canvas.unsqueeze(-1), cache, decoder_attention_mask
@@ -300,16 +314,16 @@ class Generation:
                     **{self._cache_kw: cache},
                 ).logits
                 scaled = logits / schedule(torch.tensor(remaining, device=device, dtype=torch.int32))
-                probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
-                sampled = noise.sample(probs, active)
-                new_argmax = torch.argmax(scaled, dim=-1)
-                entropy = token_entropy(scaled)
+                if not self.exact:
+                    sampler.at(canvas_index, steps)
+                sampled, new_argmax, entropy = sampler(scaled, active)
                 accepted = accept(entropy)
                 new_canvas = renoise(torch.where(accepted, sampled, canvas), accepted, noise, active)
                 mean_entropy = entropy.mean(dim=-1)
                 if stopper is not None:
-                    # Rows that stopped earlier keep their canvas, draft and logits.
-                    if stopped.any():
+                    # Rows that stopped earlier keep their canvas, draft and logits. (The exact loop
+                    # asks first, as the reference does; the fast one avoids that host sync.)
+                    if steps > 1 and (not self.exact or stopped.any()):
                         new_argmax = torch.where(stopped[:, None], argmax_canvas, new_argmax)
                         new_canvas = torch.where(stopped[:, None], canvas, new_canvas)
                         scaled = torch.where(stopped[:, None, None], self_conditioning, scaled)
@@ -333,8 +347,8 @@ class Generation:
                     )
                 # The reference keeps denoising rows that ended in an earlier canvas until every row
                 # stops; with per-row noise those rows are done and draw nothing.
-                done = stopped | finished_rows if noise.per_row else stopped
-                if bool(done.all()):
+                done = stopped | finished_rows if noise.per_row or not self.exact else stopped
+                if (steps % self.check_every == 0 or remaining == 1) and bool(done.all()):
                     break
 
             committed, finished_rows = _commit(argmax_canvas, finished_rows, eos, settings.pad_token_id)
@@ -455,20 +469,24 @@ def _commit(argmax_canvas: torch.Tensor, finished_rows: torch.Tensor, eos: torch
 
 
 def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
-           *, observe: bool = True, seeds: Sequence[int] | None = None) -> Generation:
+           *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
+           check_every: int | None = None) -> Generation:
     """Prepare a generation of ``prompts`` (token id lists; several are batched, left padded).
 
     Without ``seeds`` the random draws come from torch's global generator (seeded by
     ``settings.seed``) exactly as in transformers' ``generate()``. With one seed per prompt each
     row draws from its own generator, so its tokens do not depend on the rest of the batch.
+    ``exact`` picks the reference-identical sampler (default on the CPU) or the fast one
+    (default elsewhere); ``check_every`` is how many steps pass between host syncs that ask
+    whether all rows have stopped (1 for the exact loop, like the reference).
     """
-    return Generation(loaded, prompts, settings, observe=observe, seeds=seeds)
+    return Generation(loaded, prompts, settings, observe=observe, seeds=seeds, exact=exact, check_every=check_every)
 
 
 def generate(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
-             *, seeds: Sequence[int] | None = None) -> GenerationResult:
+             *, seeds: Sequence[int] | None = None, exact: bool | None = None) -> GenerationResult:
     """Run a generation to the end and return its result."""
-    generation = stream(loaded, prompts, settings, observe=False, seeds=seeds)
+    generation = stream(loaded, prompts, settings, observe=False, seeds=seeds, exact=exact)
     for _ in generation:
         pass
     return generation.result

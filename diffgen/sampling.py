@@ -175,3 +175,83 @@ def renoise(accepted_canvas: torch.Tensor, accepted: torch.Tensor, noise: Global
     """Replace every position that was not accepted by a fresh uniform token."""
     fresh = noise.uniform_canvas(accepted_canvas.shape[0], active)
     return torch.where(~accepted, fresh, accepted_canvas)
+
+
+# -- the samplers: one step's draw, exact or fast ------------------------------------------------
+
+
+class ExactSampler:
+    """transformers' formulas and random draws: softmax -> ``multinomial`` over every position,
+    entropy as ``Categorical`` computes it. Token-identical to ``generate()`` on the CPU."""
+
+    exact = True
+
+    def __init__(self, noise: GlobalNoise):
+        self.noise = noise
+
+    def __call__(self, scaled: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(sampled, argmax, entropy)`` for temperature-scaled logits ``(B, C, V)``."""
+        probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
+        sampled = self.noise.sample(probs, active)
+        return sampled, torch.argmax(scaled, dim=-1), token_entropy(scaled)
+
+
+def gumbel_noise(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Standard Gumbel noise ``-log(-log(U))``, U uniform in [0, 1)."""
+    uniform = torch.rand(shape, generator=generator, device=device)
+    return -torch.log(-torch.log(uniform))
+
+
+def gumbel_argmax(scaled: torch.Tensor, gumbel: torch.Tensor) -> torch.Tensor:
+    """A categorical sample per position: ``argmax(logits + G)`` is distributed as ``softmax(logits)``."""
+    return torch.argmax(scaled + gumbel, dim=-1)
+
+
+def reference_gumbel_sample(scaled: torch.Tensor, gumbel: torch.Tensor) -> torch.Tensor:
+    """The same draw by the textbook formula (probabilities, then ``argmax(p / E)`` with
+    ``E = exp(-G)`` exponential noise), for testing the fused form against."""
+    probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
+    return torch.argmax(probs / torch.exp(-gumbel), dim=-1)
+
+
+def fused_entropy(scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(entropy, log Z)`` from one logsumexp and one exp: ``H = log Z - sum(p * x)``."""
+    log_z = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    probs = torch.exp(scaled - log_z)
+    return log_z.squeeze(-1) - (probs * scaled).sum(dim=-1), log_z
+
+
+class FastSampler:
+    """Fewer passes over the ``B x C x V`` logits and no ``multinomial``: entropy from one
+    logsumexp, sampling by Gumbel-max.
+
+    Its generator is re-seeded from ``(seed, canvas, step)`` at every step (:meth:`at`), so the
+    draws of a step never depend on how many steps ran before it: the loop may run a few
+    frozen steps past the moment every row stopped (to save host syncs) without changing any
+    later draw. Reproducible with the same seed on the same device; not token-identical to
+    ``generate()``.
+    """
+
+    exact = False
+    per_row = False
+
+    def __init__(self, vocab_size: int, canvas_length: int, device: torch.device, seed: int | None):
+        self.generator = torch.Generator(device=device)
+        self.seed = int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        self.noise = self  # uniform canvases come from the same generator
+        self.vocab_size, self.canvas_length, self.device = vocab_size, canvas_length, device
+        self._canvas = 0
+
+    def at(self, canvas: int, step: int) -> None:
+        """Re-seed for ``step`` of ``canvas`` (step 0: the canvas's initial noise)."""
+        self._canvas = canvas
+        self.generator.manual_seed((self.seed * 1_000_003 + canvas * 10_007 + step) % (2**63 - 1))
+
+    def uniform_canvas(self, batch_size: int, active: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.randint(0, self.vocab_size, (batch_size, self.canvas_length), device=self.device,
+                             generator=self.generator)
+
+    def __call__(self, scaled: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        entropy, _ = fused_entropy(scaled)
+        sampled = gumbel_argmax(scaled, gumbel_noise(scaled.shape, self.generator, scaled.device))
+        return sampled, torch.argmax(scaled, dim=-1), entropy
