@@ -13,44 +13,10 @@ table last.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
-
-REAL = Path(__file__).resolve().parent.parent / "tests" / "data" / "diffusiongemma-26b-a4b-config.json"
-
-
-class NumbersTokenizer:
-    """Enough of a tokenizer for the generator's final decode (ids as text)."""
-
-    unk_token_id = -1
-
-    def convert_tokens_to_ids(self, token):
-        return -1
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-
-def random_tensors(config, device, seed=0):
-    """(checkpoint name, tensor) for every unique weight, decoder-side names as checkpoints store them."""
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import DiffusionGemmaForBlockDiffusion
-
-    with init_empty_weights(include_buffers=False):
-        model = DiffusionGemmaForBlockDiffusion(config)
-    model.tie_weights()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        name = name.replace("model.encoder.language_model.", "model.decoder.")
-        if name.endswith(("norm.weight", "scale")):
-            yield name, torch.ones(param.shape, dtype=torch.bfloat16, device=device)
-        else:
-            yield name, torch.randn(param.shape, dtype=torch.bfloat16, device=device, generator=generator) * 0.02
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -63,16 +29,15 @@ def main() -> None:
 
     import torch
     import transformers
-    from transformers import DiffusionGemmaConfig
 
+    from diffgen.bench import NumbersTokenizer, random_config, random_tensors
     from diffgen.generate import StepEvent, stream
     from diffgen.loader import Checkpoint, LoadedModel, resident_bytes
     from diffgen.plan import UNQUANTISED, LoadPlan
     from diffgen.settings import GenerationSettings
     from diffgen.streaming import build_quantized
-    from diffgen.tiny import tiny_config
 
-    config = DiffusionGemmaConfig.from_dict(json.loads(REAL.read_text())) if args.config == "real" else tiny_config()
+    config = random_config(args.config)
     cuda = args.device.startswith("cuda")
     rows = []
     for scheme in args.schemes:

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from diffgen import __version__
-from diffgen.commands import batch, completion, info, pull, replay, run
+from diffgen.commands import batch, bench, completion, info, pull, replay, run
 from diffgen.commands.common import error_funnel
 from diffgen.errors import EXIT_INTERRUPTED
 
@@ -38,6 +38,7 @@ app.command(epilog=batch.EPILOG)(batch.batch)
 app.command(epilog=replay.EPILOG)(replay.replay)
 app.command(epilog=info.EPILOG)(info.info)
 app.command(epilog=pull.EPILOG)(pull.pull)
+app.command(epilog=bench.EPILOG)(bench.bench)
 app.command(epilog=completion.EPILOG)(completion.completion)
 
 

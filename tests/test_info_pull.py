@@ -10,7 +10,7 @@ from diffgen.cli import app
 from tests.test_loader import hub_cache
 
 runner = CliRunner()
-REAL_CONFIG = Path(__file__).parent / "data" / "diffusiongemma-26b-a4b-config.json"
+REAL_CONFIG = Path(__file__).parent.parent / "diffgen" / "data" / "diffusiongemma-26b-a4b-config.json"
 
 
 def config_only(tmp_path):

@@ -9,7 +9,7 @@ from diffgen import plan
 from diffgen.errors import UsageError
 from diffgen.plan import GB, Estimate
 
-REAL_CONFIG = json.loads((Path(__file__).parent / "data" / "diffusiongemma-26b-a4b-config.json").read_text())
+REAL_CONFIG = json.loads((Path(__file__).parent.parent / "diffgen" / "data" / "diffusiongemma-26b-a4b-config.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -75,6 +75,12 @@ ModelOption = Annotated[
     typer.Option("--model", "-m", envvar="DIFFGEN_MODEL", show_envvar=True, autocompletion=complete_model,
                  help="Hub id (resolved through the Hugging Face cache) or local checkpoint directory."),
 ]
+ExactOption = Annotated[
+    Optional[bool],
+    typer.Option("--exact/--fast", show_default=False,
+                 help="Sampler: --exact reproduces transformers' generate() token for token (same seed, CPU); "
+                      "--fast samples with fewer passes and host syncs. [default: exact on the CPU, fast on GPUs]"),
+]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only the answer and errors: no plan, spinner or warnings.")]
 DeviceOption = Annotated[
     str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps. auto: CUDA in bf16, else MPS, else CPU in fp32.")
@@ -151,7 +157,7 @@ OffloadOption = Annotated[
 ]
 
 
-def plan_load(checkpoint: Any, config: dict, *, device: str, quant: str, max_memory: Optional[str], offload: bool,
+def plan_load(config: dict, *, device: str, quant: str, max_memory: Optional[str], offload: bool,
               batch: int = 1) -> Any:
     """Choose the load plan for this machine from the config alone (see :mod:`diffgen.plan`)."""
     from diffgen import hardware, plan
@@ -185,7 +191,7 @@ def load_model(checkpoint: Any, console: Any, *, device: str = "auto", quant: st
     from diffgen.plan import GB
 
     config = loader.inspect_checkpoint(checkpoint.path, checkpoint.name)
-    load_plan, chosen, budget = plan_load(checkpoint, config, device=device, quant=quant, max_memory=max_memory,
+    load_plan, chosen, budget = plan_load(config, device=device, quant=quant, max_memory=max_memory,
                                           offload=offload, batch=batch)
     if not quiet:
         typer.echo(f"diffgen: plan: {checkpoint.name} as {load_plan.describe()} — {chosen.weights / GB:.1f} GB "

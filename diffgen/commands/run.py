@@ -16,6 +16,7 @@ from diffgen.commands.common import (
     ConfidenceOption,
     DeviceOption,
     EntropyBoundOption,
+    ExactOption,
     MaxMemoryOption,
     MaxNewTokensOption,
     ModelOption,
@@ -77,6 +78,7 @@ def run(
                           "[default: random, reported by --json]"),
     ] = None,
     device: DeviceOption = "auto",
+    exact: ExactOption = None,
     quant: QuantOption = "auto",
     max_memory: MaxMemoryOption = None,
     offload: OffloadOption = False,
@@ -121,10 +123,10 @@ def run(
                             offload=offload, quiet=quiet, tokenizer=tokenizer)
         if show_steps or trace_file is not None:
             result = _observed(loaded, ids, settings, console, show_steps=show_steps, trace_file=trace_file,
-                               model=model, prompt=composed.text)
+                               model=model, prompt=composed.text, exact=exact)
         else:
             with status(console, "Denoising", quiet=quiet):
-                result = generate.generate(loaded, [ids], settings)
+                result = generate.generate(loaded, [ids], settings, exact=exact)
         completion = result.completions[0]
 
         if json_output:
@@ -138,12 +140,12 @@ def run(
 
 
 def _observed(loaded: Any, ids: list[int], settings: Any, console: Any, *, show_steps: bool,
-              trace_file: Optional[Path], model: str, prompt: str) -> Any:
+              trace_file: Optional[Path], model: str, prompt: str, exact: Optional[bool]) -> Any:
     """Run a generation whose steps feed the live view and/or a trace file; return its result."""
     from diffgen import generate, trace, view
     from diffgen.errors import UsageError
 
-    generation = generate.stream(loaded, [ids], settings, observe=True)
+    generation = generate.stream(loaded, [ids], settings, observe=True, exact=exact)
     texts = trace.TokenTexts(loaded.tokenizer)
     with contextlib.ExitStack() as stack:
         sinks: list[Any] = []

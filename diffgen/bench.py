@@ -1,0 +1,225 @@
+"""Fixed-step timing of the generator, side by side with transformers' ``generate()``.
+
+Adaptive stopping is off, so every canvas runs exactly ``steps`` denoising steps. The first run
+(warm-up: kernel selection, caches, any capture) is timed apart; then ``reps`` runs are timed,
+each twice: once with a device sync after every step (the per-step median) and once without
+(end to end). ``--compare-reference`` runs transformers' ``generate()`` with the same model,
+prompt and settings in the same process.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+REAL_CONFIG = Path(__file__).resolve().parent / "data" / "diffusiongemma-26b-a4b-config.json"
+
+
+class NumbersTokenizer:
+    """Enough of a tokenizer for a random model: ids decode to their numbers."""
+
+    unk_token_id = -1
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return -1
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+        return " ".join(map(str, ids))
+
+
+def random_tensors(config: Any, device: Any, seed: int = 0):
+    """``(checkpoint name, tensor)`` for every unique weight of a random model (bf16, std 0.02,
+    norms at 1), generated on ``device`` tensor by tensor, decoder-side names as checkpoints use."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    with init_empty_weights(include_buffers=False):
+        model = DiffusionGemmaForBlockDiffusion(config)
+    model.tie_weights()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        name = name.replace("model.encoder.language_model.", "model.decoder.")
+        if name.endswith(("norm.weight", "scale")):
+            yield name, torch.ones(param.shape, dtype=torch.bfloat16, device=device)
+        else:
+            yield name, torch.randn(param.shape, dtype=torch.bfloat16, device=device, generator=generator) * 0.02
+
+
+def random_config(name: str) -> Any:
+    from transformers import DiffusionGemmaConfig
+
+    from diffgen.tiny import tiny_config
+
+    if name == "real":
+        return DiffusionGemmaConfig.from_dict(json.loads(REAL_CONFIG.read_text()))
+    if name == "tiny":
+        return tiny_config()
+    raise ValueError(f"unknown random config {name!r}")
+
+
+def random_model(name: str, plan: Any) -> Any:
+    """A LoadedModel of random weights with the ``real`` or ``tiny`` dimensions, loaded under ``plan``."""
+    from diffgen.loader import Checkpoint, LoadedModel
+    from diffgen.settings import GenerationSettings
+    from diffgen.streaming import build_quantized
+
+    config = random_config(name)
+    model = build_quantized(config, random_tensors(config, plan.device), plan, source="random weights").eval()
+    return LoadedModel(model, NumbersTokenizer(), GenerationSettings(), Checkpoint(f"random-{name}", Path("."), False),
+                       plan)
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_host_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def run(loaded: Any, *, steps: int = 16, prompt_tokens: int = 64, canvases: int = 2, batch: int = 1,
+        exact: bool | None = None, compare_reference: bool = False, reps: int = 3,
+        reference_cache: str = "dynamic") -> dict[str, Any]:
+    """Time the generator (and optionally the reference); return the numbers as a dict."""
+    import torch
+    import transformers
+
+    from diffgen.generate import StepEvent, stream
+
+    model = loaded.model
+    device = model.device
+    canvas = int(model.config.canvas_length)
+    vocab = int(model.config.text_config.vocab_size)
+    settings = replace(loaded.defaults.replace(max_new_tokens=canvas * canvases, max_denoising_steps=steps, seed=0),
+                       stability_threshold=None, confidence_threshold=None, eos_token_ids=(vocab + 1,))
+    generator = torch.Generator().manual_seed(0)
+    # Ordinary token ids (specials and image placeholders sit below 200 in the tiny vocabulary).
+    prompts = [torch.randint(200, min(vocab, 1000), (prompt_tokens,), generator=generator).tolist()
+               for _ in range(batch)]
+
+    def observed() -> tuple[float, list[float], float]:
+        _sync(device)
+        start = time.perf_counter()
+        marks: list[float] = []
+        first = None
+        for event in stream(loaded, prompts, settings, exact=exact):
+            if isinstance(event, StepEvent):
+                _sync(device)
+                now = time.perf_counter()
+                if first is None:
+                    first = now - start
+                marks.append(now)
+        _sync(device)
+        total = time.perf_counter() - start
+        per_canvas = [marks[i * steps:(i + 1) * steps] for i in range(canvases)]
+        step_times = [b - a for chunk in per_canvas for a, b in zip(chunk, chunk[1:])]
+        return total, step_times, first or 0.0
+
+    def end_to_end() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        generation = stream(loaded, prompts, settings, exact=exact, observe=False)
+        for _ in generation:
+            pass
+        _sync(device)
+        return time.perf_counter() - start
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    first_call = end_to_end()
+    step_samples, e2e, firsts = [], [], []
+    for _ in range(reps):
+        _, step_times, first = observed()
+        step_samples += step_times
+        firsts.append(first)
+        e2e.append(end_to_end())
+    median_step = statistics.median(step_samples)
+    e2e_median = statistics.median(e2e)
+    new_tokens = canvas * canvases * batch
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "model": loaded.checkpoint.name,
+        "scheme": loaded.plan.scheme,
+        "sampler": "exact" if (exact if exact is not None else device.type == "cpu") else "fast",
+        "steps": steps, "canvases": canvases, "canvas_length": canvas, "batch": batch, "prompt_tokens": prompt_tokens,
+        "median_step_ms": median_step * 1e3,
+        "prefill_ms": max(0.0, statistics.median(firsts) - median_step) * 1e3,
+        "first_call_s": first_call,
+        "e2e_s": e2e_median,
+        "e2e_step_ms": e2e_median / (steps * canvases) * 1e3,
+        "tokens_per_s_canvas": canvas * batch / (median_step * steps),
+        "tokens_per_s_e2e": new_tokens / e2e_median,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "peak_host_bytes": _peak_host_bytes(),
+    }
+    if compare_reference:
+        result.update(_reference(loaded, prompts, settings, reps, reference_cache))
+        result["ratio_to_reference"] = result["e2e_step_ms"] / result["reference_e2e_step_ms"]
+    return result
+
+
+def _reference(loaded: Any, prompts: list[list[int]], settings: Any, reps: int, cache: str) -> dict[str, Any]:
+    import torch
+    from transformers import EntropyBoundSamplerConfig
+
+    model = loaded.model
+    device = model.device
+    input_ids = torch.tensor(prompts, device=device)
+    kwargs = {"max_new_tokens": settings.max_new_tokens, "max_denoising_steps": settings.max_denoising_steps,
+              "t_min": settings.t_min, "t_max": settings.t_max, "stability_threshold": None,
+              "confidence_threshold": None, "eos_token_id": list(settings.eos_token_ids),
+              "pad_token_id": settings.pad_token_id,
+              "sampler_config": EntropyBoundSamplerConfig(entropy_bound=settings.entropy_bound)}
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+
+    def once() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        model.generate(input_ids, **kwargs)
+        _sync(device)
+        return time.perf_counter() - start
+
+    first = once()
+    times = [once() for _ in range(reps)]
+    steps = settings.max_denoising_steps * (settings.max_new_tokens // int(model.config.canvas_length))
+    return {"reference_cache": cache, "reference_first_call_s": first, "reference_e2e_s": statistics.median(times),
+            "reference_e2e_step_ms": statistics.median(times) / steps * 1e3}
+
+
+def table(result: dict[str, Any]) -> str:
+    """A short human table of a result."""
+    lines = [
+        f"{result['device']}; torch {result['torch']}, transformers {result['transformers']}; {result['model']} "
+        f"({result['scheme']}), {result['sampler']} sampler; batch {result['batch']}, {result['prompt_tokens']}-token "
+        f"prompt, {result['canvases']} x {result['steps']} steps",
+        f"{'median step':<26}{result['median_step_ms']:>10.2f} ms",
+        f"{'end to end per step':<26}{result['e2e_step_ms']:>10.2f} ms",
+        f"{'prefill':<26}{result['prefill_ms']:>10.2f} ms",
+        f"{'first call (warm-up)':<26}{result['first_call_s']:>10.2f} s",
+        f"{'tokens/s per canvas':<26}{result['tokens_per_s_canvas']:>10.1f}",
+        f"{'tokens/s end to end':<26}{result['tokens_per_s_e2e']:>10.1f}",
+    ]
+    if result.get("peak_memory_bytes") is not None:
+        lines.append(f"{'peak GPU memory':<26}{result['peak_memory_bytes'] / 2**30:>10.2f} GiB")
+    if "ratio_to_reference" in result:
+        kind = "compiled, static cache" if result["reference_cache"] == "static" else "eager"
+        lines += [f"{'reference per step':<26}{result['reference_e2e_step_ms']:>10.2f} ms (generate(), {kind})",
+                  f"{'reference first call':<26}{result['reference_first_call_s']:>10.2f} s",
+                  f"{'ratio to reference':<26}{result['ratio_to_reference']:>10.2f}"]
+    return "\n".join(lines)
