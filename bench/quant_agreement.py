@@ -41,13 +41,16 @@ def measure(path: str, seeds: int = 5) -> list[dict]:
     def logits(loaded):
         from transformers import DynamicCache
 
+        from diffgen.generate import cache_keyword
+
         model = loaded.model
+        kw = cache_keyword(model)
         torch.manual_seed(0)
         prompt = torch.tensor([ids[0]])
         cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-        model.model.encoder(input_ids=prompt, past_key_values=cache)
+        model.model.encoder(input_ids=prompt, **{kw: cache})
         canvas = torch.randint(0, model.config.text_config.vocab_size, (1, model.config.canvas_length))
-        return model(decoder_input_ids=canvas, past_key_values=cache).logits[0]
+        return model(decoder_input_ids=canvas, **{kw: cache}).logits[0]
 
     with torch.no_grad():
         reference_tokens, reference_logits = tokens(base), logits(base)

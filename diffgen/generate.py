@@ -452,7 +452,8 @@ def cache_keyword(model) -> str:
     transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name is deprecated
     until 5.40); diffgen supports releases on both sides of the rename.
     """
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    # The class's forward: an instance's may be wrapped (accelerate hooks, tests) as (*args, **kwargs).
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def _commit(argmax_canvas: torch.Tensor, finished_rows: torch.Tensor, eos: torch.Tensor,

@@ -63,13 +63,16 @@ def test_encoder_and_decoder_share_one_quantised_module(tiny_checkpoint, scheme)
 def _decoder_logits(loaded, prompt_ids):
     from transformers import DynamicCache
 
+    from diffgen.generate import cache_keyword
+
     model = loaded.model
+    kw = cache_keyword(model)
     torch.manual_seed(0)
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     with torch.no_grad():
-        model.model.encoder(input_ids=torch.tensor([prompt_ids]), past_key_values=cache)
+        model.model.encoder(input_ids=torch.tensor([prompt_ids]), **{kw: cache})
         canvas = torch.randint(0, model.config.text_config.vocab_size, (1, model.config.canvas_length))
-        return model(decoder_input_ids=canvas, past_key_values=cache).logits[0]
+        return model(decoder_input_ids=canvas, **{kw: cache}).logits[0]
 
 
 # Thresholds from bench/quant_agreement.py on this checkpoint (measured: argmax agreement int8 1.000,
