@@ -347,6 +347,22 @@ def _too_big(estimate: Estimate, table: list[Estimate], budget: int | None) -> U
                       f"({estimate.weights / GB:.1f} weights + {estimate.runtime / GB:.1f} runtime) and {have}", hint)
 
 
+MAX_AUTO_BATCH = 32
+
+
+def rows_that_fit(config: dict[str, Any], estimate: Estimate, *, dtype: str, budget: int, device: str,
+                  context: int = DEFAULT_CONTEXT, cap: int = MAX_AUTO_BATCH) -> int:
+    """The most batch rows (up to ``cap``, at least 1) whose runtime fits next to the weights."""
+    compute = UNQUANTISED.get(estimate.scheme, dtype)
+    rows = 1
+    for candidate in range(2, cap + 1):
+        runtime = sum(runtime_bytes(config, compute, context=context, batch=candidate, device=device).values())
+        if estimate.weights + runtime > budget:
+            break
+        rows = candidate
+    return rows
+
+
 def parse_size(text: str) -> int:
     """``"20GB"``, ``"18.5 GiB"``, ``"512MB"`` or a number of bytes -> bytes."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*", text or "", re.IGNORECASE)

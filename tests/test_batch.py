@@ -107,6 +107,7 @@ def test_all_good_exits_0_and_writes_the_documented_fields(tiny_checkpoint, tmp_
     source.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
     result = batch(tiny_checkpoint, str(source), *QUICK)  # stdout output
     assert result.exit_code == 0, result.stderr
+    assert "batch size 32 (auto, from the memory plan)" in result.stderr  # the tiny model fits the cap
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["id"] for r in records] == list(range(1, len(PROMPTS) + 1))
     for record in records:

@@ -116,3 +116,18 @@ def test_estimate_equals_resident_bytes_on_the_tiny_checkpoint(tiny_checkpoint, 
     dtype = plan.UNQUANTISED.get(scheme, "float32")
     loaded = load(str(tiny_checkpoint), plan.LoadPlan("cpu", dtype, quant), progress=False)
     assert resident_bytes(loaded.model) == plan.weight_bytes(counts, scheme, "float32")
+
+
+def test_auto_batch_rows_fill_the_budget_beside_the_weights():
+    counts = plan.count_parameters(REAL_CONFIG)
+    nf4 = next(e for e in plan.estimates(REAL_CONFIG, counts, device="cuda:0", dtype="bfloat16", budget=None)
+               if e.scheme == "nf4")
+    per_row = plan.runtime_bytes(REAL_CONFIG, "bfloat16", batch=2, device="cuda:0")["canvas"] // 2
+    one = nf4.weights + sum(plan.runtime_bytes(REAL_CONFIG, "bfloat16", batch=1, device="cuda:0").values())
+    assert plan.rows_that_fit(REAL_CONFIG, nf4, dtype="bfloat16", budget=one, device="cuda:0") == 1
+    rows = plan.rows_that_fit(REAL_CONFIG, nf4, dtype="bfloat16", budget=40 * GB, device="cuda:0")
+    assert 1 < rows < plan.MAX_AUTO_BATCH
+    used = nf4.weights + sum(plan.runtime_bytes(REAL_CONFIG, "bfloat16", batch=rows, device="cuda:0").values())
+    more = nf4.weights + sum(plan.runtime_bytes(REAL_CONFIG, "bfloat16", batch=rows + 1, device="cuda:0").values())
+    assert used <= 40 * GB < more and per_row > 0
+    assert plan.rows_that_fit(REAL_CONFIG, nf4, dtype="bfloat16", budget=10**15, device="cuda:0") == plan.MAX_AUTO_BATCH

@@ -11,6 +11,7 @@ import typer
 
 from diffgen.commands.common import (
     DEFAULT_MODEL,
+    auto_batch_rows,
     ConfidenceOption,
     DeviceOption,
     EntropyBoundOption,
@@ -33,7 +34,6 @@ from diffgen.commands.common import (
     resolve_settings,
 )
 
-AUTO_BATCH_SIZE = 8
 
 EPILOG = (
     "Examples:\n\n"
@@ -55,7 +55,8 @@ def batch(
                      show_default=False),
     ] = None,
     batch_size: Annotated[
-        str, typer.Option("--batch-size", help=f"Records generated together: N, or auto ({AUTO_BATCH_SIZE}).")
+        str, typer.Option("--batch-size", help="Records generated together: N, or auto (the most rows the memory "
+                                               "plan fits, up to 32).")
     ] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Skip ids already in OUTPUT; append the rest.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUTPUT.")] = False,
@@ -85,7 +86,7 @@ def batch(
     offline: OfflineOption = False,
 ) -> None:
     """Generate an answer for every prompt in INPUT, writing one JSONL record per prompt."""
-    size = _batch_size(batch_size)
+    size = _batch_size(batch_size)  # None: auto, decided from the memory plan once the checkpoint is known
     if input_format not in ("auto", "jsonl", "text"):
         raise typer.BadParameter("use auto, jsonl or text", param_hint="--format")
     with error_funnel("interrupted; finished records are in the output — rerun with --resume to do the rest"):
@@ -110,6 +111,13 @@ def batch(
                 if not quiet:
                     typer.echo("diffgen: no prompts in the input", err=True)
                 return
+            if size is None:
+                from diffgen import loader
+
+                config = loader.inspect_checkpoint(checkpoint.path, checkpoint.name)
+                size = auto_batch_rows(config, device=device, quant=quant, max_memory=max_memory)
+                if not quiet:
+                    typer.echo(f"diffgen: batch size {size} (auto, from the memory plan)", err=True)
             loaded = load_model(checkpoint, console, device=device, quant=quant, max_memory=max_memory,
                                 offload=offload, batch=size, quiet=quiet)
             summary = _run(batch_mod, items, loaded, defaults, seed, size, out, console, model,
@@ -124,9 +132,9 @@ def batch(
             raise typer.Exit(1)
 
 
-def _batch_size(value: str) -> int:
+def _batch_size(value: str) -> int | None:
     if value == "auto":
-        return AUTO_BATCH_SIZE
+        return None
     if value.isdigit() and int(value) > 0:
         return int(value)
     raise typer.BadParameter("use a positive integer or auto", param_hint="--batch-size")

@@ -176,6 +176,17 @@ def plan_load(config: dict, *, device: str, quant: str, max_memory: Optional[str
     return plan.make_plan(chosen, device_name, dtype, budget, counts), chosen, budget
 
 
+def auto_batch_rows(config: dict, *, device: str, quant: str, max_memory: Optional[str]) -> int:
+    """``--batch-size auto``: the most rows whose runtime fits beside the chosen scheme's weights."""
+    from diffgen import plan
+
+    load_plan, chosen, budget = plan_load(config, device=device, quant=quant, max_memory=max_memory, offload=False)
+    text = config.get("text_config", config)
+    context = min(plan.DEFAULT_CONTEXT, int(text.get("max_position_embeddings", plan.DEFAULT_CONTEXT)))
+    return plan.rows_that_fit(config, chosen, dtype=load_plan.dtype, budget=budget, device=load_plan.device,
+                              context=context)
+
+
 def _device_budget(profile: Any, device: str) -> int:
     for candidate in profile.devices:
         if candidate.device == device:
