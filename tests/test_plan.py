@@ -131,3 +131,17 @@ def test_auto_batch_rows_fill_the_budget_beside_the_weights():
     more = nf4.weights + sum(plan.runtime_bytes(REAL_CONFIG, "bfloat16", batch=rows + 1, device="cuda:0").values())
     assert used <= 40 * GB < more and per_row > 0
     assert plan.rows_that_fit(REAL_CONFIG, nf4, dtype="bfloat16", budget=10**15, device="cuda:0") == plan.MAX_AUTO_BATCH
+
+
+def test_the_loader_accepts_an_offload_shaped_device_map(tiny_checkpoint):
+    """On a GPU the top layer pairs would go to "cpu"; here every entry is the CPU, which checks
+    that transformers takes the map's shape and that the encoder/decoder ties survive it."""
+    from diffgen.loader import load
+
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    mapping = plan.offload_device_map(plan.count_parameters(config), "float32", "cpu", budget=1, runtime=0)
+    assert mapping["model.decoder.layers.0"] == mapping["model.encoder.language_model.layers.0"] == "cpu"
+    loaded = load(str(tiny_checkpoint), plan.LoadPlan("cpu", "float32", device_map=tuple(mapping.items())),
+                  progress=False)
+    layers = zip(loaded.model.model.encoder.language_model.layers, loaded.model.model.decoder.layers)
+    assert all(e.experts.gate_up_proj is d.experts.gate_up_proj for e, d in layers)
