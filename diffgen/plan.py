@@ -83,7 +83,7 @@ class LoadPlan:
         if self.quant != "none":
             text += f" experts (rest {self.dtype})"
         if self.offload_bytes:
-            text += f", {self.offload_bytes / GB:.1f} GB offloaded to the CPU"
+            text += f", {human(self.offload_bytes)} offloaded to the CPU"
         return text
 
 
@@ -191,6 +191,14 @@ def keeps_dtype(name: str, buffer: Any) -> bool:
     """Whether a buffer keeps its dtype when the weights are cast (as transformers loads them):
     rotary frequency tables and non-floating buffers do; scalars follow the weights' dtype."""
     return "inv_freq" in name or not buffer.is_floating_point()
+
+
+def human(nbytes: int) -> str:
+    """``18.8 GB``, ``230 MB``, ``12 kB`` (decimal units, as disk and download sizes are given)."""
+    for unit, size in (("GB", GB), ("MB", 1000**2), ("kB", 1000)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}" if unit == "GB" else f"{nbytes / size:.0f} {unit}"
+    return f"{nbytes} B"
 
 
 def _dtype_bytes(dtype: str) -> int:
@@ -337,14 +345,14 @@ def choose(table: list[Estimate], requested: str, budget: int | None, *, offload
 
 def _too_big(estimate: Estimate, table: list[Estimate], budget: int | None) -> UsageError:
     fitting = [e for e in table if e.available and e.fits]
-    have = f"{budget / GB:.1f} GB usable" if budget is not None else "the budget"
+    have = f"{human(budget)} usable" if budget is not None else "the budget"
     if fitting:
-        hint = f"--quant {fitting[0].scheme} fits ({fitting[0].total / GB:.1f} GB)"
+        hint = f"--quant {fitting[0].scheme} fits ({human(fitting[0].total)})"
     else:
         hint = ("free memory, raise --max-memory if the budget is too cautious, or pass --offload "
                 "(slow: offloaded layers cross PCIe at every step)")
-    return UsageError(f"--quant {estimate.scheme} needs {estimate.total / GB:.1f} GB "
-                      f"({estimate.weights / GB:.1f} weights + {estimate.runtime / GB:.1f} runtime) and {have}", hint)
+    return UsageError(f"--quant {estimate.scheme} needs {human(estimate.total)} "
+                      f"({human(estimate.weights)} weights + {human(estimate.runtime)} runtime) and {have}", hint)
 
 
 MAX_AUTO_BATCH = 32
@@ -384,7 +392,7 @@ def make_plan(estimate: Estimate, device: str, dtype: str, budget: int | None,
         return LoadPlan(device, dtype, quant)
     if quant != "none" or counts is None or device == "cpu":
         raise UsageError(f"--offload works with unquantised weights on a GPU; {estimate.scheme} does not fit "
-                         f"({estimate.total / GB:.1f} GB for {budget / GB:.1f} GB usable)",
+                         f"({human(estimate.total)} for {human(budget)} usable)",
                          "use --quant bf16 --offload, or free memory")
     mapping = offload_device_map(counts, dtype, device, budget, estimate.runtime)
     return LoadPlan(device, dtype, quant, max(0, estimate.total - budget), tuple(mapping.items()))

@@ -199,16 +199,16 @@ def load_model(checkpoint: Any, console: Any, *, device: str = "auto", quant: st
                tokenizer: Any = None) -> Any:
     """Plan, say the plan in one line on stderr, and load (progress bar on a terminal)."""
     from diffgen import loader
-    from diffgen.plan import GB
+    from diffgen.plan import human
 
     config = loader.inspect_checkpoint(checkpoint.path, checkpoint.name)
     load_plan, chosen, budget = plan_load(config, device=device, quant=quant, max_memory=max_memory,
                                           offload=offload, batch=batch)
     if not quiet:
-        typer.echo(f"diffgen: plan: {checkpoint.name} as {load_plan.describe()} — {chosen.weights / GB:.1f} GB "
-                   f"weights + {chosen.runtime / GB:.1f} GB runtime, {budget / GB:.1f} GB usable", err=True)
+        typer.echo(f"diffgen: plan: {checkpoint.name} as {load_plan.describe()} — {human(chosen.weights)} "
+                   f"weights + {human(chosen.runtime)} runtime, {human(budget)} usable", err=True)
     if load_plan.offload_bytes:
-        typer.echo(f"diffgen: warning: {load_plan.offload_bytes / GB:.1f} GB of layers offloaded to the CPU; every "
+        typer.echo(f"diffgen: warning: {human(load_plan.offload_bytes)} of layers offloaded to the CPU; every "
                    "denoising step streams them over PCIe, so expect generation to be many times slower", err=True)
     return loader.load_checkpoint(checkpoint, load_plan, progress=console.is_terminal and not quiet,
                                   tokenizer=tokenizer)
