@@ -80,3 +80,13 @@ def test_pull_of_a_cached_model_offline_prints_its_snapshot(tiny_checkpoint, tmp
 def test_pull_refuses_a_path(tmp_path):
     result = runner.invoke(app, ["pull", str(tmp_path)])
     assert result.exit_code == 1 and "not a Hub id" in result.stderr
+
+
+def test_run_plans_from_config_json_before_fetching_weights(tmp_path, monkeypatch):
+    """A Hub model of which only config.json is known is refused by the plan before any download."""
+    import huggingface_hub.constants
+
+    hub_cache(tmp_path / "hub", "acme/big", config_only(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    result = runner.invoke(app, ["run", "-m", "acme/big", "--max-memory", "10GB", "Hi"])
+    assert result.exit_code == 2 and "needs" in result.stderr and "nf4-all" in result.stderr

@@ -30,8 +30,8 @@ from diffgen.commands.common import (
     TMinOption,
     error_funnel,
     load_model,
+    prepare,
     read_input,
-    resolve_settings,
 )
 
 
@@ -100,11 +100,13 @@ def batch(
             typer.echo(f"diffgen: warning: {warning}", err=True)
         items = list(batch_mod.parse(text.splitlines(), input_format, name))
         console = render.error_console()
-        checkpoint, defaults = resolve_settings(
-            model, offline,
+        prepared = prepare(
+            model, offline=offline, device=device, quant=quant, max_memory=max_memory, offload=offload,
+            batch=size or 1,
             max_new_tokens=max_new_tokens, max_denoising_steps=steps, entropy_bound=entropy_bound, t_min=t_min,
             t_max=t_max, stability_threshold=stability, confidence_threshold=confidence,
         )
+        defaults = prepared.settings
         out = batch_mod.Output(output, resume=resume, overwrite=overwrite, stdout=sys.stdout)
         try:
             if not items:
@@ -112,14 +114,10 @@ def batch(
                     typer.echo("diffgen: no prompts in the input", err=True)
                 return
             if size is None:
-                from diffgen import loader
-
-                config = loader.inspect_checkpoint(checkpoint.path, checkpoint.name)
-                size = auto_batch_rows(config, device=device, quant=quant, max_memory=max_memory)
+                size = auto_batch_rows(prepared)
                 if not quiet:
                     typer.echo(f"diffgen: batch size {size} (auto, from the memory plan)", err=True)
-            loaded = load_model(checkpoint, console, device=device, quant=quant, max_memory=max_memory,
-                                offload=offload, batch=size, quiet=quiet)
+            loaded = load_model(prepared, console, quiet=quiet)
             summary = _run(batch_mod, items, loaded, defaults, seed, size, out, console, model,
                            system=system, raw=raw, think=think, show=not quiet)
         finally:

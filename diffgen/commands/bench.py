@@ -72,10 +72,10 @@ def bench(
                                    batch=batch)
             loaded = bench_mod.random_model(random_config, plan)
         else:
-            from diffgen.commands.common import load_model, resolve_settings
+            from diffgen.commands.common import load_model, prepare
 
-            checkpoint, _ = resolve_settings(model, offline)
-            loaded = load_model(checkpoint, console, device=device, quant=quant, max_memory=max_memory, batch=batch)
+            prepared = prepare(model, offline=offline, device=device, quant=quant, max_memory=max_memory, batch=batch)
+            loaded = load_model(prepared, console)
         result = bench_mod.run(loaded, steps=steps, prompt_tokens=prompt_tokens, canvases=canvases, batch=batch,
                                exact=exact, compare_reference=compare_reference, reps=reps,
                                reference_cache=reference_cache)

@@ -9,6 +9,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -127,19 +128,6 @@ ConfidenceOption = Annotated[
 ]
 
 
-def resolve_settings(model: str, offline: bool, **flags: Any):
-    """Resolve the checkpoint and build settings from its defaults and the flags (no weights read).
-
-    ``flags`` are the generation flags by their settings names; ``None`` keeps the default.
-    Returns ``(checkpoint, settings)``; invalid values raise before any loading.
-    """
-    from diffgen import loader
-
-    checkpoint = loader.resolve(model, offline=offline)
-    defaults = loader.read_defaults(checkpoint.path, loader.inspect_checkpoint(checkpoint.path, model))
-    return checkpoint, defaults.replace(**flags)
-
-
 QuantOption = Annotated[
     str,
     typer.Option("--quant", help="Weights: auto, fp32, bf16, fp16, fp8, int8, nf4 or nf4-all (experts and linears). "
@@ -176,17 +164,6 @@ def plan_load(config: dict, *, device: str, quant: str, max_memory: Optional[str
     return plan.make_plan(chosen, device_name, dtype, budget, counts), chosen, budget
 
 
-def auto_batch_rows(config: dict, *, device: str, quant: str, max_memory: Optional[str]) -> int:
-    """``--batch-size auto``: the most rows whose runtime fits beside the chosen scheme's weights."""
-    from diffgen import plan
-
-    load_plan, chosen, budget = plan_load(config, device=device, quant=quant, max_memory=max_memory, offload=False)
-    text = config.get("text_config", config)
-    context = min(plan.DEFAULT_CONTEXT, int(text.get("max_position_embeddings", plan.DEFAULT_CONTEXT)))
-    return plan.rows_that_fit(config, chosen, dtype=load_plan.dtype, budget=budget, device=load_plan.device,
-                              context=context)
-
-
 def _device_budget(profile: Any, device: str) -> int:
     for candidate in profile.devices:
         if candidate.device == device:
@@ -194,23 +171,61 @@ def _device_budget(profile: Any, device: str) -> int:
     return profile.devices[0].usable
 
 
-def load_model(checkpoint: Any, console: Any, *, device: str = "auto", quant: str = "auto",
-               max_memory: Optional[str] = None, offload: bool = False, batch: int = 1, quiet: bool = False,
-               tokenizer: Any = None) -> Any:
-    """Plan, say the plan in one line on stderr, and load (progress bar on a terminal)."""
+@dataclass(frozen=True)
+class Prepared:
+    """A checkpoint ready to load: where it is, the settings, and the plan that fits this machine."""
+
+    checkpoint: Any
+    config: dict
+    settings: Any
+    plan: Any
+    chosen: Any
+    budget: int
+
+
+def prepare(model: str, *, offline: bool, device: str = "auto", quant: str = "auto", max_memory: Optional[str] = None,
+            offload: bool = False, batch: int = 1, **flags: Any) -> Prepared:
+    """Plan from config.json first, then fetch the checkpoint, then build the settings.
+
+    For a Hub id that is not downloaded yet only config.json is fetched before the plan, so a
+    model that cannot fit is refused before a 50 GB download, not after. ``flags`` are the
+    generation flags by their settings names (``None`` keeps the checkpoint's default); invalid
+    values raise before any weights are read.
+    """
+    from diffgen import loader
+
+    _, config = loader.resolve_config(model, offline=offline)
+    load_plan, chosen, budget = plan_load(config, device=device, quant=quant, max_memory=max_memory,
+                                          offload=offload, batch=batch)
+    checkpoint = loader.resolve(model, offline=offline)
+    config = loader.inspect_checkpoint(checkpoint.path, model)
+    settings = loader.read_defaults(checkpoint.path, config).replace(**flags)
+    return Prepared(checkpoint, config, settings, load_plan, chosen, budget)
+
+
+def auto_batch_rows(prepared: Prepared) -> int:
+    """``--batch-size auto``: the most rows whose runtime fits beside the chosen scheme's weights."""
+    from diffgen import plan
+
+    text = prepared.config.get("text_config", prepared.config)
+    context = min(plan.DEFAULT_CONTEXT, int(text.get("max_position_embeddings", plan.DEFAULT_CONTEXT)))
+    return plan.rows_that_fit(prepared.config, prepared.chosen, dtype=prepared.plan.dtype, budget=prepared.budget,
+                              device=prepared.plan.device, context=context)
+
+
+def load_model(prepared: Prepared, console: Any, *, quiet: bool = False, tokenizer: Any = None) -> Any:
+    """Say the plan in one line on stderr, then load (progress bar on a terminal)."""
     from diffgen import loader
     from diffgen.plan import human
 
-    config = loader.inspect_checkpoint(checkpoint.path, checkpoint.name)
-    load_plan, chosen, budget = plan_load(config, device=device, quant=quant, max_memory=max_memory,
-                                          offload=offload, batch=batch)
+    load_plan, chosen = prepared.plan, prepared.chosen
     if not quiet:
-        typer.echo(f"diffgen: plan: {checkpoint.name} as {load_plan.describe()} — {human(chosen.weights)} "
-                   f"weights + {human(chosen.runtime)} runtime, {human(budget)} usable", err=True)
+        typer.echo(f"diffgen: plan: {prepared.checkpoint.name} as {load_plan.describe()} — {human(chosen.weights)} "
+                   f"weights + {human(chosen.runtime)} runtime, {human(prepared.budget)} usable", err=True)
     if load_plan.offload_bytes:
         typer.echo(f"diffgen: warning: {human(load_plan.offload_bytes)} of layers offloaded to the CPU; every "
                    "denoising step streams them over PCIe, so expect generation to be many times slower", err=True)
-    return loader.load_checkpoint(checkpoint, load_plan, progress=console.is_terminal and not quiet,
+    return loader.load_checkpoint(prepared.checkpoint, load_plan, progress=console.is_terminal and not quiet,
                                   tokenizer=tokenizer)
 
 

@@ -33,7 +33,7 @@ from diffgen.commands.common import (
     TMinOption,
     error_funnel,
     load_model,
-    resolve_settings,
+    prepare,
     status,
 )
 
@@ -107,20 +107,20 @@ def run(
         from diffgen import render
 
         console = render.error_console()
-        checkpoint, settings = resolve_settings(
-            model, offline,
+        prepared = prepare(
+            model, offline=offline, device=device, quant=quant, max_memory=max_memory, offload=offload,
             max_new_tokens=max_new_tokens, max_denoising_steps=steps, entropy_bound=entropy_bound, t_min=t_min,
             t_max=t_max, stability_threshold=stability, confidence_threshold=confidence,
             seed=seed if seed is not None else secrets.randbelow(2**31),
         )
+        settings = prepared.settings
         from diffgen import generate, loader
 
         # Tokenise and check the context before the (long) weight load.
-        tokenizer = loader.load_tokenizer(checkpoint.path)
+        tokenizer = loader.load_tokenizer(prepared.checkpoint.path)
         ids = prompt_mod.encode(tokenizer, composed.text, system=system, think=think, raw=raw)
-        generate.check_context_config(checkpoint.path, len(ids), settings)
-        loaded = load_model(checkpoint, console, device=device, quant=quant, max_memory=max_memory,
-                            offload=offload, quiet=quiet, tokenizer=tokenizer)
+        generate.check_context_config(prepared.checkpoint.path, len(ids), settings)
+        loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
         if show_steps or trace_file is not None:
             result = _observed(loaded, ids, settings, console, show_steps=show_steps, trace_file=trace_file,
                                model=model, prompt=composed.text, exact=exact)
