@@ -16,6 +16,7 @@ the right way for each kind (DESIGN.md §4):
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import re
 from collections.abc import Callable
@@ -197,13 +198,19 @@ def read_meminfo(path: str = "/proc/meminfo") -> dict[str, int]:
                     out[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
             return out
     except OSError:
-        try:
-            import psutil  # type: ignore[import-not-found]
+        pass
+    try:  # no /proc (macOS, Windows): psutil when installed
+        import psutil  # type: ignore[import-not-found]
 
-            memory = psutil.virtual_memory()
-            return {"MemTotal": memory.total, "MemAvailable": memory.available}
-        except ImportError:
-            return {}
+        memory = psutil.virtual_memory()
+        return {"MemTotal": memory.total, "MemAvailable": memory.available}
+    except ImportError:
+        pass
+    try:  # POSIX without psutil: the total is known; assume three quarters of it is available
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return {"MemTotal": total, "MemAvailable": total * 3 // 4}
+    except (AttributeError, ValueError, OSError):
+        return {}
 
 
 def _cuda_devices() -> list[GpuInfo]:

@@ -85,3 +85,20 @@ def test_classification_by_name(name, kind):
 def test_real_probes_on_this_machine():
     profile = detect()
     assert profile.devices and profile.devices[0].usable >= 0 and profile.host_total > 0
+
+
+def test_meminfo_without_proc_falls_back_to_the_physical_total(tmp_path, monkeypatch):
+    import builtins
+
+    from diffgen.hardware import read_meminfo
+
+    real_import = builtins.__import__
+
+    def no_psutil(name, *args, **kwargs):
+        if name == "psutil":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_psutil)
+    info = read_meminfo(str(tmp_path / "no-such-meminfo"))
+    assert info["MemTotal"] > 0 and 0 < info["MemAvailable"] <= info["MemTotal"]
