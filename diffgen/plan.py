@@ -295,12 +295,13 @@ def candidate_schemes(device: str, dtype: str, hardware: HardwareProfile | None)
     """Schemes in quality order with whether this device can run them (and why not)."""
     cuda = device.startswith("cuda")
     profile = hardware.devices[0] if hardware is not None and hardware.devices else None
-    fp8 = (profile.fp8 if profile is not None else False) if cuda else True
+    # fp8 storage: CUDA with compute capability >= 8.9, or the CPU (weight-only, for tests); not MPS.
+    fp8 = (profile.fp8 if profile is not None else False) if cuda else device == "cpu"
     bf16 = dtype != "float16"
     out = [("fp32", device == "cpu", "fp32 is the CPU scheme; GPUs use bf16"),
            ("bf16", bf16, "this GPU has no bf16 (compute capability < 8.0); use fp16"),
            ("fp16", not bf16 or device != "cpu", "fp16 is for GPUs without bf16"),
-           ("fp8", fp8, "fp8 experts need compute capability >= 8.9 (Ada, Hopper, Blackwell)"),
+           ("fp8", fp8, "fp8 experts need a CUDA GPU of compute capability >= 8.9 (Ada, Hopper, Blackwell)"),
            ("int8", True, ""), ("nf4", True, ""), ("nf4-all", True, "")]
     return out
 
