@@ -104,13 +104,14 @@ def build_quantized(config: Any, tensors: Any, plan: LoadPlan, *, source: str = 
     with init_empty_weights(include_buffers=False):
         model = DiffusionGemmaForBlockDiffusion(config)
     model.tie_weights()
-    if plan.quant != "none":
-        _swap_modules(model, plan, device)
     # Buffers (rotary tables, scalars) were built for real on the CPU: move them to the device,
-    # scalars in the weights' dtype as transformers would.
+    # scalars in the weights' dtype as transformers would. (Before the swap: the quantised
+    # modules' own buffers are created on the device in their storage dtypes and stay so.)
     for name, buffer in list(model.named_buffers()):
         value = buffer if keeps_dtype(name, buffer) else buffer.to(dtype)
-        set_module_tensor_to_device(model, name, device, value=value)
+        set_module_tensor_to_device(model, name, device, value=value, dtype=value.dtype)
+    if plan.quant != "none":
+        _swap_modules(model, plan, device)
 
     for key, tensor in tensors:
         _place(model, key, tensor, device, dtype)
@@ -139,7 +140,8 @@ def _place(model: Any, key: str, tensor: torch.Tensor, device: torch.device, dty
                                   "this checkpoint's layout is not one the quantising loader knows; "
                                   "try --quant bf16")
     value = tensor if keeps_dtype(key, tensor) else tensor.to(dtype)
-    set_module_tensor_to_device(model, key, device, value=value)
+    # accelerate would cast to the empty parameter's dtype (the default, fp32); keep ours.
+    set_module_tensor_to_device(model, key, device, value=value, dtype=value.dtype)
 
 
 def _progress(show: bool, total: int) -> Any:

@@ -37,3 +37,15 @@ def test_bench_needs_exactly_one_model_source(tiny_checkpoint):
 def test_bench_real_size_is_refused_where_it_cannot_fit():
     result = runner.invoke(app, ["bench", "--random-config", "real", "--device", "cpu", "--max-memory", "8GB"])
     assert result.exit_code == 2 and "needs" in result.stderr
+
+
+def test_random_models_are_built_in_the_plans_dtype():
+    import torch
+
+    from diffgen.bench import random_model
+    from diffgen.plan import LoadPlan
+
+    loaded = random_model("tiny", LoadPlan("cpu", "bfloat16"))
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    layers = zip(loaded.model.model.encoder.language_model.layers, loaded.model.model.decoder.layers)
+    assert all(e.experts.down_proj is d.experts.down_proj for e, d in layers)

@@ -145,3 +145,20 @@ def test_the_loader_accepts_an_offload_shaped_device_map(tiny_checkpoint):
                   progress=False)
     layers = zip(loaded.model.model.encoder.language_model.layers, loaded.model.model.decoder.layers)
     assert all(e.experts.gate_up_proj is d.experts.gate_up_proj for e, d in layers)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8", "nf4", "nf4-all"])
+def test_quantised_storage_keeps_its_dtypes_under_bf16(tiny_checkpoint, scheme):
+    """With bf16 weights (the GPU case) the quantised values keep their storage dtype and the
+    scales stay fp32, so the estimate still equals the resident bytes."""
+    import torch
+
+    from diffgen.loader import load, resident_bytes
+    from diffgen.quant import QuantizedStack
+
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    loaded = load(str(tiny_checkpoint), plan.LoadPlan("cpu", "bfloat16", scheme), progress=False)
+    stacks = [m for m in loaded.model.modules() if isinstance(m, QuantizedStack)]
+    storage = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}.get(scheme, torch.uint8)
+    assert stacks and all(s.q.dtype == storage and s.scale.dtype == torch.float32 for s in stacks)
+    assert resident_bytes(loaded.model) == plan.weight_bytes(plan.count_parameters(config), scheme, "bfloat16")
