@@ -140,6 +140,9 @@ def _place(model: Any, key: str, tensor: torch.Tensor, device: torch.device, dty
                                   "this checkpoint's layout is not one the quantising loader knows; "
                                   "try --quant bf16")
     value = tensor if keeps_dtype(key, tensor) else tensor.to(dtype)
+    if value is tensor and device.type == "cpu":
+        # A safetensors tensor can be a view of the shard's memory map; a copy lets the map go.
+        value = tensor.clone()
     # accelerate would cast to the empty parameter's dtype (the default, fp32); keep ours.
     set_module_tensor_to_device(model, key, device, value=value, dtype=value.dtype)
 

@@ -118,3 +118,35 @@ def test_fp8_is_refused_where_the_gpu_lacks_it():
     with pytest.raises(Exception) as info:
         plan.choose(table, "fp8", 10**12)
     assert "8.9" in str(info.value)
+
+
+def test_quantised_load_keeps_no_view_of_the_shards(tiny_checkpoint, monkeypatch):
+    """Loaded weights are copies: nothing keeps a shard's memory map (and its pages) alive."""
+    import safetensors
+
+    handed_out = []
+    real_safe_open = safetensors.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.inner = real_safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.handle = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.handle.keys()
+
+        def get_tensor(self, key):
+            tensor = self.handle.get_tensor(key)
+            handed_out.append(tensor.untyped_storage().data_ptr())
+            return tensor
+
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    model = load(str(tiny_checkpoint), LoadPlan("cpu", "float32", "int8"), progress=False).model  # no dtype cast
+    kept = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    assert handed_out and not kept & set(handed_out)
