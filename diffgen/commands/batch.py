@@ -31,6 +31,7 @@ from diffgen.commands.common import (
     error_funnel,
     load_model,
     prepare,
+    sampler_flags,
     read_input,
 )
 
@@ -103,8 +104,7 @@ def batch(
         prepared = prepare(
             model, offline=offline, device=device, quant=quant, max_memory=max_memory, offload=offload,
             batch=size or 1,
-            max_new_tokens=max_new_tokens, max_denoising_steps=steps, entropy_bound=entropy_bound, t_min=t_min,
-            t_max=t_max, stability_threshold=stability, confidence_threshold=confidence,
+            **sampler_flags(max_new_tokens, steps, entropy_bound, t_min, t_max, stability, confidence),
         )
         defaults = prepared.settings
         out = batch_mod.Output(output, resume=resume, overwrite=overwrite, stdout=sys.stdout)

@@ -164,6 +164,14 @@ def plan_load(config: dict, *, device: str, quant: str, max_memory: Optional[str
     return plan.make_plan(chosen, device_name, dtype, budget, counts), chosen, budget
 
 
+def sampler_flags(max_new_tokens: Optional[int], steps: Optional[int], entropy_bound: Optional[float],
+                  t_min: Optional[float], t_max: Optional[float], stability: Optional[int],
+                  confidence: Optional[float]) -> dict[str, Any]:
+    """The generation flags shared by run, batch and bench, by their settings names."""
+    return {"max_new_tokens": max_new_tokens, "max_denoising_steps": steps, "entropy_bound": entropy_bound,
+            "t_min": t_min, "t_max": t_max, "stability_threshold": stability, "confidence_threshold": confidence}
+
+
 def _device_budget(profile: Any, device: str) -> int:
     for candidate in profile.devices:
         if candidate.device == device:

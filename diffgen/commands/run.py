@@ -34,6 +34,7 @@ from diffgen.commands.common import (
     error_funnel,
     load_model,
     prepare,
+    sampler_flags,
     status,
 )
 
@@ -109,8 +110,7 @@ def run(
         console = render.error_console()
         prepared = prepare(
             model, offline=offline, device=device, quant=quant, max_memory=max_memory, offload=offload,
-            max_new_tokens=max_new_tokens, max_denoising_steps=steps, entropy_bound=entropy_bound, t_min=t_min,
-            t_max=t_max, stability_threshold=stability, confidence_threshold=confidence,
+            **sampler_flags(max_new_tokens, steps, entropy_bound, t_min, t_max, stability, confidence),
             seed=seed if seed is not None else secrets.randbelow(2**31),
         )
         settings = prepared.settings
