@@ -424,12 +424,8 @@ def check_context(model, prompt_tokens: int, settings: GenerationSettings) -> No
     _check_context(int(model.config.canvas_length), limit, prompt_tokens, settings)
 
 
-def check_context_config(path, prompt_tokens: int, settings: GenerationSettings) -> None:
-    """The same check from a checkpoint's config.json, before any weights are loaded."""
-    import json
-    from pathlib import Path
-
-    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+def check_context_config(config: dict, prompt_tokens: int, settings: GenerationSettings) -> None:
+    """The same check from a parsed config.json, before any weights are loaded."""
     text = config.get("text_config", config)
     _check_context(int(config.get("canvas_length", 256)), text.get("max_position_embeddings"), prompt_tokens,
                    settings)

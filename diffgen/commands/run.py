@@ -119,7 +119,7 @@ def run(
         # Tokenise and check the context before the (long) weight load.
         tokenizer = loader.load_tokenizer(prepared.checkpoint.path)
         ids = prompt_mod.encode(tokenizer, composed.text, system=system, think=think, raw=raw)
-        generate.check_context_config(prepared.checkpoint.path, len(ids), settings)
+        generate.check_context_config(prepared.config, len(ids), settings)
         loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
         if show_steps or trace_file is not None:
             result = _observed(loaded, ids, settings, console, show_steps=show_steps, trace_file=trace_file,
