@@ -13,6 +13,10 @@ import argparse
 import platform
 import tempfile
 import time
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # devtools/ beside diffgen/
 
 
 def main() -> None:
@@ -25,12 +29,12 @@ def main() -> None:
 
     import torch
 
-    from diffgen.batch import derive_seed
-    from diffgen.generate import generate
-    from diffgen.loader import load
-    from diffgen.plan import LoadPlan
+    from diffgen.records.batch import derive_seed
+    from diffgen.denoise.loop import generate
+    from diffgen.loading.loader import load
+    from diffgen.planning.plan import LoadPlan
     from diffgen.prompt import encode
-    from diffgen.tiny import save_tiny_checkpoint
+    from devtools.tiny import save_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         path = save_tiny_checkpoint(f"{tmp}/m", canvas_length=args.canvas_length, vocab_size=2048, hidden_size=128,

@@ -15,6 +15,10 @@ import statistics
 import tempfile
 import time
 from dataclasses import replace
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # devtools/ beside diffgen/
 
 
 def main() -> None:
@@ -29,11 +33,11 @@ def main() -> None:
     import torch
     import transformers
 
-    from diffgen.generate import generate
-    from diffgen.loader import load
-    from diffgen.plan import LoadPlan
+    from diffgen.denoise.loop import generate
+    from diffgen.loading.loader import load
+    from diffgen.planning.plan import LoadPlan
     from diffgen.prompt import encode
-    from diffgen.tiny import save_tiny_checkpoint
+    from devtools.tiny import save_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or str(save_tiny_checkpoint(f"{tmp}/tiny", canvas_length=args.canvas_length))

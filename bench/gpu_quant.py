@@ -30,12 +30,12 @@ def main() -> None:
     import torch
     import transformers
 
-    from diffgen.bench import NumbersTokenizer, random_config, random_tensors
-    from diffgen.generate import StepEvent, stream
-    from diffgen.loader import Checkpoint, LoadedModel, resident_bytes
-    from diffgen.plan import UNQUANTISED, LoadPlan
+    from diffgen.denoise.bench import NumbersTokenizer, random_config, random_tensors
+    from diffgen.denoise.loop import StepEvent, stream
+    from diffgen.loading.loader import Checkpoint, LoadedModel, resident_bytes
+    from diffgen.planning.plan import UNQUANTISED, LoadPlan
     from diffgen.settings import GenerationSettings
-    from diffgen.streaming import build_quantized
+    from diffgen.loading.streaming import build_quantized
 
     config = random_config(args.config)
     cuda = args.device.startswith("cuda")

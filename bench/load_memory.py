@@ -21,8 +21,10 @@ from pathlib import Path
 CHILD = r"""
 import json, sys
 import torch, transformers, accelerate, safetensors  # imports first: the baseline
-from diffgen.loader import load, resident_bytes
-from diffgen.plan import LoadPlan
+from diffgen.loading.loader import load, resident_bytes
+from diffgen.planning.plan import LoadPlan
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # devtools/ beside diffgen/
 
 def status(field):
     with open("/proc/self/status") as f:
@@ -50,7 +52,7 @@ def build(directory: Path, shard_size: str) -> tuple[int, int, int]:
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from diffgen.tiny import build_tokenizer, tiny_config
+    from devtools.tiny import build_tokenizer, tiny_config
 
     config = tiny_config(vocab_size=SIZE["vocab_size"], canvas_length=64,
                          **{k: v for k, v in SIZE.items() if k != "vocab_size"})

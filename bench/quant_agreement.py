@@ -14,14 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # devtools/ beside diffgen/
 
 
 def measure(path: str, seeds: int = 5) -> list[dict]:
     import torch
 
-    from diffgen.generate import generate
-    from diffgen.loader import load, resident_bytes
-    from diffgen.plan import LoadPlan, count_parameters, weight_bytes
+    from diffgen.denoise.loop import generate
+    from diffgen.loading.loader import load, resident_bytes
+    from diffgen.planning.plan import LoadPlan, count_parameters, weight_bytes
     from diffgen.prompt import encode
 
     config = json.load(open(f"{path}/config.json"))
@@ -41,7 +45,7 @@ def measure(path: str, seeds: int = 5) -> list[dict]:
     def logits(loaded):
         from transformers import DynamicCache
 
-        from diffgen.generate import cache_keyword
+        from diffgen.denoise.loop import cache_keyword
 
         model = loaded.model
         kw = cache_keyword(model)
@@ -77,7 +81,7 @@ def main() -> None:
     parser.add_argument("--logit-scale", type=float, default=1.0)
     parser.add_argument("--seeds", type=int, default=5)
     args = parser.parse_args()
-    from diffgen.tiny import save_tiny_checkpoint
+    from devtools.tiny import save_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         path = str(save_tiny_checkpoint(f"{tmp}/tiny", logit_scale=args.logit_scale))

@@ -20,6 +20,10 @@ import platform
 import statistics
 import tempfile
 import time
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # devtools/ beside diffgen/
 
 
 def main() -> None:
@@ -31,13 +35,13 @@ def main() -> None:
     import torch
     from rich.console import Console
 
-    from diffgen.generate import generate, stream
-    from diffgen.loader import load
-    from diffgen.plan import LoadPlan
+    from diffgen.denoise.loop import generate, stream
+    from diffgen.loading.loader import load
+    from diffgen.planning.plan import LoadPlan
     from diffgen.prompt import encode
-    from diffgen.tiny import save_tiny_checkpoint
-    from diffgen.trace import TokenTexts, records
-    from diffgen.view import LiveView, PlainStepLog
+    from devtools.tiny import save_tiny_checkpoint
+    from diffgen.records.trace import TokenTexts, records
+    from diffgen.ui.view import LiveView, PlainStepLog
 
     models = {
         "tiny (canvas 16)": {"canvas_length": 16},

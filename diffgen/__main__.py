@@ -1,4 +1,4 @@
-from diffgen.cli import main
+from diffgen.cli.app import main
 
 if __name__ == "__main__":
     main()

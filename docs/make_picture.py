@@ -12,11 +12,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # devtools/ beside diffgen/
+
 HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    from diffgen.tiny import save_tiny_checkpoint
+    from devtools.tiny import save_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         # Sharpened logits so that adaptive stopping fires and tokens settle at different steps.

@@ -25,21 +25,21 @@ SHARP_SETTINGS = {"entropy_bound": 5.0, "confidence_threshold": 1.5}
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from diffgen.tiny import save_tiny_checkpoint
+    from devtools.tiny import save_tiny_checkpoint
 
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
 
 
 @pytest.fixture(scope="session")
 def sharp_checkpoint(tmp_path_factory) -> Path:
-    from diffgen.tiny import save_tiny_checkpoint
+    from devtools.tiny import save_tiny_checkpoint
 
     return save_tiny_checkpoint(tmp_path_factory.mktemp("sharp") / "ckpt", seed=0, logit_scale=SHARP_LOGIT_SCALE)
 
 
 def _load(path: Path):
-    from diffgen.loader import load
-    from diffgen.plan import LoadPlan
+    from diffgen.loading.loader import load
+    from diffgen.planning.plan import LoadPlan
 
     return load(str(path), LoadPlan("cpu", "float32"), progress=False)
 

@@ -12,8 +12,8 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from diffgen.batch import InputError, Job, derive_seed, parse
-from diffgen.cli import app
+from diffgen.records.batch import InputError, Job, derive_seed, parse
+from diffgen.cli.app import app
 
 runner = CliRunner()
 QUICK = ["-n", "16", "--steps", "3"]
@@ -202,8 +202,8 @@ def test_progress_bar_shows_records_tokens_per_second_and_eta():
 
     from rich.console import Console
 
-    from diffgen.batch import Summary
-    from diffgen.commands.batch import _Progress
+    from diffgen.records.batch import Summary
+    from diffgen.cli.batch import _Progress
 
     console = Console(file=io.StringIO(), force_terminal=True, width=100)
     progress = _Progress(console)

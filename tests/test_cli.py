@@ -11,8 +11,8 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from diffgen.cli import app
-from diffgen.decode import Response
+from diffgen.cli.app import app
+from diffgen.denoise.channels import Response
 from tests.conftest import run_cli
 from tests.test_loader import copy_checkpoint, hub_cache
 
@@ -48,7 +48,7 @@ def test_prompt_sources_compose_as_documented(tiny, tiny_checkpoint, args, stdin
 
 
 def test_stdout_is_the_answer_alone_and_matches_the_library(tiny, tiny_checkpoint):
-    from diffgen.generate import generate
+    from diffgen.denoise.loop import generate
     from diffgen.prompt import encode
 
     result = invoke("run", "-m", str(tiny_checkpoint), "--seed", "7", "-n", "12", "--steps", "4", "Hello there")
@@ -101,7 +101,7 @@ def test_model_from_environment(tiny_checkpoint):
 
 @pytest.fixture
 def fake_thoughts(monkeypatch):
-    monkeypatch.setattr("diffgen.generate.split_response", lambda tok, ids: Response("the answer", "secret musing"))
+    monkeypatch.setattr("diffgen.denoise.loop.split_response", lambda tok, ids: Response("the answer", "secret musing"))
 
 
 def test_think_shows_thoughts_dimmed_on_stderr_never_stdout(tiny_checkpoint, fake_thoughts):
@@ -179,7 +179,7 @@ def test_ctrl_c_exits_130_without_traceback(tiny_checkpoint, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("diffgen.generate.generate", interrupted)
+    monkeypatch.setattr("diffgen.denoise.loop.generate", interrupted)
     result = invoke("run", "-m", str(tiny_checkpoint), "Hi")
     assert result.exit_code == 130
     assert "interrupted" in result.stderr and "Traceback" not in result.stderr
@@ -236,7 +236,7 @@ def test_help_does_not_import_torch():
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
-        "from diffgen.cli import app\n"
+        "from diffgen.cli.app import app\n"
         "result = CliRunner().invoke(app, ['run', '--help'])\n"
         "assert result.exit_code == 0, result.output\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"

@@ -1,6 +1,6 @@
 """Splitting generated ids into the answer and the thought channel."""
 
-from diffgen.decode import split_response
+from diffgen.denoise.channels import split_response
 
 
 def _ids(tokenizer, text):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from diffgen import docs
-from diffgen.cli import app
+from devtools import docs
+from diffgen.cli.app import app
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -21,7 +21,7 @@ BIN = str(Path(sys.executable).parent)
 
 
 def test_committed_completions_and_man_page_are_up_to_date():
-    assert docs.main(["--check", "--root", str(ROOT)]) == 0, "run `python -m diffgen.docs` and commit the result"
+    assert docs.main(["--check", "--root", str(ROOT)]) == 0, "run `python -m devtools.docs` and commit the result"
 
 
 def test_completion_command_prints_the_committed_script():
@@ -60,7 +60,7 @@ def test_bash_completes_models_from_the_hugging_face_cache(tmp_path):
 def test_completion_does_not_import_torch():
     code = ("import os, sys\n"
             "os.environ.update(_DIFFGEN_COMPLETE='complete_bash', COMP_WORDS='diffgen ru', COMP_CWORD='1')\n"
-            "from diffgen.cli import app\n"
+            "from diffgen.cli.app import app\n"
             "try:\n    app(prog_name='diffgen')\nexcept SystemExit:\n    pass\n"
             "print('\\nimported:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

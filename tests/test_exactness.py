@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffgen.generate import CanvasEvent, StepEvent, stream
+from diffgen.denoise.loop import CanvasEvent, StepEvent, stream
 from tests.conftest import SHARP_SETTINGS
 
 PROMPTS = [

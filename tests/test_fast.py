@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffgen.generate import generate, stream
+from diffgen.denoise.loop import generate, stream
 from diffgen.prompt import encode
-from diffgen.sampling import (
+from diffgen.denoise.sampling import (
     fused_entropy,
     gumbel_argmax,
     gumbel_noise,

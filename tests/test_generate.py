@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffgen.errors import PromptTooLongError, UsageError
-from diffgen.generate import CanvasEvent, StepEvent, generate, stream
+from diffgen.denoise.loop import CanvasEvent, StepEvent, generate, stream
 
 
 def _ids(loaded, text="Why is the sky blue?"):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from diffgen.hardware import DISPLAY_RESERVE, HEADLESS_RESERVE, HOST_RESERVE, GpuInfo, Probes, classify, detect
+from diffgen.planning.hardware import DISPLAY_RESERVE, HEADLESS_RESERVE, HOST_RESERVE, GpuInfo, Probes, classify, detect
 
 GiB = 1024**3
 
@@ -90,7 +90,7 @@ def test_real_probes_on_this_machine():
 def test_meminfo_without_proc_falls_back_to_the_physical_total(tmp_path, monkeypatch):
     import builtins
 
-    from diffgen.hardware import read_meminfo
+    from diffgen.planning.hardware import read_meminfo
 
     real_import = builtins.__import__
 

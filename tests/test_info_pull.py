@@ -6,7 +6,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from diffgen.cli import app
+from diffgen.cli.app import app
 from tests.test_loader import hub_cache
 
 runner = CliRunner()

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from diffgen import loader
+from diffgen.loading import loader
 from diffgen.errors import (
     HubUnreachableError,
     ModelNotFoundError,
@@ -13,7 +13,7 @@ from diffgen.errors import (
     TokenizerMissingError,
     UnsafeCheckpointError,
 )
-from diffgen.plan import LoadPlan, simple_plan
+from diffgen.planning.plan import LoadPlan, simple_plan
 
 
 def hub_cache(root, repo_id, checkpoint, revision="0123456789abcdef0123456789abcdef01234567"):

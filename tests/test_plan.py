@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from diffgen import plan
+from diffgen.planning import plan
 from diffgen.errors import UsageError
-from diffgen.plan import GB, Estimate
+from diffgen.planning.plan import GB, Estimate
 
 REAL_CONFIG = json.loads((Path(__file__).parent.parent / "diffgen" / "data" / "diffusiongemma-26b-a4b-config.json").read_text())
 
@@ -108,7 +108,7 @@ def test_parse_size_rejects_nonsense():
 
 @pytest.mark.parametrize("scheme", ["fp32", "bf16", "int8", "fp8", "nf4", "nf4-all"])
 def test_estimate_equals_resident_bytes_on_the_tiny_checkpoint(tiny_checkpoint, scheme):
-    from diffgen.loader import load, resident_bytes
+    from diffgen.loading.loader import load, resident_bytes
 
     config = json.loads((tiny_checkpoint / "config.json").read_text())
     counts = plan.count_parameters(config)
@@ -136,7 +136,7 @@ def test_auto_batch_rows_fill_the_budget_beside_the_weights():
 def test_the_loader_accepts_an_offload_shaped_device_map(tiny_checkpoint):
     """On a GPU the top layer pairs would go to "cpu"; here every entry is the CPU, which checks
     that transformers takes the map's shape and that the encoder/decoder ties survive it."""
-    from diffgen.loader import load
+    from diffgen.loading.loader import load
 
     config = json.loads((tiny_checkpoint / "config.json").read_text())
     mapping = plan.offload_device_map(plan.count_parameters(config), "float32", "cpu", budget=1, runtime=0)
@@ -153,8 +153,8 @@ def test_quantised_storage_keeps_its_dtypes_under_bf16(tiny_checkpoint, scheme):
     scales stay fp32, so the estimate still equals the resident bytes."""
     import torch
 
-    from diffgen.loader import load, resident_bytes
-    from diffgen.quant import QuantizedStack
+    from diffgen.loading.loader import load, resident_bytes
+    from diffgen.loading.quant import QuantizedStack
 
     config = json.loads((tiny_checkpoint / "config.json").read_text())
     loaded = load(str(tiny_checkpoint), plan.LoadPlan("cpu", "bfloat16", scheme), progress=False)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from diffgen.cli import app
-from diffgen.loader import load
-from diffgen.plan import LoadPlan
-from diffgen.quant import QuantizedExperts, QuantizedLinear, QuantizedStack, bnb_functional, nf4_dequantize_torch, \
+from diffgen.cli.app import app
+from diffgen.loading.loader import load
+from diffgen.planning.plan import LoadPlan
+from diffgen.loading.quant import QuantizedExperts, QuantizedLinear, QuantizedStack, bnb_functional, nf4_dequantize_torch, \
     nf4_quantize_torch
 
 runner = CliRunner()
@@ -63,7 +63,7 @@ def test_encoder_and_decoder_share_one_quantised_module(tiny_checkpoint, scheme)
 def _decoder_logits(loaded, prompt_ids):
     from transformers import DynamicCache
 
-    from diffgen.generate import cache_keyword
+    from diffgen.denoise.loop import cache_keyword
 
     model = loaded.model
     kw = cache_keyword(model)
@@ -106,7 +106,7 @@ def test_a_budget_too_small_is_refused_before_loading(tiny_checkpoint):
 
 
 def test_fp8_is_refused_where_the_gpu_lacks_it():
-    from diffgen import plan
+    from diffgen.planning import plan
 
     class Ampere:
         devices = [type("D", (), {"fp8": False})()]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffgen.sampling import (
+from diffgen.denoise.sampling import (
     GlobalNoise,
     StableAndConfident,
     TemperatureSchedule,

@@ -4,7 +4,7 @@ import pytest
 
 from diffgen.errors import UsageError
 from diffgen.settings import LIBRARY_DEFAULTS, GenerationSettings
-from diffgen.tiny import generation_config_dict
+from devtools.tiny import generation_config_dict
 
 
 def test_released_generation_config_gives_the_documented_defaults():

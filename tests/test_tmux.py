@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from diffgen.generate import generate
+from diffgen.denoise.loop import generate
 from diffgen.prompt import encode
 
 TMUX = shutil.which("tmux")

@@ -8,10 +8,10 @@ import xml.etree.ElementTree as ET
 import pytest
 from typer.testing import CliRunner
 
-from diffgen.cli import app
-from diffgen.picture import settle_steps
-from diffgen.trace import CanvasRecord, StepRecord, read_trace
-from diffgen.view import _visible
+from diffgen.cli.app import app
+from diffgen.ui.picture import settle_steps
+from diffgen.records.trace import CanvasRecord, StepRecord, read_trace
+from diffgen.ui.view import _visible
 
 runner = CliRunner()
 RUN = ["run", "--seed", "3", "-n", "32", "--steps", "5", "Why is the sky blue?"]

@@ -7,8 +7,8 @@ import io
 import pytest
 from rich.console import Console
 
-from diffgen.trace import CanvasRecord, StepRecord
-from diffgen.view import (
+from diffgen.records.trace import CanvasRecord, StepRecord
+from diffgen.ui.view import (
     NEW,
     NOISE,
     NOISE_GLYPH,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffgen.plan import NF4_BLOCK
+from diffgen.planning.plan import NF4_BLOCK
 
 # The 16 NormalFloat-4 levels (QLoRA, Dettmers et al. 2023), as bitsandbytes defines them.
 NF4_LEVELS = torch.tensor([

@@ -8,12 +8,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffgen.commands.common import DeviceOption, MaxMemoryOption, OfflineOption, QuantOption, complete_model, \
+from diffgen.cli.common import DeviceOption, MaxMemoryOption, OfflineOption, QuantOption, complete_model, \
     error_funnel
 
 EPILOG = (
     "Examples:\n\n"
-    "  diffgen bench --random-config tiny --compare-reference          (CPU, seconds)\n\n"
+    "  diffgen bench --random-config ./tiny/config.json --compare-reference   (CPU, seconds)\n\n"
     "  diffgen bench --random-config real --steps 16 --json            (GPU, random weights of the real size)\n\n"
     "  diffgen bench -m google/diffusiongemma-26B-A4B-it --quant fp8 --batch 8\n\n"
     "Adaptive stopping is off: every canvas runs exactly --steps steps. The first call is timed apart."
@@ -27,7 +27,7 @@ def bench(
                      help="A checkpoint to time (Hub id or directory); or use --random-config."),
     ] = None,
     random_config: Annotated[
-        Optional[str], typer.Option("--random-config", help="real or tiny: random weights, no checkpoint needed.",
+        Optional[str], typer.Option("--random-config", help="real, or the path of a config.json: random weights of those dimensions, no checkpoint needed.",
                                     show_default=False)
     ] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps per canvas.")] = 16,
@@ -58,21 +58,20 @@ def bench(
     with error_funnel():
         if (model is None) == (random_config is None):
             raise UsageError("give exactly one of --model and --random-config")
-        from diffgen import bench as bench_mod
-        from diffgen import render
+        from diffgen.denoise import bench as bench_mod
+        from diffgen.ui import render
 
         console = render.error_console()
         if random_config is not None:
-            if random_config not in ("real", "tiny"):
-                raise UsageError(f"--random-config {random_config!r}: use real or tiny")
-            from diffgen.commands.common import plan_load
+            from diffgen.loading.prepare import plan_load
 
             config = bench_mod.random_config(random_config).to_dict()
             plan, _, _ = plan_load(config, device=device, quant=quant, max_memory=max_memory, offload=False,
                                    batch=batch)
             loaded = bench_mod.random_model(random_config, plan)
         else:
-            from diffgen.commands.common import load_model, prepare
+            from diffgen.cli.common import load_model
+            from diffgen.loading.prepare import prepare
 
             prepared = prepare(model, offline=offline, device=device, quant=quant, max_memory=max_memory, batch=batch)
             loaded = load_model(prepared, console)

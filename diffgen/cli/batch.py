@@ -9,9 +9,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.commands.common import (
+from diffgen.loading.prepare import auto_batch_rows, prepare
+from diffgen.cli.common import (
     DEFAULT_MODEL,
-    auto_batch_rows,
     ConfidenceOption,
     DeviceOption,
     EntropyBoundOption,
@@ -30,7 +30,6 @@ from diffgen.commands.common import (
     TMinOption,
     error_funnel,
     load_model,
-    prepare,
     sampler_flags,
     read_input,
 )
@@ -91,9 +90,9 @@ def batch(
     if input_format not in ("auto", "jsonl", "text"):
         raise typer.BadParameter("use auto, jsonl or text", param_hint="--format")
     with error_funnel("interrupted; finished records are in the output — rerun with --resume to do the rest"):
-        from diffgen import batch as batch_mod
+        from diffgen.records import batch as batch_mod
         from diffgen import prompt as prompt_mod
-        from diffgen import render
+        from diffgen.ui import render
 
         data, name = read_input(input_path)
         text, warning = prompt_mod.decode_input(data, name)
@@ -140,7 +139,8 @@ def _batch_size(value: str) -> int | None:
 
 def _run(batch_mod: Any, items: list, loaded: Any, defaults: Any, base_seed: int, size: int, out: Any,
          console: Any, model: str, *, system: Optional[str], raw: bool, think: bool, show: bool) -> Any:
-    from diffgen import generate, render
+    from diffgen.denoise import loop as generate
+    from diffgen.ui import render
     from diffgen import prompt as prompt_mod
 
     def encode(job: Any, settings: Any) -> list[int]:

@@ -9,14 +9,13 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from diffgen.errors import EXIT_INTERRUPTED, DiffgenError
-from diffgen.loader import DEFAULT_MODEL  # the loader module imports nothing heavy at import time
+from diffgen.loading.loader import DEFAULT_MODEL  # the loader module imports nothing heavy at import time
 
 __all__ = ["DEFAULT_MODEL"]
 
@@ -145,25 +144,6 @@ OffloadOption = Annotated[
 ]
 
 
-def plan_load(config: dict, *, device: str, quant: str, max_memory: Optional[str], offload: bool,
-              batch: int = 1) -> Any:
-    """Choose the load plan for this machine from the config alone (see :mod:`diffgen.plan`)."""
-    from diffgen import hardware, plan
-
-    if quant not in plan.QUANT_CHOICES:
-        raise typer.BadParameter(f"use one of {', '.join(plan.QUANT_CHOICES)}", param_hint="--quant")
-    device_name, dtype = plan.device_dtype(device)
-    profile = hardware.detect()
-    budget = plan.parse_size(max_memory) if max_memory else _device_budget(profile, device_name)
-    counts = plan.count_parameters(config)
-    text = config.get("text_config", config)
-    context = min(plan.DEFAULT_CONTEXT, int(text.get("max_position_embeddings", plan.DEFAULT_CONTEXT)))
-    table = plan.estimates(config, counts, device=device_name, dtype=dtype, budget=budget, hardware=profile,
-                           context=context, batch=batch)
-    chosen = plan.choose(table, quant, budget, offload=offload)
-    return plan.make_plan(chosen, device_name, dtype, budget, counts), chosen, budget
-
-
 def sampler_flags(max_new_tokens: Optional[int], steps: Optional[int], entropy_bound: Optional[float],
                   t_min: Optional[float], t_max: Optional[float], stability: Optional[int],
                   confidence: Optional[float]) -> dict[str, Any]:
@@ -172,59 +152,10 @@ def sampler_flags(max_new_tokens: Optional[int], steps: Optional[int], entropy_b
             "t_min": t_min, "t_max": t_max, "stability_threshold": stability, "confidence_threshold": confidence}
 
 
-def _device_budget(profile: Any, device: str) -> int:
-    for candidate in profile.devices:
-        if candidate.device == device:
-            return candidate.usable
-    return profile.devices[0].usable
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A checkpoint ready to load: where it is, the settings, and the plan that fits this machine."""
-
-    checkpoint: Any
-    config: dict
-    settings: Any
-    plan: Any
-    chosen: Any
-    budget: int
-
-
-def prepare(model: str, *, offline: bool, device: str = "auto", quant: str = "auto", max_memory: Optional[str] = None,
-            offload: bool = False, batch: int = 1, **flags: Any) -> Prepared:
-    """Plan from config.json first, then fetch the checkpoint, then build the settings.
-
-    For a Hub id that is not downloaded yet only config.json is fetched before the plan, so a
-    model that cannot fit is refused before a 50 GB download, not after. ``flags`` are the
-    generation flags by their settings names (``None`` keeps the checkpoint's default); invalid
-    values raise before any weights are read.
-    """
-    from diffgen import loader
-
-    _, config = loader.resolve_config(model, offline=offline)
-    load_plan, chosen, budget = plan_load(config, device=device, quant=quant, max_memory=max_memory,
-                                          offload=offload, batch=batch)
-    checkpoint = loader.resolve(model, offline=offline)
-    config = loader.inspect_checkpoint(checkpoint.path, model)
-    settings = loader.read_defaults(checkpoint.path, config).replace(**flags)
-    return Prepared(checkpoint, config, settings, load_plan, chosen, budget)
-
-
-def auto_batch_rows(prepared: Prepared) -> int:
-    """``--batch-size auto``: the most rows whose runtime fits beside the chosen scheme's weights."""
-    from diffgen import plan
-
-    text = prepared.config.get("text_config", prepared.config)
-    context = min(plan.DEFAULT_CONTEXT, int(text.get("max_position_embeddings", plan.DEFAULT_CONTEXT)))
-    return plan.rows_that_fit(prepared.config, prepared.chosen, dtype=prepared.plan.dtype, budget=prepared.budget,
-                              device=prepared.plan.device, context=context)
-
-
-def load_model(prepared: Prepared, console: Any, *, quiet: bool = False, tokenizer: Any = None) -> Any:
+def load_model(prepared: Any, console: Any, *, quiet: bool = False, tokenizer: Any = None) -> Any:
     """Say the plan in one line on stderr, then load (progress bar on a terminal)."""
-    from diffgen import loader
-    from diffgen.plan import human
+    from diffgen.loading.prepare import load_prepared
+    from diffgen.planning.plan import human
 
     load_plan, chosen = prepared.plan, prepared.chosen
     if not quiet:
@@ -233,8 +164,7 @@ def load_model(prepared: Prepared, console: Any, *, quiet: bool = False, tokeniz
     if load_plan.offload_bytes:
         typer.echo(f"diffgen: warning: {human(load_plan.offload_bytes)} of layers offloaded to the CPU; every "
                    "denoising step streams them over PCIe, so expect generation to be many times slower", err=True)
-    return loader.load_checkpoint(prepared.checkpoint, load_plan, progress=console.is_terminal and not quiet,
-                                  tokenizer=tokenizer)
+    return load_prepared(prepared, progress=console.is_terminal and not quiet, tokenizer=tokenizer)
 
 
 @contextlib.contextmanager

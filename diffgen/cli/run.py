@@ -11,7 +11,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.commands.common import (
+from diffgen.loading.prepare import prepare
+from diffgen.cli.common import (
     DEFAULT_MODEL,
     ConfidenceOption,
     DeviceOption,
@@ -33,7 +34,6 @@ from diffgen.commands.common import (
     TMinOption,
     error_funnel,
     load_model,
-    prepare,
     sampler_flags,
     status,
 )
@@ -105,7 +105,7 @@ def run(
         for warning in composed.warnings if not quiet else ():
             typer.echo(f"diffgen: warning: {warning}", err=True)
 
-        from diffgen import render
+        from diffgen.ui import render
 
         console = render.error_console()
         prepared = prepare(
@@ -114,7 +114,8 @@ def run(
             seed=seed if seed is not None else secrets.randbelow(2**31),
         )
         settings = prepared.settings
-        from diffgen import generate, loader
+        from diffgen.denoise import loop as generate
+        from diffgen.loading import loader
 
         # Tokenise and check the context before the (long) weight load.
         tokenizer = loader.load_tokenizer(prepared.checkpoint.path)
@@ -142,7 +143,9 @@ def run(
 def _observed(loaded: Any, ids: list[int], settings: Any, console: Any, *, show_steps: bool,
               trace_file: Optional[Path], model: str, prompt: str, exact: Optional[bool]) -> Any:
     """Run a generation whose steps feed the live view and/or a trace file; return its result."""
-    from diffgen import generate, trace, view
+    from diffgen.denoise import loop as generate
+    from diffgen.records import trace
+    from diffgen.ui import view
     from diffgen.errors import UsageError
 
     generation = generate.stream(loaded, [ids], settings, observe=True, exact=exact)

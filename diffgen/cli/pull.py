@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffgen.commands.common import OfflineOption, error_funnel
+from diffgen.cli.common import OfflineOption, error_funnel
 
 EPILOG = (
     "Examples:\n\n"
@@ -27,7 +27,7 @@ def pull(
 ) -> None:
     """Download MODEL into the Hugging Face cache (resumable), with a progress bar on stderr."""
     with error_funnel("interrupted; run the same pull again to resume"):
-        from diffgen import loader
+        from diffgen.loading import loader
 
         path = loader.pull(model, offline=offline, revision=revision)
         sys.stdout.write(f"{path}\n")

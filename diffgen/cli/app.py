@@ -13,8 +13,14 @@ from typing import Annotated
 import typer
 
 from diffgen import __version__
-from diffgen.commands import batch, bench, completion, info, pull, replay, run
-from diffgen.commands.common import error_funnel
+from diffgen.cli import batch
+from diffgen.cli import bench
+from diffgen.cli import completion
+from diffgen.cli import info
+from diffgen.cli import pull
+from diffgen.cli import replay
+from diffgen.cli import run
+from diffgen.cli.common import error_funnel
 from diffgen.errors import EXIT_INTERRUPTED
 
 app = typer.Typer(
@@ -84,7 +90,7 @@ def _root(
 
 def _apply_config(ctx: typer.Context) -> None:
     """Defaults from the config file become click's default_map (flags > env > file > built-in)."""
-    from diffgen import config
+    from diffgen.cli import config
 
     data = config.read()
     if not data:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffgen.commands.common import error_funnel
+from diffgen.cli.common import error_funnel
 
 EPILOG = (
     "Examples:\n\n"
@@ -31,11 +31,13 @@ def replay(
 ) -> None:
     """Re-draw a traced run without a model, or export a picture of when each token settled."""
     with error_funnel():
-        from diffgen import render, trace, view
+        from diffgen.ui import render
+        from diffgen.records import trace
+        from diffgen.ui import view
 
         recorded = trace.read_trace(file)
         if svg is not None or html is not None:
-            from diffgen import picture
+            from diffgen.ui import picture
 
             for path in picture.export(recorded, svg=svg, html=html):
                 typer.echo(f"wrote {path}", err=True)

@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from diffgen.decode import split_response
+from diffgen.denoise.channels import split_response
 from diffgen.errors import PromptTooLongError, UsageError
-from diffgen.sampling import (
+from diffgen.denoise.sampling import (
     ExactSampler,
     FastSampler,
     GlobalNoise,
@@ -45,7 +45,7 @@ from diffgen.sampling import (
 from diffgen.settings import GenerationSettings
 
 if TYPE_CHECKING:
-    from diffgen.loader import LoadedModel
+    from diffgen.loading.loader import LoadedModel
 
 FinishReason = Literal["eos", "length"]
 FAST_CHECK_EVERY = 4

@@ -15,8 +15,8 @@ from pathlib import Path
 from rich.console import Console, Group
 from rich.text import Text
 
-from diffgen.trace import CanvasRecord, StepRecord, Trace
-from diffgen.view import _visible
+from diffgen.records.trace import CanvasRecord, StepRecord, Trace
+from diffgen.ui.view import _visible
 
 # Eight background colours from early (cool) to late (warm) steps.
 PALETTE = ["#313695", "#4575b4", "#74add1", "#abd9e9", "#fee090", "#fdae61", "#f46d43", "#a50026"]

@@ -1,6 +1,6 @@
 """The denoising, drawn: a live Rich view for terminals and one plain line per step otherwise.
 
-Both consume :mod:`diffgen.trace` records, so ``run --show-steps`` and ``replay`` draw the same
+Both consume :mod:`diffgen.records.trace` records, so ``run --show-steps`` and ``replay`` draw the same
 thing. Styles (they survive NO_COLOR, which only drops colour):
 
 * text committed in earlier canvases, and tokens accepted in an earlier step that kept their
@@ -24,7 +24,7 @@ from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.panel import Panel
 from rich.text import Text
 
-from diffgen.trace import CanvasRecord, Record, StepRecord
+from diffgen.records.trace import CanvasRecord, Record, StepRecord
 
 SETTLED = ""
 NEW = "bold reverse"

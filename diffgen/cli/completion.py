@@ -7,6 +7,9 @@ from typing import Annotated
 
 import typer
 
+SHELLS = {"bash": "diffgen.bash", "zsh": "diffgen.zsh", "fish": "diffgen.fish"}
+COMPLETE_VAR = "_DIFFGEN_COMPLETE"
+
 EPILOG = (
     "Examples:\n\n"
     "  diffgen completion bash > ~/.local/share/bash-completion/completions/diffgen\n\n"
@@ -17,8 +20,13 @@ EPILOG = (
 
 def completion(shell: Annotated[str, typer.Argument(help="bash, zsh or fish.")]) -> None:
     """Print the completion script for SHELL (commands, options, and --model from the Hugging Face cache)."""
-    from diffgen.docs import SHELLS, completion_script
-
     if shell not in SHELLS:
         raise typer.BadParameter(f"use one of {', '.join(SHELLS)}", param_hint="SHELL")
     sys.stdout.write(completion_script(shell))
+
+
+def completion_script(shell: str) -> str:
+    """Typer's completion script for ``shell``; it calls back into ``diffgen`` with ``_DIFFGEN_COMPLETE`` set."""
+    from typer.completion import get_completion_script
+
+    return get_completion_script(prog_name="diffgen", complete_var=COMPLETE_VAR, shell=shell).rstrip("\n") + "\n"

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from diffgen.errors import DeviceError, UsageError
 
 if TYPE_CHECKING:
-    from diffgen.hardware import HardwareProfile
+    from diffgen.planning.hardware import HardwareProfile
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 SCHEMES = ("fp32", "bf16", "fp16", "fp8", "int8", "nf4", "nf4-all")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from diffgen.decode import CHANNEL_CLOSE, CHANNEL_OPEN
+from diffgen.denoise.channels import CHANNEL_CLOSE, CHANNEL_OPEN
 from diffgen.errors import UsageError
 
 TRACE_VERSION = 1
@@ -126,7 +126,7 @@ class TokenTexts:
 
 def records(events: Iterable[Any], texts: TokenTexts, row: int = 0) -> Iterator[Record]:
     """Host records of ``row`` from generator events (copies only what views draw)."""
-    from diffgen.generate import StepEvent
+    from diffgen.denoise.loop import StepEvent
 
     for event in events:
         if isinstance(event, StepEvent):

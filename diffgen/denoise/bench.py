@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-REAL_CONFIG = Path(__file__).resolve().parent / "data" / "diffusiongemma-26b-a4b-config.json"
+REAL_CONFIG = Path(__file__).resolve().parents[1] / "data" / "diffusiongemma-26b-a4b-config.json"
 
 
 class NumbersTokenizer:
@@ -52,26 +52,27 @@ def random_tensors(config: Any, device: Any, seed: int = 0):
 
 
 def random_config(name: str) -> Any:
+    """``real`` (the released model's dimensions, shipped with diffgen) or the path of a config.json."""
     from transformers import DiffusionGemmaConfig
 
-    from diffgen.tiny import tiny_config
+    from diffgen.errors import UsageError
 
-    if name == "real":
-        return DiffusionGemmaConfig.from_dict(json.loads(REAL_CONFIG.read_text()))
-    if name == "tiny":
-        return tiny_config()
-    raise ValueError(f"unknown random config {name!r}")
+    path = REAL_CONFIG if name == "real" else Path(name)
+    try:
+        return DiffusionGemmaConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--random-config {name!r}: not 'real' and not a readable config.json ({exc})") from exc
 
 
 def random_model(name: str, plan: Any) -> Any:
-    """A LoadedModel of random weights with the ``real`` or ``tiny`` dimensions, loaded under ``plan``."""
-    from diffgen.loader import Checkpoint, LoadedModel
+    """A LoadedModel of random weights with the ``real`` dimensions (or a config.json's), loaded under ``plan``."""
+    from diffgen.loading.loader import Checkpoint, LoadedModel
     from diffgen.settings import GenerationSettings
-    from diffgen.streaming import build_quantized
+    from diffgen.loading.streaming import build_quantized
 
     config = random_config(name)
     model = build_quantized(config, random_tensors(config, plan.device), plan, source="random weights").eval()
-    return LoadedModel(model, NumbersTokenizer(), GenerationSettings(), Checkpoint(f"random-{name}", Path("."), False),
+    return LoadedModel(model, NumbersTokenizer(), GenerationSettings(), Checkpoint(f"random-{Path(name).stem if name != 'real' else name}", Path("."), False),
                        plan)
 
 
@@ -97,7 +98,7 @@ def run(loaded: Any, *, steps: int = 16, prompt_tokens: int = 64, canvases: int 
     import torch
     import transformers
 
-    from diffgen.generate import StepEvent, stream
+    from diffgen.denoise.loop import StepEvent, stream
 
     model = loaded.model
     device = model.device

@@ -12,7 +12,7 @@ import json
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from diffgen.generate import Completion, GenerationResult
+    from diffgen.denoise.loop import Completion, GenerationResult
 
 
 def completion_record(completion: Completion, result: GenerationResult, *, model: str,

@@ -24,7 +24,7 @@ from diffgen.errors import (
     TokenizerMissingError,
     UnsafeCheckpointError,
 )
-from diffgen.plan import LoadPlan
+from diffgen.planning.plan import LoadPlan
 from diffgen.settings import GenerationSettings
 
 DEFAULT_MODEL = "google/diffusiongemma-26B-A4B-it"
@@ -214,7 +214,7 @@ def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = 
     """Check and load a resolved checkpoint directory; ``progress`` shows a progress bar.
 
     Unquantised plans load through transformers' ``from_pretrained``; quantised ones through
-    :func:`diffgen.streaming.load_quantized`, which quantises tensor by tensor from the shards.
+    :func:`diffgen.loading.streaming.load_quantized`, which quantises tensor by tensor from the shards.
     """
     config = inspect_checkpoint(checkpoint.path, checkpoint.name)
     defaults = read_defaults(checkpoint.path, config)
@@ -230,7 +230,7 @@ def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = 
     path = checkpoint.path
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
     if plan.quant != "none":
-        from diffgen.streaming import load_quantized
+        from diffgen.loading.streaming import load_quantized
 
         model = load_quantized(path, plan, progress=progress)
     else:

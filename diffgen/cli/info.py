@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.commands.common import DeviceOption, MaxMemoryOption, OfflineOption, complete_model, error_funnel
+from diffgen.cli.common import DeviceOption, MaxMemoryOption, OfflineOption, complete_model, error_funnel
 
 EPILOG = (
     "Examples:\n\n"
@@ -34,7 +34,9 @@ def info(
 ) -> None:
     """Show the hardware profile, the usable memory and how it was measured, and the plan per --quant."""
     with error_funnel():
-        from diffgen import config, hardware, plan
+        from diffgen.cli import config
+        from diffgen.planning import hardware
+        from diffgen.planning import plan
         from diffgen.errors import UsageError
 
         profile = hardware.detect()
@@ -49,7 +51,7 @@ def info(
                                 "config": {"path": str(settings_file), "exists": settings_file.is_file(),
                                            "values": config.read(settings_file), "precedence": config.PRECEDENCE}}
         if model is not None:
-            from diffgen import loader
+            from diffgen.loading import loader
 
             where, config = loader.resolve_config(model, offline=offline)
             counts = plan.count_parameters(config)
@@ -71,7 +73,7 @@ def _print(data: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from diffgen.plan import GiB
+    from diffgen.planning.plan import GiB
 
     console = Console(highlight=False)
     hw = data["hardware"]

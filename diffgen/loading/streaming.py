@@ -17,8 +17,8 @@ import torch
 from accelerate.utils import set_module_tensor_to_device
 
 from diffgen.errors import NotACheckpointError
-from diffgen.plan import LoadPlan, keeps_dtype
-from diffgen.quant import QuantizedExperts, QuantizedLinear
+from diffgen.planning.plan import LoadPlan, keeps_dtype
+from diffgen.loading.quant import QuantizedExperts, QuantizedLinear
 
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -1,7 +1,7 @@
 """Generated files: shell completions and the man page, from the CLI's own metadata.
 
-    python -m diffgen.docs          # rewrite completions/ and man/ in the current directory
-    python -m diffgen.docs --check  # exit 1 if the committed files differ (the tests do this)
+    python -m devtools.docs          # rewrite completions/ and man/ in the current directory
+    python -m devtools.docs --check  # exit 1 if the committed files differ (the tests do this)
 
 The completion scripts are Typer's (they call back into ``diffgen`` with ``_DIFFGEN_COMPLETE``
 set; that path imports no torch). The man page is roff written from the click command tree,
@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from diffgen import __version__
+from diffgen.cli.completion import SHELLS, completion_script
 
-SHELLS = {"bash": "diffgen.bash", "zsh": "diffgen.zsh", "fish": "diffgen.fish"}
-COMPLETE_VAR = "_DIFFGEN_COMPLETE"
 
 ENVIRONMENT = [
     ("DIFFGEN_MODEL", "Default for --model."),
@@ -44,12 +43,6 @@ EXAMPLES = [
     ("Watch the denoising and keep a trace:", 'diffgen run --show-steps --trace run.jsonl "Write a haiku"'),
     ("Which quantisation fits this machine:", "diffgen info -m google/diffusiongemma-26B-A4B-it"),
 ]
-
-
-def completion_script(shell: str) -> str:
-    from typer.completion import get_completion_script
-
-    return get_completion_script(prog_name="diffgen", complete_var=COMPLETE_VAR, shell=shell).rstrip("\n") + "\n"
 
 
 def _roff(text: str) -> str:
@@ -79,7 +72,7 @@ def _metavar(param: Any) -> str:
 def man_page() -> str:
     import typer.main
 
-    from diffgen.cli import app
+    from diffgen.cli.app import app
 
     root = typer.main.get_command(app)
     out = [

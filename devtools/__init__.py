@@ -1,0 +1,1 @@
+"""Development helpers outside the runtime package: tiny test checkpoints, generated docs."""

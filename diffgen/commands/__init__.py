@@ -1,1 +1,0 @@
-"""One module per subcommand; :mod:`diffgen.commands.common` holds what they share."""

@@ -1,0 +1,1 @@
+"""The denoising loop: sampler policies, the step, events and results."""

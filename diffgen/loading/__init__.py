@@ -1,0 +1,1 @@
+"""Checkpoints: resolution (Hub, cache, local), streaming load under a plan, own quantisation."""

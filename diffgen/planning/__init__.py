@@ -1,0 +1,1 @@
+"""What this machine has and which load plan fits it (from config.json alone)."""

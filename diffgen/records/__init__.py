@@ -1,0 +1,1 @@
+"""Files diffgen writes and reads: traces and batch jobs."""

@@ -1,0 +1,1 @@
+"""Everything a person sees on a terminal: answers, live view, pictures."""
