@@ -93,7 +93,7 @@ def _peak_host_bytes() -> int | None:
 
 def run(loaded: Any, *, steps: int = 16, prompt_tokens: int = 64, canvases: int = 2, batch: int = 1,
         exact: bool | None = None, compare_reference: bool = False, reps: int = 3,
-        reference_cache: str = "dynamic") -> dict[str, Any]:
+        reference_cache: str = "dynamic", graphs: bool | None = None) -> dict[str, Any]:
     """Time the generator (and optionally the reference); return the numbers as a dict."""
     import torch
     import transformers
@@ -116,7 +116,7 @@ def run(loaded: Any, *, steps: int = 16, prompt_tokens: int = 64, canvases: int 
         start = time.perf_counter()
         marks: list[float] = []
         first = None
-        for event in stream(loaded, prompts, settings, exact=exact):
+        for event in stream(loaded, prompts, settings, exact=exact, graphs=graphs):
             if isinstance(event, StepEvent):
                 _sync(device)
                 now = time.perf_counter()
@@ -129,13 +129,16 @@ def run(loaded: Any, *, steps: int = 16, prompt_tokens: int = 64, canvases: int 
         step_times = [b - a for chunk in per_canvas for a, b in zip(chunk, chunk[1:])]
         return total, step_times, first or 0.0
 
+    last: list[Any] = []
+
     def end_to_end() -> float:
         _sync(device)
         start = time.perf_counter()
-        generation = stream(loaded, prompts, settings, exact=exact, observe=False)
+        generation = stream(loaded, prompts, settings, exact=exact, observe=False, graphs=graphs)
         for _ in generation:
             pass
         _sync(device)
+        last[:] = [generation]
         return time.perf_counter() - start
 
     if device.type == "cuda":
@@ -156,7 +159,11 @@ def run(loaded: Any, *, steps: int = 16, prompt_tokens: int = 64, canvases: int 
         "transformers": transformers.__version__,
         "model": loaded.checkpoint.name,
         "scheme": loaded.plan.scheme,
-        "sampler": "exact" if (exact if exact is not None else device.type == "cpu") else "fast",
+        "sampler": "exact" if last[0].exact else "fast",
+        "graphs": last[0].graphs,
+        "graph_captures": last[0].runner.captures if last[0].runner else 0,
+        "capture_s": last[0].runner.capture_seconds if last[0].runner else 0.0,
+        "graph_failure": last[0].runner.failed if last[0].runner else None,
         "steps": steps, "canvases": canvases, "canvas_length": canvas, "batch": batch, "prompt_tokens": prompt_tokens,
         "median_step_ms": median_step * 1e3,
         "prefill_ms": max(0.0, statistics.median(firsts) - median_step) * 1e3,

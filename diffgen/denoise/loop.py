@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import inspect
 import math
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -37,11 +38,10 @@ from diffgen.denoise.sampling import (
     FastSampler,
     GlobalNoise,
     PerRowNoise,
-    StableAndConfident,
     TemperatureSchedule,
     entropy_bound_acceptance,
-    renoise,
 )
+from diffgen.denoise.step import Decoder, GraphedSteps, StepContext, clone_state, denoise_step, initial_state
 from diffgen.settings import GenerationSettings
 
 if TYPE_CHECKING:
@@ -186,19 +186,23 @@ class Generation:
 
     def __init__(self, loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
                  *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
-                 check_every: int | None = None):
+                 check_every: int | None = None, graphs: bool | None = None, capture: Any = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UsageError("every prompt needs at least one token")
         if seeds is not None and len(seeds) != len(prompts):
             raise UsageError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         self.seeds = list(seeds) if seeds is not None else None
         device = loaded.model.device
-        # The exact loop is the default on the CPU (and always with per-row seeds); elsewhere the fast one.
-        self.exact = (device.type == "cpu" or seeds is not None) if exact is None else exact
-        if not self.exact and seeds is not None:
-            raise UsageError("per-row seeds need the exact sampler")
+        # The exact loop is the default on the CPU; elsewhere the fast one.
+        self.exact = device.type == "cpu" if exact is None else exact
+        # CUDA graphs replay the fast step (the exact one draws from the global generator, eagerly).
+        self.graphs = (not self.exact and device.type == "cuda" and _graphs_enabled()) if graphs is None else graphs
+        if self.graphs and (self.exact or (device.type != "cuda" and capture is None)):
+            raise UsageError("CUDA graphs need the fast sampler on a CUDA device")
+        self._capture = capture
         # How often the loop asks the device whether every row has stopped (each ask is a host sync).
         self.check_every = check_every or (1 if self.exact else FAST_CHECK_EVERY)
+        self.runner: GraphedSteps | None = None
         self.loaded = loaded
         self.settings = settings
         self.observe = observe
@@ -239,6 +243,25 @@ class Generation:
             prompt_lengths=[len(p) for p in self._prompts],
         )
 
+    def _sampler(self, batch_size: int, device: torch.device) -> Any:
+        model = self.loaded.model
+        vocab_size = model.config.text_config.vocab_size
+        softcap = getattr(model.config.text_config, "final_logit_softcapping", None)
+        if self.exact:
+            if self.seeds is None:
+                return ExactSampler(GlobalNoise(vocab_size, self.canvas_length, device), softcap)
+            return ExactSampler(PerRowNoise(vocab_size, self.canvas_length, device, self.seeds), softcap)
+        return FastSampler(vocab_size, self.canvas_length, self._row_seeds(batch_size, device), softcap)
+
+    def _row_seeds(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """One seed per row: the given ones, else derived from ``settings.seed`` (row 0 keeps it)."""
+        if self.seeds is not None:
+            seeds = [int(seed) for seed in self.seeds]
+        else:
+            base = self.settings.seed if self.settings.seed is not None else secrets.randbits(62)
+            seeds = [base] + [(base * 1_000_003 + row * 7_919) % 2**62 for row in range(1, batch_size)]
+        return torch.tensor(seeds, dtype=torch.long, device=device)
+
     def _run(self) -> Iterator[Event]:
         from transformers import DynamicCache
 
@@ -257,24 +280,16 @@ class Generation:
         canvas_length = self.canvas_length
         n_steps = settings.max_denoising_steps
 
-        vocab_size = model.config.text_config.vocab_size
-        if not self.exact:
-            sampler = FastSampler(vocab_size, canvas_length, device, settings.seed)
-        elif self.seeds is None:
-            sampler = ExactSampler(GlobalNoise(vocab_size, canvas_length, device))
-        else:
-            sampler = ExactSampler(PerRowNoise(vocab_size, canvas_length, device, self.seeds))
-        noise = sampler.noise
+        sampler = self._sampler(batch_size, device)
         schedule = TemperatureSchedule(settings.t_min, settings.t_max, n_steps)
+        temperatures = schedule(torch.arange(n_steps, 0, -1, dtype=torch.int32, device=device))
         accept = entropy_bound_acceptance(settings.entropy_bound)
-        stopper = (
-            StableAndConfident(settings.stability_threshold, settings.confidence_threshold)
-            if settings.adaptive_stopping
-            else None
-        )
+        stability = settings.stability_threshold if settings.adaptive_stopping else None
         eos = torch.tensor(settings.eos_token_ids, device=device)
         embed_dtype = model.model.decoder.embed_tokens.weight.dtype
         cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        runner = GraphedSteps(capture=self._capture) if self.graphs else None
+        self.runner = runner
 
         cur_len = prompt_len
         encoder_positions = torch.arange(0, cur_len, dtype=torch.int32, device=device).unsqueeze(0)
@@ -289,69 +304,50 @@ class Generation:
         for canvas_index in range(self.canvases):
             # Encode what the cache has not seen yet: the prompt, then each committed canvas.
             self._encode(unencoded, attention_mask, encoder_positions, cache)
-            if not self.exact:
-                sampler.at(canvas_index, 0)
-            canvas = noise.uniform_canvas(batch_size, ~finished_rows)
+            canvas_tensor = torch.tensor(canvas_index, dtype=torch.long, device=device)
+            canvas = sampler.initial_canvas(batch_size, ~finished_rows, canvas_tensor)
             decoder_mask = model.model.decoder.create_diffusion_decoder_attention_mask(
                 model.config, canvas.unsqueeze(-1), cache, decoder_attention_mask
             )
-            stopped = torch.zeros(batch_size, dtype=torch.bool, device=device)
-            if stopper is not None:
-                stopper.reset()
-            argmax_canvas = canvas
-            self_conditioning = None
+            context = StepContext(
+                decoder=Decoder(model, cache, decoder_mask, decoder_positions), sampler=sampler,
+                temperatures=temperatures, accept=accept, stability=stability,
+                confidence=settings.confidence_threshold, finished=finished_rows, canvas_index=canvas_tensor,
+                embed_dtype=embed_dtype,
+            )
+            state = initial_state(context, canvas, forwards)
+            if runner is not None:
+                runner.begin_canvas()
             forwards_before = forwards
             steps = 0
             for remaining in range(n_steps, 0, -1):
                 steps += 1
-                active = ~(stopped | finished_rows)
-                forwards = forwards + active
-                logits = model(
-                    decoder_input_ids=canvas,
-                    self_conditioning_logits=self_conditioning,
-                    decoder_attention_mask=decoder_mask,
-                    decoder_position_ids=decoder_positions,
-                    **{self._cache_kw: cache},
-                ).logits
-                scaled = logits / schedule(torch.tensor(remaining, device=device, dtype=torch.int32))
-                if not self.exact:
-                    sampler.at(canvas_index, steps)
-                sampled, new_argmax, entropy = sampler(scaled, active)
-                accepted = accept(entropy)
-                new_canvas = renoise(torch.where(accepted, sampled, canvas), accepted, noise, active)
-                mean_entropy = entropy.mean(dim=-1)
-                if stopper is not None:
-                    # Rows that stopped earlier keep their canvas, draft and logits. (The exact loop
-                    # asks first, as the reference does; the fast one avoids that host sync.)
-                    if steps > 1 and (not self.exact or stopped.any()):
-                        new_argmax = torch.where(stopped[:, None], argmax_canvas, new_argmax)
-                        new_canvas = torch.where(stopped[:, None], canvas, new_canvas)
-                        scaled = torch.where(stopped[:, None, None], self_conditioning, scaled)
-                    stopped = stopped | stopper(new_argmax, mean_entropy)
-                self_conditioning = scaled.to(embed_dtype)
-                canvas, argmax_canvas = new_canvas, new_argmax
+                state = runner.step(state, context) if runner is not None else denoise_step(state, context)
                 if self.observe:
+                    shown = clone_state(state) if runner is not None else state
                     yield StepEvent(
                         canvas=canvas_index,
                         canvases=self.canvases,
                         step=steps,
                         max_steps=n_steps,
                         temperature=schedule.value(remaining),
-                        accepted=accepted,
-                        draft=argmax_canvas,
-                        canvas_tokens=canvas,
-                        token_entropy=entropy,
-                        mean_entropy=mean_entropy,
-                        finished=stopped | finished_rows,
+                        accepted=shown.accepted,
+                        draft=shown.argmax,
+                        canvas_tokens=shown.canvas,
+                        token_entropy=shown.entropy,
+                        mean_entropy=shown.mean_entropy,
+                        finished=shown.stopped | finished_rows,
                         elapsed=time.perf_counter() - start,
                     )
                 # The reference keeps denoising rows that ended in an earlier canvas until every row
                 # stops; with per-row noise those rows are done and draw nothing.
-                done = stopped | finished_rows if noise.per_row or not self.exact else stopped
+                stopped = state.stopped
+                done = stopped | finished_rows if sampler.per_row or not self.exact else stopped
                 if (steps % self.check_every == 0 or remaining == 1) and bool(done.all()):
                     break
 
-            committed, finished_rows = _commit(argmax_canvas, finished_rows, eos, settings.pad_token_id)
+            forwards = state.forwards.clone()
+            committed, finished_rows = _commit(state.argmax, finished_rows, eos, settings.pad_token_id)
             committed_canvases.append(committed)
             row_steps.append(forwards - forwards_before)
             yield CanvasEvent(
@@ -372,6 +368,8 @@ class Generation:
             encoder_positions = decoder_positions
             decoder_positions = torch.arange(cur_len, cur_len + canvas_length, dtype=torch.int32, device=device)[None]
 
+        if runner is not None:
+            runner.begin_canvas()
         self._result = self._collect(batch, committed_canvases, row_steps, forwards, eos, start)
 
     def _encode(self, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache) -> None:
@@ -442,6 +440,12 @@ def _check_context(canvas_length: int, limit: int | None, prompt_tokens: int, se
         )
 
 
+def _graphs_enabled() -> bool:
+    import os
+
+    return os.environ.get("DIFFGEN_CUDA_GRAPHS", "1").strip() not in {"0", "false", "no"}
+
+
 def cache_keyword(model) -> str:
     """The name under which this transformers release passes the KV cache to the model.
 
@@ -467,17 +471,22 @@ def _commit(argmax_canvas: torch.Tensor, finished_rows: torch.Tensor, eos: torch
 
 def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
            *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
-           check_every: int | None = None) -> Generation:
+           check_every: int | None = None, graphs: bool | None = None, capture: Any = None) -> Generation:
     """Prepare a generation of ``prompts`` (token id lists; several are batched, left padded).
 
-    Without ``seeds`` the random draws come from torch's global generator (seeded by
-    ``settings.seed``) exactly as in transformers' ``generate()``. With one seed per prompt each
-    row draws from its own generator, so its tokens do not depend on the rest of the batch.
     ``exact`` picks the reference-identical sampler (default on the CPU) or the fast one
-    (default elsewhere); ``check_every`` is how many steps pass between host syncs that ask
-    whether all rows have stopped (1 for the exact loop, like the reference).
+    (default elsewhere). With the exact sampler and no ``seeds`` the random draws come from
+    torch's global generator (seeded by ``settings.seed``) exactly as in transformers'
+    ``generate()``. With one seed per prompt each row draws from its own stream, so its tokens
+    do not depend on the rest of the batch (both samplers; the fast one always works per row,
+    deriving row seeds from ``settings.seed`` when ``seeds`` is not given). ``check_every`` is
+    how many steps pass between host syncs that ask whether all rows have stopped (1 for the
+    exact loop, like the reference). ``graphs`` replays the fast step from a CUDA graph
+    (default on CUDA; ``DIFFGEN_CUDA_GRAPHS=0`` turns it off); ``capture`` replaces the CUDA
+    graph recorder (tests replay eagerly on the CPU through the same code).
     """
-    return Generation(loaded, prompts, settings, observe=observe, seeds=seeds, exact=exact, check_every=check_every)
+    return Generation(loaded, prompts, settings, observe=observe, seeds=seeds, exact=exact, check_every=check_every,
+                      graphs=graphs, capture=capture)
 
 
 def generate(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,

@@ -180,78 +180,88 @@ def renoise(accepted_canvas: torch.Tensor, accepted: torch.Tensor, noise: Global
 # -- the samplers: one step's draw, exact or fast ------------------------------------------------
 
 
+def soft_cap(raw: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """fp32 logits soft-capped at ``cap`` exactly as ``DiffusionGemmaForBlockDiffusion.forward`` does."""
+    logits = raw.to(torch.float32)
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
 class ExactSampler:
     """transformers' formulas and random draws: softmax -> ``multinomial`` over every position,
     entropy as ``Categorical`` computes it. Token-identical to ``generate()`` on the CPU."""
 
     exact = True
+    capturable = False
 
-    def __init__(self, noise: GlobalNoise):
+    def __init__(self, noise: GlobalNoise, softcap: float | None):
         self.noise = noise
+        self.softcap = softcap
+        self.per_row = noise.per_row
 
-    def __call__(self, scaled: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(sampled, argmax, entropy)`` for temperature-scaled logits ``(B, C, V)``."""
+    def initial_canvas(self, batch_size: int, active: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+        return self.noise.uniform_canvas(batch_size, active)
+
+    def draw(self, raw: torch.Tensor, temperature: torch.Tensor, *, active: torch.Tensor, canvas: torch.Tensor,
+             step: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """``(sampled, argmax, entropy, scaled logits in out_dtype)`` from raw lm_head logits ``(B, C, V)``."""
+        scaled = soft_cap(raw, self.softcap) / temperature
         probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
         sampled = self.noise.sample(probs, active)
-        return sampled, torch.argmax(scaled, dim=-1), token_entropy(scaled)
+        return sampled, torch.argmax(scaled, dim=-1), token_entropy(scaled), scaled.to(out_dtype)
 
-
-def gumbel_noise(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Standard Gumbel noise ``-log(-log(U))``, U uniform in [0, 1)."""
-    uniform = torch.rand(shape, generator=generator, device=device)
-    return -torch.log(-torch.log(uniform))
-
-
-def gumbel_argmax(scaled: torch.Tensor, gumbel: torch.Tensor) -> torch.Tensor:
-    """A categorical sample per position: ``argmax(logits + G)`` is distributed as ``softmax(logits)``."""
-    return torch.argmax(scaled + gumbel, dim=-1)
-
-
-def reference_gumbel_sample(scaled: torch.Tensor, gumbel: torch.Tensor) -> torch.Tensor:
-    """The same draw by the textbook formula (probabilities, then ``argmax(p / E)`` with
-    ``E = exp(-G)`` exponential noise), for testing the fused form against."""
-    probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
-    return torch.argmax(probs / torch.exp(-gumbel), dim=-1)
-
-
-def fused_entropy(scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(entropy, log Z)`` from one logsumexp and one exp: ``H = log Z - sum(p * x)``."""
-    log_z = torch.logsumexp(scaled, dim=-1, keepdim=True)
-    probs = torch.exp(scaled - log_z)
-    return log_z.squeeze(-1) - (probs * scaled).sum(dim=-1), log_z
+    def renoise(self, accepted_canvas: torch.Tensor, accepted: torch.Tensor, *, active: torch.Tensor,
+                canvas: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        return renoise(accepted_canvas, accepted, self.noise, active)
 
 
 class FastSampler:
-    """Fewer passes over the ``B x C x V`` logits and no ``multinomial``: entropy from one
-    logsumexp, sampling by Gumbel-max.
+    """Counter-based noise and one pass over the logits (:func:`diffgen.kernels.sampler.sample_tail`:
+    a Triton kernel on CUDA, torch elsewhere): soft-cap, temperature, entropy, argmax and a
+    Gumbel-max draw read the ``B x C x V`` logits once, with no ``multinomial`` and no host sync.
 
-    Its generator is re-seeded from ``(seed, canvas, step)`` at every step (:meth:`at`), so the
-    draws of a step never depend on how many steps ran before it: the loop may run a few
-    frozen steps past the moment every row stopped (to save host syncs) without changing any
-    later draw. Reproducible with the same seed on the same device; not token-identical to
-    ``generate()``.
+    Every draw is a pure function of (row seed, canvas, step, position): a captured step
+    replays without re-seeding, a row's tokens do not depend on the other rows of the batch,
+    and the loop may run frozen steps past the moment every row stopped without changing any
+    later draw. Reproducible with the same seeds on the same device and code path; not
+    token-identical to ``generate()``.
+
+    Attributes:
+        row_seeds: ``(B,)`` int64 on the device, one seed per row.
     """
 
     exact = False
-    per_row = False
+    capturable = True
+    per_row = True
 
-    def __init__(self, vocab_size: int, canvas_length: int, device: torch.device, seed: int | None):
-        self.generator = torch.Generator(device=device)
-        self.seed = int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-        self.noise = self  # uniform canvases come from the same generator
-        self.vocab_size, self.canvas_length, self.device = vocab_size, canvas_length, device
-        self._canvas = 0
+    def __init__(self, vocab_size: int, canvas_length: int, row_seeds: torch.Tensor, softcap: float | None,
+                 backend: str = "auto"):
+        self.vocab_size, self.canvas_length = vocab_size, canvas_length
+        self.row_seeds = row_seeds
+        self.softcap = softcap
+        self.backend = backend
 
-    def at(self, canvas: int, step: int) -> None:
-        """Re-seed for ``step`` of ``canvas`` (step 0: the canvas's initial noise)."""
-        self._canvas = canvas
-        self.generator.manual_seed((self.seed * 1_000_003 + canvas * 10_007 + step) % (2**63 - 1))
+    def initial_canvas(self, batch_size: int, active: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+        from diffgen.kernels.noise import STREAM_CANVAS, step_keys, uniform_tokens
 
-    def uniform_canvas(self, batch_size: int, active: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.randint(0, self.vocab_size, (batch_size, self.canvas_length), device=self.device,
-                             generator=self.generator)
+        keys = step_keys(self.row_seeds, canvas, 0, STREAM_CANVAS)
+        return uniform_tokens(keys, self.canvas_length, self.vocab_size)
 
-    def __call__(self, scaled: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        entropy, _ = fused_entropy(scaled)
-        sampled = gumbel_argmax(scaled, gumbel_noise(scaled.shape, self.generator, scaled.device))
-        return sampled, torch.argmax(scaled, dim=-1), entropy
+    def draw(self, raw: torch.Tensor, temperature: torch.Tensor, *, active: torch.Tensor, canvas: torch.Tensor,
+             step: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        from diffgen.kernels.noise import STREAM_GUMBEL, step_keys
+        from diffgen.kernels.sampler import sample_tail
+
+        keys = step_keys(self.row_seeds, canvas, step, STREAM_GUMBEL)
+        scaled = torch.empty(raw.shape, dtype=out_dtype, device=raw.device)
+        sampled, argmax, entropy = sample_tail(raw, softcap=self.softcap, temperature=temperature, keys=keys,
+                                               self_conditioning_out=scaled, backend=self.backend)
+        return sampled, argmax, entropy, scaled
+
+    def renoise(self, accepted_canvas: torch.Tensor, accepted: torch.Tensor, *, active: torch.Tensor,
+                canvas: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        from diffgen.kernels.noise import STREAM_RENOISE, step_keys, uniform_tokens
+
+        keys = step_keys(self.row_seeds, canvas, step, STREAM_RENOISE)
+        return torch.where(accepted, accepted_canvas, uniform_tokens(keys, self.canvas_length, self.vocab_size))

@@ -234,9 +234,13 @@ def runtime_bytes(config: dict[str, Any], dtype: str, *, context: int = DEFAULT_
     """Runtime memory beyond the weights, by part (an estimate; DESIGN.md §3).
 
     ``kv``: the KV cache for ``context`` tokens (sliding layers keep at most their window);
-    ``prefill``: attention scores of the longest full-attention prefill plus activations;
-    ``canvas``: per batch row, ~5 logits-sized fp32 buffers (logits, scaled, probabilities,
-    entropy temporaries) and decoder activations; ``context``: CUDA context and allocator slack.
+    ``prefill``: one full-attention layer's scores for the longest prefill (a workspace the
+    layers reuse, not one per batch row) plus activations per batch row;
+    ``canvas``: per batch row, the logits-sized buffers of a step and decoder activations: in
+    fp32 (the exact sampler on the CPU) ~5 fp32 buffers (logits, scaled, probabilities, entropy
+    temporaries); in half precision (the fast step) raw logits, scaled logits, their graph copy
+    and the bf16 self-conditioning probabilities (2 bytes each) plus its fp32 softmax;
+    ``context``: CUDA context and allocator slack.
     """
     text = config.get("text_config", config)
     size = _dtype_bytes(dtype)
@@ -259,8 +263,8 @@ def runtime_bytes(config: dict[str, Any], dtype: str, *, context: int = DEFAULT_
     vocab = text["vocab_size"]
     parts = {
         "kv": kv * batch,
-        "prefill": batch * (heads * context * context * size + context * hidden * 8 * size),
-        "canvas": batch * (canvas * vocab * 4 * 5 + canvas * hidden * 32 * size),
+        "prefill": heads * context * context * size + batch * context * hidden * 8 * size,
+        "canvas": batch * (canvas * vocab * (20 if size >= 4 else 12) + canvas * hidden * 32 * size),
         "context": CUDA_CONTEXT if device.startswith("cuda") else 0,
     }
     return parts

@@ -1,0 +1,295 @@
+"""One denoising step as a pure function of tensors: ``denoise_step(state, context) -> state``.
+
+The loop (:mod:`diffgen.denoise.loop`) owns everything that needs the host: when a canvas
+starts, when to ask whether every row has stopped, events and results. The step owns the
+arithmetic of one decoder pass and nothing else:
+
+1. the decoder reads the canvas (and the previous step's scaled logits for self-conditioning)
+   and the lm_head gives raw logits;
+2. the sampler soft-caps, divides by the step's temperature, samples, takes the argmax and the
+   per-token entropy (:mod:`diffgen.denoise.sampling`);
+3. entropy-bound acceptance keeps the confident tokens, the rest are renoised;
+4. rows that stopped earlier keep their state; the adaptive-stop history advances.
+
+Every tensor in :class:`StepState` has a shape fixed for the whole canvas and every input the
+step reads lives on the device (the temperature schedule is a device vector indexed by a
+device step counter), so on CUDA one step can be recorded once as a CUDA graph and replayed
+(:class:`GraphedSteps`). The exact sampler draws from torch's global generator in the
+reference's order and stays eager; the fast sampler's noise is counter-based, a pure function
+of (row seed, canvas, step), so replays need no re-seeding and a row's draws never depend on
+its neighbours.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+
+STATE_FIELDS_OUT = ("canvas", "argmax", "self_conditioning", "stopped", "history", "step", "forwards",
+                    "accepted", "entropy", "mean_entropy")
+
+
+@dataclass(frozen=True)
+class StepState:
+    """The state between two denoising steps of one canvas (all tensors on the model's device).
+
+    Attributes:
+        canvas: ``(B, C)`` int64, the tokens the next decoder pass reads.
+        argmax: ``(B, C)`` int64, the draft: argmax of the last step's scaled logits.
+        self_conditioning: ``(B, C, V)`` in the embedding dtype, the last step's temperature-
+            scaled logits, or ``None`` before the first step of a canvas.
+        stopped: ``(B,)`` bool, rows whose adaptive stop fired on this canvas.
+        history: ``(S, B, C)`` int64, the last ``S`` drafts (``S`` = stability threshold; -1 =
+            none yet), or ``None`` when adaptive stopping is off or ``S`` is 0.
+        step: 0-d int64, steps done on this canvas.
+        forwards: ``(B,)`` int32, decoder passes each row has taken part in, all canvases.
+        accepted: ``(B, C)`` bool, positions accepted at the last step.
+        entropy: ``(B, C)`` float32, per-token entropy (nats) at the last step.
+        mean_entropy: ``(B,)`` float32, mean of ``entropy`` over the canvas.
+    """
+
+    canvas: torch.Tensor
+    argmax: torch.Tensor
+    self_conditioning: torch.Tensor | None
+    stopped: torch.Tensor
+    history: torch.Tensor | None
+    step: torch.Tensor
+    forwards: torch.Tensor
+    accepted: torch.Tensor
+    entropy: torch.Tensor
+    mean_entropy: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What one canvas's steps read and never write.
+
+    Attributes:
+        decoder: ``(canvas, self_conditioning | None, self_conditioning_mask | None) -> raw
+            logits (B, C, V)``, the lm_head output before soft-capping (:class:`Decoder`).
+        sampler: an exact or fast sampler (:mod:`diffgen.denoise.sampling`).
+        temperatures: ``(N,)`` float32 on the device: the temperature of step k (0-based) at
+            index k.
+        accept: entropy-bound acceptance, ``(B, C) entropy -> (B, C) bool``.
+        stability: adaptive stop's stability threshold, or ``None`` when stopping is off.
+        confidence: adaptive stop's mean-entropy threshold (nats), or ``None``.
+        finished: ``(B,)`` bool, rows that ended in an earlier canvas.
+        canvas_index: 0-d int64 on the device, the canvas being denoised.
+        embed_dtype: dtype of the self-conditioning logits the decoder reads.
+    """
+
+    decoder: Callable[..., torch.Tensor]
+    sampler: Any
+    temperatures: torch.Tensor
+    accept: Callable[[torch.Tensor], torch.Tensor]
+    stability: int | None
+    confidence: float | None
+    finished: torch.Tensor
+    canvas_index: torch.Tensor
+    embed_dtype: torch.dtype
+
+
+def initial_state(context: StepContext, canvas: torch.Tensor, forwards: torch.Tensor) -> StepState:
+    """The state before the first step of a canvas whose starting tokens are ``canvas``."""
+    batch, length = canvas.shape
+    device = canvas.device
+    history = None
+    if context.stability:
+        history = torch.full((context.stability, batch, length), -1, dtype=canvas.dtype, device=device)
+    return StepState(
+        canvas=canvas,
+        argmax=canvas,
+        self_conditioning=None,
+        stopped=torch.zeros(batch, dtype=torch.bool, device=device),
+        history=history,
+        step=torch.zeros((), dtype=torch.long, device=device),
+        forwards=forwards,
+        accepted=torch.zeros((batch, length), dtype=torch.bool, device=device),
+        entropy=torch.zeros((batch, length), dtype=torch.float32, device=device),
+        mean_entropy=torch.zeros(batch, dtype=torch.float32, device=device),
+    )
+
+
+def denoise_step(state: StepState, context: StepContext, *, self_conditioning_mask: torch.Tensor | None = None
+                 ) -> StepState:
+    """One denoising step; returns the next state and changes nothing in place.
+
+    ``self_conditioning_mask`` (``(B,)`` bool) lets a captured graph run the first step of a
+    canvas with a placeholder self-conditioning tensor that the mask zeroes, exactly as the
+    reference's ``None``.
+    """
+    sampler = context.sampler
+    active = ~(state.stopped | context.finished)
+    raw = context.decoder(state.canvas, state.self_conditioning, self_conditioning_mask)
+    temperature = context.temperatures.index_select(0, state.step.view(1)).squeeze(0)
+    step = state.step + 1
+    sampled, argmax, entropy, scaled = sampler.draw(raw, temperature, active=active, canvas=context.canvas_index,
+                                                    step=step, out_dtype=context.embed_dtype)
+    accepted = context.accept(entropy)
+    canvas = sampler.renoise(torch.where(accepted, sampled, state.canvas), accepted, active=active,
+                             canvas=context.canvas_index, step=step)
+    mean_entropy = entropy.mean(dim=-1)
+    stopped, history = state.stopped, state.history
+    if context.stability is not None:
+        if state.self_conditioning is not None:
+            # Rows that stopped earlier keep their canvas, draft and logits.
+            keep = state.stopped
+            argmax = torch.where(keep[:, None], state.argmax, argmax)
+            canvas = torch.where(keep[:, None], state.canvas, canvas)
+            scaled = torch.where(keep[:, None, None], state.self_conditioning, scaled)
+        if history is None:
+            stable = torch.ones_like(stopped)
+        else:
+            stable = (history == argmax[None]).all(dim=-1).all(dim=0)
+            history = torch.cat([history[1:], argmax[None]], dim=0)
+        stopped = stopped | (stable & (mean_entropy < context.confidence))
+    return StepState(canvas=canvas, argmax=argmax, self_conditioning=scaled, stopped=stopped, history=history,
+                     step=step, forwards=state.forwards + active, accepted=accepted, entropy=entropy,
+                     mean_entropy=mean_entropy)
+
+
+def decoder_cache_keyword(model: Any) -> str:
+    """The name under which this transformers release passes the KV cache to the decoder.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache``; diffgen supports both sides.
+    """
+    decoder = type(model.model.decoder)
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+class Decoder:
+    """The decoder pass of one canvas: canvas tokens (+ self-conditioning) -> raw logits.
+
+    Calls the decoder and the lm_head directly (what ``model(...)`` does, minus the fp32
+    soft-capped logits it would materialise: the sampler soft-caps on the way), with the
+    cache, mask and positions of the canvas bound once.
+    """
+
+    def __init__(self, model: Any, cache: Any, mask: Any, positions: torch.Tensor):
+        self.model = model
+        self.kwargs = {decoder_cache_keyword(model): cache, "decoder_attention_mask": mask,
+                       "decoder_position_ids": positions}
+
+    def __call__(self, canvas: torch.Tensor, self_conditioning: torch.Tensor | None,
+                 self_conditioning_mask: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if self_conditioning_mask is None else {"self_conditioning_mask": self_conditioning_mask}
+        hidden = self.model.model.decoder(decoder_input_ids=canvas, self_conditioning_logits=self_conditioning,
+                                          **extra, **self.kwargs)
+        return self.model.lm_head(hidden.last_hidden_state)
+
+
+class CudaGraphCapture:
+    """Records a function once into a CUDA graph; calling the result replays it.
+
+    All graphs share one memory pool; :meth:`release` frees the last one's graph.
+    """
+
+    def __init__(self):
+        self.pool = None
+        self.graph: Any = None
+
+    def __call__(self, body: Callable[[], None]) -> Callable[[], None]:
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, pool=self.pool):
+            body()
+        self.graph = graph
+        return graph.replay
+
+    def release(self) -> None:
+        if self.graph is not None:
+            self.graph.reset()
+            self.graph = None
+
+
+class GraphedSteps:
+    """Denoising steps replayed from one recorded graph per canvas.
+
+    The first step of a canvas runs eagerly (the reference passes no self-conditioning then);
+    a copy of its output becomes the graph's static state, the step is recorded once into a
+    graph that writes its result back into that state, and every later step of the canvas is
+    one replay: no Python, no kernel launches, no host syncs. A canvas's graph is released
+    when the next canvas starts (the encoder's cache grew, so the decoder's inputs moved).
+
+    ``warmup`` eager steps with self-conditioning run before the first recording so that
+    lazily initialised work (cuBLAS workspaces, Triton compilation and autotuning) never
+    happens inside a capture. ``capture`` records a body and returns its replay
+    (:class:`CudaGraphCapture`; tests pass one that replays by calling the body eagerly).
+
+    A step that cannot be recorded (a kernel that syncs with the host, say) warns once and
+    runs eagerly from then on.
+
+    Attributes:
+        captures: graphs recorded so far.
+        capture_seconds: host time spent recording them.
+        failed: why recording failed, or ``None``.
+    """
+
+    def __init__(self, warmup: int = 1, capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None):
+        self.warmup = warmup
+        self.capture = capture or CudaGraphCapture()
+        self.replay: Callable[[], None] | None = None
+        self.static: StepState | None = None
+        self.captures = 0
+        self.capture_seconds = 0.0
+        self.failed: str | None = None
+
+    def begin_canvas(self) -> None:
+        """Forget the last canvas's graph (call before each canvas and at the end)."""
+        release = getattr(self.capture, "release", None)
+        if release is not None:
+            release()
+        self.replay, self.static = None, None
+
+    def step(self, state: StepState, context: StepContext) -> StepState:
+        if self.replay is None:
+            if self.failed or state.self_conditioning is None or self.warmup > 0:
+                if state.self_conditioning is not None:
+                    self.warmup -= 1
+                return denoise_step(state, context)
+            try:
+                self._record(state, context)
+            except Exception as exc:  # noqa: BLE001 - a step that cannot be captured still runs eagerly
+                self.failed = f"{type(exc).__name__}: {exc}"
+                self._warn()
+                return denoise_step(state, context)
+        self.replay()
+        return self.static
+
+    def _warn(self) -> None:
+        import sys
+
+        print(f"diffgen: warning: the denoising step could not be recorded as a CUDA graph ({self.failed}); "
+              "running it eagerly (slower)", file=sys.stderr)
+
+    def _record(self, state: StepState, context: StepContext) -> None:
+        import time
+
+        start = time.perf_counter()
+        # Own the static buffers (the eager state may alias tensors the loop still reads).
+        static = StepState(**{f.name: (None if getattr(state, f.name) is None else getattr(state, f.name).clone())
+                              for f in fields(StepState)})
+
+        def body() -> None:
+            out = denoise_step(static, context)
+            for name in STATE_FIELDS_OUT:
+                target = getattr(static, name)
+                if target is not None:
+                    target.copy_(getattr(out, name))
+
+        self.replay = self.capture(body)
+        self.static = static
+        self.captures += 1
+        self.capture_seconds += time.perf_counter() - start
+
+
+def clone_state(state: StepState) -> StepState:
+    """A copy whose tensors a later replay cannot overwrite (for events a consumer may keep)."""
+    return replace(state, **{f.name: getattr(state, f.name).clone() for f in fields(StepState)
+                             if getattr(state, f.name) is not None})
