@@ -141,3 +141,17 @@ def test_the_step_has_no_data_dependent_host_sync(sharp):
     out = compiled(state)
     expected = denoise_step(state, context)
     assert torch.equal(out.canvas, expected.canvas) and torch.equal(out.stopped, expected.stopped)
+
+
+def test_the_compiled_step_gives_the_tokens_of_the_eager_step(sharp, monkeypatch):
+    """The compile plumbing (dynamo traces the whole step, guards hold across canvases and
+    generations); the eager backend keeps the suite fast, bench/cpu_compare.py times inductor."""
+    monkeypatch.setenv("DIFFGEN_COMPILE_BACKEND", "eager")
+    settings = sharp.defaults.replace(max_new_tokens=32, seed=9, **SHARP_SETTINGS)
+    eager = generate(sharp, _ids(sharp)[:2], settings, exact=False)
+    for _ in range(2):
+        generation = stream(sharp, _ids(sharp)[:2], settings, exact=False, compile=True, observe=False)
+        list(generation)
+        assert [c.token_ids for c in generation.result.completions] == [c.token_ids for c in eager.completions]
+    with pytest.raises(Exception, match="fast sampler"):
+        stream(sharp, _ids(sharp)[:1], settings, exact=True, compile=True)

@@ -41,7 +41,15 @@ from diffgen.denoise.sampling import (
     TemperatureSchedule,
     entropy_bound_acceptance,
 )
-from diffgen.denoise.step import Decoder, GraphedSteps, StepContext, clone_state, denoise_step, initial_state
+from diffgen.denoise.step import (
+    Decoder,
+    GraphedSteps,
+    StepContext,
+    clone_state,
+    compiled_step,
+    denoise_step,
+    initial_state,
+)
 from diffgen.settings import GenerationSettings
 
 if TYPE_CHECKING:
@@ -186,7 +194,8 @@ class Generation:
 
     def __init__(self, loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
                  *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
-                 check_every: int | None = None, graphs: bool | None = None, capture: Any = None):
+                 check_every: int | None = None, graphs: bool | None = None, capture: Any = None,
+                 compile: bool = False):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UsageError("every prompt needs at least one token")
         if seeds is not None and len(seeds) != len(prompts):
@@ -200,6 +209,10 @@ class Generation:
         if self.graphs and (self.exact or (device.type != "cuda" and capture is None)):
             raise UsageError("CUDA graphs need the fast sampler on a CUDA device")
         self._capture = capture
+        if compile and self.exact:
+            raise UsageError("compiling the step needs the fast sampler (compiled kernels reorder float sums, "
+                             "so the exact sampler would no longer match generate())")
+        self.compile = compile
         # How often the loop asks the device whether every row has stopped (each ask is a host sync).
         self.check_every = check_every or (1 if self.exact else FAST_CHECK_EVERY)
         self.runner: GraphedSteps | None = None
@@ -288,7 +301,8 @@ class Generation:
         eos = torch.tensor(settings.eos_token_ids, device=device)
         embed_dtype = model.model.decoder.embed_tokens.weight.dtype
         cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-        runner = GraphedSteps(capture=self._capture) if self.graphs else None
+        step_fn = compiled_step() if self.compile else denoise_step
+        runner = GraphedSteps(capture=self._capture, step_fn=step_fn) if self.graphs else None
         self.runner = runner
 
         cur_len = prompt_len
@@ -322,7 +336,7 @@ class Generation:
             steps = 0
             for remaining in range(n_steps, 0, -1):
                 steps += 1
-                state = runner.step(state, context) if runner is not None else denoise_step(state, context)
+                state = runner.step(state, context) if runner is not None else step_fn(state, context)
                 if self.observe:
                     shown = clone_state(state) if runner is not None else state
                     yield StepEvent(
@@ -471,7 +485,8 @@ def _commit(argmax_canvas: torch.Tensor, finished_rows: torch.Tensor, eos: torch
 
 def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
            *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
-           check_every: int | None = None, graphs: bool | None = None, capture: Any = None) -> Generation:
+           check_every: int | None = None, graphs: bool | None = None, capture: Any = None,
+           compile: bool = False) -> Generation:
     """Prepare a generation of ``prompts`` (token id lists; several are batched, left padded).
 
     ``exact`` picks the reference-identical sampler (default on the CPU) or the fast one
@@ -483,10 +498,13 @@ def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: Gene
     how many steps pass between host syncs that ask whether all rows have stopped (1 for the
     exact loop, like the reference). ``graphs`` replays the fast step from a CUDA graph
     (default on CUDA; ``DIFFGEN_CUDA_GRAPHS=0`` turns it off); ``capture`` replaces the CUDA
-    graph recorder (tests replay eagerly on the CPU through the same code).
+    graph recorder (tests replay eagerly on the CPU through the same code). ``compile`` runs
+    the fast step through ``torch.compile`` (:func:`~diffgen.denoise.step.compiled_step`):
+    minutes on the first call, cached on disk by inductor for later processes, about twice
+    as fast per step on a CPU.
     """
     return Generation(loaded, prompts, settings, observe=observe, seeds=seeds, exact=exact, check_every=check_every,
-                      graphs=graphs, capture=capture)
+                      graphs=graphs, capture=capture, compile=compile)
 
 
 def generate(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,

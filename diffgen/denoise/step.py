@@ -231,8 +231,10 @@ class GraphedSteps:
         failed: why recording failed, or ``None``.
     """
 
-    def __init__(self, warmup: int = 1, capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None):
+    def __init__(self, warmup: int = 1, capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None,
+                 step_fn: Callable[[StepState, StepContext], StepState] | None = None):
         self.warmup = warmup
+        self.step_fn = step_fn or denoise_step
         self.capture = capture or CudaGraphCapture()
         self.replay: Callable[[], None] | None = None
         self.static: StepState | None = None
@@ -252,13 +254,13 @@ class GraphedSteps:
             if self.failed or state.self_conditioning is None or self.warmup > 0:
                 if state.self_conditioning is not None:
                     self.warmup -= 1
-                return denoise_step(state, context)
+                return self.step_fn(state, context)
             try:
                 self._record(state, context)
             except Exception as exc:  # noqa: BLE001 - a step that cannot be captured still runs eagerly
                 self.failed = f"{type(exc).__name__}: {exc}"
                 self._warn()
-                return denoise_step(state, context)
+                return self.step_fn(state, context)
         self.replay()
         return self.static
 
@@ -277,7 +279,7 @@ class GraphedSteps:
                               for f in fields(StepState)})
 
         def body() -> None:
-            out = denoise_step(static, context)
+            out = self.step_fn(static, context)
             for name in STATE_FIELDS_OUT:
                 target = getattr(static, name)
                 if target is not None:
@@ -287,6 +289,25 @@ class GraphedSteps:
         self.static = static
         self.captures += 1
         self.capture_seconds += time.perf_counter() - start
+
+
+_COMPILED: dict[str, Callable[[StepState, StepContext], StepState]] = {}
+
+
+def compiled_step() -> Callable[[StepState, StepContext], StepState]:
+    """:func:`denoise_step` through ``torch.compile`` (one per process and backend).
+
+    The first call of each canvas shape compiles (a minute or more for a small model on a
+    CPU); inductor caches the generated kernels on disk (``TORCHINDUCTOR_CACHE_DIR``), so a
+    second process mostly re-traces. ``DIFFGEN_COMPILE_BACKEND`` picks another backend
+    (``eager`` traces without generating code: the tests use it).
+    """
+    import os
+
+    backend = os.environ.get("DIFFGEN_COMPILE_BACKEND", "inductor")
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(denoise_step, backend=backend)
+    return _COMPILED[backend]
 
 
 def clone_state(state: StepState) -> StepState:
