@@ -99,6 +99,9 @@ def main() -> int:
     parser.add_argument("--compiled-reference", action="store_true", help="also time generate() compiled (slow)")
     parser.add_argument("--kernels", action="store_true", default=True)
     parser.add_argument("--no-kernels", dest="kernels", action="store_false")
+    parser.add_argument("--first-call", action="store_true", default=True,
+                        help="time a fresh process's first generation with a cold and a warm Triton cache")
+    parser.add_argument("--no-first-call", dest="first_call", action="store_false")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
 
@@ -116,6 +119,8 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     config = tiny_config_path(Path(tempfile.mkdtemp())) if args.config == "tiny" else args.config
     dtype = "bfloat16" if cuda else "float32"
+    # A cold kernel cache for this process, so the first call's cost is what a new install pays.
+    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="triton-cold-"))
     header = {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "driver": _driver() if cuda else None,
@@ -188,6 +193,9 @@ def main() -> int:
         del loaded
         _free(device)
 
+    if args.first_call:
+        _first_calls(results, args.device, save)
+
     if compiled_pending:
         print(table(results), flush=True)  # the main table, in case the compile outlives the call
         loaded = bench.random_model(config, LoadPlan(str(device), dtype))
@@ -196,6 +204,28 @@ def main() -> int:
     save()
     print(table(results), flush=True)
     return 0
+
+
+def _first_calls(results: dict, device: str, save) -> None:
+    """A second CLI call's first generation: new processes sharing one Triton cache directory."""
+    import subprocess
+    import tempfile
+
+    cache = tempfile.mkdtemp(prefix="triton-cache-")
+    env = {**os.environ, "TRITON_CACHE_DIR": cache}
+    calls = []
+    for scheme in ("none", "nf4"):
+        for which in ("cold", "warm"):
+            log(f"first call in a new process, {scheme}, {which} Triton cache ...")
+            done = subprocess.run([sys.executable, str(ROOT / "bench" / "first_call.py"), "--device", device,
+                                   "--scheme", scheme], capture_output=True, text=True, env=env)
+            try:
+                calls.append({"cache": which, **json.loads(done.stdout.strip().splitlines()[-1])})
+            except (IndexError, ValueError):
+                calls.append({"cache": which, "scheme": scheme, "error": done.stderr[-600:]})
+            log(f"{calls[-1]}")
+    results["first_calls"] = calls
+    save()
 
 
 def _kernels(results: dict, device, save) -> None:
@@ -278,6 +308,12 @@ def table(results: dict) -> str:
             f"{row['label']:<34}{row['median_step_ms']:>9.2f}{row['e2e_step_ms']:>12.2f}"
             f"{row['median_step_ms'] / row_floor:>8.2f}{row['tokens_per_s_e2e']:>8.0f}{row['first_call_s']:>8.1f}"
             + (f"{ref:>8.2f}{ref / row['e2e_step_ms']:>8.2f}" if ref else ""))
+    for call in results.get("first_calls", []):
+        if "error" in call:
+            lines.append(f"first call, new process, {call['scheme']}, {call['cache']} Triton cache: {call['error'][-200:]}")
+        else:
+            lines.append(f"first call, new process, 2-layer model, {call['scheme']}, {call['cache']} Triton cache: "
+                         f"{call['first_call_s']:.2f} s (second call {call['second_call_s']:.2f} s)")
     for key in ("sampler_tail", "moe_grouped"):
         if key in results:
             lines += ["", f"{key}:", json.dumps(results[key], default=str)[:1500]]
