@@ -39,9 +39,9 @@ import torch
 Tensor = torch.Tensor
 
 #: ``stream`` values for :func:`step_keys`: one independent stream per use within a step.
-STREAM_CANVAS = 0
-STREAM_RENOISE = 1
-STREAM_GUMBEL = 2
+STREAM_CANVAS = 1
+STREAM_RENOISE = 2
+STREAM_GUMBEL = 3
 
 #: Third counter word, separating the kinds of draw made with one key.
 PURPOSE_GUMBEL = 0
