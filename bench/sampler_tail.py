@@ -59,14 +59,15 @@ def _time(fn, device, warmup: int, reps: int) -> list[float]:
     for _ in range(warmup):
         fn()
     sync()
-    times = []
+    times, cpu_times = [], []
     for _ in range(reps):
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn()
         sync()
         times.append((time.perf_counter() - start) * 1e3)
-    return times
+        cpu_times.append((time.process_time() - cpu_start) * 1e3)
+    return times, cpu_times
 
 
 def run(device: str = "cuda", batch_sizes=(1, 8), vocab: int = 262_144, canvas: int = 256, *,
@@ -75,7 +76,7 @@ def run(device: str = "cuda", batch_sizes=(1, 8), vocab: int = 262_144, canvas: 
 
     Keys: ``path``, ``batch``, ``canvas``, ``vocab``, ``device`` (name), ``median_ms``, ``min_ms``
     (milliseconds per call), ``gbps`` (logits read + bf16 self-conditioning written, GB/s at the
-    median), and for ``triton`` on CUDA ``sampled_agree`` / ``argmax_agree`` (fraction of positions
+    median), on the CPU ``cpu_median_ms`` (the process's CPU time per call), and for ``triton`` on CUDA ``sampled_agree`` / ``argmax_agree`` (fraction of positions
     where the kernel's tokens equal the torch backend's) and ``entropy_max_abs`` (nats); ``skipped``
     with a reason instead of timings where a path cannot run (triton off CUDA).
     """
@@ -111,13 +112,15 @@ def run(device: str = "cuda", batch_sizes=(1, 8), vocab: int = 262_144, canvas: 
                 rows.append(dict(row, skipped="the triton backend needs CUDA and triton"))
                 continue
             try:
-                times = _time(calls[path], dev, warmup, reps)
+                times, cpu_times = _time(calls[path], dev, warmup, reps)
             except torch.OutOfMemoryError as error:
                 rows.append(dict(row, skipped=f"out of memory: {str(error).splitlines()[0]}"))
                 torch.cuda.empty_cache()
                 continue
             median = statistics.median(times)
             row.update(median_ms=median, min_ms=min(times), gbps=moved / median / 1e6)
+            if dev.type == "cpu":  # on a shared machine, the process's own CPU time is the steadier number
+                row.update(cpu_median_ms=statistics.median(cpu_times))
             if path == "triton":
                 fused = calls["triton"]()
                 sc_fused = out.clone()
@@ -135,13 +138,13 @@ def run(device: str = "cuda", batch_sizes=(1, 8), vocab: int = 262_144, canvas: 
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of :func:`run`'s rows."""
-    lines = [f"{'path':<13} {'B':>2} {'C':>4} {'V':>7} {'median ms':>10} {'min ms':>8} {'GB/s':>7}  agreement"]
+    lines = [f"{'path':<13} {'B':>2} {'C':>4} {'V':>7} {'median ms':>10} {'min ms':>8} {'GB/s':>7}  notes"]
     for row in rows:
         head = f"{row['path']:<13} {row['batch']:>2} {row['canvas']:>4} {row['vocab']:>7}"
         if "skipped" in row:
             lines.append(f"{head}  skipped: {row['skipped']}")
             continue
-        agree = ""
+        agree = f"process CPU {row['cpu_median_ms']:.1f} ms" if "cpu_median_ms" in row else ""
         if "sampled_agree" in row:
             agree = (f"sampled {row['sampled_agree']:.4f} argmax {row['argmax_agree']:.4f} "
                      f"|dH| {row['entropy_max_abs']:.1e} |dSC| {row['sc_max_abs']:.1e}")

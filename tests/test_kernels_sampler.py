@@ -236,6 +236,9 @@ def test_bad_arguments_are_refused(monkeypatch):
         sampler.sample_tail(raw, softcap=None, temperature=temperature, keys=keys[:1])
     with pytest.raises(ValueError, match="temperature"):
         sampler.sample_tail(raw, softcap=None, temperature=torch.ones(3), keys=keys)
+    with pytest.raises(ValueError, match="contiguous"):
+        strided = torch.empty(raw.shape[::-1]).transpose(0, 2)
+        sampler.sample_tail(raw, softcap=None, temperature=temperature, keys=keys, self_conditioning_out=strided)
     # Outside the interpreter, the kernel needs CUDA tensors: CPU tensors get a clear refusal.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="backend='torch'"):
@@ -262,23 +265,24 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     cases = []
     generator = torch.Generator().manual_seed(0)
     keys = noise.step_keys(torch.tensor([3, 4]), 1, 2, noise.STREAM_GUMBEL)
-    for dtype in (torch.float32, torch.bfloat16):
-        for softcap in (None, 30.0):
-            for block in (128, 4096):
-                raw = (torch.randn(2, 5, 300, generator=generator) * 6).to(dtype)
-                if softcap is None and block == 128:
-                    raw[0, 1, 17::5] = float("-inf")
-                temperature = torch.tensor([0.45, 0.8])
-                out_t = torch.empty(2, 5, 300, dtype=torch.bfloat16)
-                out_r = torch.empty_like(out_t)
-                reference = sampler.torch_tail(raw, softcap, temperature, keys, out_r)
-                saved, sampler.torch_tail = sampler.torch_tail, refuse
-                try:
-                    got = sampler._triton_tail(raw, softcap, temperature, keys, out_t, block_v=block)
-                finally:
-                    sampler.torch_tail = saved
-                cases.append(dict(dtype=str(dtype), softcap=softcap, block=block, triton=got, torch=reference,
-                                  sc_triton=out_t, sc_torch=out_r))
+    shapes = [(dtype, softcap, block, 300) for dtype in (torch.float32, torch.bfloat16) for softcap in (None, 30.0)
+              for block in (128, 4096)]
+    shapes.append((torch.bfloat16, 30.0, 64, 256))  # V a multiple of the block: no masked tail
+    for dtype, softcap, block, vocab in shapes:
+        raw = (torch.randn(2, 5, vocab, generator=generator) * 6).to(dtype)
+        if softcap is None and block == 128:
+            raw[0, 1, 17::5] = float("-inf")
+        temperature = torch.tensor([0.45, 0.8])
+        out_t = torch.empty(2, 5, vocab, dtype=torch.bfloat16)
+        out_r = torch.empty_like(out_t)
+        reference = sampler.torch_tail(raw, softcap, temperature, keys, out_r)
+        saved, sampler.torch_tail = sampler.torch_tail, refuse
+        try:
+            got = sampler._triton_tail(raw, softcap, temperature, keys, out_t, block_v=block)
+        finally:
+            sampler.torch_tail = saved
+        cases.append(dict(dtype=str(dtype), softcap=softcap, block=block, vocab=vocab, triton=got,
+                          torch=reference, sc_triton=out_t, sc_torch=out_r))
     raw = torch.randn(2, 5, 300, generator=generator)
     via_api = sampler.sample_tail(raw, softcap=30.0, temperature=torch.tensor(0.6), keys=keys, backend="triton")
     reference = sampler.sample_tail(raw, softcap=30.0, temperature=torch.tensor(0.6), keys=keys, backend="torch")
@@ -303,13 +307,13 @@ def interpreted(tmp_path_factory):
 
 def test_the_triton_kernel_ran_in_the_interpreter(interpreted):
     assert interpreted["kernel_type"] == "InterpretedFunction"
-    assert len(interpreted["cases"]) == 8
+    assert len(interpreted["cases"]) == 9
 
 
 def test_the_triton_kernel_samples_the_torch_backends_tokens(interpreted):
     for case in interpreted["cases"]:
         (sampled, argmax, entropy), (ref_sampled, ref_argmax, ref_entropy) = case["triton"], case["torch"]
-        label = f"{case['dtype']} softcap={case['softcap']} block={case['block']}"
+        label = f"{case['dtype']} softcap={case['softcap']} block={case['block']} V={case['vocab']}"
         assert torch.equal(sampled, ref_sampled), label
         assert torch.equal(argmax, ref_argmax), label
         # Entropy within 1e-5 nats + 1e-5 relative (float32 online log-sum-exp vs torch's two passes).
