@@ -52,7 +52,8 @@ def _fast_sampler_path(raw, temperature, generator):
     return sampled, argmax, entropy, self_conditioning
 
 
-def _time(fn, device, warmup: int, reps: int) -> list[float]:
+def _time(fn, device, warmup: int, reps: int) -> tuple[list[float], list[float]]:
+    """Wall and process-CPU milliseconds of each timed run."""
     import torch
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
