@@ -100,6 +100,17 @@ def test_route_sorts_pairs_by_expert_with_end_offsets():
     assert perm.tolist() == [1, 4, 5, 0, 2, 3]  # stable: a token's pairs keep their order
 
 
+def test_dequantisation_paths_agree_with_bitsandbytes():
+    """moe.dequantize (bitsandbytes' CPU kernel) and moe.nf4_dequantize (torch) give the same
+    values for a stack (both are checked against bitsandbytes in tests/test_quant.py)."""
+    stack = QuantizedStack("nf4", 3, 16, 128, torch.float32, "cpu")
+    for index in range(3):
+        stack.store(index, torch.randn(16, 128))
+    native = moe.dequantize(stack.q, stack.scale, stack.code, "nf4", 16, 128, torch.float32)
+    assert torch.equal(native, moe.nf4_dequantize(stack.q, stack.scale, stack.code, 16, 128, torch.float32))
+    assert torch.equal(native[1], stack.weight(1))
+
+
 def test_nf4_code_table_lives_on_the_device_and_the_saved_layout_is_unchanged():
     stack = QuantizedStack("nf4", 2, 8, 64, torch.float32, "cpu")
     assert stack.code is not None and stack.code.device == stack.q.device and stack.code.numel() == 16
@@ -146,7 +157,7 @@ INTERPRETED = textwrap.dedent("""
     import json, sys
     import torch
     sys.path.insert(0, {tests!r})
-    from test_quant_grouped import make_experts, make_routing, reference, relative_error
+    from test_quant_grouped import looped_forward, make_experts, make_routing, reference, relative_error
     from diffgen.kernels import moe
     from diffgen.loading.quant import QuantizedLinear
 
@@ -155,25 +166,35 @@ INTERPRETED = textwrap.dedent("""
             raise AssertionError(f"host sync: {{name}}")
         return call
 
+    class NoHostSync:  # Tensor.item/tolist/__bool__/nonzero and torch.nonzero (all wait for the device) raise
+        names = ("item", "tolist", "__bool__", "nonzero")
+
+        def __enter__(self):
+            self.saved = {{name: getattr(torch.Tensor, name) for name in self.names}}, torch.nonzero
+            for name in self.names:
+                setattr(torch.Tensor, name, refuse(name))
+            torch.nonzero = refuse("torch.nonzero")
+
+        def __exit__(self, *exc):
+            for name, fn in self.saved[0].items():
+                setattr(torch.Tensor, name, fn)
+            torch.nonzero = self.saved[1]
+
     results = []
-    for scheme, hidden_size, dtype in [("int8", 64, torch.float32), ("fp8", 64, torch.float32),
-                                       ("nf4", 64, torch.float32), ("nf4", 64, torch.bfloat16),
-                                       ("int8", 64, torch.bfloat16)]:
+    for scheme, dtype in [("int8", torch.float32), ("fp8", torch.float32), ("nf4", torch.float32),
+                          ("nf4", torch.bfloat16), ("int8", torch.bfloat16)]:
         module = make_experts(scheme, dtype=dtype)
         hidden, index, weights = make_routing(tokens=37, experts=8, top_k=3, dtype=dtype)
-        saved = {{name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "nonzero")}}
-        saved_nonzero = torch.nonzero
-        for name in saved:
-            setattr(torch.Tensor, name, refuse(name))
-        torch.nonzero = refuse("torch.nonzero")
-        try:
+        with NoHostSync():
             out = module(hidden, index, weights)
-        finally:
-            for name, fn in saved.items():
-                setattr(torch.Tensor, name, fn)
-            torch.nonzero = saved_nonzero
         results.append({{"scheme": scheme, "dtype": str(dtype),
                          "error": relative_error(out, reference(module, hidden, index, weights))}})
+    try:  # the negative control: the old loop syncs
+        with NoHostSync():
+            looped_forward(module, hidden, index, weights)
+        loop_refused = False
+    except AssertionError:
+        loop_refused = True
 
     # one-group product (nf4-all linears): rows split over programs, blocks straddling rows (in=40)
     torch.manual_seed(3)
@@ -184,11 +205,13 @@ INTERPRETED = textwrap.dedent("""
         expected = torch.nn.functional.linear(x, linear.stack.weight(0))
         results.append({{"scheme": f"nf4-linear-{{in_features}}", "dtype": "torch.float32",
                          "error": relative_error(linear(x), expected)}})
-    print(json.dumps({{"results": results, "launches": dict(moe.LAUNCHES)}}))
+    print(json.dumps({{"results": results, "launches": dict(moe.LAUNCHES), "loop_refused": loop_refused}}))
 """)
 
 
 def test_triton_kernel_matches_the_reference_under_the_interpreter():
+    """The Triton path (the one CUDA takes) on the CPU: same results as the reference, and a
+    forward that never calls what waits for the device (the old loop, as control, does)."""
     pytest.importorskip("triton")  # a dev dependency on Linux x86-64 (pyproject); CI installs it
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     script = INTERPRETED.format(tests=str(ROOT / "tests"))
@@ -197,6 +220,7 @@ def test_triton_kernel_matches_the_reference_under_the_interpreter():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     # 5 expert layers x 2 projections + 2 linears, all through the Triton kernel, none through torch.
     assert report["launches"].get("triton") == 12 and not report["launches"].get("torch")
+    assert report["loop_refused"]
     for row in report["results"]:
         assert row["error"] < TOLERANCE[getattr(torch, row["dtype"].split(".")[1])], row
 

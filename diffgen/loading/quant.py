@@ -24,13 +24,13 @@ Buffers per :class:`QuantizedStack` (``E`` matrices of ``(out, in)``): int8/fp8 
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 from torch import nn
 
 from diffgen.kernels import moe
+from diffgen.kernels.moe import bnb_functional
 from diffgen.planning.plan import NF4_BLOCK
 
 # The 16 NormalFloat-4 levels (QLoRA, Dettmers et al. 2023), as bitsandbytes defines them.
@@ -43,25 +43,6 @@ FP8_MAX = 448.0
 
 
 # -- NF4 ------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def bnb_functional(device_type: str) -> Any:
-    """bitsandbytes' functional module if it quantises on this device type, else ``None``."""
-    import logging
-    import os
-
-    if not os.environ.get("DIFFGEN_DEBUG"):  # its CPU backend warns about an optional kernel package
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:
-        import bitsandbytes.functional as F
-
-        probe = torch.randn(NF4_BLOCK * 2, device=device_type)
-        packed, state = F.quantize_4bit(probe, blocksize=NF4_BLOCK, quant_type="nf4")
-        F.dequantize_4bit(packed, state)
-        return F
-    except Exception:  # noqa: BLE001 - not installed, no backend for this device, ...
-        return None
 
 
 def nf4_quantize_torch(weight: torch.Tensor, levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +60,8 @@ def nf4_dequantize_torch(packed: torch.Tensor, absmax: torch.Tensor, shape: torc
                          dtype: torch.dtype, levels: torch.Tensor | None = None) -> torch.Tensor:
     levels = NF4_LEVELS.to(packed.device) if levels is None else levels
     shape = torch.Size(shape)
-    return moe.dequantize(packed.reshape(1, -1), absmax.reshape(1, -1), levels, "nf4", shape.numel(), 1,
-                          dtype).reshape(shape)
+    return moe.nf4_dequantize(packed.reshape(1, -1), absmax.reshape(1, -1), levels, shape.numel(), 1,
+                              dtype).reshape(shape)
 
 
 class NF4Codec:
