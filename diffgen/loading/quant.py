@@ -111,7 +111,7 @@ class QuantizedStack(nn.Module):
             self.codec = NF4Codec(device)
             self.register_buffer("q", torch.empty((count, numel // 2), dtype=torch.uint8, device=device))
             self.register_buffer("scale", torch.empty((count, numel // NF4_BLOCK), dtype=torch.float32, device=device))
-            self.register_buffer("code", NF4_LEVELS.to(device), persistent=False)
+            self.register_buffer("code", NF4_LEVELS.to(device, copy=True), persistent=False)
         else:
             raise ValueError(f"unknown quantisation scheme {scheme!r}")
 
