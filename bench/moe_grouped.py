@@ -48,9 +48,9 @@ SCHEMES = ("bf16", "fp8", "fp8-wo", "int8", "nf4", "int8-torch", "nf4-torch", "i
 SWEEP = (  # alternatives to moe.kernel_config's defaults (LUT applies to nf4 only)
     {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
     {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
-    {"BLOCK_M": 16, "num_stages": 3},
-    {"LUT": 1},
+    {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 16},
+    {"LUT": 0},
 )
 
 

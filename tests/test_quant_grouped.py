@@ -196,6 +196,15 @@ INTERPRETED = textwrap.dedent("""
     except AssertionError:
         loop_refused = True
 
+    # the nf4 table lookups the GPU sweep compares (LUT 2 is the default above): same values
+    stack = make_experts("nf4").gate_up_proj
+    x = torch.randn(40, 64)
+    ends = torch.tensor([0, 7, 7, 20, 21, 33, 40, 40], dtype=torch.int32)
+    expected = moe.grouped_mm_torch(x, stack.q, stack.scale, stack.code, ends, "nf4", 48, 64)
+    for lut in (0, 1):
+        out = moe.grouped_mm_triton(x, stack.q, stack.scale, stack.code, ends, "nf4", 48, 64, config={{"LUT": lut}})
+        results.append({{"scheme": f"nf4-lut{{lut}}", "dtype": "torch.float32", "error": relative_error(out, expected)}})
+
     # one-group product (nf4-all linears): rows split over programs, blocks straddling rows (in=40)
     torch.manual_seed(3)
     for in_features in (128, 40):
@@ -218,8 +227,9 @@ def test_triton_kernel_matches_the_reference_under_the_interpreter():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    # 5 expert layers x 2 projections + 2 linears, all through the Triton kernel, none through torch.
-    assert report["launches"].get("triton") == 12 and not report["launches"].get("torch")
+    # 5 expert layers x 2 projections + 2 lookups + 2 linears through the Triton kernel; torch
+    # only for the lookups' one reference.
+    assert report["launches"].get("triton") == 14 and report["launches"].get("torch") == 1
     assert report["loop_refused"]
     for row in report["results"]:
         assert row["error"] < TOLERANCE[getattr(torch, row["dtype"].split(".")[1])], row
@@ -285,7 +295,7 @@ COMPILE_SM90 = textwrap.dedent("""
         for n, k in [(1408, 2816), (2816, 704)]:
             cfg = kernel_config(2048, 128, n, k, fmt)
             signature = {"x_ptr": "*bf16", "q_ptr": f"*{storage}", "s_ptr": "*fp32", "code_ptr": "*fp32",
-                         "ends_ptr": "*i32", "out_ptr": "*bf16", "N": "i32", "K": "i32", "M_SPLIT": "i32"}
+                         "pairs_ptr": "*i64", "ends_ptr": "*i32", "out_ptr": "*bf16", "N": "i32", "K": "i32", "M_SPLIT": "i32"}
             names = list(signature)
             constexprs = {"FMT": kind, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
                           "F32_DOT": False, "EVEN_K": k % cfg["BLOCK_K"] == 0, "LUT": cfg["LUT"]}

@@ -194,6 +194,19 @@ def triton_runs(device_type: str) -> bool:
     return True
 
 
+_PAIRS: dict = {}
+
+
+def nf4_pairs(code: torch.Tensor) -> torch.Tensor:
+    """The 256-entry table of (high, low) nibble values as int64 (two fp32 each), built once per
+    code table (a constant: kept for the life of the process, on its device)."""
+    key = (code.device, code.data_ptr())
+    if key not in _PAIRS:
+        byte = torch.arange(256, device=code.device)
+        _PAIRS[key] = torch.stack([code[byte >> 4], code[byte & 0x0F]], dim=-1).contiguous().view(torch.int64).view(256)
+    return _PAIRS[key]
+
+
 def kernel_config(rows: int, experts: int, n: int, k: int, fmt: str) -> dict[str, int]:
     """Tile sizes for :func:`grouped_mm_triton` from the static shapes (never from the routing).
 
@@ -201,16 +214,18 @@ def kernel_config(rows: int, experts: int, n: int, k: int, fmt: str) -> dict[str
     and read their weights once; with one "expert" (a dense layer) the row tiles are spread over
     ``M_SPLIT`` programs instead. ``BLOCK_K`` divides ``k`` where it can (unmasked, vectorised
     loads). Each program re-reads its expert's rows of ``x`` (from L2) for every ``BLOCK_N``
-    columns, so wide ``BLOCK_N`` keeps that traffic below the weight traffic. Chosen from the
-    sm_90 compilation (no spills; int8/fp8 140 registers and nf4 140 at 4 warps: 3 programs per
-    multiprocessor); ``bench/moe_grouped.py --sweep`` times alternatives on a GPU.
+    columns, so a wide ``BLOCK_N`` keeps that traffic below the weight traffic. nf4 looks its
+    nibbles up a byte at a time in a table of value pairs (``LUT=2``: one 8-byte gather per byte).
+    Chosen from the sm_90 compilation (no spills; int8/fp8 140-168 registers, nf4 103, at 4
+    warps: 3-4 programs per multiprocessor); ``bench/moe_grouped.py --sweep`` times
+    alternatives on a GPU.
     """
     mean = -(-rows // max(experts, 1))
     block_m = 16 if mean <= 8 else 32 if mean <= 16 else 64
     m_split = 1 if experts > 1 else max(1, min(64, -(-rows // block_m)))
     block_k = 64 if k % 64 == 0 or fmt == "nf4" else 32 if k % 32 == 0 else 64
     return {"BLOCK_M": block_m, "BLOCK_N": 64 if fmt == "nf4" else 128, "BLOCK_K": block_k, "M_SPLIT": m_split,
-            "num_warps": 4, "num_stages": 4, "LUT": 0}
+            "num_warps": 4, "num_stages": 4, "LUT": 2}
 
 
 def grouped_mm_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, code: Optional[torch.Tensor],
@@ -236,8 +251,10 @@ def grouped_mm_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, cod
         cfg["BLOCK_K"] = NF4_BLOCK
     grid = (cfg["M_SPLIT"], -(-n // cfg["BLOCK_N"]), experts)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    code = code if code is not None else scale
+    pairs = nf4_pairs(code) if kind == 1 and cfg["LUT"] == 2 else code
     grouped_wo_mm_kernel[grid](
-        x, q, scale, code if code is not None else scale, ends, out, n, k, cfg["M_SPLIT"],
+        x, q, scale, code, pairs, ends, out, n, k, cfg["M_SPLIT"],
         FMT=kind, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         F32_DOT=x.dtype == torch.float32 or interpreted, EVEN_K=k % cfg["BLOCK_K"] == 0, LUT=cfg["LUT"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -13,11 +13,12 @@ weight reads, not by the tensor cores. An expert with no rows costs one load of 
   the raw values enter the dot product exactly (int8 and e4m3 are exact in bf16/fp16/fp32) and
   the row scale multiplies the fp32 accumulator at the end;
 * 1 — NF4 with ``K % 64 == 0`` (blocks never straddle a row): ``(E, N*K/2)`` bytes, high nibble
-  first, unpacked with an interleave, looked up in the 16-entry code table, and scaled per
-  64-wide block ``(E, N*K/64)`` before the dot product. ``LUT`` picks the lookup: 0 gathers
-  from the table in memory (L1-resident; the pipeliner turns it into async copies), 1 uses
-  ``tl.gather`` on a register copy (warp shuffles; compiled for sm_90 it needs ~2x the
-  instructions and all 255 registers, so 0 is the default);
+  first, looked up in the code table and scaled per 64-wide block ``(E, N*K/64)`` before the
+  dot product. ``LUT`` picks the lookup: 2 (default) gathers both values of a byte at once
+  from ``pairs`` (256 x two fp32 as int64, L1-resident); 0 unpacks the nibbles with an
+  interleave and gathers each from the 16-entry ``code``; 1 uses ``tl.gather`` on a register
+  copy of ``code`` (warp shuffles). Compiled for sm_90 with 64x64 tiles and 4 warps: 2 needs
+  656 instructions and 103 registers, 0 needs 1048 and 138, 1 needs all 255;
 * 2 — NF4 of any shape (blocks may straddle rows): the same arithmetic from flat indices
   (gathers from memory; slower, for odd shapes such as tiny test models).
 
@@ -39,7 +40,7 @@ import triton.language as tl
 
 
 @triton.jit
-def grouped_wo_mm_kernel(x_ptr, q_ptr, s_ptr, code_ptr, ends_ptr, out_ptr, N, K, M_SPLIT,
+def grouped_wo_mm_kernel(x_ptr, q_ptr, s_ptr, code_ptr, pairs_ptr, ends_ptr, out_ptr, N, K, M_SPLIT,
                          FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          F32_DOT: tl.constexpr, EVEN_K: tl.constexpr, LUT: tl.constexpr = 0):
     split = tl.program_id(0)
@@ -81,15 +82,27 @@ def grouped_wo_mm_kernel(x_ptr, q_ptr, s_ptr, code_ptr, ends_ptr, out_ptr, N, K,
                 else:
                     w = w.to(a.dtype)
             elif FMT == 1:
-                packed = tl.load(q_base + offs_n[:, None] * (K // 2) + (k0 // 2 + half_k)[None, :],
-                                 mask=n_mask[:, None] & (half_k < (K - k0) // 2)[None, :], other=0)
-                index = tl.interleave((packed >> 4) & 0xF, packed & 0xF).to(tl.int32)
-                if LUT == 1:
-                    values = tl.gather(table, index, 1)
+                if EVEN_K:
+                    half_mask = half_k < BLOCK_K // 2
+                    group_mask = groups < BLOCK_K // 64
                 else:
-                    values = tl.load(code_ptr + index)
+                    half_mask = half_k < (K - k0) // 2
+                    group_mask = groups < (K - k0) // 64
+                packed = tl.load(q_base + offs_n[:, None] * (K // 2) + (k0 // 2 + half_k)[None, :],
+                                 mask=n_mask[:, None] & half_mask[None, :], other=0)
+                if LUT == 2:  # one 8-byte gather per byte: (high, low) values from the pair table
+                    pair = tl.load(pairs_ptr + packed.to(tl.int32))
+                    high = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+                    low = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+                    values = tl.interleave(high, low)
+                else:
+                    index = tl.interleave((packed >> 4) & 0xF, packed & 0xF).to(tl.int32)
+                    if LUT == 1:
+                        values = tl.gather(table, index, 1)
+                    else:
+                        values = tl.load(code_ptr + index)
                 absmax = tl.load(s_base + offs_n[:, None] * (K // 64) + (k0 // 64 + groups)[None, :],
-                                 mask=n_mask[:, None] & (groups < (K - k0) // 64)[None, :], other=0.0)
+                                 mask=n_mask[:, None] & group_mask[None, :], other=0.0)
                 values = tl.reshape(values, (BLOCK_N, BLOCK_K // 64, 64)) * absmax[:, :, None]
                 w = tl.reshape(values, (BLOCK_N, BLOCK_K)).to(a.dtype)
                 if F32_DOT:
