@@ -92,6 +92,20 @@ def test_chunked_torch_path_is_the_same_as_one_chunk():
     assert torch.equal(whole, chunked)
 
 
+def test_both_ways_of_combining_expert_outputs_agree():
+    """The CPU's one-pass index_add_ and the GPU's scatter-then-sum (no atomics) give one result."""
+    torch.manual_seed(2)
+    index = torch.stack([torch.randperm(6)[:3] for _ in range(11)])
+    weights = torch.rand(11, 3)
+    perm, _ = moe.route(index, 6)
+    out = torch.randn(33, 5)
+    expected = torch.zeros(11, 5)
+    for row, pair in enumerate(perm.tolist()):
+        expected[pair // 3] += out[row] * weights.reshape(-1)[pair]
+    for accumulate in (True, False):
+        assert torch.allclose(moe.combine(out, weights, perm, accumulate), expected, atol=1e-6)
+
+
 def test_route_sorts_pairs_by_expert_with_end_offsets():
     index = torch.tensor([[2, 0], [2, 4], [0, 1]])
     perm, ends = moe.route(index, 6)

@@ -65,6 +65,24 @@ def route(top_k_index: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.
     return perm, ends
 
 
+def combine(out: torch.Tensor, top_k_weights: torch.Tensor, perm: torch.Tensor, accumulate: bool) -> torch.Tensor:
+    """Per token, the sum of its ``k`` expert outputs times their routing weights.
+
+    ``out`` holds the expert outputs in sorted order (row ``r`` belongs to pair ``perm[r]``);
+    the products are taken in the weights' dtype (fp32 from the router, as transformers does) and
+    summed in it. ``accumulate``: one ``index_add_`` (sequential, hence deterministic, on the
+    CPU); otherwise scatter back to (token, k) order and sum, which stays deterministic where
+    ``index_add_`` would race (CUDA atomics).
+    """
+    tokens, top_k = top_k_weights.shape
+    weighted = out * top_k_weights.reshape(-1)[perm, None]
+    if accumulate:
+        final = torch.zeros(tokens, out.shape[-1], dtype=weighted.dtype, device=out.device)
+        return final.index_add_(0, perm // top_k, weighted)
+    unsorted = torch.empty_like(weighted).index_copy_(0, perm, weighted)
+    return unsorted.view(tokens, top_k, -1).sum(dim=1)
+
+
 # -- dequantisation (torch) -----------------------------------------------------------------------
 
 

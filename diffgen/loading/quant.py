@@ -167,8 +167,9 @@ class QuantizedExperts(nn.Module):
         """Every token through its top-k experts, weighted and summed (as transformers' experts).
 
         Grouped: the (token, k) pairs are sorted by expert on the device, both projections run as
-        one grouped product each, and the weighted results are summed per token in fp32 (as
-        transformers' ``grouped_mm`` experts do). No per-expert loop, no host sync.
+        one grouped product each, and the results are weighted and summed per token in the
+        routing weights' dtype (fp32, as transformers' ``grouped_mm`` experts do;
+        :func:`diffgen.kernels.moe.combine`). No per-expert loop, no host sync.
         """
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
@@ -176,9 +177,8 @@ class QuantizedExperts(nn.Module):
         perm, ends = moe.route(top_k_index, self.num_experts)
         gate, up = self.gate_up_proj.grouped(flat[perm // top_k], ends).chunk(2, dim=-1)
         out = self.down_proj.grouped(self.act_fn(gate) * up, ends)
-        out = out * top_k_weights.reshape(-1)[perm, None]
-        out = torch.empty_like(out).index_copy_(0, perm, out)  # back to (token, k) order
-        return out.view(flat.shape[0], top_k, -1).sum(dim=1).to(hidden_states.dtype).view(shape)
+        out = moe.combine(out, top_k_weights, perm, accumulate=flat.device.type == "cpu")
+        return out.to(hidden_states.dtype).view(shape)
 
 
 class QuantizedLinear(nn.Module):
