@@ -1,28 +1,36 @@
-"""diffgen's own expert (and linear) quantisation, weight-only, shared by encoder and decoder.
+"""diffgen's own expert (and linear) quantisation, shared by encoder and decoder.
 
 bitsandbytes' ``BitsAndBytesConfig`` only touches ``nn.Linear``: DiffusionGemma's fused 3-D
 expert tensors (88% of the weights) stay bf16, and the tied encoder/decoder keys land in its
 skip list (DESIGN.md §3). So diffgen replaces each layer's experts module with a
-:class:`QuantizedExperts` that stores every expert's weights compactly and dequantises one
-expert at a time in the forward pass. One instance serves encoder layer i and decoder layer
-i, so the tie survives and the weights exist once.
+:class:`QuantizedExperts` that stores every expert's weights compactly and runs all experts at
+once in grouped products (:mod:`diffgen.kernels.moe`: routed on the device, no per-expert loop,
+no host sync, so a denoising step can be graph-captured). One instance serves encoder layer i
+and decoder layer i, so the tie survives and the weights exist once.
 
 Formats (per expert matrix ``W`` of shape ``(out, in)``):
 
 * ``int8``: ``round(W / s)`` with one fp32 scale ``s = absmax(row) / 127`` per output row;
 * ``fp8``: ``W / s`` as float8 e4m3 with ``s = absmax(row) / 448`` per output row;
 * ``nf4``: 4-bit NormalFloat in blocks of 64 with an fp32 absmax per block, packed two per
-  byte, through bitsandbytes' functional API where it runs, else the same format in torch.
+  byte (high nibble first), quantised through bitsandbytes' functional API where it runs, else
+  the same format in torch; dequantised by diffgen (torch or the Triton kernel) from a code
+  table kept on the device.
+
+Buffers per :class:`QuantizedStack` (``E`` matrices of ``(out, in)``): int8/fp8 ``q``
+``(E, out, in)`` and ``scale`` ``(E, out, 1)`` fp32; nf4 ``q`` ``(E, out*in/2)`` uint8, ``scale``
+``(E, out*in/64)`` fp32 and ``code`` (16 fp32, not saved in the state dict).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 from torch import nn
 
+from diffgen.kernels import moe
+from diffgen.kernels.moe import bnb_functional
 from diffgen.planning.plan import NF4_BLOCK
 
 # The 16 NormalFloat-4 levels (QLoRA, Dettmers et al. 2023), as bitsandbytes defines them.
@@ -37,45 +45,29 @@ FP8_MAX = 448.0
 # -- NF4 ------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def bnb_functional(device_type: str) -> Any:
-    """bitsandbytes' functional module if it quantises on this device type, else ``None``."""
-    import logging
-    import os
-
-    if not os.environ.get("DIFFGEN_DEBUG"):  # its CPU backend warns about an optional kernel package
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:
-        import bitsandbytes.functional as F
-
-        probe = torch.randn(NF4_BLOCK * 2, device=device_type)
-        packed, state = F.quantize_4bit(probe, blocksize=NF4_BLOCK, quant_type="nf4")
-        F.dequantize_4bit(packed, state)
-        return F
-    except Exception:  # noqa: BLE001 - not installed, no backend for this device, ...
-        return None
-
-
-def nf4_quantize_torch(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def nf4_quantize_torch(weight: torch.Tensor, levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch NF4: ``(packed uint8 [numel/2], absmax fp32 [numel/64])``."""
     flat = weight.reshape(-1, NF4_BLOCK).float()
     absmax = flat.abs().amax(dim=1)
     scaled = flat / absmax.clamp(min=torch.finfo(torch.float32).tiny)[:, None]
-    levels = NF4_LEVELS.to(weight.device)
+    levels = NF4_LEVELS.to(weight.device) if levels is None else levels
     index = (scaled.unsqueeze(-1) - levels).abs().argmin(dim=-1).to(torch.uint8).reshape(-1)
     packed = (index[0::2] << 4) | index[1::2]
     return packed, absmax
 
 
 def nf4_dequantize_torch(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size,
-                         dtype: torch.dtype) -> torch.Tensor:
-    index = torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(-1).long()
-    values = NF4_LEVELS.to(packed.device)[index].reshape(-1, NF4_BLOCK) * absmax[:, None]
-    return values.reshape(shape).to(dtype)
+                         dtype: torch.dtype, levels: torch.Tensor | None = None) -> torch.Tensor:
+    levels = NF4_LEVELS.to(packed.device) if levels is None else levels
+    shape = torch.Size(shape)
+    return moe.nf4_dequantize(packed.reshape(1, -1), absmax.reshape(1, -1), levels, shape.numel(), 1,
+                              dtype).reshape(shape)
 
 
 class NF4Codec:
-    """NF4 through bitsandbytes where it runs on the device, else through torch (same format)."""
+    """NF4 quantisation through bitsandbytes where it runs on the device, else through torch
+    (same format). Dequantisation is diffgen's own (:func:`diffgen.kernels.moe.dequantize` and
+    the grouped kernels), from the code table the stack keeps on the device."""
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
@@ -85,41 +77,41 @@ class NF4Codec:
     def backend(self) -> str:
         return "bitsandbytes" if self.bnb is not None else "torch"
 
-    def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize(self, weight: torch.Tensor, levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.bnb is None:
-            return nf4_quantize_torch(weight)
+            return nf4_quantize_torch(weight, levels)
         packed, state = self.bnb.quantize_4bit(weight.contiguous(), blocksize=NF4_BLOCK, quant_type="nf4")
         return packed.reshape(-1), state.absmax.float()
-
-    def dequantize(self, packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size,
-                   dtype: torch.dtype) -> torch.Tensor:
-        if self.bnb is None:
-            return nf4_dequantize_torch(packed, absmax, shape, dtype)
-        state = self.bnb.QuantState(absmax=absmax, shape=shape, code=NF4_LEVELS.to(packed.device),
-                                    blocksize=NF4_BLOCK, quant_type="nf4", dtype=dtype)
-        return self.bnb.dequantize_4bit(packed.reshape(-1, 1), state)
 
 
 # -- one quantised matrix stack -------------------------------------------------------------------
 
 
 class QuantizedStack(nn.Module):
-    """``count`` matrices of shape ``(out, in)`` stored in ``scheme``; :meth:`weight` rebuilds one."""
+    """``count`` matrices of shape ``(out, in)`` stored in ``scheme``; :meth:`weight` rebuilds one,
+    :meth:`grouped` multiplies expert-sorted rows by all of them at once.
+
+    ``backend`` (``"auto"``, ``"triton"``, ``"torch"``) and ``fp8_activations`` (fp8 only: use
+    fp8 x fp8 products where the card has them) choose the grouped path; benchmarks set them.
+    """
 
     def __init__(self, scheme: str, count: int, out_dim: int, in_dim: int, dtype: torch.dtype, device: Any):
         super().__init__()
         self.scheme, self.shape, self.dtype = scheme, torch.Size((out_dim, in_dim)), dtype
+        self.backend, self.fp8_activations = "auto", True
         numel = out_dim * in_dim
         if scheme in ("int8", "fp8"):
             storage = torch.int8 if scheme == "int8" else torch.float8_e4m3fn
             self.register_buffer("q", torch.empty((count, out_dim, in_dim), dtype=storage, device=device))
             self.register_buffer("scale", torch.empty((count, out_dim, 1), dtype=torch.float32, device=device))
+            self.register_buffer("code", None, persistent=False)
         elif scheme == "nf4":
             if numel % NF4_BLOCK:
                 raise ValueError(f"nf4 needs matrices whose size is a multiple of {NF4_BLOCK} (got {out_dim}x{in_dim})")
             self.codec = NF4Codec(device)
             self.register_buffer("q", torch.empty((count, numel // 2), dtype=torch.uint8, device=device))
             self.register_buffer("scale", torch.empty((count, numel // NF4_BLOCK), dtype=torch.float32, device=device))
+            self.register_buffer("code", NF4_LEVELS.to(device, copy=True), persistent=False)
         else:
             raise ValueError(f"unknown quantisation scheme {scheme!r}")
 
@@ -128,7 +120,7 @@ class QuantizedStack(nn.Module):
         """Quantise one ``(out, in)`` matrix into slot ``index``."""
         weight = weight.to(self.q.device, torch.float32)
         if self.scheme == "nf4":
-            packed, absmax = self.codec.quantize(weight)
+            packed, absmax = self.codec.quantize(weight, self.code)
             self.q[index] = packed
             self.scale[index] = absmax
             return
@@ -141,9 +133,15 @@ class QuantizedStack(nn.Module):
 
     def weight(self, index: int) -> torch.Tensor:
         """Matrix ``index`` dequantised to the compute dtype."""
-        if self.scheme == "nf4":
-            return self.codec.dequantize(self.q[index], self.scale[index], self.shape, self.dtype)
-        return (self.q[index].to(torch.float32) * self.scale[index]).to(self.dtype)
+        return moe.dequantize(self.q[index:index + 1], self.scale[index:index + 1], self.code, self.scheme,
+                              *self.shape, self.dtype)[0]
+
+    def grouped(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """Rows of ``x`` ``(S, in)`` sorted by matrix (``ends``: int32 cumulative row counts, one
+        per matrix) times their matrix, transposed: ``(S, out)`` in ``x``'s dtype."""
+        out_dim, in_dim = self.shape
+        return moe.grouped_mm(x, self.q, self.scale, self.code, ends, self.scheme, out_dim, in_dim, self.backend,
+                              self.fp8_activations)
 
 
 class QuantizedExperts(nn.Module):
@@ -166,15 +164,21 @@ class QuantizedExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        final = torch.zeros_like(hidden_states)
-        mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
-        for expert in mask.sum(dim=(-1, -2)).nonzero().flatten().tolist():
-            slot, token = torch.where(mask[expert])
-            state = hidden_states[token]
-            gate, up = nn.functional.linear(state, self.gate_up_proj.weight(expert)).chunk(2, dim=-1)
-            out = nn.functional.linear(self.act_fn(gate) * up, self.down_proj.weight(expert))
-            final.index_add_(0, token, (out * top_k_weights[token, slot, None]).to(final.dtype))
-        return final
+        """Every token through its top-k experts, weighted and summed (as transformers' experts).
+
+        Grouped: the (token, k) pairs are sorted by expert on the device, both projections run as
+        one grouped product each, and the results are weighted and summed per token in the
+        routing weights' dtype (fp32, as transformers' ``grouped_mm`` experts do;
+        :func:`diffgen.kernels.moe.combine`). No per-expert loop, no host sync.
+        """
+        shape = hidden_states.shape
+        flat = hidden_states.reshape(-1, shape[-1])
+        top_k = top_k_index.shape[-1]
+        perm, ends = moe.route(top_k_index, self.num_experts)
+        gate, up = self.gate_up_proj.grouped(flat[perm // top_k], ends).chunk(2, dim=-1)
+        out = self.down_proj.grouped(self.act_fn(gate) * up, ends)
+        out = moe.combine(out, top_k_weights, perm, accumulate=flat.device.type == "cpu")
+        return out.to(hidden_states.dtype).view(shape)
 
 
 class QuantizedLinear(nn.Module):
@@ -190,4 +194,8 @@ class QuantizedLinear(nn.Module):
         self.stack.store(0, weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.stack.weight(0))
+        """``x @ W.T``: a grouped product with one group (the Triton kernel dequantises ``W`` in
+        registers where it runs; torch dequantises it and calls ``linear``)."""
+        flat = x.reshape(-1, self.in_features)
+        ends = torch.full((1,), flat.shape[0], dtype=torch.int32, device=x.device)
+        return self.stack.grouped(flat, ends).view(*x.shape[:-1], self.out_features)

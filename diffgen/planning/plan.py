@@ -38,6 +38,8 @@ SCHEMES = ("fp32", "bf16", "fp16", "fp8", "int8", "nf4", "nf4-all")
 QUANT_CHOICES = ("auto", *SCHEMES)
 UNQUANTISED = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 NF4_BLOCK = 64
+# Each nf4 stack keeps its 16-level fp32 code table on the device (diffgen.loading.quant).
+NF4_CODE_BYTES = 16 * 4
 GB = 1000**3
 GiB = 1024**3
 CUDA_CONTEXT = int(0.5 * GiB)
@@ -221,11 +223,11 @@ def weight_bytes(counts: ParameterCounts, scheme: str, dtype: str) -> int:
         if scheme in ("fp8", "int8"):
             total += numel + experts * out_dim * 4
         elif scheme in ("nf4", "nf4-all"):
-            total += experts * nf4_bytes(out_dim * in_dim)
+            total += experts * nf4_bytes(out_dim * in_dim) + NF4_CODE_BYTES
         else:
             total += numel * size
     for numel in counts.linears:
-        total += nf4_bytes(numel) if scheme == "nf4-all" else numel * size
+        total += nf4_bytes(numel) + NF4_CODE_BYTES if scheme == "nf4-all" else numel * size
     return total
 
 
