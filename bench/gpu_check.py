@@ -243,7 +243,9 @@ def _sampler_tail(device):
     sys.path.insert(0, str(ROOT / "bench"))
     import sampler_tail
 
-    return sampler_tail.run(str(device), [1, 8], 262144 if device.type == "cuda" else 4096, 256)
+    if device.type == "cuda":
+        return sampler_tail.run(str(device), [1, 8], 262144, 256, paths=("triton", "fast_sampler"))
+    return sampler_tail.run(str(device), [1], 4096, 16, reps=2)
 
 
 def _moe_grouped(device):
@@ -253,9 +255,8 @@ def _moe_grouped(device):
     import moe_grouped
 
     if device.type == "cuda":
-        return moe_grouped.run(str(device), torch.bfloat16, ["bf16", "fp8", "int8", "nf4"])
-    return moe_grouped.run(str(device), torch.float32, ["bf16", "int8", "nf4"], tokens=32, experts=8, hidden=128,
-                           inter=64)
+        return moe_grouped.run(str(device), torch.bfloat16, ("bf16", "fp8", "fp8-wo", "int8", "nf4"))
+    return moe_grouped.run(str(device), torch.float32, tokens=32, experts=8, hidden=128, inter=64, reps=2)
 
 
 def _free(device) -> None:
