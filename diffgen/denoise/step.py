@@ -185,19 +185,19 @@ class Decoder:
 class CudaGraphCapture:
     """Records a function once into a CUDA graph; calling the result replays it.
 
-    All graphs share one memory pool; :meth:`release` frees the last one's graph.
+    One graph lives at a time, in its own memory pool: recording the next canvas's graph
+    releases the last one first. (Sharing one pool across graphs while resetting the old ones
+    trips an internal assertion of torch's caching allocator, seen on torch 2.11.)
     """
 
     def __init__(self):
-        self.pool = None
         self.graph: Any = None
 
     def __call__(self, body: Callable[[], None]) -> Callable[[], None]:
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
+        self.release()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph):
             body()
         self.graph = graph
         return graph.replay
