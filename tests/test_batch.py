@@ -233,6 +233,14 @@ def test_a_utf8_bom_is_dropped():
     assert input_lines("\ufeffWhy?\nHow?")[0] == "Why?"
 
 
+def test_lines_split_at_newlines_only():
+    record = {"id": "u", "prompt": "one\u2028two\x0cthree"}  # JSON may hold U+2028 and form feeds raw
+    lines = input_lines(json.dumps(record, ensure_ascii=False) + "\r\n" + "plain\x0ctext\n")
+    assert lines == [json.dumps(record, ensure_ascii=False), "plain\x0ctext"]
+    (job,) = parse(lines[:1], name="-")
+    assert job.prompt == record["prompt"]
+
+
 def test_a_text_file_whose_first_prompt_starts_with_a_brace_is_text():
     lines = ["{name} is a placeholder: explain it", "second prompt", "{a, b} is a set"]
     assert detect_format(lines, "prompts.txt") == "text"

@@ -73,7 +73,7 @@ SETTING_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "pad_token_id": ("--model", ("model",)),
 }
 # Seconds between progress lines when stderr is not a terminal (a log file, CI, nohup).
-PROGRESS_INTERVAL = 10.0
+PROGRESS_INTERVAL = 5.0
 
 
 def batch(
@@ -188,9 +188,10 @@ def _check_settings(ctx: typer.Context, batch_mod: Any, output: Path, kept: dict
     from diffgen import __version__
     from diffgen.errors import UsageError
 
-    stored = batch_mod.read_settings(output) if resume else None
+    continuing = resume and output.exists() and output.stat().st_size > 0
+    stored = batch_mod.read_settings(output) if continuing else None
     if stored is None:
-        if resume and output.exists() and output.stat().st_size and not quiet:
+        if continuing and not quiet:
             typer.echo(f"diffgen: warning: {output} has no settings file, so this run cannot check that it continues "
                        "it with the same settings; they are recorded from now on", err=True)
         batch_mod.write_settings(output, {"diffgen": __version__, "settings": kept, "changes": []})

@@ -92,8 +92,14 @@ FORMAT_RULE = ("auto reads JSONL when the file is named *.jsonl, *.ndjson or *.j
 
 
 def input_lines(text: str) -> list[str]:
-    """The input's lines, without a UTF-8 byte order mark (which editors on Windows write)."""
-    return text.removeprefix("\ufeff").splitlines()
+    """The input's lines, without a UTF-8 byte order mark (which editors on Windows write).
+
+    Split at ``\n`` only (a ``\r`` before it goes too): ``str.splitlines`` would also split at
+    form feeds and U+2028, which a prompt or a JSON string may hold."""
+    lines = text.removeprefix("\ufeff").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
 
 
 def _is_object(line: str) -> bool:
