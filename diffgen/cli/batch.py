@@ -33,8 +33,6 @@ from diffgen.cli.common import (
     sampler_flags,
     read_input,
 )
-
-
 from diffgen.records.batch import FORMAT_RULE
 
 EPILOG = (
@@ -168,7 +166,7 @@ def batch(
             if len(summary.failures) > 5:
                 typer.echo(f"diffgen: ... and {len(summary.failures) - 5} more (see the error records)", err=True)
             if output is not None:
-                typer.echo(f"diffgen: rerun with --resume to retry the failed records", err=True)
+                typer.echo("diffgen: rerun with --resume to retry the failed records", err=True)
             raise typer.Exit(1)
 
 
