@@ -200,9 +200,9 @@ def test_killed_run_then_resume_holds_every_id_exactly_once(tiny_checkpoint, tmp
     partial = [json.loads(line) for line in out.read_text().splitlines() if line.endswith("}")]
     assert [r["id"] for r in partial] == ids[:2]
     source.write_text(jsonl({**r, "steps": 2} for r in records))  # the rest, quick this time
-    done = subprocess.run(command + ["--resume"], capture_output=True)
-    assert done.returncode == 0, done.stderr.decode()
-    assert b"6 ok, 0 failed, 2 skipped" in done.stderr
+    done = runner.invoke(app, [*command[3:], "--resume"])  # in this process: the kill was the real one
+    assert done.exit_code == 0, done.stderr
+    assert "6 ok, 0 failed, 2 skipped" in done.stderr
     records = read_records(out)  # every line parses: no partial line survived
     assert sorted(r["id"] for r in records) == sorted(ids)
 
