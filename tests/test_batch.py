@@ -12,7 +12,8 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from diffgen.records.batch import InputError, Job, derive_seed, parse
+from diffgen.errors import UsageError
+from diffgen.records.batch import InputError, Job, derive_seed, detect_format, input_lines, parse
 from diffgen.cli.app import app
 
 runner = CliRunner()
@@ -115,11 +116,9 @@ def test_all_good_exits_0_and_writes_the_documented_fields(tiny_checkpoint, tmp_
         assert record["seed"] == derive_seed(0, record["id"])
 
 
-def test_stdin_input_and_empty_input(tiny_checkpoint):
+def test_stdin_input(tiny_checkpoint):
     result = batch(tiny_checkpoint, "-", *QUICK, input=jsonl([{"id": "s", "prompt": "from stdin"}]))
     assert result.exit_code == 0 and json.loads(result.stdout)["id"] == "s"
-    empty = batch(tiny_checkpoint, "-", input="")
-    assert empty.exit_code == 0 and empty.stdout == "" and "no prompts" in empty.stderr
 
 
 def test_rerun_gives_identical_output(tiny_checkpoint, tmp_path):
@@ -171,28 +170,39 @@ def test_resume_drops_a_torn_last_line_and_finishes(tiny_checkpoint, tmp_path):
     assert sorted(map(json.dumps, map(comparable, resumed))) == sorted(map(json.dumps, map(comparable, complete)))
 
 
+def wait_for_lines(path, count, process):
+    """Block until ``path`` holds ``count`` complete lines (no deadline: pytest-timeout is the net)."""
+    while not (path.exists() and path.read_bytes().count(b"\n") >= count):
+        assert process.poll() is None, process.communicate()[1].decode()
+        time.sleep(0.02)  # how often to look, not how long to wait
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
 def test_killed_run_then_resume_holds_every_id_exactly_once(tiny_checkpoint, tmp_path, sig):
+    """The first two records are quick; the others would take hours, so the signal always lands
+    in the middle of the job, however fast or loaded the machine. The resume runs them quick."""
     source = tmp_path / "jobs.jsonl"
-    ids = [f"r{i}" for i in range(12)]
-    source.write_text(jsonl([{"id": i, "prompt": f"prompt number {n}"} for n, i in enumerate(ids)]))
+    ids = [f"r{i}" for i in range(8)]
+    records = [{"id": i, "prompt": f"prompt number {n}"} for n, i in enumerate(ids)]
+    slow = [{**r, "steps": 10**6} if n >= 2 else {**r, "steps": 2} for n, r in enumerate(records)]
+    source.write_text(jsonl(slow))
     out = tmp_path / "out.jsonl"
     command = [sys.executable, "-m", "diffgen", "batch", str(source), "-o", str(out), "-m", str(tiny_checkpoint),
-               "-n", "16", "--steps", "200", "--batch-size", "2", "--confidence", "1e-9"]
+               "-n", "16", "--batch-size", "2", "--confidence", "1e-9"]
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (out.exists() and out.read_bytes().count(b"\n") >= 2):
-        time.sleep(0.05)
+    wait_for_lines(out, 2, process)
     process.send_signal(sig)
-    _, err = process.communicate(timeout=60)
+    _, err = process.communicate()
     if sig == signal.SIGINT:
         assert process.returncode == 130 and b"--resume" in err and b"Traceback" not in err
     else:
         assert process.returncode == -signal.SIGKILL
     partial = [json.loads(line) for line in out.read_text().splitlines() if line.endswith("}")]
-    assert 2 <= len(partial) < len(ids)
-    done = subprocess.run(command + ["--resume"], capture_output=True, timeout=180)
-    assert done.returncode == 0, done.stderr.decode()
+    assert [r["id"] for r in partial] == ids[:2]
+    source.write_text(jsonl({**r, "steps": 2} for r in records))  # the rest, quick this time
+    done = runner.invoke(app, [*command[3:], "--resume"])  # in this process: the kill was the real one
+    assert done.exit_code == 0, done.stderr
+    assert "6 ok, 0 failed, 2 skipped" in done.stderr
     records = read_records(out)  # every line parses: no partial line survived
     assert sorted(r["id"] for r in records) == sorted(ids)
 
@@ -212,3 +222,239 @@ def test_progress_bar_shows_records_tokens_per_second_and_eta():
     progress.stop()
     text = console.file.getvalue()
     assert "2/4" in text and "tok/s" in text and "records" in text
+
+
+# -- input: BOM, format detection, ids, empty input --------------------------------------------------
+
+
+def test_a_utf8_bom_is_dropped():
+    lines = input_lines("\ufeff" + jsonl([{"id": "a", "prompt": "p"}, {"id": "b", "prompt": "q"}]))
+    assert [item.id for item in parse(lines, name="-")] == ["a", "b"]
+    assert input_lines("\ufeffWhy?\nHow?")[0] == "Why?"
+
+
+def test_lines_split_at_newlines_only():
+    record = {"id": "u", "prompt": "one\u2028two\x0cthree"}  # JSON may hold U+2028 and form feeds raw
+    lines = input_lines(json.dumps(record, ensure_ascii=False) + "\r\n" + "plain\x0ctext\n")
+    assert lines == [json.dumps(record, ensure_ascii=False), "plain\x0ctext"]
+    (job,) = parse(lines[:1], name="-")
+    assert job.prompt == record["prompt"]
+
+
+def test_a_text_file_whose_first_prompt_starts_with_a_brace_is_text():
+    lines = ["{name} is a placeholder: explain it", "second prompt", "{a, b} is a set"]
+    assert detect_format(lines, "prompts.txt") == "text"
+    assert [(i.id, i.prompt) for i in parse(lines, name="prompts.txt")] == [(1, lines[0]), (2, lines[1]), (3, lines[2])]
+
+
+def test_json_lines_are_never_read_as_text_without_a_word():
+    # The first line is broken, the rest are records: neither format is safe to guess.
+    lines = ['{"id": 1, "prompt": "a"', '{"id": 2, "prompt": "b"}', '{"id": 3, "prompt": "c"}']
+    with pytest.raises(UsageError) as info:
+        detect_format(lines, "-")
+    assert "line 1 is not" in str(info.value) and "--format jsonl" in str(info.value)
+    # Told, the broken line becomes an error record and the others run.
+    items = list(parse(lines, "jsonl", "-"))
+    assert isinstance(items[0], InputError) and [i.id for i in items[1:]] == [2, 3]
+    # A text file holding one prompt that happens to be a JSON object is refused as a whole, not line by line.
+    with pytest.raises(UsageError):
+        detect_format(["Why is the sky blue?", '{"id": 1, "prompt": "x"}', "hello"], "-")
+
+
+@pytest.mark.parametrize("lines, name, expected", [
+    (['{"id": 1, "prompt": "a"}', '{"id": 2, "prompt": "b"}'], "-", "jsonl"),
+    (['{"id": 1, "prompt": "a"}', '{"id": 2, "prompt": "b"}', "oops"], "-", "jsonl"),  # first and most
+    (["plain", "text"], "-", "text"),
+    (["not a record"], "jobs.jsonl", "jsonl"),  # the name says so
+])
+def test_format_rule(lines, name, expected):
+    assert detect_format(lines, name) == expected
+
+
+def test_ids_3_and_string_3_are_two_records_with_two_seeds():
+    items = list(parse(['{"id": 3, "prompt": "a"}', '{"id": "3", "prompt": "b"}']))
+    assert all(isinstance(i, Job) for i in items) and [i.id for i in items] == [3, "3"]
+    assert derive_seed(0, 3) != derive_seed(0, "3")
+
+
+def test_ids_3_and_string_3_through_resume(tiny_checkpoint, tmp_path):
+    source = tmp_path / "jobs.jsonl"
+    source.write_text(jsonl([{"id": 3, "prompt": "a"}]), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert batch(tiny_checkpoint, str(source), "-o", str(out), *QUICK).exit_code == 0
+    source.write_text(jsonl([{"id": 3, "prompt": "a"}, {"id": "3", "prompt": "b"}]), encoding="utf-8")
+    result = batch(tiny_checkpoint, str(source), "-o", str(out), "--resume", *QUICK)
+    assert result.exit_code == 0 and "1 ok, 0 failed, 1 skipped" in result.stderr
+    records = read_records(out)
+    assert [r["id"] for r in records] == [3, "3"] and records[0]["seed"] != records[1]["seed"]
+
+
+@pytest.mark.parametrize("text", ["", "\n\n  \n", "\ufeff"])
+def test_an_empty_input_is_one_line_and_exit_2_before_the_model(tmp_path, text):
+    source = tmp_path / "prompts.txt"
+    source.write_text(text, encoding="utf-8")
+    result = runner.invoke(app, ["batch", str(source), "-m", str(tmp_path / "no-model-here")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("diffgen: error: no prompts in") and "empty" in result.stderr
+
+
+# -- usage errors, all before any weights are read --------------------------------------------------
+
+
+def usage_error(args, tmp_path, input=None):
+    """Run batch with a model that does not exist: a usage error must win over the missing model."""
+    result = runner.invoke(app, ["batch", *args, "-m", str(tmp_path / "no-model-here")], input=input)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("diffgen: error: "), result.stderr
+    assert "no-model-here" not in result.stderr
+    return result.stderr
+
+
+def test_input_and_output_the_same_file_is_refused(tmp_path):
+    source = tmp_path / "jobs.jsonl"
+    source.write_text(jsonl([{"id": 1, "prompt": "keep me"}]), encoding="utf-8")
+    before = source.read_bytes()
+    for spelling in (str(source), str(tmp_path / "." / "jobs.jsonl")):
+        for flag in ("--overwrite", "--resume"):
+            assert "input file itself" in usage_error([str(source), "-o", spelling, flag], tmp_path)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(source)
+    assert "input file itself" in usage_error([str(source), "-o", str(link), "--overwrite"], tmp_path)
+    assert source.read_bytes() == before
+
+
+def test_resume_and_overwrite_together_is_a_usage_error(tmp_path):
+    assert "--resume and --overwrite" in usage_error(["-", "-o", str(tmp_path / "o.jsonl"), "--resume",
+                                                       "--overwrite"], tmp_path, input="hi\n")
+
+
+def test_output_in_a_missing_directory_is_a_usage_error(tmp_path):
+    assert "does not exist" in usage_error(["-", "-o", str(tmp_path / "nope" / "o.jsonl")], tmp_path, input="hi\n")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--format", "yaml"], "--format 'yaml'"),
+    (["--batch-size", "0"], "--batch-size '0'"),
+])
+def test_bad_batch_flags_are_usage_errors(tmp_path, args, words):
+    assert words in usage_error(["-", *args], tmp_path, input="hi\n")
+
+
+def test_resume_on_a_read_only_output_is_one_line(tmp_path, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": 1, "line": 1, "text": "kept"}\n')
+    real_open = os.open
+
+    def read_only(path, flags, *args):  # what a read-only file or file system answers (root ignores chmod)
+        if os.fspath(path) == str(out) and flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(13, "Permission denied", str(out))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    stderr = usage_error(["-", "-o", str(out), "--resume"], tmp_path, input="hi\n")
+    assert f"cannot write {out}: Permission denied" in stderr
+    assert out.read_text() == '{"id": 1, "line": 1, "text": "kept"}\n'
+
+
+# -- resume: failures are retried, settings must match -----------------------------------------------
+
+
+def test_resume_retries_records_that_failed_and_keeps_one_record_per_id(tiny_checkpoint, tmp_path):
+    source = tmp_path / "prompts.txt"
+    source.write_text("\n".join(PROMPTS), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert batch(tiny_checkpoint, str(source), "-o", str(out), *QUICK).exit_code == 0
+    good = read_records(out)
+    # As if records 2 and 5 had failed the first time (say, out of memory) and the job had stopped after 5.
+    lines = out.read_text(encoding="utf-8").splitlines(keepends=True)[:5]
+    lines[1] = json.dumps({"id": 2, "line": 2, "error": "RuntimeError: out of memory"}) + "\n"
+    lines[4] = json.dumps({"id": 5, "line": 5, "error": "RuntimeError: out of memory"}) + "\n"
+    out.write_text("".join(lines), encoding="utf-8")
+    result = batch(tiny_checkpoint, str(source), "-o", str(out), "--resume", *QUICK)
+    assert result.exit_code == 0, result.stderr
+    assert "retrying 2 record(s) that failed before" in result.stderr
+    assert "3 ok, 0 failed, 3 skipped" in result.stderr
+    records = read_records(out)
+    assert sorted(r["id"] for r in records) == list(range(1, len(PROMPTS) + 1))  # each id once, no error left
+    assert sorted(map(json.dumps, map(comparable, records))) == sorted(map(json.dumps, map(comparable, good)))
+
+
+def test_resume_exits_1_when_a_record_fails_again(tiny_checkpoint, tmp_path):
+    source = tmp_path / "jobs.jsonl"
+    source.write_text(jsonl([{"id": "ok", "prompt": "hi"}, {"id": "long", "prompt": "p", "max_new_tokens": 100000}]))
+    out = tmp_path / "out.jsonl"
+    assert batch(tiny_checkpoint, str(source), "-o", str(out), *QUICK).exit_code == 1
+    again = batch(tiny_checkpoint, str(source), "-o", str(out), "--resume", *QUICK)
+    assert again.exit_code == 1 and "retrying 1 record(s)" in again.stderr and "1 failed" in again.stderr
+    records = read_records(out)
+    assert [r["id"] for r in records] == ["ok", "long"] and "context" in records[1]["error"]
+
+
+def test_resume_refuses_other_settings_unless_a_flag_says_so(tiny_checkpoint, tmp_path):
+    source = tmp_path / "prompts.txt"
+    source.write_text("\n".join(PROMPTS), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert batch(tiny_checkpoint, str(source), "-o", str(out), "-n", "16", "--steps", "3", "--seed", "4").exit_code == 0
+    kept = json.loads((tmp_path / "out.jsonl.settings.json").read_text())
+    assert kept["settings"]["max_denoising_steps"] == 3 and kept["settings"]["seed"] == 4
+    lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    out.write_text("".join(lines[:2]), encoding="utf-8")
+    before = out.read_bytes()
+    # Omitting --steps would silently switch the rest of the job to the checkpoint's 48 steps.
+    refused = batch(tiny_checkpoint, str(source), "-o", str(out), "--resume", "-n", "16", "--seed", "4")
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1
+    assert "--steps 3 (this run: --steps 48)" in refused.stderr and out.read_bytes() == before
+    # The same flags continue it.
+    same = batch(tiny_checkpoint, str(source), "-o", str(out), "--resume", "-n", "16", "--steps", "3", "--seed", "4")
+    assert same.exit_code == 0 and "4 ok" in same.stderr
+    # An explicit flag changes a setting on purpose; the change is recorded beside the output.
+    out.write_text("".join(lines[:2]), encoding="utf-8")
+    changed = batch(tiny_checkpoint, str(source), "-o", str(out), "--resume", "-n", "16", "--steps", "2",
+                    "--seed", "4")
+    assert changed.exit_code == 0 and "--steps 2 (was --steps 3)" in changed.stderr
+    kept = json.loads((tmp_path / "out.jsonl.settings.json").read_text())
+    assert kept["settings"]["max_denoising_steps"] == 2
+    assert kept["changes"] == [{"after_records": 2, "changed": {"max_denoising_steps": {"from": 3, "to": 2}}}]
+
+
+# -- progress when stderr is not a terminal ----------------------------------------------------------
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal():
+    import io
+
+    from diffgen.cli.batch import _LineProgress
+    from diffgen.records.batch import Summary
+
+    now = [0.0]
+    stream = io.StringIO()
+    progress = _LineProgress(stream, interval=10, clock=lambda: now[0])
+    progress.update(Summary(total=4), 0)  # the first line comes at once
+    now[0] = 4.0
+    progress.update(Summary(total=4, ok=1, tokens=20), 20)  # within the interval: quiet
+    now[0] = 12.0
+    progress.update(Summary(total=4, ok=2, failed=1, tokens=40), 20)
+    assert stream.getvalue().splitlines() == [
+        "diffgen: progress: 0/4 records",
+        "diffgen: progress: 3/4 records (1 failed), 3.3 tokens/s, about 4 s left",
+    ]
+    every = io.StringIO()
+    progress = _LineProgress(every, interval=0, clock=lambda: now[0])
+    for done in range(3):
+        progress.update(Summary(total=3, ok=done), 0)
+    assert len(every.getvalue().splitlines()) == 3
+
+
+def test_a_batch_logs_progress_lines_to_a_non_terminal(tiny_checkpoint, tmp_path):
+    source = tmp_path / "prompts.txt"
+    source.write_text("\n".join(PROMPTS), encoding="utf-8")
+    result = batch(tiny_checkpoint, str(source), "-o", str(tmp_path / "out.jsonl"), *QUICK)
+    assert result.exit_code == 0 and f"diffgen: progress: 0/{len(PROMPTS)} records" in result.stderr
+    quiet = batch(tiny_checkpoint, str(source), "-o", str(tmp_path / "quiet.jsonl"), "-q", *QUICK)
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_batch_help_shows_its_defaults():
+    result = runner.invoke(app, ["batch", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(result.stdout.split())
+    assert "[default: (stdout)]" in text and "[default: auto]" in text and "[default: 0]" in text

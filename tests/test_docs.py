@@ -36,7 +36,7 @@ def bash_complete(words: list[str], env: dict | None = None) -> list[str]:
               "_diffgen_completion diffgen\n"
               'printf "%s\\n" "${COMPREPLY[@]}"\n')
     full_env = {**os.environ, "PATH": BIN + os.pathsep + os.environ.get("PATH", ""), **(env or {})}
-    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=full_env, timeout=60)
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=full_env)
     assert done.returncode == 0, done.stderr
     return done.stdout.split()
 
@@ -63,7 +63,7 @@ def test_completion_does_not_import_torch():
             "from diffgen.cli.app import app\n"
             "try:\n    app(prog_name='diffgen')\nexcept SystemExit:\n    pass\n"
             "print('\\nimported:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "run" in done.stdout and "imported: []" in done.stdout
 
 

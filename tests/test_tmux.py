@@ -7,7 +7,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -37,22 +36,21 @@ def printable_seed(loaded, **settings):
 def test_show_steps_in_tmux(tiny, tiny_checkpoint, tmp_path, width):
     seed, answer = printable_seed(tiny, max_new_tokens=32, max_denoising_steps=6)
     socket = f"diffgen-test-{os.getpid()}-{width}"
+    # When the run is over the pane signals a tmux channel, then idles until kill-server below.
     command = (
         f"{shlex.quote(sys.executable)} -m diffgen run -m {shlex.quote(str(tiny_checkpoint))} --show-steps "
-        f"--seed {seed} -n 32 --steps 6 {shlex.quote(PROMPT)}; echo __DONE__ $?; sleep 120"
+        f"--seed {seed} -n 32 --steps 6 {shlex.quote(PROMPT)}; echo __DONE__ $?; "
+        f"{shlex.quote(TMUX)} -L {socket} wait-for -S done; exec sleep 100000"
     )
     env = {k: v for k, v in os.environ.items() if k not in {"NO_COLOR", "TMUX"}}
     subprocess.run([TMUX, "-L", socket, "new-session", "-d", "-x", str(width), "-y", "40", command],
                    check=True, env=env)
     try:
-        deadline = time.monotonic() + 90
-        pane = ""
-        while time.monotonic() < deadline:
-            pane = subprocess.run([TMUX, "-L", socket, "capture-pane", "-p", "-J", "-S", "-200"],
-                                  capture_output=True, text=True, check=True).stdout
-            if "__DONE__" in pane:
-                break
-            time.sleep(0.5)
+        # Blocks until the pane signals (a signal sent before this call is not lost: tmux marks
+        # the channel woken). No deadline: pytest-timeout is the safety net.
+        subprocess.run([TMUX, "-L", socket, "wait-for", "done"], check=True)
+        pane = subprocess.run([TMUX, "-L", socket, "capture-pane", "-p", "-J", "-S", "-200"],
+                              capture_output=True, text=True, check=True).stdout
         assert "__DONE__ 0" in pane, pane
         assert "committed after 6 steps" in pane and "tok/s" in pane  # the live view's last frame
         assert "\x1b" not in pane and "^[" not in pane and "[?25" not in pane and "\x07" not in pane

@@ -113,3 +113,62 @@ def test_bad_traces_are_usage_errors(tmp_path, content, words):
     result = runner.invoke(app, ["replay", str(path)])
     assert result.exit_code == 2
     assert words in result.stderr and "Traceback" not in result.stderr
+
+
+def stopped_early_trace(settled_at=12, budget=48, tokens=12):
+    """One canvas whose position i settled at step 1 + i * (settled_at - 1) // (tokens - 1), the
+    last at ``settled_at``: the run stopped there, well inside its ``budget`` of steps."""
+    from diffgen.records.trace import Trace
+
+    final = list(range(10, 10 + tokens))
+    when = [1 + i * (settled_at - 1) // (tokens - 1) for i in range(tokens)]
+    steps = []
+    for step in range(1, settled_at + 1):
+        draft = [token if when[i] <= step else 0 for i, token in enumerate(final)]
+        steps.append(StepRecord(canvas=0, canvases=1, step=step, max_steps=budget, temperature=1.0, tokens=draft,
+                                accepted=[d != 0 for d in draft], texts=["ab"] * tokens, draft=draft,
+                                entropy=[0.0] * tokens, mean_entropy=0.0, finished=step == settled_at, elapsed=0.0))
+    canvas = CanvasRecord(canvas=0, canvases=1, tokens=final, texts=[f"t{i}" for i in range(tokens)],
+                          steps=settled_at, finished=True, elapsed=0.0)
+    return Trace(header={"prompt": "p", "settings": {"max_denoising_steps": budget}}, records=[*steps, canvas],
+                 result=None), when
+
+
+def answer_styles(trace):
+    from diffgen.ui.picture import render_picture
+
+    answer = render_picture(trace).renderables[2]  # prompt, blank line, answer, ...
+    return [(answer.plain[span.start:span.end], str(span.style)) for span in answer.spans]
+
+
+def test_a_run_that_stopped_at_step_12_spans_the_whole_palette():
+    from diffgen.ui.picture import PALETTE, palette_index
+
+    trace, when = stopped_early_trace(settled_at=12, budget=48)
+    styles = answer_styles(trace)
+    assert [text for text, _ in styles] == [f"t{i}" for i in range(12)]
+    assert palette_index(1, 12) == 0 and palette_index(12, 12) == len(PALETTE) - 1
+    first, last = styles[0][1], styles[-2][1]  # even positions are drawn in the palette's own colours
+    assert first.endswith(PALETTE[0]) and last.endswith(PALETTE[-1])
+    used = {palette_index(step, 12) for step in when}
+    assert len(used) >= 6  # not two near-identical blues: most of the palette shows
+    # Against the 48-step budget, these steps would all have fallen in the first two colours.
+    assert {min(7, (step - 1) * 8 // 48) for step in when} <= {0, 1}
+
+
+def test_adjacent_tokens_that_settled_together_stay_apart():
+    from diffgen.ui.picture import PALETTE
+
+    trace, _ = stopped_early_trace(settled_at=1, budget=48, tokens=4)  # every token settled at step 1
+    backgrounds = [style.split(" on ")[1] for _, style in answer_styles(trace)]
+    assert backgrounds[0] == backgrounds[2] == PALETTE[0]
+    assert backgrounds[1] == backgrounds[3] != PALETTE[0]  # every other token a shade darker: a visible boundary
+
+
+def test_legend_names_the_steps_taken_and_the_budget():
+    from diffgen.ui.picture import render_picture
+
+    trace, _ = stopped_early_trace(settled_at=12, budget=48)
+    legend = render_picture(trace).renderables[4].plain
+    assert legend.startswith("settled at step:") and "12–12" not in legend and "of 12 taken (48 allowed)" in legend
+    assert " 1 " in legend and "–12" in legend and "48" not in legend.split("of 12")[0]

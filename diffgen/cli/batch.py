@@ -33,37 +33,69 @@ from diffgen.cli.common import (
     sampler_flags,
     read_input,
 )
-
+from diffgen.records.batch import FORMAT_RULE
 
 EPILOG = (
     "Examples:\n\n"
     "  diffgen batch prompts.txt -o answers.jsonl           (one prompt per line; ids are line numbers)\n\n"
     "  diffgen batch jobs.jsonl -o out.jsonl --batch-size 16 --seed 7\n\n"
-    "  diffgen batch jobs.jsonl -o out.jsonl --resume       (after Ctrl-C or a crash: finish the rest)\n\n"
+    "  diffgen batch jobs.jsonl -o out.jsonl --resume       (after Ctrl-C, a crash or failed records)\n\n"
     "  cat jobs.jsonl | diffgen batch - > out.jsonl\n\n"
     'JSONL records: {"id": ..., "prompt": ...} plus optional system, think, raw, seed, max_new_tokens, steps, '
-    "entropy_bound, t_min, t_max, stability, confidence. Output records: id, line, text, tokens, finish_reason, "
-    "stats (or error). Exit status 1 when any record failed."
+    'entropy_bound, t_min, t_max, stability, confidence. An id is a string or an integer; 3 and "3" are two '
+    f"ids. --format {FORMAT_RULE}. A UTF-8 byte order mark is fine.\n\n"
+    "Output records: id, line, text, tokens, finish_reason, stats (or error). The settings that change answers "
+    "(model, weights, device, seed, sampler flags, --system/--raw/--think) are kept beside -o OUTPUT in "
+    "OUTPUT.settings.json; --resume refuses to continue with other ones unless the flag that changes them is given "
+    "on the command line, which is then recorded there. Exit status 1 when any record failed (--resume retries it)."
 )
+
+# What each kept setting is called on the command line, and the parameters that can change it.
+SETTING_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "model": ("--model", ("model",)),
+    "checkpoint": ("--model", ("model",)),
+    "weights": ("--quant", ("quant", "max_memory", "device")),
+    "device": ("--device", ("device",)),
+    "seed": ("--seed", ("seed",)),
+    "system": ("--system", ("system",)),
+    "raw": ("--raw", ("raw",)),
+    "think": ("--think", ("think",)),
+    "max_new_tokens": ("--max-new-tokens", ("max_new_tokens",)),
+    "max_denoising_steps": ("--steps", ("steps",)),
+    "entropy_bound": ("--entropy-bound", ("entropy_bound",)),
+    "t_min": ("--t-min", ("t_min",)),
+    "t_max": ("--t-max", ("t_max",)),
+    "stability_threshold": ("--stability", ("stability",)),
+    "confidence_threshold": ("--confidence", ("confidence",)),
+    "eos_token_ids": ("--model", ("model",)),
+    "pad_token_id": ("--model", ("model",)),
+}
+# Seconds between progress lines when stderr is not a terminal (a log file, CI, nohup).
+PROGRESS_INTERVAL = 5.0
 
 
 def batch(
+    ctx: typer.Context,
     input_path: Annotated[str, typer.Argument(metavar="INPUT", help="JSONL or text file of prompts; - for stdin.")],
     output: Annotated[
         Optional[Path],
-        typer.Option("--output", "-o", dir_okay=False, help="JSONL file to append records to. [default: stdout]",
-                     show_default=False),
+        typer.Option("--output", "-o", dir_okay=False,
+                     help="JSONL file to append records to; its settings go to OUTPUT.settings.json.",
+                     show_default="stdout"),
     ] = None,
     batch_size: Annotated[
         str, typer.Option("--batch-size", help="Records generated together: N, or auto (the most rows the memory "
                                                "plan fits, up to 32).")
     ] = "auto",
-    resume: Annotated[bool, typer.Option("--resume", help="Skip ids already in OUTPUT; append the rest.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue OUTPUT: skip the ids that succeeded, retry the "
+                                                          "ones that failed, append the rest.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUTPUT.")] = False,
     input_format: Annotated[
-        str, typer.Option("--format", help="auto, jsonl or text. auto: JSONL if the first line is an object.")
+        str, typer.Option("--format", help="auto, jsonl or text. auto: JSONL when every line is a JSON object (or "
+                                           "the name ends .jsonl), text when none is; a mix is refused unless its "
+                                           "first line and most lines are objects.")
     ] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no summary.")] = False,
     model: ModelOption = DEFAULT_MODEL,
     system: SystemOption = None,
     raw: RawOption = False,
@@ -86,19 +118,25 @@ def batch(
     offline: OfflineOption = False,
 ) -> None:
     """Generate an answer for every prompt in INPUT, writing one JSONL record per prompt."""
-    size = _batch_size(batch_size)  # None: auto, decided from the memory plan once the checkpoint is known
-    if input_format not in ("auto", "jsonl", "text"):
-        raise typer.BadParameter("use auto, jsonl or text", param_hint="--format")
     with error_funnel("interrupted; finished records are in the output — rerun with --resume to do the rest"):
+        from diffgen.errors import UsageError
         from diffgen.records import batch as batch_mod
         from diffgen import prompt as prompt_mod
         from diffgen.ui import render
 
+        # Everything that can be refused is refused here, before a model is read.
+        size = _batch_size(batch_size)  # None: auto, decided from the memory plan once the checkpoint is known
+        if input_format not in ("auto", "jsonl", "text"):
+            raise UsageError(f"--format {input_format!r}: use auto, jsonl or text")
+        batch_mod.check_output(output, input_path, resume=resume, overwrite=overwrite)
         data, name = read_input(input_path)
         text, warning = prompt_mod.decode_input(data, name)
         if warning:
             typer.echo(f"diffgen: warning: {warning}", err=True)
-        items = list(batch_mod.parse(text.splitlines(), input_format, name))
+        lines = batch_mod.input_lines(text)
+        if not any(line.strip() for line in lines):
+            raise UsageError(f"no prompts in {name}: it is empty", "give one prompt per line, or JSONL records")
+        items = list(batch_mod.parse(lines, input_format, name))
         console = render.error_console()
         prepared = prepare(
             model, offline=offline, device=device, quant=quant, max_memory=max_memory, offload=offload,
@@ -106,12 +144,13 @@ def batch(
             **sampler_flags(max_new_tokens, steps, entropy_bound, t_min, t_max, stability, confidence),
         )
         defaults = prepared.settings
+        if output is not None:
+            kept = _kept_settings(prepared, model=model, seed=seed, system=system, raw=raw, think=think)
+            _check_settings(ctx, batch_mod, output, kept, resume=resume, quiet=quiet)
         out = batch_mod.Output(output, resume=resume, overwrite=overwrite, stdout=sys.stdout)
         try:
-            if not items:
-                if not quiet:
-                    typer.echo("diffgen: no prompts in the input", err=True)
-                return
+            if out.retrying and not quiet:
+                typer.echo(f"diffgen: retrying {out.retrying} record(s) that failed before", err=True)
             if size is None:
                 size = auto_batch_rows(prepared)
                 if not quiet:
@@ -126,15 +165,95 @@ def batch(
                 typer.echo(f"diffgen: failed: {failure}", err=True)
             if len(summary.failures) > 5:
                 typer.echo(f"diffgen: ... and {len(summary.failures) - 5} more (see the error records)", err=True)
+            if output is not None:
+                typer.echo("diffgen: rerun with --resume to retry the failed records", err=True)
             raise typer.Exit(1)
 
 
+def _kept_settings(prepared: Any, *, model: str, seed: int, system: Optional[str], raw: bool,
+                   think: bool) -> dict[str, Any]:
+    """The settings that change a record's answer, as kept in OUTPUT.settings.json."""
+    generation = {k: v for k, v in prepared.settings.to_dict().items() if k != "seed"}
+    return {"model": model, "checkpoint": str(prepared.checkpoint.path), "weights": prepared.plan.scheme,
+            "device": prepared.plan.device, "seed": seed, "system": system, "raw": raw, "think": think,
+            **generation}
+
+
+def _check_settings(ctx: typer.Context, batch_mod: Any, output: Path, kept: dict[str, Any], *, resume: bool,
+                    quiet: bool) -> None:
+    """A new output gets its settings file; a resumed one must match it, except where a flag
+    given on this command line changes a setting on purpose (recorded in the file)."""
+    from diffgen import __version__
+    from diffgen.errors import UsageError
+
+    continuing = resume and output.exists() and output.stat().st_size > 0
+    stored = batch_mod.read_settings(output) if continuing else None
+    if stored is None:
+        if continuing and not quiet:
+            typer.echo(f"diffgen: warning: {output} has no settings file, so this run cannot check that it continues "
+                       "it with the same settings; they are recorded from now on", err=True)
+        batch_mod.write_settings(output, {"diffgen": __version__, "settings": kept, "changes": []})
+        return
+    changed = batch_mod.changed_settings(stored["settings"], kept)
+    if not changed:
+        return
+    explicit = {name for name in ctx.params if _from_command_line(ctx, name)}
+    refused = {k: v for k, v in changed.items() if not explicit & set(SETTING_FLAGS.get(k, ("", ()))[1])}
+    if refused:
+        shown = "; ".join(f"{_setting(k, old)} (this run: {_setting(k, new)})" for k, (old, new) in refused.items())
+        raise UsageError(f"{output} was written with other settings: {shown}",
+                         "pass the same flags to continue it, give a flag explicitly to change that setting for the "
+                         "remaining records, or write to a new file")
+    stored.setdefault("changes", []).append(
+        {"after_records": _records_ok(output), "changed": {k: {"from": old, "to": new} for k, (old, new) in changed.items()}})
+    stored["settings"] = kept
+    batch_mod.write_settings(output, stored)
+    if not quiet:
+        shown = ", ".join(f"{_setting(k, new)} (was {_setting(k, old)})" for k, (old, new) in changed.items())
+        typer.echo(f"diffgen: note: records written from now on use {shown}; recorded in "
+                   f"{batch_mod.settings_path(output).name}", err=True)
+
+
+def _records_ok(output: Path) -> int:
+    """How many records of ``output`` succeeded (the point where changed settings take over)."""
+    import json
+
+    count = 0
+    for line in output.read_bytes().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        count += isinstance(record, dict) and "error" not in record
+    return count
+
+
+def _from_command_line(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return getattr(source, "name", None) == "COMMANDLINE"
+
+
+def _setting(key: str, value: Any) -> str:
+    """A kept setting as the user would write it: ``--steps 3``, ``--think``, ``no --raw``."""
+    flag = SETTING_FLAGS.get(key, (key, ()))[0]
+    if key in {"checkpoint", "eos_token_ids", "pad_token_id"}:
+        return f"{key} {value}"
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    if value is None:
+        return f"no {flag}"
+    text = str(value)
+    return f"{flag} {text[:40] + '…' if len(text) > 40 else text}"
+
+
 def _batch_size(value: str) -> int | None:
+    from diffgen.errors import UsageError
+
     if value == "auto":
         return None
     if value.isdigit() and int(value) > 0:
         return int(value)
-    raise typer.BadParameter("use a positive integer or auto", param_hint="--batch-size")
+    raise UsageError(f"--batch-size {value!r}: use a positive integer or auto")
 
 
 def _run(batch_mod: Any, items: list, loaded: Any, defaults: Any, base_seed: int, size: int, out: Any,
@@ -154,7 +273,9 @@ def _run(batch_mod: Any, items: list, loaded: Any, defaults: Any, base_seed: int
         return [render.completion_record(c, result, model=model, seed=s) for c, s in zip(result.completions, seeds)]
 
     start = time.perf_counter()
-    progress = _Progress(console) if show and console.is_terminal else None
+    progress: Any = None
+    if show:
+        progress = _Progress(console) if console.is_terminal else _LineProgress(sys.stderr, PROGRESS_INTERVAL)
     try:
         summary = batch_mod.run(items, encode=encode, generate_batch=generate_batch, defaults=defaults,
                                 base_seed=base_seed, batch_size=size, output=out,
@@ -197,3 +318,47 @@ class _Progress:
 
     def stop(self) -> None:
         self.progress.stop()
+
+
+class _LineProgress:
+    """Progress for a stderr that is not a terminal (a log file, CI, ``nohup``): one plain line
+    at the start and then at most one every ``interval`` seconds, so a long job shows it is alive
+    without flooding the log. ``clock`` is injectable so tests need no waiting."""
+
+    def __init__(self, stream: Any, interval: float, clock: Any = time.monotonic):
+        self.stream = stream
+        self.interval = interval
+        self.clock = clock
+        self.start = clock()
+        self.last: float | None = None
+
+    def update(self, summary: Any, tokens: int) -> None:
+        now = self.clock()
+        todo = summary.total - summary.skipped
+        if not todo or (self.last is not None and now - self.last < self.interval):
+            return
+        self.last = now
+        elapsed = now - self.start
+        line = f"diffgen: progress: {summary.done}/{todo} records"
+        if summary.failed:
+            line += f" ({summary.failed} failed)"
+        if elapsed > 0 and summary.done:
+            line += f", {summary.tokens / elapsed:.1f} tokens/s"
+            left = elapsed / summary.done * (todo - summary.done)
+            line += f", about {_duration(left)} left" if todo > summary.done else ""
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def stop(self) -> None:
+        pass
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"

@@ -51,9 +51,9 @@ def info(
                                 "config": {"path": str(settings_file), "exists": settings_file.is_file(),
                                            "values": config.read(settings_file), "precedence": config.PRECEDENCE}}
         if model is not None:
-            from diffgen.loading import loader
+            from diffgen.loading import hub
 
-            where, config = loader.resolve_config(model, offline=offline)
+            where, config = hub.resolve_config(model, offline=offline)
             counts = plan.count_parameters(config)
             table = plan.estimates(config, counts, device=device_name, dtype=dtype, budget=budget, hardware=profile,
                                    context=context, batch=batch)

@@ -27,7 +27,7 @@ def pull(
 ) -> None:
     """Download MODEL into the Hugging Face cache (resumable), with a progress bar on stderr."""
     with error_funnel("interrupted; run the same pull again to resume"):
-        from diffgen.loading import loader
+        from diffgen.loading import hub
 
-        path = loader.pull(model, offline=offline, revision=revision)
+        path = hub.pull(model, offline=offline, revision=revision)
         sys.stdout.write(f"{path}\n")

@@ -63,12 +63,12 @@ def prepare(model: str, *, offline: bool, device: str = "auto", quant: str = "au
     generation flags by their settings names (``None`` keeps the checkpoint's default); invalid
     values raise before any weights are read.
     """
-    from diffgen.loading import loader
+    from diffgen.loading import hub, loader
 
-    _, config = loader.resolve_config(model, offline=offline)
+    _, config = hub.resolve_config(model, offline=offline)
     load_plan, chosen, budget = plan_load(config, device=device, quant=quant, max_memory=max_memory,
                                           offload=offload, batch=batch)
-    checkpoint = loader.resolve(model, offline=offline)
+    checkpoint = hub.resolve(model, offline=offline)
     config = loader.inspect_checkpoint(checkpoint.path, model)
     settings = loader.read_defaults(checkpoint.path, config).replace(**flags)
     return Prepared(checkpoint, config, settings, load_plan, chosen, budget)

@@ -4,6 +4,11 @@ Each committed token is coloured by the step from which the draft (argmax) at it
 never changed again — early steps cool, late steps warm — with a legend, and under it a
 per-canvas chart of how many tokens each step accepted. Drawn with Rich on a recording
 console and exported as SVG or HTML, so wide characters and escaping are Rich's business.
+
+The colours span the steps the run actually took (the latest settle step of any canvas), not
+the step budget: a run that stopped at step 12 of 48 still goes from the first colour to the
+last. Every other token is drawn a shade darker, so the boundaries between tokens (a word
+made of several tokens, or two tokens that settled together) stay visible.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from diffgen.ui.view import _visible
 # Eight background colours from early (cool) to late (warm) steps.
 PALETTE = ["#313695", "#4575b4", "#74add1", "#abd9e9", "#fee090", "#fdae61", "#f46d43", "#a50026"]
 WHITE_TEXT = {0, 1, 7}  # palette indices dark enough for white text
+# How much darker every other token is drawn (fraction of each RGB channel taken away).
+ALTERNATE_SHADE = 0.14
 BARS = "▁▂▃▄▅▆▇█"
 WIDTH = 100
 
@@ -36,10 +43,34 @@ def settle_steps(steps: Sequence[StepRecord], committed: Sequence[int]) -> list[
     return settled
 
 
-def _colour(step: int, max_steps: int) -> str:
-    bucket = min(len(PALETTE) - 1, (max(step, 1) - 1) * len(PALETTE) // max(max_steps, 1))
-    text = "white" if bucket in WHITE_TEXT else "black"
-    return f"{text} on {PALETTE[bucket]}"
+def buckets(top: int) -> list[tuple[int, int, int]]:
+    """``(first step, last step, palette index)`` per colour for a run whose tokens settled by
+    step ``top``: one colour per step up to eight steps, spread over the whole palette; beyond
+    that, eight ranges of steps."""
+    top = max(top, 1)
+    if top <= len(PALETTE):
+        last = len(PALETTE) - 1
+        return [(step, step, round((step - 1) * last / max(top - 1, 1))) for step in range(1, top + 1)]
+    return [(index * top // len(PALETTE) + 1, (index + 1) * top // len(PALETTE), index)
+            for index in range(len(PALETTE))]
+
+
+def palette_index(step: int, top: int) -> int:
+    """The palette index of a token that settled at ``step`` (from 1) when ``top`` is the latest."""
+    step = min(max(step, 1), max(top, 1))
+    return next(index for low, high, index in buckets(top) if low <= step <= high)
+
+
+def _shade(colour: str, amount: float) -> str:
+    red, green, blue = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    return "#" + "".join(f"{round(c * (1 - amount)):02x}" for c in (red, green, blue))
+
+
+def _colour(step: int, top: int, alternate: bool = False) -> str:
+    index = palette_index(step, top)
+    text = "white" if index in WHITE_TEXT else "black"
+    background = _shade(PALETTE[index], ALTERNATE_SHADE) if alternate else PALETTE[index]
+    return f"{text} on {background}"
 
 
 def _canvases(trace: Trace) -> list[tuple[list[StepRecord], CanvasRecord]]:
@@ -53,16 +84,15 @@ def _canvases(trace: Trace) -> list[tuple[list[StepRecord], CanvasRecord]]:
     return out
 
 
-def _legend(max_steps: int) -> Text:
+def _legend(top: int, budget: int) -> Text:
     legend = Text("settled at step: ", style="bold")
-    for bucket, colour in enumerate(PALETTE):
-        low = bucket * max_steps // len(PALETTE) + 1
-        high = (bucket + 1) * max_steps // len(PALETTE)
+    for low, high, _ in buckets(top):
         if high < low:
             continue
         label = f" {low}" + (f"–{high} " if high > low else " ")
-        legend.append(label, style=_colour(low, max_steps))
+        legend.append(label, style=_colour(low, top))
         legend.append(" ")
+    legend.append(f"of {top} taken ({budget} allowed)", style="dim")
     return legend
 
 
@@ -82,23 +112,27 @@ def _chart(canvases: list[tuple[list[StepRecord], CanvasRecord]]) -> Group:
 def render_picture(trace: Trace) -> Group:
     """The heatmap text, its legend and the per-step chart as one Rich renderable."""
     canvases = _canvases(trace)
-    max_steps = int(trace.header.get("settings", {}).get("max_denoising_steps") or 1)
+    budget = int(trace.header.get("settings", {}).get("max_denoising_steps") or 1)
+    settled = [settle_steps(steps, canvas.tokens) for steps, canvas in canvases]
+    top = max((step for canvas in settled for step in canvas), default=1)
     opener, closer = trace.channel_ids or (None, None)
     thoughts, answer = Text(), Text()
     target = answer
-    for steps, canvas in canvases:
-        for token, text, step in zip(canvas.tokens, canvas.texts, settle_steps(steps, canvas.tokens)):
+    shown = 0  # tokens drawn so far: every other one a shade darker
+    for (steps, canvas), steps_settled in zip(canvases, settled):
+        for token, text, step in zip(canvas.tokens, canvas.texts, steps_settled):
             if token == opener:
                 target = thoughts
             elif token == closer:
                 target = answer
             elif text:
-                target.append(_visible(text), style=_colour(step, max_steps))
+                target.append(_visible(text), style=_colour(step, top, alternate=shown % 2 == 1))
+                shown += 1
     prompt = " ".join(str(trace.header.get("prompt", "")).split())
     parts = [Text(f"prompt: {prompt[:200]}", style="bold")]
     if thoughts.plain.strip():
         parts += [Text("thinking:", style="dim bold"), thoughts]
-    parts += [Text(), answer, Text(), _legend(max_steps), Text(), _chart(canvases)]
+    parts += [Text(), answer, Text(), _legend(top, budget), Text(), _chart(canvases)]
     return Group(*parts)
 
 
