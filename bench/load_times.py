@@ -2,7 +2,7 @@
 
 Builds a random DiffusionGemma checkpoint in several safetensors shards (bf16 on disk, as released
 checkpoints are): bench/load_memory.py's dimensions with 16 experts instead of 32 (~180M
-parameters, so that the whole run stays near a minute on 2 CPU cores; ``--experts 32`` gives
+parameters, so that a round takes a minute or two on 2 CPU cores; ``--experts 32`` gives
 ~330M). It reads the shards once so the OS page cache holds them for every run alike, then loads
 the checkpoint in a fresh process per row:
 
@@ -10,12 +10,14 @@ the checkpoint in a fresh process per row:
 * each quantised scheme: with the cache off (``DIFFGEN_QUANT_CACHE=0``, diffgen before the cache),
   then load #1 (quantises and writes the cache), then load #2 (reads the cache).
 
-Each row gives the wall time of ``diffgen.loading.loader.load()`` (imports excluded) and the peak
-resident memory the load added (VmHWM minus the RSS after imports; file pages mapped from the
-shards or the cache count too). The cache's pages are warm for load #2 as well, since load #1
-has just written them: this measures the CPU work saved, not a cold disk.
+Each row gives the wall time and the process's CPU time (all threads; steadier than wall time
+on a shared machine) of ``diffgen.loading.loader.load()`` (imports excluded), the peak resident
+memory the load added (VmHWM minus the RSS after imports; file pages mapped from the shards or
+the cache count too; the largest over rounds) and a digest of the quantised buffers (load #2
+must match load #1). The cache's pages are warm for load #2 as well, since load #1 has just
+written them: this measures the work saved, not a cold disk.
 
-    python bench/load_times.py [--schemes int8 nf4] [--experts 16] [--shard-size 100MB] [--device cpu]
+    python bench/load_times.py [--schemes int8 nf4] [--experts 16] [--shard-size 100MB] [--device cpu] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # devtools/ and diffgen/ beside bench/
 
@@ -47,17 +51,17 @@ def status(field):
 base = status("VmRSS")
 path, scheme, device = sys.argv[1:4]
 plan = LoadPlan(device, "bfloat16", "none" if scheme == "bf16" else scheme)
-start = time.perf_counter()
+start, cpu_start = time.perf_counter(), time.process_time()
 model = load(path, plan, progress=False).model
 if device.startswith("cuda"):
     torch.cuda.synchronize()
-seconds = time.perf_counter() - start
+seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
 added = status("VmHWM") - base
 digest = hashlib.sha256()  # of the quantised buffers: load #2 must give load #1's bytes
 for name, module in sorted(quantised_modules(model).items()):
     for key, tensor in sorted(module.state_dict().items()):
         digest.update(tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-print(json.dumps({"seconds": seconds, "added": added, "digest": digest.hexdigest()[:8]}))
+print(json.dumps({"seconds": seconds, "cpu": cpu, "added": added, "digest": digest.hexdigest()[:8]}))
 """
 
 
@@ -73,6 +77,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--shard-size", default="100MB")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of every row, interleaved (medians shown)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         directory, cache = Path(tmp) / "ckpt", Path(tmp) / "cache"
@@ -87,22 +92,25 @@ def main() -> None:
         base_env = {**os.environ, "DIFFGEN_CACHE": str(cache), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         off_env = {**base_env, "DIFFGEN_QUANT_CACHE": "0"}
         on_env = {**base_env, "DIFFGEN_QUANT_CACHE": "1"}
-        rows = [("bf16", "load #1", child(directory, "bf16", args.device, off_env)),
-                ("bf16", "load #2", child(directory, "bf16", args.device, off_env))]
+        plan = [("bf16", "load #1", off_env), ("bf16", "load #2", off_env)]
         for scheme in args.schemes:
-            rows.append((scheme, "cache off", child(directory, scheme, args.device, off_env)))
-            rows.append((scheme, "load #1 (writes)", child(directory, scheme, args.device, on_env)))
-            rows.append((scheme, "load #2 (reads)", child(directory, scheme, args.device, on_env)))
+            plan += [(scheme, "cache off", off_env), (scheme, "load #1 (writes)", on_env),
+                     (scheme, "load #2 (reads)", on_env)]
+        runs: dict[tuple[str, str], list[dict]] = {}
+        for _ in range(args.repeat):  # rounds interleave the rows; each round starts with an empty cache
+            shutil.rmtree(cache, ignore_errors=True)
+            for scheme, which, env in plan:
+                runs.setdefault((scheme, which), []).append(child(directory, scheme, args.device, env))
         sizes = {json.loads((entry / "manifest.json").read_text())["key"]["scheme"]:
                  sum(f.stat().st_size for f in entry.iterdir()) for entry in (cache / "quantized").iterdir()}
-    print(f"device {args.device}")
-    print(f"{'scheme':<8}{'load':<18}{'seconds':>9}{'added peak MB':>15}  quantised bytes (sha256)")
-    for scheme, which, row in rows:
-        digest = row["digest"] if scheme != "bf16" else "-"
-        print(f"{scheme:<8}{which:<18}{row['seconds']:>9.1f}{row['added'] / 1e6:>15.0f}  {digest}")
+    print(f"device {args.device}; median of {args.repeat} interleaved round(s)")
+    print(f"{'scheme':<8}{'load':<18}{'wall s':>8}{'CPU s':>8}{'added peak MB':>15}  quantised bytes (sha256)")
+    for (scheme, which), rows in runs.items():
+        digests = sorted({row["digest"] for row in rows}) if scheme != "bf16" else ["-"]
+        print(f"{scheme:<8}{which:<18}{median(r['seconds'] for r in rows):>8.1f}{median(r['cpu'] for r in rows):>8.1f}"
+              f"{max(r['added'] for r in rows) / 1e6:>15.0f}  {' '.join(digests)}")
     for scheme, size in sizes.items():
         print(f"cache entry {scheme}: {size / 1e6:.0f} MB on disk")
-
 
 if __name__ == "__main__":
     main()

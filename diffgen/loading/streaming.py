@@ -122,8 +122,8 @@ def _fill_quantising(model: Any, modules: dict[str, Any], cache: qcache.QuantCac
                      plan: LoadPlan, *, progress: bool, source: str) -> Any:
     """Fill the model from the shards, quantising on the way and writing the cache entry (when
     ``cache`` is given) one layer at a time as each shard completes layers."""
+    writer = cache.writer(modules, announce=progress) if cache is not None else None  # says so before the bar
     bar = _progress(progress, len(files), "Loading and quantising shards")
-    writer = cache.writer(modules, announce=progress) if cache is not None else None
     received: dict[int, set[str]] = {}
 
     def after_shard() -> None:
@@ -248,16 +248,17 @@ def _quantised_target(model: Any, key: str) -> Any:
 def _place(model: Any, key: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Any:
     """Put checkpoint tensor ``key`` in its place; return the quantised module it filled, if any."""
     module_name, _, leaf = key.rpartition(".")
+    target = _quantised_target(model, key)
+    if isinstance(target, QuantizedLinear):
+        target.store(tensor)
+        return target
+    if isinstance(target, QuantizedExperts):
+        target.store(leaf, tensor)
+        return target
     try:
         module = model.get_submodule(module_name)
     except AttributeError:
         module = None
-    if isinstance(module, QuantizedLinear) and leaf == "weight":
-        module.store(tensor)
-        return module
-    if isinstance(module, QuantizedExperts):
-        module.store(leaf, tensor)
-        return module
     if module is None or (leaf not in module._parameters and leaf not in module._buffers):
         raise NotACheckpointError(f"checkpoint tensor {key} has no place in this DiffusionGemma model",
                                   "this checkpoint's layout is not one the quantising loader knows; "
