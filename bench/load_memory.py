@@ -48,14 +48,16 @@ SIZE = {"vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1024, "num_
         "head_dim": 64, "global_head_dim": 64, "num_experts": 32, "moe_intermediate_size": 768}
 
 
-def build(directory: Path, shard_size: str) -> tuple[int, int, int]:
+def build(directory: Path, shard_size: str, **overrides: int) -> tuple[int, int, int]:
+    """Save the random checkpoint (``SIZE``, with ``overrides``); ``(parameters, bytes on disk, largest shard)``."""
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
 
     from devtools.tiny import build_tokenizer, tiny_config
 
-    config = tiny_config(vocab_size=SIZE["vocab_size"], canvas_length=64,
-                         **{k: v for k, v in SIZE.items() if k != "vocab_size"})
+    size = {**SIZE, **overrides}
+    config = tiny_config(vocab_size=size["vocab_size"], canvas_length=64,
+                         **{k: v for k, v in size.items() if k != "vocab_size"})
     with torch.device("cpu"):
         model = DiffusionGemmaForBlockDiffusion(config).to(torch.bfloat16)
     model.tie_weights()

@@ -26,6 +26,8 @@ ENVIRONMENT = [
     ("XDG_CONFIG_HOME", "Where the config file lives: $XDG_CONFIG_HOME/diffgen/config.toml (default ~/.config)."),
     ("HF_HOME", "The Hugging Face home; models are cached under $HF_HOME/hub (default ~/.cache/huggingface)."),
     ("HF_HUB_OFFLINE", "Set to 1 to never contact the Hub (like --offline)."),
+    ("DIFFGEN_CACHE", "diffgen's cache directory (default $XDG_CACHE_HOME/diffgen, else ~/.cache/diffgen)."),
+    ("DIFFGEN_QUANT_CACHE", "Set to 0 to neither read nor write the quantised-weights cache."),
     ("NO_COLOR", "Set to anything to disable colours (like --no-color)."),
 ]
 FILES = [
@@ -33,6 +35,9 @@ FILES = [
      "Defaults for any option, e.g. model = \"...\", quant = \"nf4\", think = true, and per-command tables such as "
      "[batch]. Precedence: flags > environment > config file > built-in defaults. diffgen info shows it."),
     ("~/.cache/huggingface/hub", "The Hugging Face cache that --model Hub ids resolve through and diffgen pull fills."),
+    ("~/.cache/diffgen/quantized",
+     "Quantised expert weights, one directory per checkpoint revision and scheme, written by the first quantised "
+     "load and read by later ones (about the quantised experts' size each; safe to delete)."),
 ]
 EXIT_STATUS = [("0", "Success."), ("1", "An error (one line on stderr says what to do); for batch: some records failed."),
                ("2", "A usage error: a bad option, an empty prompt, a trace or config that cannot be read."),

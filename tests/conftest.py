@@ -1,7 +1,8 @@
 """Shared fixtures: tiny random DiffusionGemma checkpoints, built once per test session.
 
 No test touches the network: HF_HUB_OFFLINE is forced on for this process and every
-subprocess it starts.
+subprocess it starts. Nor the user's cache: DIFFGEN_CACHE points at a fresh directory per
+session (quantised loads write and reuse the quantised-weights cache there, as a user's would).
 
 Torch runs one thread here and in every subprocess (OMP_NUM_THREADS=1, set before torch is
 imported). The tiny models gain nothing from a second thread, and on a loaded machine OpenMP's
@@ -23,11 +24,20 @@ for _threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_threads, "1")
 os.environ.pop("DIFFGEN_MODEL", None)
 os.environ.pop("DIFFGEN_DEBUG", None)
+os.environ.pop("DIFFGEN_QUANT_CACHE", None)
 
 # Adaptive stopping fires on this checkpoint with these settings, at different steps for
 # different rows (a random model's logits are otherwise too flat for the confidence test).
 SHARP_LOGIT_SCALE = 50.0
 SHARP_SETTINGS = {"entropy_bound": 5.0, "confidence_threshold": 1.5}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def diffgen_cache(tmp_path_factory) -> Path:
+    """diffgen's cache directory for this session (``DIFFGEN_CACHE``, inherited by subprocesses)."""
+    path = tmp_path_factory.mktemp("diffgen-cache")
+    os.environ["DIFFGEN_CACHE"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,11 @@ NF4_LEVELS = torch.tensor([
     0.24611230850219727, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ])
 FP8_MAX = 448.0
+# The layout of the quantised modules' persistent buffers (their state_dict: names, shapes, dtypes
+# and what the values mean). The quantised-weights cache (qcache.py) restores exactly those
+# buffers and keys its entries on this number: bump it whenever that layout changes, so that
+# caches written by older code are rebuilt instead of trusted.
+QUANT_LAYOUT_VERSION = 1
 
 
 # -- NF4 ------------------------------------------------------------------------------------------

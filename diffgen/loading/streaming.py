@@ -4,12 +4,14 @@ The model is built with empty (meta) weights; each tensor is then read from its 
 shard, cast, moved to the device and — for expert tensors — quantised expert by expert, so
 the bf16 experts never sit in memory all at once, on the host or on the GPU. Encoder layer i
 and decoder layer i share one quantised module, and the other tied weights are re-tied to
-the decoder's after loading, as transformers ties them.
+the decoder's after loading, as transformers ties them. What quantisation produced is kept in
+the quantised-weights cache (:mod:`diffgen.loading.qcache`), so later loads skip it.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,11 @@ from accelerate.utils import set_module_tensor_to_device
 
 from diffgen.errors import NotACheckpointError
 from diffgen.planning.plan import LoadPlan, keeps_dtype
+from diffgen.loading import qcache
 from diffgen.loading.quant import QuantizedExperts, QuantizedLinear
 
+# The checkpoint tensors (by their last name part) each kind of quantised module is filled from.
+QUANTISED_LEAVES = {QuantizedExperts: frozenset({"gate_up_proj", "down_proj"}), QuantizedLinear: frozenset({"weight"})}
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -72,30 +77,97 @@ def _retie(model: Any) -> None:
 
 
 def load_quantized(path: Path, plan: LoadPlan, *, progress: bool = False) -> Any:
-    """Build the model empty, then stream every tensor of the checkpoint's shards in under ``plan``."""
-    from safetensors import safe_open
+    """Build the model empty, then fill it under ``plan`` from the checkpoint's shards.
+
+    The quantised modules come from the quantised-weights cache when it holds this checkpoint
+    and scheme (:mod:`diffgen.loading.qcache`; then the shards' expert tensors are not read);
+    otherwise they are quantised tensor by tensor, and the cache is written layer by layer on
+    the way. Every other tensor is read from the shards either way.
+    """
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     files = shard_files(path)
-    bar = _progress(progress, len(files))
+    model = empty_quantized(config, plan)
+    modules = quantised_modules(model)
+    cache = None
+    if modules and qcache.enabled():
+        cache = qcache.QuantCache(qcache.checkpoint_key(path, files, plan.quant, plan.dtype))
+        if _fill_from_cache(model, modules, cache, files, plan, progress=progress):
+            return finish_quantized(model, source=str(path))
+    return _fill_quantising(model, modules, cache, files, plan, progress=progress, source=str(path))
 
-    def tensors():
-        for file in files:
-            with safe_open(str(file), framework="pt", device="cpu") as shard:
-                for key in shard.keys():
-                    yield key, shard.get_tensor(key)
-            if bar is not None:
-                bar.update(1)
 
-    model = build_quantized(config, tensors(), plan, source=str(path))
-    if bar is not None:
-        bar.close()
+def _fill_from_cache(model: Any, modules: dict[str, Any], cache: qcache.QuantCache, files: list[Path],
+                     plan: LoadPlan, *, progress: bool) -> bool:
+    """Fill the quantised modules from the cache and everything else from the shards (skipping
+    the tensors the quantised modules would take); ``False`` (nothing from the shards read yet)
+    when the cache has no usable entry."""
+    manifest = cache.lookup(modules)
+    if manifest is None:
+        return False
+    bar = _progress(progress, len(manifest["files"]) + len(files), f"Loading cached {plan.quant} weights and shards",
+                    unit="file")
+    try:
+        if not cache.read(manifest, modules, on_file=lambda: _tick(bar)):
+            return False
+        skip = lambda key: _quantised_target(model, key) is not None  # noqa: E731
+        _fill(model, _shard_tensors(files, on_shard=lambda: _tick(bar), skip=skip), plan)
+    finally:
+        _close(bar)
+    return True
+
+
+def _fill_quantising(model: Any, modules: dict[str, Any], cache: qcache.QuantCache | None, files: list[Path],
+                     plan: LoadPlan, *, progress: bool, source: str) -> Any:
+    """Fill the model from the shards, quantising on the way and writing the cache entry (when
+    ``cache`` is given) one layer at a time as each shard completes layers."""
+    writer = cache.writer(modules, announce=progress) if cache is not None else None  # says so before the bar
+    bar = _progress(progress, len(files), "Loading and quantising shards")
+    received: dict[int, set[str]] = {}
+
+    def after_shard() -> None:
+        if writer is not None:
+            writer.write_ready(_complete(modules, received))
+        _tick(bar)
+
+    try:
+        _fill(model, _shard_tensors(files, on_shard=after_shard), plan, received)
+        model = finish_quantized(model, source=source, received=received)
+        if writer is not None:
+            writer.commit()
+    finally:
+        if writer is not None:
+            writer.close()
+        _close(bar)
     return model
+
+
+def _shard_tensors(files: list[Path], *, on_shard: Callable[[], None], skip: Callable[[str], bool] | None = None,
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of every shard in turn (but the ``skip``ped names, which are not read);
+    ``on_shard`` runs after each shard's last tensor was consumed."""
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as shard:
+            for key in shard.keys():
+                if skip is None or not skip(key):
+                    yield key, shard.get_tensor(key)
+        on_shard()
 
 
 def build_quantized(config: Any, tensors: Any, plan: LoadPlan, *, source: str = "the checkpoint") -> Any:
     """An empty model filled from ``(name, tensor)`` pairs (checkpoint names) under ``plan``."""
+    model = empty_quantized(config, plan)
+    received: dict[int, set[str]] = {}
+    _fill(model, tensors, plan, received)
+    return finish_quantized(model, source=source, received=received)
+
+
+def empty_quantized(config: Any, plan: LoadPlan) -> Any:
+    """The model with empty (meta) weights, its buffers on the device and — for a quantised plan —
+    its quantised modules in place (their buffers allocated on the device, not yet filled)."""
     from accelerate import init_empty_weights
     from transformers import DiffusionGemmaForBlockDiffusion
 
@@ -112,29 +184,81 @@ def build_quantized(config: Any, tensors: Any, plan: LoadPlan, *, source: str = 
         set_module_tensor_to_device(model, name, device, value=value, dtype=value.dtype)
     if plan.quant != "none":
         _swap_modules(model, plan, device)
+    return model
 
-    for key, tensor in tensors:
-        _place(model, key, tensor, device, dtype)
+
+def quantised_modules(model: Any) -> dict[str, Any]:
+    """Each quantised module once (encoder and decoder share them), under the name its checkpoint
+    tensors carry: the decoder's, as checkpoints store the tied text weights under the decoder."""
+    names: dict[int, list[str]] = {}
+    found: dict[int, Any] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, (QuantizedExperts, QuantizedLinear)):
+            names.setdefault(id(module), []).append(name)
+            found[id(module)] = module
+    return {min(names[key], key=lambda n: (".decoder." not in n, n)): module for key, module in found.items()}
+
+
+def finish_quantized(model: Any, *, source: str, received: dict[int, set[str]] | None = None) -> Any:
+    """Re-tie, then check that nothing stayed empty: no parameter on the meta device and — when
+    ``received`` (the checkpoint tensors each quantised module got) is given — no quantised module
+    short of a tensor (its buffers would hold garbage)."""
     _retie(model)
     missing = [name for name, param in model.named_parameters() if param.device.type == "meta"]
+    if received is not None:
+        modules = quantised_modules(model)
+        complete = _complete(modules, received)
+        missing += [name for name in modules if name not in complete]
     if missing:
         raise NotACheckpointError(f"{source} lacks {len(missing)} weights the model needs (first: {missing[0]})",
                                   "the checkpoint is incomplete; download it again")
     return model
 
 
-def _place(model: Any, key: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
+def _fill(model: Any, tensors: Any, plan: LoadPlan, received: dict[int, set[str]] | None = None) -> None:
+    """Place every ``(name, tensor)``; note in ``received`` which tensors each quantised module got."""
+    device, dtype = torch.device(plan.device), plan.torch_dtype
+    for key, tensor in tensors:
+        target = _place(model, key, tensor, device, dtype)
+        # Let go of the tensor before asking for the next: it may be a view of its shard's memory
+        # map, which then closes with the shard, before the cache writes the layers it completed.
+        del tensor
+        if target is not None and received is not None:
+            received.setdefault(id(target), set()).add(key.rpartition(".")[2])
+
+
+def _complete(modules: dict[str, Any], received: dict[int, set[str]]) -> set[str]:
+    """The names of the quantised ``modules`` that received every checkpoint tensor they need."""
+    return {name for name, module in modules.items()
+            if QUANTISED_LEAVES[type(module)] <= received.get(id(module), set())}
+
+
+def _quantised_target(model: Any, key: str) -> Any:
+    """The quantised module that checkpoint tensor ``key`` fills, or ``None``."""
     module_name, _, leaf = key.rpartition(".")
     try:
         module = model.get_submodule(module_name)
     except AttributeError:
+        return None
+    if isinstance(module, QuantizedExperts) or (isinstance(module, QuantizedLinear) and leaf == "weight"):
+        return module
+    return None
+
+
+def _place(model: Any, key: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Any:
+    """Put checkpoint tensor ``key`` in its place; return the quantised module it filled, if any."""
+    module_name, _, leaf = key.rpartition(".")
+    target = _quantised_target(model, key)
+    if isinstance(target, QuantizedLinear):
+        target.store(tensor)
+        return target
+    if isinstance(target, QuantizedExperts):
+        target.store(leaf, tensor)
+        return target
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
         module = None
-    if isinstance(module, QuantizedLinear) and leaf == "weight":
-        module.store(tensor)
-        return
-    if isinstance(module, QuantizedExperts):
-        module.store(leaf, tensor)
-        return
     if module is None or (leaf not in module._parameters and leaf not in module._buffers):
         raise NotACheckpointError(f"checkpoint tensor {key} has no place in this DiffusionGemma model",
                                   "this checkpoint's layout is not one the quantising loader knows; "
@@ -145,11 +269,22 @@ def _place(model: Any, key: str, tensor: torch.Tensor, device: torch.device, dty
         value = tensor.clone()
     # accelerate would cast to the empty parameter's dtype (the default, fp32); keep ours.
     set_module_tensor_to_device(model, key, device, value=value, dtype=value.dtype)
+    return None
 
 
-def _progress(show: bool, total: int) -> Any:
+def _progress(show: bool, total: int, desc: str, unit: str = "shard") -> Any:
     if not show:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="Loading and quantising shards", unit="shard")
+    return tqdm(total=total, desc=desc, unit=unit)
+
+
+def _tick(bar: Any) -> None:
+    if bar is not None:
+        bar.update(1)
+
+
+def _close(bar: Any) -> None:
+    if bar is not None:
+        bar.close()
