@@ -96,7 +96,32 @@ def test_replayed_steps_give_the_tokens_of_eager_steps(sharp):
     generation = stream(sharp, _ids(sharp), settings, exact=False, graphs=True, capture=eager_capture, observe=True)
     events = list(generation)
     assert [c.token_ids for c in generation.result.completions] == [c.token_ids for c in eager.completions]
-    assert eager_capture.recorded - before == generation.runner.captures >= 1
+    canvases = sum(1 for e in events if type(e).__name__ == "CanvasEvent")
+    assert eager_capture.recorded - before == generation.runner.captures == canvases > 1
+    # once warm, a canvas's first step replays the graph too (masked self-conditioning): same tokens
+    again = stream(sharp, _ids(sharp), settings, exact=False, graphs=True, capture=eager_capture, observe=False)
+    calls = []
+    from diffgen.denoise import step as step_module
+
+    original = step_module.denoise_step
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].self_conditioning is None)  # an eager first step of a canvas
+        return original(*args, **kwargs)
+
+    again.graphs, again._capture = True, eager_capture
+    import diffgen.denoise.loop as loop_module
+
+    loop_module_step = loop_module.denoise_step
+    loop_module.denoise_step = counting
+    step_module.denoise_step = counting
+    try:
+        list(again)
+    finally:
+        loop_module.denoise_step = loop_module_step
+        step_module.denoise_step = original
+    assert [c.token_ids for c in again.result.completions] == [c.token_ids for c in eager.completions]
+    assert calls and not any(calls)  # every step, each canvas's first too, ran inside the recorded graph
     # events of replayed steps are copies: a later step never rewrites what a consumer kept
     steps = [e for e in events if type(e).__name__ == "StepEvent"]
     assert len({id(e.canvas_tokens) for e in steps}) == len(steps)

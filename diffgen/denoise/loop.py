@@ -302,7 +302,11 @@ class Generation:
         embed_dtype = model.model.decoder.embed_tokens.weight.dtype
         cache = DynamicCache(config=model.config.get_text_config(decoder=True))
         step_fn = compiled_step() if self.compile else denoise_step
-        runner = GraphedSteps(capture=self._capture, step_fn=step_fn) if self.graphs else None
+        runner = None
+        if self.graphs:
+            decoder_params = inspect.signature(type(model.model.decoder).forward).parameters
+            runner = GraphedSteps(warmup_key=(str(device), batch_size, id(model)), capture=self._capture,
+                                  step_fn=step_fn, masked_first_step="self_conditioning_mask" in decoder_params)
         self.runner = runner
 
         cur_len = prompt_len

@@ -208,22 +208,30 @@ class CudaGraphCapture:
             self.graph = None
 
 
+# Warm-up keys already served in this process: (device, batch size, model id). The first
+# recording for a key waits for one eager step with self-conditioning, so that lazy work (cuBLAS
+# workspaces, Triton compilation and autotuning) never happens inside a capture.
+_WARM: set[Any] = set()
+
+
 class GraphedSteps:
     """Denoising steps replayed from one recorded graph per canvas.
 
-    The first step of a canvas runs eagerly (the reference passes no self-conditioning then);
-    a copy of its output becomes the graph's static state, the step is recorded once into a
-    graph that writes its result back into that state, and every later step of the canvas is
-    one replay: no Python, no kernel launches, no host syncs. A canvas's graph is released
-    when the next canvas starts (the encoder's cache grew, so the decoder's inputs moved).
+    At the start of a canvas the step is recorded once into a graph that writes its result
+    back into a static copy of the state, and every step of the canvas is then one replay:
+    no Python, no kernel launches, no host syncs. The first step of a canvas, which the
+    reference runs without self-conditioning, replays the same graph with a per-row
+    ``self_conditioning_mask`` of False over a zero buffer (the decoder multiplies the soft
+    embeddings by it: exactly the zeros the reference uses); the graph itself sets the mask
+    for the following replays. A canvas's graph is released when the next canvas starts (the
+    encoder's cache grew, so the decoder's inputs moved).
 
-    ``warmup`` eager steps with self-conditioning run before the first recording so that
-    lazily initialised work (cuBLAS workspaces, Triton compilation and autotuning) never
-    happens inside a capture. ``capture`` records a body and returns its replay
-    (:class:`CudaGraphCapture`; tests pass one that replays by calling the body eagerly).
-
-    A step that cannot be recorded (a kernel that syncs with the host, say) warns once and
-    runs eagerly from then on.
+    The first canvas of a ``warmup_key`` in a process runs its first two steps eagerly before
+    recording (see ``_WARM``). ``masked_first_step=False`` (a transformers release whose
+    decoder takes no mask) runs every canvas's first step eagerly instead. ``capture`` records
+    a body and returns its replay (:class:`CudaGraphCapture`; tests pass one that replays by
+    calling the body eagerly). A step that cannot be recorded (a kernel that syncs with the
+    host, say) warns once and runs eagerly from then on.
 
     Attributes:
         captures: graphs recorded so far.
@@ -231,11 +239,13 @@ class GraphedSteps:
         failed: why recording failed, or ``None``.
     """
 
-    def __init__(self, warmup: int = 1, capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None,
-                 step_fn: Callable[[StepState, StepContext], StepState] | None = None):
-        self.warmup = warmup
-        self.step_fn = step_fn or denoise_step
+    def __init__(self, warmup_key: Any = None,
+                 capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None,
+                 step_fn: Callable[..., StepState] | None = None, masked_first_step: bool = True):
+        self.warmup_key = warmup_key
         self.capture = capture or CudaGraphCapture()
+        self.step_fn = step_fn or denoise_step
+        self.masked_first_step = masked_first_step
         self.replay: Callable[[], None] | None = None
         self.static: StepState | None = None
         self.captures = 0
@@ -251,9 +261,11 @@ class GraphedSteps:
 
     def step(self, state: StepState, context: StepContext) -> StepState:
         if self.replay is None:
-            if self.failed or state.self_conditioning is None or self.warmup > 0:
-                if state.self_conditioning is not None:
-                    self.warmup -= 1
+            first = state.self_conditioning is None
+            if self.failed or (first and (not self.masked_first_step or self.warmup_key not in _WARM)):
+                return self.step_fn(state, context)
+            if self.warmup_key not in _WARM:
+                _WARM.add(self.warmup_key)
                 return self.step_fn(state, context)
             try:
                 self._record(state, context)
@@ -277,13 +289,23 @@ class GraphedSteps:
         # Own the static buffers (the eager state may alias tensors the loop still reads).
         static = StepState(**{f.name: (None if getattr(state, f.name) is None else getattr(state, f.name).clone())
                               for f in fields(StepState)})
+        mask = None
+        if static.self_conditioning is None:
+            batch, length = static.canvas.shape
+            static = replace(static, self_conditioning=torch.zeros(
+                (batch, length, int(context.sampler.vocab_size)), dtype=context.embed_dtype,
+                device=static.canvas.device))
+            mask = torch.zeros(batch, dtype=torch.bool, device=static.canvas.device)
 
         def body() -> None:
-            out = self.step_fn(static, context)
+            out = self.step_fn(static, context) if mask is None else \
+                self.step_fn(static, context, self_conditioning_mask=mask)
             for name in STATE_FIELDS_OUT:
                 target = getattr(static, name)
                 if target is not None:
                     target.copy_(getattr(out, name))
+            if mask is not None:
+                mask.fill_(True)
 
         self.replay = self.capture(body)
         self.static = static
