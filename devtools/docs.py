@@ -62,7 +62,21 @@ def _option(param: Any) -> str:
     envvar = getattr(param, "envvar", None)
     if envvar:
         help_text += f" [env: {envvar}]"
+    default = _default(param)
+    if default:
+        help_text += f" [default: {default}]"
     return f".TP\n{names}{meta}\n{_roff(help_text) or '(no description)'}"
+
+
+def _default(param: Any) -> str:
+    """The default the help shows: the option's own words, or its value (on/off flags: only when on)."""
+    if isinstance(param.show_default, str):
+        return param.show_default
+    if param.show_default is False or param.default is None or callable(param.default):
+        return ""
+    if getattr(param, "is_flag", False):
+        return "on" if param.default is True else ""
+    return str(param.default)
 
 
 def _metavar(param: Any) -> str:
