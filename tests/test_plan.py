@@ -162,3 +162,18 @@ def test_quantised_storage_keeps_its_dtypes_under_bf16(tiny_checkpoint, scheme):
     storage = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}.get(scheme, torch.uint8)
     assert stacks and all(s.q.dtype == storage and s.scale.dtype == torch.float32 for s in stacks)
     assert resident_bytes(loaded.model) == plan.weight_bytes(plan.count_parameters(config), scheme, "bfloat16")
+
+
+def test_without_a_gpu_offload_is_never_suggested():
+    with pytest.raises(UsageError) as info:
+        plan.choose(table(12 * GB), "auto", 12 * GB, can_offload=False)
+    assert "--offload" not in str(info.value) and "--max-memory" in str(info.value)
+
+
+def test_refusals_carry_the_flags_that_would_work():
+    with pytest.raises(UsageError) as info:
+        plan.choose(table(24 * GB), "bf16", 24 * GB)
+    assert info.value.retry == (("--quant", "nf4"),)
+    with pytest.raises(UsageError) as info:
+        plan.choose(table(12 * GB), "nf4", 12 * GB)
+    assert info.value.retry == (("--quant", "bf16"), ("--offload", None))

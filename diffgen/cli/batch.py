@@ -33,6 +33,7 @@ from diffgen.cli.common import (
     sampler_flags,
     read_input,
 )
+from diffgen.cli.options import NoColorOption
 
 
 EPILOG = (
@@ -84,6 +85,7 @@ def batch(
     max_memory: MaxMemoryOption = None,
     offload: OffloadOption = False,
     offline: OfflineOption = False,
+    no_color: NoColorOption = False,
 ) -> None:
     """Generate an answer for every prompt in INPUT, writing one JSONL record per prompt."""
     size = _batch_size(batch_size)  # None: auto, decided from the memory plan once the checkpoint is known

@@ -123,7 +123,8 @@ def retried(argv: list[str], changes: Any) -> str:
     """The command ``diffgen ARGV`` with ``changes`` applied, quoted for a POSIX shell.
 
     ``changes``: ``(flag, value)`` pairs; a string sets a flag that takes a value, ``None`` adds an
-    on/off flag, ``False`` removes one. New flags go right after the command name.
+    on/off flag, ``False`` removes one. A changed flag keeps its place; a new one goes right
+    after the command name.
     """
     import shlex
 
@@ -131,18 +132,21 @@ def retried(argv: list[str], changes: Any) -> str:
     end = words.index("--") if "--" in words else len(words)
     head, tail = words[:end], words[end:]
     for flag, value in changes:
+        at = None
         kept: list[str] = []
         skip = False
         for word in head:
             if skip:
                 skip = False
-            elif word == flag:
-                skip = isinstance(value, str)  # its value follows it
-            elif not word.startswith(flag + "="):
+            elif word == flag or word.startswith(flag + "="):
+                at = len(kept) if at is None else at
+                skip = word == flag and isinstance(value, str)  # its value follows it
+            else:
                 kept.append(word)
         head = kept
         if value is not False:
-            at = next((i + 1 for i, word in enumerate(head) if not word.startswith("-")), len(head))
+            if at is None:
+                at = next((i + 1 for i, word in enumerate(head) if not word.startswith("-")), len(head))
             head[at:at] = [flag] if value is None else [flag, value]
     return "diffgen " + shlex.join(head + tail)
 
@@ -177,19 +181,41 @@ def usage_error(exc: BaseException) -> int:
     ctx = getattr(exc, "ctx", None)
     param = getattr(exc, "param", None)
     raw = getattr(exc, "message", None) or str(exc)
+    raw = raw[len("Value error, "):] if raw.lower().startswith("value error, ") else raw
     from_config = _config_source(ctx, param)
     if from_config is not None:
         path, key, value = from_config
         _say(f"diffgen: error: config file {path}: {key} = {value!r}: {_lower(raw)} — fix or remove it "
              f"(a flag on the command line overrides it)")
         return EXIT_USAGE
-    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    given = _given(param)
+    if given is not None and type(exc).__name__ == "BadParameter":
+        flag, value = given
+        message = f"invalid value {value!r} for {flag}: {_lower(raw)}"
+    else:
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
     message = _lower(" ".join(message.split()).rstrip("."))
     line = f"diffgen: error: {message}"
     if ctx is not None and getattr(ctx, "command_path", None):
         line += f" — see `{_display_path(ctx.command_path)} --help`"
     _say(line)
     return int(getattr(exc, "exit_code", EXIT_USAGE))
+
+
+def _given(param: Any) -> Optional[tuple[str, str]]:
+    """``(flag, value)`` as the user typed them for an option, from this invocation's arguments."""
+    opts = [*getattr(param, "opts", ()), *getattr(param, "secondary_opts", ())]
+    if _ARGV is None or getattr(param, "param_type_name", None) != "option" or getattr(param, "is_flag", False):
+        return None
+    words = _ARGV[: _ARGV.index("--")] if "--" in _ARGV else _ARGV
+    found = None
+    for index, word in enumerate(words):  # the last occurrence is the one click kept
+        for opt in opts:
+            if word == opt and index + 1 < len(words):
+                found = (opt, words[index + 1])
+            elif opt.startswith("--") and word.startswith(opt + "="):
+                found = (opt, word[len(opt) + 1:])
+    return found
 
 
 def _lower(text: str) -> str:

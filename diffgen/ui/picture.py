@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console, Group
 from rich.text import Text
 
+from diffgen.denoise import channels
 from diffgen.records.trace import CanvasRecord, StepRecord, Trace
 from diffgen.ui.view import _visible
 
@@ -83,17 +84,14 @@ def render_picture(trace: Trace) -> Group:
     """The heatmap text, its legend and the per-step chart as one Rich renderable."""
     canvases = _canvases(trace)
     max_steps = int(trace.header.get("settings", {}).get("max_denoising_steps") or 1)
-    opener, closer = trace.channel_ids or (None, None)
     thoughts, answer = Text(), Text()
-    target = answer
+    tokens = [token for _, canvas in canvases for token in canvas.tokens]
+    parts = iter(channels.route(tokens, trace.channel_ids))
     for steps, canvas in canvases:
         for token, text, step in zip(canvas.tokens, canvas.texts, settle_steps(steps, canvas.tokens)):
-            if token == opener:
-                target = thoughts
-            elif token == closer:
-                target = answer
-            elif text:
-                target.append(_visible(text), style=_colour(step, max_steps))
+            part = next(parts)
+            if part is not None and text:
+                (thoughts if part == channels.THOUGHT else answer).append(_visible(text), style=_colour(step, max_steps))
     prompt = " ".join(str(trace.header.get("prompt", "")).split())
     parts = [Text(f"prompt: {prompt[:200]}", style="bold")]
     if thoughts.plain.strip():
