@@ -25,6 +25,7 @@ ENVIRONMENT = [
     ("DIFFGEN_CONFIG", "Path of the config file, instead of the one under XDG_CONFIG_HOME."),
     ("XDG_CONFIG_HOME", "Where the config file lives: $XDG_CONFIG_HOME/diffgen/config.toml (default ~/.config)."),
     ("HF_HOME", "The Hugging Face home; models are cached under $HF_HOME/hub (default ~/.cache/huggingface)."),
+    ("HF_HUB_CACHE", "The Hugging Face hub cache itself, when it is not $HF_HOME/hub."),
     ("HF_HUB_OFFLINE", "Set to 1 to never contact the Hub (like --offline)."),
     ("NO_COLOR", "Set to anything to disable colours (like --no-color)."),
 ]

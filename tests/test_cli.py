@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from typer.testing import CliRunner
@@ -221,13 +220,20 @@ def test_hub_id_from_the_cache_with_hf_hub_offline(tiny_checkpoint, tmp_path):
 
 def test_sigint_during_generation_exits_130(tiny_checkpoint):
     process = subprocess.Popen(
-        # One canvas with a step budget far beyond the wait: still denoising when the signal comes.
-        [sys.executable, "-m", "diffgen", "run", "-m", str(tiny_checkpoint), "-n", "16", "--steps", "10000000", "Hi"],
+        # One canvas with a step budget that never runs out; --show-steps prints a plain line per step on
+        # stderr, so the signal is sent once denoising has started (waiting on output, not on a clock).
+        [sys.executable, "-m", "diffgen", "run", "-m", str(tiny_checkpoint), "-n", "16", "--steps", "10000000",
+         "--show-steps", "Hi"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    time.sleep(6)
+    seen = []
+    while not (seen and seen[-1].startswith(b"canvas 1/1 step 2/")):
+        line = process.stderr.readline()
+        assert line, b"".join(seen).decode()  # the process ended before denoising
+        seen.append(line)
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
+    out, err = process.communicate(timeout=120)
+    err = b"".join(seen) + err
     assert process.returncode == 130, err.decode()
     assert b"Traceback" not in err and out == b""
 

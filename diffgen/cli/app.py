@@ -52,14 +52,11 @@ class DiffgenGroup(TyperGroup):
         return _flags_take_no_value(super().get_params(ctx))
 
     def invoke(self, ctx: Any) -> Any:
-        try:
+        def what() -> str:
+            return f"running `diffgen {ctx.invoked_subcommand}`" if ctx.invoked_subcommand else "running diffgen"
+
+        with funnel.error_funnel(what=what):
             return super().invoke(ctx)
-        except BaseException as exc:
-            code = funnel.report(exc, doing=lambda: f"running `diffgen {ctx.invoked_subcommand}`"
-                                 if ctx.invoked_subcommand else "running diffgen")
-            if code is None:
-                raise
-            raise typer.Exit(code) from None
 
     def main(self, args: Optional[Any] = None, prog_name: Optional[str] = None, complete_var: Optional[str] = None,
              standalone_mode: bool = True, **extra: Any) -> Any:

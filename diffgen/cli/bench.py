@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, Optional
 
 import typer
 
-from diffgen.cli.common import exclusive, status
+from diffgen.cli.common import exclusive, parameter_source, status
 from diffgen.cli.funnel import doing
 from diffgen.cli.options import (
     DeviceOption,
@@ -70,7 +70,7 @@ def bench(
     from diffgen.errors import UsageError
 
     if random_config is not None and model is not None:
-        if _from_environment(ctx, "model"):  # DIFFGEN_MODEL is a default: --random-config wins
+        if parameter_source(ctx, "model") in ("ENVIRONMENT", "DEFAULT_MAP"):  # a default: --random-config wins
             model = None
         else:
             raise UsageError("give exactly one of --model and --random-config")
@@ -110,13 +110,6 @@ def bench(
         sys.stdout.write(json.dumps(result) + "\n")
     else:
         sys.stdout.write(bench_mod.table(result) + "\n")
-
-
-def _from_environment(ctx: Any, name: str) -> bool:
-    try:
-        return ctx.get_parameter_source(name).name in ("ENVIRONMENT", "DEFAULT_MAP")
-    except Exception:  # noqa: BLE001 - no source: treat as given on the command line
-        return False
 
 
 def _phases(console: Any) -> Any:

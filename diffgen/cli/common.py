@@ -52,7 +52,7 @@ def exclusive(ctx: Any, hint: str, **options: Any) -> tuple[Any, ...]:
     on = [name for name, value in options.items() if value]
     if len(on) < 2:
         return tuple(options.values())
-    explicit = [name for name in on if _source(ctx, name) not in ("DEFAULT", "DEFAULT_MAP")]
+    explicit = [name for name in on if parameter_source(ctx, name) not in ("DEFAULT", "DEFAULT_MAP")]
     if len(explicit) == 1:  # the flag wins over the config file's conflicting defaults
         return tuple(value if name == explicit[0] else (False if isinstance(value, bool) else None)
                      for name, value in options.items())
@@ -61,7 +61,9 @@ def exclusive(ctx: Any, hint: str, **options: Any) -> tuple[Any, ...]:
     raise UsageError(f"{names} exclude each other{where}", hint)
 
 
-def _source(ctx: Any, name: str) -> Optional[str]:
+def parameter_source(ctx: Any, name: str) -> Optional[str]:
+    """Where a parameter's value came from: ``COMMANDLINE``, ``ENVIRONMENT``, ``DEFAULT_MAP`` (the
+    config file) or ``DEFAULT``; ``None`` when unknown."""
     try:
         return ctx.get_parameter_source(name).name
     except Exception:  # noqa: BLE001 - no context (a library call) or no such parameter: treat as explicit
@@ -98,7 +100,8 @@ def load_model(prepared: Any, console: Any, *, quiet: bool = False, tokenizer: A
     if load_plan.offload_bytes:
         typer.echo(f"diffgen: warning: {human(load_plan.offload_bytes)} of layers offloaded to the CPU; every "
                    "denoising step streams them over PCIe, so expect generation to be many times slower", err=True)
-    return load_prepared(prepared, progress=console.is_terminal and not quiet, tokenizer=tokenizer)
+    with doing("loading the weights"):
+        return load_prepared(prepared, progress=console.is_terminal and not quiet, tokenizer=tokenizer)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from diffgen.errors import UsageError
 
 PRECEDENCE = "flags > environment (DIFFGEN_MODEL, ...) > config file > built-in defaults"
 
@@ -38,14 +37,6 @@ def config_path() -> Path:
         return Path(explicit).expanduser()
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return Path(base) / "diffgen" / "config.toml"
-
-
-def read(path: Path | None = None) -> dict[str, Any]:
-    """The parsed file, ``{}`` when there is none; bad TOML is a :class:`UsageError` naming the file."""
-    data, problem = read_or_warn(path)
-    if problem is not None:
-        raise UsageError(problem, "fix or remove it")
-    return data
 
 
 def read_or_warn(path: Path | None = None) -> tuple[dict[str, Any], str | None]:

@@ -56,20 +56,19 @@ def doing(what: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def error_funnel(interrupted: str = "interrupted", doing: Optional[str] = None) -> Iterator[None]:
+def error_funnel(interrupted: str = "interrupted",
+                 what: Union[str, Callable[[], str], None] = None) -> Iterator[None]:
     """Run the body inside the funnel; what goes wrong becomes one line and ``typer.Exit(code)``.
 
-    ``interrupted`` is what Ctrl-C says (e.g. how to resume); ``doing`` names the work for
-    unexpected errors that no inner :func:`doing` named.
+    ``interrupted`` is what Ctrl-C says (e.g. how to resume); ``what`` names the work for
+    unexpected errors that no inner :func:`doing` named (a function is called only then).
     """
     try:
         yield
     except BaseException as exc:
-        if doing is not None:
-            _tag(exc, _DOING, doing)
         if isinstance(exc, KeyboardInterrupt):
             _tag(exc, _INTERRUPTED, interrupted)
-        code = report(exc)
+        code = report(exc, doing=what or "running diffgen")
         if code is None:
             raise
         raise typer.Exit(code) from None

@@ -28,7 +28,7 @@ def pull(
     no_color: NoColorOption = False,
 ) -> None:
     """Download MODEL into the Hugging Face cache (resumable), with a progress bar on stderr."""
-    with error_funnel("interrupted; run the same pull again to resume", doing=f"downloading {model}"):
+    with error_funnel("interrupted; run the same pull again to resume", what=f"downloading {model}"):
         from diffgen.loading import loader
 
         path = loader.pull(model, offline=offline, revision=revision)
