@@ -87,10 +87,18 @@ def test_offload_is_the_explicit_last_resort_and_keeps_layer_pairs_together():
     assert "29" in offloaded and "0" not in offloaded
 
 
-def test_quantised_offload_is_refused():
+def test_quantised_offload_is_refused_naming_the_scheme_that_can_offload():
     estimate = Estimate("nf4", 30 * GB, 5 * GB, fits=False)
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError) as info:
         plan.make_plan(estimate, "cuda:0", "bfloat16", 20 * GB, plan.count_parameters(REAL_CONFIG))
+    assert info.value.retry == (("--quant", "bf16"),)
+
+
+def test_offload_on_the_cpu_is_refused_without_suggesting_it_again():
+    estimate = Estimate("fp32", 30 * GB, 5 * GB, fits=False)
+    with pytest.raises(UsageError) as info:
+        plan.make_plan(estimate, "cpu", "float32", 20 * GB, plan.count_parameters(REAL_CONFIG))
+    assert "only moves layers from a CUDA GPU" in str(info.value) and not info.value.retry
 
 
 @pytest.mark.parametrize("text, expected", [
