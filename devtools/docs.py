@@ -25,6 +25,7 @@ ENVIRONMENT = [
     ("DIFFGEN_CONFIG", "Path of the config file, instead of the one under XDG_CONFIG_HOME."),
     ("XDG_CONFIG_HOME", "Where the config file lives: $XDG_CONFIG_HOME/diffgen/config.toml (default ~/.config)."),
     ("HF_HOME", "The Hugging Face home; models are cached under $HF_HOME/hub (default ~/.cache/huggingface)."),
+    ("HF_HUB_CACHE", "The Hugging Face hub cache itself, when it is not $HF_HOME/hub."),
     ("HF_HUB_OFFLINE", "Set to 1 to never contact the Hub (like --offline)."),
     ("DIFFGEN_CACHE", "diffgen's cache directory (default $XDG_CACHE_HOME/diffgen, else ~/.cache/diffgen)."),
     ("DIFFGEN_QUANT_CACHE", "Set to 0 to neither read nor write the quantised-weights cache."),
@@ -67,7 +68,21 @@ def _option(param: Any) -> str:
     envvar = getattr(param, "envvar", None)
     if envvar:
         help_text += f" [env: {envvar}]"
+    default = _default(param)
+    if default:
+        help_text += f" [default: {default}]"
     return f".TP\n{names}{meta}\n{_roff(help_text) or '(no description)'}"
+
+
+def _default(param: Any) -> str:
+    """The default the help shows: the option's own words, or its value (on/off flags: only when on)."""
+    if isinstance(param.show_default, str):
+        return param.show_default
+    if param.show_default is False or param.default is None or callable(param.default):
+        return ""
+    if getattr(param, "is_flag", False):
+        return "on" if param.default is True else ""
+    return str(param.default)
 
 
 def _metavar(param: Any) -> str:

@@ -14,14 +14,21 @@ EXIT_INTERRUPTED = 130
 
 
 class DiffgenError(Exception):
-    """Base class: ``message`` says what failed, ``hint`` what to do about it."""
+    """Base class: ``message`` says what failed, ``hint`` what to do about it.
+
+    ``retry`` names flags that would make the same command work, as ``(flag, value)`` pairs:
+    a string value sets the flag to it, ``None`` adds an on/off flag, ``False`` removes one. The
+    CLI shows the command the user ran with them applied.
+    """
 
     exit_code = EXIT_ERROR
 
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, *,
+                 retry: tuple[tuple[str, str | None | bool], ...] = ()):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.retry = tuple(retry)
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
@@ -59,3 +66,7 @@ class PromptTooLongError(DiffgenError):
 
 class DeviceError(DiffgenError):
     """The requested device is not available on this machine."""
+
+
+class DamagedCheckpointError(DiffgenError):
+    """A weights file that is truncated or corrupt (e.g. an interrupted download or copy)."""

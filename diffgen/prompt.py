@@ -1,8 +1,9 @@
 """Argument + stdin + files + system + thinking -> messages -> token ids.
 
 Composition rule (the same as ``cat notes.md | llm "summarise"``): context comes first —
-piped stdin, then each ``--file`` — each with trailing whitespace stripped and separated by a
-blank line, and the prompt argument comes last.
+piped stdin, then each ``--file`` under a ``--- NAME ---`` line so that the model can tell the
+files apart — each with trailing whitespace stripped and separated by a blank line, and the
+prompt argument comes last.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def compose(argument: str | None, stdin: bytes | None, files: Sequence[Path] = (
         if warning:
             warnings.append(warning)
         if text.strip():
-            parts.append(text.rstrip())
+            parts.append(file_header(path) + "\n" + text.rstrip())
+        else:
+            warnings.append(f"--file {path} is empty; it was left out")
     if argument is not None and argument != "-" and argument.strip():
         parts.append(argument)
     if not parts:
@@ -74,6 +77,11 @@ def compose(argument: str | None, stdin: bytes | None, files: Sequence[Path] = (
             'e.g. diffgen run "Why is the sky blue?"',
         )
     return PromptText("\n\n".join(parts), tuple(warnings))
+
+
+def file_header(path: Path | str) -> str:
+    """The line that names a pasted file: ``--- a.py ---``."""
+    return f"--- {path} ---"
 
 
 def messages(text: str, system: str | None = None) -> list[dict[str, str]]:

@@ -8,6 +8,7 @@ reference applies when a checkpoint leaves a field unset).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,81 @@ LIBRARY_DEFAULTS: dict[str, Any] = {
     "stability_threshold": 1,
     "confidence_threshold": 0.005,
 }
+RELEASED_MODEL = "google/diffusiongemma-26B-A4B-it"
+SEED_LIMIT = 2**63  # torch.manual_seed takes a 64-bit integer; seeds are 0 <= seed < 2**63
+
+
+@dataclass(frozen=True)
+class SamplerFlag:
+    """One generation setting as every front end spells it (the one table: CLI, batch records).
+
+    Attributes:
+        flag: the command-line option, e.g. ``--steps``.
+        field: the :class:`GenerationSettings` field it sets, e.g. ``max_denoising_steps``.
+        key: its name in a batch JSONL record, in the config file and as the CLI parameter
+            (``steps``).
+        types: the JSON types a batch record may give it.
+    """
+
+    flag: str
+    field: str
+    key: str
+    types: tuple[type, ...]
+
+    @property
+    def label(self) -> str:
+        """The name error messages use: the flag without its dashes (``t-max``)."""
+        return self.flag[2:]
+
+
+SAMPLER_FLAGS: tuple[SamplerFlag, ...] = (
+    SamplerFlag("--max-new-tokens", "max_new_tokens", "max_new_tokens", (int,)),
+    SamplerFlag("--steps", "max_denoising_steps", "steps", (int,)),
+    SamplerFlag("--entropy-bound", "entropy_bound", "entropy_bound", (int, float)),
+    SamplerFlag("--t-min", "t_min", "t_min", (int, float)),
+    SamplerFlag("--t-max", "t_max", "t_max", (int, float)),
+    SamplerFlag("--stability", "stability_threshold", "stability", (int,)),
+    SamplerFlag("--confidence", "confidence_threshold", "confidence", (int, float)),
+)
+_LABELS = {flag.field: flag.label for flag in SAMPLER_FLAGS} | {"seed": "seed"}
+
+
+def field_problem(field: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for the settings field ``field`` on its own (``None``: nothing).
+
+    The same checks serve :class:`GenerationSettings`, the CLI (before anything is loaded) and
+    batch records. ``None`` is always fine here: it means "the checkpoint's default".
+    """
+    if value is None:
+        return None
+    if field in ("max_new_tokens", "max_denoising_steps"):
+        return None if _is_int(value) and value > 0 else f"must be a positive integer (got {value})"
+    if field == "stability_threshold":
+        return None if _is_int(value) and value >= 0 else f"must be an integer >= 0 (got {value})"
+    if field == "seed":
+        if _is_int(value) and 0 <= value < SEED_LIMIT:
+            return None
+        return f"must be an integer from 0 to 2**63-1 = {SEED_LIMIT - 1} (got {value})"
+    if field in ("entropy_bound", "t_min", "t_max", "confidence_threshold"):
+        if not _is_number(value) or not math.isfinite(value):
+            return f"must be a finite number (got {value})"
+        if field == "t_min":
+            return None if value >= 0 else f"must be >= 0 (got {value})"
+        return None if value > 0 else f"must be > 0 (got {value})"
+    return None
+
+
+def check_flags(**values: Any) -> None:
+    """Check explicit settings values (by field name; ``None`` = unset) before any checkpoint is
+    read: each value on its own, and t-min against t-max when both are given. The final
+    check against the checkpoint's defaults is :class:`GenerationSettings`' own."""
+    problems = [f"{_LABELS.get(name, name)} {problem}" for name, value in values.items()
+                if (problem := field_problem(name, value))]
+    t_min, t_max = values.get("t_min"), values.get("t_max")
+    if not problems and t_min is not None and t_max is not None and t_max <= t_min:
+        problems.append(f"t-max must be greater than t-min (got t-max {t_max}, t-min {t_min})")
+    if problems:
+        raise UsageError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -61,23 +137,15 @@ class GenerationSettings:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        problems = []
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
-            problems.append(f"max-new-tokens must be a positive integer (got {self.max_new_tokens})")
-        if not _is_int(self.max_denoising_steps) or self.max_denoising_steps <= 0:
-            problems.append(f"steps must be a positive integer (got {self.max_denoising_steps})")
-        if not self.entropy_bound > 0:
-            problems.append(f"entropy-bound must be > 0 (got {self.entropy_bound})")
-        if self.t_min < 0:
-            problems.append(f"t-min must be >= 0 (got {self.t_min})")
-        if self.t_max <= self.t_min:
+        fields = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max",
+                  "stability_threshold", "confidence_threshold", "seed")
+        problems = [f"{_LABELS[name]} {problem}" for name in fields
+                    if (problem := field_problem(name, getattr(self, name))) is not None]
+        for name in ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max"):
+            if getattr(self, name) is None:
+                problems.append(f"{_LABELS[name]} must be set")
+        if not problems and self.t_max <= self.t_min:
             problems.append(f"t-max must be greater than t-min (got t-max {self.t_max}, t-min {self.t_min})")
-        if self.stability_threshold is not None and (
-            not _is_int(self.stability_threshold) or self.stability_threshold < 0
-        ):
-            problems.append(f"stability must be an integer >= 0 (got {self.stability_threshold})")
-        if self.confidence_threshold is not None and not self.confidence_threshold > 0:
-            problems.append(f"confidence must be > 0 (got {self.confidence_threshold})")
         if not self.eos_token_ids:
             problems.append("at least one EOS token id is needed")
         if problems:
@@ -140,6 +208,10 @@ def _field(source: Any, name: str) -> Any:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _as_tuple(ids: int | list[int] | tuple[int, ...]) -> tuple[int, ...]:

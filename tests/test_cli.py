@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from typer.testing import CliRunner
@@ -249,3 +248,57 @@ def test_help_does_not_import_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# -- stdin in shell loops, config.json once ----------------------------------------------------------
+
+
+def test_no_stdin_ignores_what_is_piped(tiny, tiny_checkpoint):
+    result = invoke("run", "-m", str(tiny_checkpoint), "--no-stdin", "--json", "--seed", "1", "-n", "4", "--steps",
+                    "1", "Hi", input="the rest of prompts.txt\n")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["stats"]["prompt_tokens"] == _prompt_tokens(tiny, "Hi")
+
+
+def test_a_shell_loop_over_a_file_runs_every_prompt_with_no_stdin(tiny_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first\nsecond\n")
+    loop = (f"while read -r p; do {sys.executable} -m diffgen run -m '{tiny_checkpoint}' {{flag}} --json -q "
+            f"--seed 1 -n 4 --steps 1 \"$p\"; done < '{prompts}'")
+    done = run_cli(shell=loop.format(flag="--no-stdin"), timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    assert len(done.stdout.decode().splitlines()) == 2
+    swallowed = run_cli(shell=loop.format(flag=""), timeout=300)  # what the help warns about
+    assert len(swallowed.stdout.decode().splitlines()) == 1
+
+
+def test_run_reads_config_json_once(tiny_checkpoint, monkeypatch):
+    from diffgen.loading import loader
+
+    reads = []
+    real = loader._read_config
+    monkeypatch.setattr(loader, "_read_config", lambda path, label: reads.append(path) or real(path, label))
+    result = invoke("run", "-m", str(tiny_checkpoint), "-q", "--seed", "1", "-n", "4", "--steps", "1", "Hi")
+    assert result.exit_code == 0, result.stderr
+    assert len(reads) == 1
+
+
+def test_bench_reads_the_model_from_the_environment_and_shows_its_phases(tiny_checkpoint):
+    result = invoke("bench", "--steps", "2", "--canvases", "1", "--reps", "2", "--prompt-tokens", "4", "--json",
+                    env={"DIFFGEN_MODEL": str(tiny_checkpoint)})
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["model"] == str(tiny_checkpoint)
+    phases = [line for line in result.stderr.splitlines() if line.startswith("diffgen: bench: ")]
+    assert [p.split(": ", 2)[2].rsplit(" (", 1)[0] for p in phases] == [
+        f"loading {tiny_checkpoint}", "warm-up (first call)", "timed run 1/2", "timed run 2/2"]
+
+
+def test_bench_random_config_wins_over_diffgen_model(tiny_checkpoint, tmp_path):
+    from devtools.tiny import tiny_config
+
+    config = tmp_path / "config.json"
+    config.write_text(tiny_config().to_json_string())
+    result = invoke("bench", "--random-config", str(config), "--steps", "2", "--canvases", "1", "--reps", "1",
+                    "--prompt-tokens", "4", "--json", env={"DIFFGEN_MODEL": str(tiny_checkpoint)})
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["model"] == "random-config"

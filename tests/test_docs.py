@@ -57,6 +57,29 @@ def test_bash_completes_models_from_the_hugging_face_cache(tmp_path):
     assert bash_complete(["diffgen", "run", "-m", "acme/"], {"HF_HOME": str(tmp_path)}) == ["acme/other", "acme/tiny"]
 
 
+def test_bash_completes_models_from_hf_hub_cache(tmp_path):
+    (tmp_path / "elsewhere" / "models--acme--cached").mkdir(parents=True)
+    env = {"HF_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(tmp_path / "elsewhere")}
+    assert bash_complete(["diffgen", "run", "--model", "acme/"], env) == ["acme/cached"]
+
+
+def test_bash_completes_devices():
+    assert bash_complete(["diffgen", "run", "--device", "c"]) == ["cpu", "cuda"]
+
+
+def test_model_completion_does_not_import_torch(tmp_path):
+    (tmp_path / "hub" / "models--acme--tiny").mkdir(parents=True)
+    code = ("import os, sys\n"
+            "os.environ.update(_DIFFGEN_COMPLETE='complete_bash', COMP_WORDS='diffgen run --model acme/',"
+            " COMP_CWORD='3')\n"
+            "from diffgen.cli.app import app\n"
+            "try:\n    app(prog_name='diffgen')\nexcept SystemExit:\n    pass\n"
+            "print('\\nimported:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "HF_HOME": str(tmp_path)})
+    assert "acme/tiny" in done.stdout and "imported: []" in done.stdout, done.stdout + done.stderr
+
+
 def test_completion_does_not_import_torch():
     code = ("import os, sys\n"
             "os.environ.update(_DIFFGEN_COMPLETE='complete_bash', COMP_WORDS='diffgen ru', COMP_CWORD='1')\n"
@@ -105,11 +128,71 @@ def test_every_command_help_has_examples():
         assert result.exit_code == 0 and "Examples" in result.stdout, name
 
 
-def test_no_color_flag_sets_no_color(monkeypatch):
+@pytest.mark.parametrize("args", [["--no-color", "info", "--json"], ["info", "--json", "--no-color"],
+                                  ["completion", "--no-color", "bash"]], ids=" ".join)
+def test_no_color_flag_sets_no_color_before_or_after_the_command(monkeypatch, args):
     monkeypatch.delenv("NO_COLOR", raising=False)
-    result = runner.invoke(app, ["--no-color", "info", "--json"])
+    result = runner.invoke(app, args)
     assert result.exit_code == 0 and os.environ.get("NO_COLOR") == "1"
     monkeypatch.delenv("NO_COLOR")
+
+
+def test_every_command_takes_no_color():
+    import typer.main
+
+    for name, command in typer.main.get_command(app).commands.items():
+        assert any("--no-color" in p.opts for p in command.params), name
+
+
+# -- help tells the truth -------------------------------------------------------------------------
+
+
+def _help(*command):
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    return " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize("flag, default", [
+    ("--max-new-tokens", "256"), ("--steps", "48"), ("--entropy-bound", "0.1"), ("--t-min", "0.4"),
+    ("--t-max", "0.8"), ("--stability", "1"), ("--confidence", "0.005"),
+])
+def test_help_gives_the_sampler_defaults_and_where_they_come_from(flag, default):
+    text = _help("run")
+    after = text[text.index(flag + " "):]
+    assert f"[default: (from the checkpoint; {default} for google/diffusiongemma-26B-A4B-it)]" in after[:400]
+    assert "generation_config.json" in text
+
+
+def test_help_gives_the_seed_and_sampler_defaults():
+    text = _help("run")
+    assert "[default: (random, reported by --json)]" in text
+    assert "[default: (on for the CPU)]" in text and "[default: (on for GPUs)]" in text
+    assert "[default: auto]" in text and "[default: google/diffusiongemma-26B-A4B-it]" in text
+    assert "--no-stdin" in text and "< /dev/null" in text
+
+
+def test_no_help_shows_a_flag_as_if_it_took_a_value():
+    import typer.main
+
+    for name in ["", *typer.main.get_command(app).commands]:
+        text = _help(*([name] if name else []))
+        assert "<bool>" not in text, name
+    assert "<auto|fp32" not in _help("run") and "<scheme>" in _help("run")
+
+
+def test_quant_choices_come_from_the_plan():
+    import typing
+
+    from diffgen.cli.options import QuantChoice
+    from diffgen.planning.plan import QUANT_CHOICES
+
+    assert typing.get_args(QuantChoice) == QUANT_CHOICES
+
+
+def test_bare_diffgen_prints_the_help():
+    result = runner.invoke(app, [])
+    assert "Usage: diffgen" in result.output and "run" in result.output
 
 
 # -- the config file: flags > environment > config file > built-in defaults ------------------------
@@ -144,13 +227,58 @@ def test_environment_beats_the_config_file_and_flags_beat_both(config_home, tiny
     assert record["settings"]["max_denoising_steps"] == 2  # flag > config
 
 
-def test_unknown_config_keys_warn_and_bad_toml_is_a_usage_error(config_home, tiny_checkpoint):
+def test_unknown_config_keys_warn(config_home, tiny_checkpoint):
     config_home.write_text(f'model = "{tiny_checkpoint}"\ncolour = "blue"\n')
     result = runner.invoke(app, ["run", "--json", "--seed", "1", "-n", "4", "--steps", "1", "Hi"])
     assert result.exit_code == 0 and "'colour' is not an option" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["run", "--help"], ["info", "--json"], ["completion", "bash"]], ids=" ".join)
+def test_bad_toml_warns_once_naming_the_file_and_never_locks_the_user_out(config_home, args):
     config_home.write_text("model = \n")
-    result = runner.invoke(app, ["run", "Hi"])
-    assert result.exit_code == 2 and "config file" in result.stderr
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and str(config_home) in warnings[0] and "ignoring it" in warnings[0]
+
+
+def test_bad_toml_is_ignored_and_the_command_runs(config_home, tiny_checkpoint):
+    config_home.write_text("steps = [\n")
+    record = _used(runner.invoke(app, ["run", "-m", str(tiny_checkpoint), "--json", "--seed", "1", "-n", "4",
+                                       "--steps", "1", "Hi"]))
+    assert record["settings"]["max_denoising_steps"] == 1
+    data = _used(runner.invoke(app, ["info", "--json"]))
+    assert data["config"]["error"].startswith(f"cannot read the config file {config_home}")
+
+
+@pytest.mark.parametrize("text, key, words", [
+    ('[run]\nsteps = "many"\n', "[run] steps = 'many'", ["valid integer"]),
+    ("t-max = inf\n", "t-max = inf", ["finite"]),
+    ('quant = "fp9"\n', "quant = 'fp9'", ["nf4"]),
+])
+def test_a_bad_value_in_the_config_file_names_the_file_and_the_key(config_home, tiny_checkpoint, text, key, words):
+    config_home.write_text(text)
+    result = runner.invoke(app, ["run", "-m", str(tiny_checkpoint), "Hi"])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip()
+    assert line.startswith(f"diffgen: error: config file {config_home}: {key}: ") and "\n" not in line
+    assert all(word in line for word in words) and "invalid value" not in line
+
+
+def test_a_flag_overrides_a_bad_value_in_the_config_file(config_home, tiny_checkpoint):
+    config_home.write_text('[run]\nsteps = "many"\n')
+    record = _used(runner.invoke(app, ["run", "-m", str(tiny_checkpoint), "--json", "--seed", "1", "-n", "4",
+                                       "--steps", "2", "Hi"]))
+    assert record["settings"]["max_denoising_steps"] == 2
+
+
+def test_a_flag_overrides_a_conflicting_default_from_the_config_file(config_home, tiny_checkpoint):
+    config_home.write_text("think = true\n")
+    record = _used(runner.invoke(app, ["run", "-m", str(tiny_checkpoint), "--raw", "--json", "--seed", "1", "-n", "4",
+                                       "--steps", "1", "Hi"]))
+    assert record["text"] is not None
+    result = runner.invoke(app, ["run", "-m", str(tiny_checkpoint), "--raw", "--think", "Hi"])
+    assert result.exit_code == 2 and "--raw and --think exclude each other" in result.stderr
 
 
 def test_info_shows_the_config_and_the_precedence(config_home):

@@ -96,10 +96,18 @@ def test_offload_is_the_explicit_last_resort_and_keeps_layer_pairs_together():
     assert "29" in offloaded and "0" not in offloaded
 
 
-def test_quantised_offload_is_refused():
+def test_quantised_offload_is_refused_naming_the_scheme_that_can_offload():
     estimate = Estimate("nf4", 30 * GB, 5 * GB, fits=False)
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError) as info:
         plan.make_plan(estimate, "cuda:0", "bfloat16", 20 * GB, plan.count_parameters(REAL_CONFIG))
+    assert info.value.retry == (("--quant", "bf16"),)
+
+
+def test_offload_on_the_cpu_is_refused_without_suggesting_it_again():
+    estimate = Estimate("fp32", 30 * GB, 5 * GB, fits=False)
+    with pytest.raises(UsageError) as info:
+        plan.make_plan(estimate, "cpu", "float32", 20 * GB, plan.count_parameters(REAL_CONFIG))
+    assert "only moves layers from a CUDA GPU" in str(info.value) and not info.value.retry
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -171,3 +179,18 @@ def test_quantised_storage_keeps_its_dtypes_under_bf16(tiny_checkpoint, scheme):
     storage = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}.get(scheme, torch.uint8)
     assert stacks and all(s.q.dtype == storage and s.scale.dtype == torch.float32 for s in stacks)
     assert resident_bytes(loaded.model) == plan.weight_bytes(plan.count_parameters(config), scheme, "bfloat16")
+
+
+def test_without_a_gpu_offload_is_never_suggested():
+    with pytest.raises(UsageError) as info:
+        plan.choose(table(12 * GB), "auto", 12 * GB, can_offload=False)
+    assert "--offload" not in str(info.value) and "--max-memory" in str(info.value)
+
+
+def test_refusals_carry_the_flags_that_would_work():
+    with pytest.raises(UsageError) as info:
+        plan.choose(table(24 * GB), "bf16", 24 * GB)
+    assert info.value.retry == (("--quant", "nf4"),)
+    with pytest.raises(UsageError) as info:
+        plan.choose(table(12 * GB), "nf4", 12 * GB)
+    assert info.value.retry == (("--quant", "bf16"), ("--offload", None))

@@ -26,7 +26,17 @@ def test_files_come_after_stdin_and_before_the_argument(tmp_path):
     a.write_text("file A\n")
     b = tmp_path / "b.txt"
     b.write_text("file B")
-    assert compose("Q", b"stdin", [a, b]).text == "stdin\n\nfile A\n\nfile B\n\nQ"
+    assert compose("Q", b"stdin", [a, b]).text == f"stdin\n\n--- {a} ---\nfile A\n\n--- {b} ---\nfile B\n\nQ"
+
+
+def test_each_file_is_pasted_under_its_name_so_the_model_can_tell_them_apart(tmp_path):
+    a, b, empty = tmp_path / "a.py", tmp_path / "b.py", tmp_path / "empty.txt"
+    a.write_text("x = 1\n")
+    b.write_text("x = 2\n")
+    empty.write_text("")
+    composed = compose("What differs?", None, [a, b, empty])
+    assert composed.text.splitlines() == [f"--- {a} ---", "x = 1", "", f"--- {b} ---", "x = 2", "", "What differs?"]
+    assert composed.warnings == (f"--file {empty} is empty; it was left out",)
 
 
 def test_empty_everything_is_a_usage_error():

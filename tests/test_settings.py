@@ -53,3 +53,43 @@ def test_invalid_values_are_usage_errors_naming_the_flag(changes, words):
     with pytest.raises(UsageError) as info:
         GenerationSettings(**changes)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"t_max": float("inf")}, "t-max must be a finite number"),
+    ({"t_min": float("nan")}, "t-min must be a finite number"),
+    ({"entropy_bound": float("inf")}, "entropy-bound must be a finite number"),
+    ({"confidence_threshold": float("nan")}, "confidence must be a finite number"),
+    ({"seed": 2**63}, "seed must be an integer from 0 to 2**63-1"),
+    ({"seed": -1}, "seed must be an integer from 0 to 2**63-1"),
+])
+def test_library_callers_get_the_same_checks(changes, words):
+    with pytest.raises(UsageError) as info:
+        GenerationSettings(**changes)
+    assert words in str(info.value)
+
+
+def test_flags_are_checked_alone_before_the_checkpoint_defaults_are_known():
+    from diffgen.settings import check_flags
+
+    check_flags(t_min=0.9, seed=2**63 - 1)  # t-min alone may exceed the library's t-max: the checkpoint decides
+    with pytest.raises(UsageError, match="t-max must be greater than t-min"):
+        check_flags(t_min=0.9, t_max=0.5)
+    with pytest.raises(UsageError, match="steps must be a positive integer"):
+        check_flags(max_denoising_steps=0)
+
+
+def test_one_flag_table_serves_the_cli_and_batch_records():
+    import typer.main
+
+    from diffgen.cli.app import app
+    from diffgen.records.batch import RECORD_FIELDS
+    from diffgen.settings import SAMPLER_FLAGS
+
+    for command in ("run", "batch"):
+        params = {p.name: p for p in typer.main.get_command(app).commands[command].params}
+        for flag in SAMPLER_FLAGS:
+            assert flag.flag in params[flag.key].opts, (command, flag)
+    for flag in SAMPLER_FLAGS:
+        assert RECORD_FIELDS[flag.key] == (flag.types, flag.field)
+        assert flag.field in {f.name for f in GenerationSettings.__dataclass_fields__.values()}

@@ -1,30 +1,86 @@
 """The ``diffgen`` command line: a thin dispatcher over one module per command.
 
-Each command (:mod:`diffgen.commands`) parses its options, builds settings, calls the library
-and hands the result to a renderer. Heavy imports (torch, transformers) happen inside the
-commands, so ``--help``, ``--version`` and completion stay instant.
+Each command (``diffgen/cli/<command>.py``) parses its options, builds settings, calls the
+library and hands the result to a renderer. Heavy imports (torch, transformers) happen inside
+the commands, so ``--help``, ``--version`` and completion stay instant.
+
+Every command runs inside the one error funnel (:mod:`diffgen.cli.funnel`): :class:`DiffgenGroup`
+invokes them inside it and renders click's own usage errors in the same one-line style, and
+:func:`main` catches whatever could still escape.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from diffgen import __version__
 from diffgen.cli import batch
 from diffgen.cli import bench
 from diffgen.cli import completion
+from diffgen.cli import funnel
 from diffgen.cli import info
 from diffgen.cli import pull
 from diffgen.cli import replay
 from diffgen.cli import run
-from diffgen.cli.common import error_funnel
-from diffgen.errors import EXIT_INTERRUPTED
+from diffgen.cli.options import NoColorOption
+
+
+def _flags_take_no_value(params: list[Any]) -> list[Any]:
+    """On/off flags show no ``<bool>`` type in the help, as if they took a value."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class DiffgenCommand(TyperCommand):
+    """A command whose help shows flags as flags."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_take_no_value(super().get_params(ctx))
+
+
+class DiffgenGroup(TyperGroup):
+    """The app's group: every command runs inside the error funnel, and click's own usage errors
+    (a bad number, an unknown option) come out as ``diffgen: error: ...`` with exit code 2."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_take_no_value(super().get_params(ctx))
+
+    def invoke(self, ctx: Any) -> Any:
+        def what() -> str:
+            return f"running `diffgen {ctx.invoked_subcommand}`" if ctx.invoked_subcommand else "running diffgen"
+
+        with funnel.error_funnel(what=what):
+            return super().invoke(ctx)
+
+    def main(self, args: Optional[Any] = None, prog_name: Optional[str] = None, complete_var: Optional[str] = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        funnel.remember_argv(sys.argv[1:] if args is None else list(args))
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = result if isinstance(result, int) else 0
+        except BaseException as exc:
+            if not funnel.is_click_exception(exc):
+                code = funnel.report(exc, doing="reading the command line")
+                if code is None or not standalone_mode:
+                    raise
+            elif not standalone_mode:
+                raise
+            else:
+                code = funnel.usage_error(exc)
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
 
 app = typer.Typer(
     name="diffgen",
+    cls=DiffgenGroup,
     help="Run DiffusionGemma text-diffusion models locally.",
     epilog=(
         "Examples:\n\n"
@@ -39,13 +95,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command(epilog=run.EPILOG)(run.run)
-app.command(epilog=batch.EPILOG)(batch.batch)
-app.command(epilog=replay.EPILOG)(replay.replay)
-app.command(epilog=info.EPILOG)(info.info)
-app.command(epilog=pull.EPILOG)(pull.pull)
-app.command(epilog=bench.EPILOG)(bench.bench)
-app.command(epilog=completion.EPILOG)(completion.completion)
+for _module, _function in ((run, run.run), (batch, batch.batch), (replay, replay.replay), (info, info.info),
+                           (pull, pull.pull), (bench, bench.bench), (completion, completion.completion)):
+    app.command(cls=DiffgenCommand, epilog=_module.EPILOG)(_function)
 
 
 def versions() -> str:
@@ -75,36 +127,43 @@ def _root(
         typer.Option("--version", callback=_version_callback, is_eager=True,
                      help="Print the versions of diffgen, torch and transformers, then exit."),
     ] = False,
-    no_color: Annotated[bool, typer.Option("--no-color", help="No colours on stderr (like NO_COLOR=1).")] = False,
+    no_color: NoColorOption = False,
 ) -> None:
     """Run DiffusionGemma text-diffusion models locally."""
-    import os
-
-    if no_color:
-        os.environ["NO_COLOR"] = "1"
     if ctx.resilient_parsing:  # shell completion: stay fast and quiet
         return
-    with error_funnel():
+    with funnel.doing("reading the config file"):
         _apply_config(ctx)
 
 
 def _apply_config(ctx: typer.Context) -> None:
-    """Defaults from the config file become click's default_map (flags > env > file > built-in)."""
+    """Defaults from the config file become click's default_map (flags > env > file > built-in).
+
+    A file that cannot be read is a warning, and diffgen goes on without it.
+    """
     from diffgen.cli import config
 
-    data = config.read()
+    data, problem = config.read_or_warn()
+    if problem is not None:
+        typer.echo(f"diffgen: warning: {problem} — ignoring it; fix or remove it", err=True)
     if not data:
         return
     commands = {name: config.option_keys(command.params) for name, command in ctx.command.commands.items()}
-    defaults, unknown = config.default_map(data, commands)
+    defaults, unknown, sources = config.default_map(data, commands)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta[funnel.CONFIG_KEYS] = (config.config_path(), sources)
     for key in unknown:
         typer.echo(f"diffgen: warning: {config.config_path()}: {key!r} is not an option of any command", err=True)
 
 
 def main() -> None:
+    """The ``diffgen`` entry point: the app, and the funnel around it for anything that escapes."""
     try:
-        app()
-    except KeyboardInterrupt:  # Ctrl-C before a command's own funnel took over
-        typer.echo("diffgen: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        app(prog_name="diffgen")
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        code = funnel.report(exc, doing="starting diffgen")
+        if code is None:
+            raise
+        sys.exit(code)

@@ -34,6 +34,8 @@ from diffgen.cli.common import (
     read_input,
 )
 from diffgen.records.batch import FORMAT_RULE
+from diffgen.cli.options import NoColorOption
+
 
 EPILOG = (
     "Examples:\n\n"
@@ -116,6 +118,7 @@ def batch(
     max_memory: MaxMemoryOption = None,
     offload: OffloadOption = False,
     offline: OfflineOption = False,
+    no_color: NoColorOption = False,
 ) -> None:
     """Generate an answer for every prompt in INPUT, writing one JSONL record per prompt."""
     with error_funnel("interrupted; finished records are in the output — rerun with --resume to do the rest"):

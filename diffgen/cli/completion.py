@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
+
+from diffgen.cli.options import NoColorOption
 
 SHELLS = {"bash": "diffgen.bash", "zsh": "diffgen.zsh", "fish": "diffgen.fish"}
 COMPLETE_VAR = "_DIFFGEN_COMPLETE"
@@ -18,10 +20,11 @@ EPILOG = (
 )
 
 
-def completion(shell: Annotated[str, typer.Argument(help="bash, zsh or fish.")]) -> None:
+def completion(
+    shell: Annotated[Literal["bash", "zsh", "fish"], typer.Argument(help="The shell to complete in.")],
+    no_color: NoColorOption = False,
+) -> None:
     """Print the completion script for SHELL (commands, options, and --model from the Hugging Face cache)."""
-    if shell not in SHELLS:
-        raise typer.BadParameter(f"use one of {', '.join(SHELLS)}", param_hint="SHELL")
     sys.stdout.write(completion_script(shell))
 
 

@@ -14,6 +14,10 @@ names another file). Top-level keys apply to every command that has that option;
 Keys are option names without the dashes (``max-new-tokens`` or ``max_new_tokens``).
 Precedence: command-line flags > environment variables > this file > built-in defaults
 (click's ``default_map`` sits exactly between the environment and the defaults).
+
+A broken file never locks the user out: unreadable TOML is a warning (naming the file) and
+the file is ignored, so ``--help``, ``info`` and ``completion`` keep working; a bad value is
+reported when a command uses it, naming the file and the key (see :mod:`diffgen.cli.funnel`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from diffgen.errors import UsageError
 
 PRECEDENCE = "flags > environment (DIFFGEN_MODEL, ...) > config file > built-in defaults"
 
@@ -36,42 +39,48 @@ def config_path() -> Path:
     return Path(base) / "diffgen" / "config.toml"
 
 
-def read(path: Path | None = None) -> dict[str, Any]:
-    """The parsed file, ``{}`` when there is none; bad TOML is a :class:`UsageError`."""
+def read_or_warn(path: Path | None = None) -> tuple[dict[str, Any], str | None]:
+    """``(data, problem)``: the parsed file (``{}`` when absent or unreadable) and, when it could
+    not be read, one line saying why (the caller warns and goes on without it)."""
     path = path or config_path()
     if not path.is_file():
-        return {}
+        return {}, None
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
         import tomli as tomllib
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read the config file {path}: {exc}", "fix or remove it") from exc
+        return tomllib.loads(path.read_text(encoding="utf-8")), None
+    except (OSError, ValueError) as exc:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
+        return {}, f"cannot read the config file {path}: {exc}"
 
 
-def default_map(data: dict[str, Any], commands: dict[str, dict[str, str]]) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Click default maps per command, and the keys that matched no option.
+def default_map(data: dict[str, Any], commands: dict[str, dict[str, str]]
+                ) -> tuple[dict[str, dict[str, Any]], list[str], dict[tuple[str, str], str]]:
+    """Click default maps per command, the keys that matched no option, and where each default
+    came from (``{(command, parameter): "key"}`` or ``"[command] key"``, for error messages).
 
     ``commands`` maps each command to ``{option key: parameter name}`` (both spellings).
     """
     out: dict[str, dict[str, Any]] = {name: {} for name in commands}
+    sources: dict[tuple[str, str], str] = {}
     used: set[str] = set()
     top = {k: v for k, v in data.items() if not isinstance(v, dict)}
     for command, keys in commands.items():
         for key, value in top.items():
             if key in keys:
                 out[command][keys[key]] = value
+                sources[(command, keys[key])] = key
                 used.add(key)
         for key, value in (data.get(command) or {}).items():
             if key in keys:
                 out[command][keys[key]] = value
+                sources[(command, keys[key])] = f"[{command}] {key}"
                 used.add(f"{command}.{key}")
     unknown = [k for k in top if k not in used]
     unknown += [f"{c}.{k}" for c, table in data.items() if isinstance(table, dict)
                 for k in table if f"{c}.{k}" not in used]
-    return {c: m for c, m in out.items() if m}, unknown
+    return {c: m for c, m in out.items() if m}, unknown, sources
 
 
 def option_keys(params: list[Any]) -> dict[str, str]:

@@ -8,7 +8,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli.common import DeviceOption, MaxMemoryOption, OfflineOption, complete_model, error_funnel
+from diffgen.cli.funnel import doing
+from diffgen.cli.options import DeviceOption, MaxMemoryOption, NoColorOption, OfflineOption, complete_model
 
 EPILOG = (
     "Examples:\n\n"
@@ -31,42 +32,45 @@ def info(
     batch: Annotated[int, typer.Option("--batch", min=1, help="Batch rows to plan the sampler workspace for.")] = 1,
     offline: OfflineOption = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    no_color: NoColorOption = False,
 ) -> None:
     """Show the hardware profile, the usable memory and how it was measured, and the plan per --quant."""
-    with error_funnel():
-        from diffgen.cli import config
-        from diffgen.planning import hardware
-        from diffgen.planning import plan
-        from diffgen.errors import UsageError
+    from diffgen.cli import config
+    from diffgen.errors import UsageError
+    from diffgen.planning import hardware
+    from diffgen.planning import plan
 
+    with doing("measuring this machine"):
         profile = hardware.detect()
-        settings_file = config.config_path()
-        device_name, dtype = plan.device_dtype(device)
-        budget = plan.parse_size(max_memory) if max_memory else next(
-            (d.usable for d in profile.devices if d.device == device_name), profile.usable)
-        data: dict[str, Any] = {"hardware": profile.to_dict(), "device": device_name, "dtype": dtype,
-                                "budget_gb": round(budget / plan.GB, 3),
-                                "budget_source": "--max-memory" if max_memory else "measured",
-                                "plans": [], "chosen": None,
-                                "config": {"path": str(settings_file), "exists": settings_file.is_file(),
-                                           "values": config.read(settings_file), "precedence": config.PRECEDENCE}}
-        if model is not None:
-            from diffgen.loading import hub
+    settings_file = config.config_path()
+    values, problem = config.read_or_warn(settings_file)
+    device_name, dtype = plan.device_dtype(device)
+    budget = plan.parse_size(max_memory) if max_memory else next(
+        (d.usable for d in profile.devices if d.device == device_name), profile.usable)
+    data: dict[str, Any] = {"hardware": profile.to_dict(), "device": device_name, "dtype": dtype,
+                            "budget_gb": round(budget / plan.GB, 3),
+                            "budget_source": "--max-memory" if max_memory else "measured",
+                            "plans": [], "chosen": None, "can_offload": device_name.startswith("cuda"),
+                            "config": {"path": str(settings_file), "exists": settings_file.is_file(),
+                                       "values": values, "error": problem, "precedence": config.PRECEDENCE}}
+    if model is not None:
+        from diffgen.loading import hub
 
-            where, config = hub.resolve_config(model, offline=offline)
-            counts = plan.count_parameters(config)
-            table = plan.estimates(config, counts, device=device_name, dtype=dtype, budget=budget, hardware=profile,
-                                   context=context, batch=batch)
-            try:
-                chosen = plan.choose(table, "auto", budget).scheme
-            except UsageError:  # nothing fits: the table says so
-                chosen = None
-            data.update(model=model, source=where, parameters=counts.total, context=context, batch=batch,
-                        plans=[e.to_dict() for e in table], chosen=chosen)
-        if json_output:
-            sys.stdout.write(json.dumps(data, indent=2) + "\n")
-            return
-        _print(data)
+        where, checkpoint_config = hub.resolve_config(model, offline=offline)
+        with doing("planning from config.json"):
+            counts = plan.count_parameters(checkpoint_config)
+            table = plan.estimates(checkpoint_config, counts, device=device_name, dtype=dtype, budget=budget,
+                                   hardware=profile, context=context, batch=batch)
+        try:
+            chosen = plan.choose(table, "auto", budget).scheme
+        except UsageError:  # nothing fits: the table says so
+            chosen = None
+        data.update(model=model, source=where, parameters=counts.total, context=context, batch=batch,
+                    plans=[e.to_dict() for e in table], chosen=chosen)
+    if json_output:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    _print(data)
 
 
 def _print(data: dict[str, Any]) -> None:
@@ -91,6 +95,8 @@ def _print(data: dict[str, Any]) -> None:
         console.print(f"[yellow]note[/yellow]: {note}")
     cfg = data["config"]
     state = "" if cfg["exists"] else " (none)"
+    if cfg["error"]:
+        state = " (ignored: it cannot be read)"
     console.print(f"[bold]config[/bold]: {cfg['path']}{state}; precedence: {cfg['precedence']}", markup=True)
     for key, value in cfg["values"].items():
         console.print(f"  {key} = {value!r}", markup=False)
@@ -109,4 +115,5 @@ def _print(data: dict[str, Any]) -> None:
                       fits, mark, style="bold" if row["quant"] == data["chosen"] else None)
     console.print(table)
     if data["chosen"] is None:
-        console.print("[red]nothing fits[/red]: free memory, raise --max-memory, or use --offload (slow)")
+        offload = ", or use --offload (slow)" if data["can_offload"] else ""
+        console.print(f"[red]nothing fits[/red]: free memory or raise --max-memory{offload}")

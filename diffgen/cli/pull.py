@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffgen.cli.common import OfflineOption, error_funnel
+from diffgen.cli.funnel import error_funnel
+from diffgen.cli.options import NoColorOption, OfflineOption
 
 EPILOG = (
     "Examples:\n\n"
@@ -21,12 +22,13 @@ EPILOG = (
 def pull(
     model: Annotated[str, typer.Argument(help="Hub id, e.g. google/diffusiongemma-26B-A4B-it.")],
     revision: Annotated[
-        Optional[str], typer.Option("--revision", help="Branch, tag or commit. [default: main]", show_default=False)
+        Optional[str], typer.Option("--revision", help="Branch, tag or commit.", show_default="main")
     ] = None,
     offline: OfflineOption = False,
+    no_color: NoColorOption = False,
 ) -> None:
     """Download MODEL into the Hugging Face cache (resumable), with a progress bar on stderr."""
-    with error_funnel("interrupted; run the same pull again to resume"):
+    with error_funnel("interrupted; run the same pull again to resume", what=f"downloading {model}"):
         from diffgen.loading import hub
 
         path = hub.pull(model, offline=offline, revision=revision)

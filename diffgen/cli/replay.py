@@ -9,7 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffgen.cli.common import error_funnel
+from diffgen.cli.common import check_output_path
+from diffgen.cli.funnel import doing
+from diffgen.cli.options import NoColorOption
 
 EPILOG = (
     "Examples:\n\n"
@@ -28,28 +30,31 @@ def replay(
     html: Annotated[
         Optional[Path], typer.Option("--html", dir_okay=False, help="Write a picture of the run as HTML instead.")
     ] = None,
+    no_color: NoColorOption = False,
 ) -> None:
     """Re-draw a traced run without a model, or export a picture of when each token settled."""
-    with error_funnel():
-        from diffgen.ui import render
-        from diffgen.records import trace
-        from diffgen.ui import view
+    from diffgen.records import trace
+    from diffgen.ui import render
+    from diffgen.ui import view
 
-        recorded = trace.read_trace(file)
-        if svg is not None or html is not None:
-            from diffgen.ui import picture
+    check_output_path(svg, "--svg")
+    check_output_path(html, "--html")
+    recorded = trace.read_trace(file)
+    if svg is not None or html is not None:
+        from diffgen.ui import picture
 
+        with doing("writing the picture"):
             for path in picture.export(recorded, svg=svg, html=html):
                 typer.echo(f"wrote {path}", err=True)
-            return
-        console = render.error_console()
-        with view.step_view(console, recorded.channel_ids, sys.stderr) as shown:
-            clock = 0.0
-            for record in recorded.records:
-                if speed > 0:
-                    time.sleep(min(max(record.elapsed - clock, 0.0) / speed, 2.0))
-                clock = record.elapsed
-                shown.update(record)
-        if recorded.result is not None:
-            sys.stdout.write(recorded.result["text"] + "\n")
-            sys.stdout.flush()
+        return
+    console = render.error_console()
+    with doing("replaying the trace"), view.step_view(console, recorded.channel_ids, sys.stderr) as shown:
+        clock = 0.0
+        for record in recorded.records:
+            if speed > 0:
+                time.sleep(min(max(record.elapsed - clock, 0.0) / speed, 2.0))
+            clock = record.elapsed
+            shown.update(record)
+    if recorded.result is not None:
+        sys.stdout.write(recorded.result["text"] + "\n")
+        sys.stdout.flush()

@@ -11,47 +11,55 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.loading.prepare import prepare
-from diffgen.cli.common import (
+from diffgen.cli.common import check_output_path, exclusive, load_model, status
+from diffgen.cli.funnel import doing
+from diffgen.cli.options import (
     DEFAULT_MODEL,
     ConfidenceOption,
     DeviceOption,
     EntropyBoundOption,
     ExactOption,
+    FastOption,
     MaxMemoryOption,
     MaxNewTokensOption,
     ModelOption,
+    NoColorOption,
+    NoStdinOption,
     OffloadOption,
     OfflineOption,
     QuantOption,
     QuietOption,
     RawOption,
+    SeedOption,
     StabilityOption,
     StepsOption,
     SystemOption,
     ThinkOption,
     TMaxOption,
     TMinOption,
-    error_funnel,
-    load_model,
+    sampler_choice,
     sampler_flags,
-    status,
 )
 
 EPILOG = (
     "Examples:\n\n"
     '  diffgen run "Why is the sky blue?"\n\n'
     '  cat notes.md | diffgen run "Summarise this"      (stdin, a blank line, then the argument)\n\n'
-    '  diffgen run -f a.py -f b.py "What differs?"\n\n'
+    '  diffgen run -f a.py -f b.py "What differs?"      (each file under a "--- a.py ---" line)\n\n'
     '  diffgen run --think --stats "Is 1001 prime?"\n\n'
     '  diffgen run --show-steps --trace run.jsonl "Write a haiku"\n\n'
     '  diffgen run --json --seed 1 "Hello" | jq .text\n\n'
+    '  while read -r p; do diffgen run --no-stdin "$p"; done < prompts.txt   (a loop: keep stdin for read)\n\n'
+    "A piped stdin is part of the prompt, so in a shell loop reading a file pass --no-stdin "
+    "(or < /dev/null), or the first call swallows the rest of the file. "
+    "Sampler defaults come from the checkpoint's generation_config.json. "
     "Generation runs in whole canvases (256 tokens for the released model); the answer is cut "
     "to --max-new-tokens."
 )
 
 
 def run(
+    ctx: typer.Context,
     prompt: Annotated[
         Optional[str],
         typer.Argument(help="The prompt. Omit it or pass - to read the prompt from stdin.", show_default=False),
@@ -59,8 +67,8 @@ def run(
     model: ModelOption = DEFAULT_MODEL,
     file: Annotated[
         Optional[list[Path]],
-        typer.Option("--file", "-f", exists=True, dir_okay=False, readable=True,
-                     help="Add a file's text before the prompt (repeatable)."),
+        typer.Option("--file", "-f", exists=True, dir_okay=False, readable=True, show_default=False, metavar="<file>",
+                     help="Add a file's text before the prompt, under a '--- NAME ---' line (repeatable)."),
     ] = None,
     system: SystemOption = None,
     raw: RawOption = False,
@@ -72,18 +80,15 @@ def run(
     t_max: TMaxOption = None,
     stability: StabilityOption = None,
     confidence: ConfidenceOption = None,
-    seed: Annotated[
-        Optional[int],
-        typer.Option("--seed", min=0, show_default=False,
-                     help="Random seed (torch.manual_seed); same seed, same answer on the same machine. "
-                          "[default: random, reported by --json]"),
-    ] = None,
+    seed: SeedOption = None,
     device: DeviceOption = "auto",
-    exact: ExactOption = None,
+    exact: ExactOption = False,
+    fast: FastOption = False,
     quant: QuantOption = "auto",
     max_memory: MaxMemoryOption = None,
     offload: OffloadOption = False,
     offline: OfflineOption = False,
+    no_stdin: NoStdinOption = False,
     quiet: QuietOption = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print one line of timing and step stats on stderr.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the text.")] = False,
@@ -94,42 +99,55 @@ def run(
     ] = False,
     trace_file: Annotated[
         Optional[Path],
-        typer.Option("--trace", dir_okay=False, help="Write a JSONL trace of every step, for `diffgen replay`."),
+        typer.Option("--trace", dir_okay=False, show_default=False,
+                     help="Write a JSONL trace of every step, for `diffgen replay`."),
     ] = None,
+    no_color: NoColorOption = False,
 ) -> None:
     """Generate an answer to PROMPT (and/or stdin) and print it on stdout."""
-    with error_funnel():
-        from diffgen import prompt as prompt_mod
+    from diffgen import prompt as prompt_mod
+    from diffgen.loading.prepare import prepare
 
-        composed = prompt_mod.compose(prompt, prompt_mod.read_stdin(sys.stdin), file or ())
-        for warning in composed.warnings if not quiet else ():
-            typer.echo(f"diffgen: warning: {warning}", err=True)
+    # Every flag is checked before anything is read or loaded.
+    raw, think = exclusive(ctx, "thinking mode needs the chat template; drop --raw", raw=raw, think=think)
+    raw, system = exclusive(ctx, "a system prompt needs the chat template; drop --raw", raw=raw, system=system)
+    exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
+    exact_loop = sampler_choice(exact, fast)
+    check_output_path(trace_file, "--trace")
+    flags = sampler_flags(max_new_tokens, steps, entropy_bound, t_min, t_max, stability, confidence)
 
-        from diffgen.ui import render
+    with doing("reading the prompt"):
+        stdin = None if no_stdin else prompt_mod.read_stdin(sys.stdin)
+        composed = prompt_mod.compose(prompt, stdin, file or ())
+    for warning in composed.warnings if not quiet else ():
+        typer.echo(f"diffgen: warning: {warning}", err=True)
 
-        console = render.error_console()
-        prepared = prepare(
-            model, offline=offline, device=device, quant=quant, max_memory=max_memory, offload=offload,
-            **sampler_flags(max_new_tokens, steps, entropy_bound, t_min, t_max, stability, confidence),
-            seed=seed if seed is not None else secrets.randbelow(2**31),
-        )
-        settings = prepared.settings
-        from diffgen.denoise import loop as generate
-        from diffgen.loading import loader
+    from diffgen.ui import render
 
-        # Tokenise and check the context before the (long) weight load.
+    console = render.error_console()
+    with doing("planning the load"):
+        prepared = prepare(model, offline=offline, device=device, quant=quant, max_memory=max_memory,
+                           offload=offload, **flags, seed=seed if seed is not None else secrets.randbelow(2**31))
+    settings = prepared.settings
+    from diffgen.denoise import loop as generate
+    from diffgen.loading import loader
+
+    # Tokenise and check the context before the (long) weight load.
+    with doing("loading the tokenizer"):
         tokenizer = loader.load_tokenizer(prepared.checkpoint.path)
         ids = prompt_mod.encode(tokenizer, composed.text, system=system, think=think, raw=raw)
-        generate.check_context_config(prepared.config, len(ids), settings)
-        loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
+    generate.check_context_config(prepared.config, len(ids), settings)
+    loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
+    with doing("generating"):
         if show_steps or trace_file is not None:
             result = _observed(loaded, ids, settings, console, show_steps=show_steps, trace_file=trace_file,
-                               model=model, prompt=composed.text, exact=exact)
+                               model=model, prompt=composed.text, exact=exact_loop)
         else:
             with status(console, "Denoising", quiet=quiet):
-                result = generate.generate(loaded, [ids], settings, exact=exact)
-        completion = result.completions[0]
+                result = generate.generate(loaded, [ids], settings, exact=exact_loop)
+    completion = result.completions[0]
 
+    with doing("writing the answer"):
         if json_output:
             render.write_json(render.completion_record(completion, result, model=model), sys.stdout)
         else:

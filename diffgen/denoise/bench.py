@@ -13,6 +13,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -91,10 +92,33 @@ def _peak_host_bytes() -> int | None:
         return None
 
 
+def ordinary_token_ids(config: Any, tokenizer: Any, vocab: int) -> list[int]:
+    """Token ids a random prompt may use, for any vocabulary size: not special tokens (the
+    tokenizer's, and the config's image / audio / video placeholders, which would ask for pixels),
+    from 200 up to 1000 where the vocabulary is that large (specials of the real and tiny
+    vocabularies sit below 200), else from the whole vocabulary."""
+    special = {int(i) for i in getattr(tokenizer, "all_special_ids", None) or () if isinstance(i, int)}
+    for source in (config, getattr(config, "text_config", None)):
+        for name, value in (vars(source).items() if source is not None else ()):
+            if name.endswith(("_token_id", "_token_index", "_token_ids")):
+                values = value if isinstance(value, (list, tuple)) else [value]
+                special.update(int(v) for v in values if isinstance(v, int) and not isinstance(v, bool))
+    for low in (200, 0):
+        pool = [i for i in range(low, min(vocab, 1000)) if i not in special]
+        if pool:
+            return pool
+    return list(range(vocab))
+
+
 def run(loaded: Any, *, steps: int = 16, prompt_tokens: int = 64, canvases: int = 2, batch: int = 1,
         exact: bool | None = None, compare_reference: bool = False, reps: int = 3,
-        reference_cache: str = "dynamic", graphs: bool | None = None) -> dict[str, Any]:
-    """Time the generator (and optionally the reference); return the numbers as a dict."""
+        reference_cache: str = "dynamic", graphs: bool | None = None,
+        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Time the generator (and optionally the reference); return the numbers as a dict.
+
+    ``progress`` is told each phase as it starts (``"warm-up (first call)"``, ``"timed run 1/3"``...).
+    """
+    say = progress or (lambda phase: None)
     import torch
     import transformers
 
@@ -107,8 +131,8 @@ def run(loaded: Any, *, steps: int = 16, prompt_tokens: int = 64, canvases: int 
     settings = replace(loaded.defaults.replace(max_new_tokens=canvas * canvases, max_denoising_steps=steps, seed=0),
                        stability_threshold=None, confidence_threshold=None, eos_token_ids=(vocab + 1,))
     generator = torch.Generator().manual_seed(0)
-    # Ordinary token ids (specials and image placeholders sit below 200 in the tiny vocabulary).
-    prompts = [torch.randint(200, min(vocab, 1000), (prompt_tokens,), generator=generator).tolist()
+    pool = ordinary_token_ids(model.config, loaded.tokenizer, vocab)
+    prompts = [[pool[i] for i in torch.randint(len(pool), (prompt_tokens,), generator=generator).tolist()]
                for _ in range(batch)]
 
     def observed() -> tuple[float, list[float], float]:
@@ -143,9 +167,11 @@ def run(loaded: Any, *, steps: int = 16, prompt_tokens: int = 64, canvases: int 
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    say("warm-up (first call)")
     first_call = end_to_end()
     step_samples, e2e, firsts = [], [], []
-    for _ in range(reps):
+    for rep in range(reps):
+        say(f"timed run {rep + 1}/{reps}")
         _, step_times, first = observed()
         step_samples += step_times
         firsts.append(first)
@@ -176,6 +202,7 @@ def run(loaded: Any, *, steps: int = 16, prompt_tokens: int = 64, canvases: int 
         "peak_host_bytes": _peak_host_bytes(),
     }
     if compare_reference:
+        say(f"transformers generate() ({reference_cache} cache), warm-up and {reps} timed runs")
         result.update(_reference(loaded, prompts, settings, reps, reference_cache))
         result["ratio_to_reference"] = result["e2e_step_ms"] / result["reference_e2e_step_ms"]
     return result

@@ -53,10 +53,12 @@ class LoadedModel:
     plan: LoadPlan
 
 
-def inspect_checkpoint(path: Path, name: str | None = None) -> dict[str, Any]:
-    """Check that ``path`` holds a loadable DiffusionGemma checkpoint; return its config.json."""
+def inspect_checkpoint(path: Path, name: str | None = None, *, config: dict[str, Any] | None = None,
+                       from_hub: bool = False) -> dict[str, Any]:
+    """Check that ``path`` holds a loadable DiffusionGemma checkpoint (whole weight files included);
+    return its config.json (``config``: the one already read, not read again)."""
     label = name or str(path)
-    config = read_config(path, label)
+    config = read_config(path, label) if config is None else config
     files = [p.name for p in path.iterdir() if p.is_file()]
     if not any(f.endswith(".safetensors") for f in files):
         pickled = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
@@ -69,6 +71,9 @@ def inspect_checkpoint(path: Path, name: str | None = None) -> dict[str, Any]:
     if not any(f in files for f in TOKENIZER_FILES):
         raise TokenizerMissingError(f"{label} has no tokenizer (tokenizer.json or tokenizer.model)",
                                     "copy the tokenizer files of the original checkpoint into it")
+    from diffgen.loading.shards import check_shards
+
+    check_shards(path, label, from_hub=from_hub)
     return config
 
 
@@ -98,14 +103,17 @@ def load_tokenizer(path: Path) -> Any:
 
 
 def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = True,
-                    tokenizer: Any = None) -> LoadedModel:
+                    tokenizer: Any = None, config: dict[str, Any] | None = None,
+                    defaults: GenerationSettings | None = None) -> LoadedModel:
     """Check and load a resolved checkpoint directory; ``progress`` shows a progress bar.
 
     Unquantised plans load through transformers' ``from_pretrained``; quantised ones through
     :func:`diffgen.loading.streaming.load_quantized`, which quantises tensor by tensor from the shards.
+    ``config`` and ``defaults``: a checkpoint already inspected (by ``prepare()``) is not read again.
     """
-    config = inspect_checkpoint(checkpoint.path, checkpoint.name)
-    defaults = read_defaults(checkpoint.path, config)
+    if config is None:
+        config = inspect_checkpoint(checkpoint.path, checkpoint.name, from_hub=checkpoint.from_hub)
+    defaults = read_defaults(checkpoint.path, config) if defaults is None else defaults
     from transformers import DiffusionGemmaForBlockDiffusion
     from transformers.utils import logging as hf_logging
 
@@ -117,18 +125,26 @@ def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = 
         hf_logging.disable_progress_bar()
     path = checkpoint.path
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
-    if plan.quant != "none":
-        from diffgen.loading.streaming import load_quantized
+    from safetensors import SafetensorError
 
-        model = load_quantized(path, plan, progress=progress)
-    else:
-        model = DiffusionGemmaForBlockDiffusion.from_pretrained(
-            path,
-            dtype=plan.torch_dtype,
-            device_map=_device_map(plan),
-            use_safetensors=True,
-            local_files_only=True,
-        )
+    try:
+        if plan.quant != "none":
+            from diffgen.loading.streaming import load_quantized
+
+            model = load_quantized(path, plan, progress=progress)
+        else:
+            model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+                path,
+                dtype=plan.torch_dtype,
+                device_map=_device_map(plan),
+                use_safetensors=True,
+                local_files_only=True,
+            )
+    except SafetensorError as exc:  # damage the header check cannot see
+        from diffgen.errors import DamagedCheckpointError
+
+        raise DamagedCheckpointError(f"the weights of {checkpoint.name} are damaged ({exc})",
+                                     "download or copy the checkpoint again (`diffgen pull` for a Hub id)") from exc
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, defaults=defaults, checkpoint=checkpoint, plan=plan)
 

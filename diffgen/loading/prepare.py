@@ -15,24 +15,46 @@ from typing import Any, Optional
 from diffgen.errors import UsageError
 
 
-def plan_load(config: dict, *, device: str, quant: str, max_memory: Optional[str], offload: bool,
-              batch: int = 1) -> Any:
-    """Choose the load plan for this machine from the config alone (see :mod:`diffgen.planning.plan`)."""
+@dataclass(frozen=True)
+class Machine:
+    """Where a load is planned. Attributes: ``device`` (``cpu``, ``cuda:0``, ``mps``), ``dtype`` its
+    default (``float32``, ``bfloat16``...), ``profile`` the :class:`~diffgen.planning.hardware.HardwareProfile`,
+    ``budget`` the usable bytes (measured, or ``--max-memory``)."""
+
+    device: str
+    dtype: str
+    profile: Any
+    budget: int
+
+
+def machine(*, device: str, quant: str, max_memory: Optional[str]) -> Machine:
+    """The device, its dtype and memory budget; refuses a ``--quant`` the device cannot run and a
+    ``--max-memory`` that is not a size. Reads no checkpoint."""
     from diffgen.planning import hardware
     from diffgen.planning import plan
 
     if quant not in plan.QUANT_CHOICES:
         raise UsageError(f"--quant {quant!r}: use one of {', '.join(plan.QUANT_CHOICES)}")
+    budget = plan.parse_size(max_memory) if max_memory else None
     device_name, dtype = plan.device_dtype(device)
     profile = hardware.detect()
-    budget = plan.parse_size(max_memory) if max_memory else _device_budget(profile, device_name)
+    plan.check_scheme(quant, device_name, dtype, profile)
+    return Machine(device_name, dtype, profile, budget if budget is not None else _device_budget(profile, device_name))
+
+
+def plan_load(config: dict, *, device: str, quant: str, max_memory: Optional[str], offload: bool,
+              batch: int = 1, where: Optional[Machine] = None) -> Any:
+    """Choose the load plan for this machine from the config alone (see :mod:`diffgen.planning.plan`)."""
+    from diffgen.planning import plan
+
+    where = where or machine(device=device, quant=quant, max_memory=max_memory)
     counts = plan.count_parameters(config)
     text = config.get("text_config", config)
     context = min(plan.DEFAULT_CONTEXT, int(text.get("max_position_embeddings", plan.DEFAULT_CONTEXT)))
-    table = plan.estimates(config, counts, device=device_name, dtype=dtype, budget=budget, hardware=profile,
-                           context=context, batch=batch)
-    chosen = plan.choose(table, quant, budget, offload=offload)
-    return plan.make_plan(chosen, device_name, dtype, budget, counts), chosen, budget
+    table = plan.estimates(config, counts, device=where.device, dtype=where.dtype, budget=where.budget,
+                           hardware=where.profile, context=context, batch=batch)
+    chosen = plan.choose(table, quant, where.budget, offload=offload, can_offload=where.device.startswith("cuda"))
+    return plan.make_plan(chosen, where.device, where.dtype, where.budget, counts), chosen, where.budget
 
 
 def _device_budget(profile: Any, device: str) -> int:
@@ -44,7 +66,12 @@ def _device_budget(profile: Any, device: str) -> int:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A checkpoint ready to load: where it is, the settings, and the plan that fits this machine."""
+    """A checkpoint ready to load.
+
+    Attributes: ``checkpoint`` where it is; ``config`` its parsed config.json (read once, passed
+    on); ``settings`` the generation settings (checkpoint defaults + flags); ``plan``/``chosen``/
+    ``budget`` the plan that fits this machine; ``defaults`` the checkpoint's own settings.
+    """
 
     checkpoint: Any
     config: dict
@@ -52,26 +79,32 @@ class Prepared:
     plan: Any
     chosen: Any
     budget: int
+    defaults: Any = None
 
 
 def prepare(model: str, *, offline: bool, device: str = "auto", quant: str = "auto", max_memory: Optional[str] = None,
             offload: bool = False, batch: int = 1, **flags: Any) -> Prepared:
-    """Plan from config.json first, then fetch the checkpoint, then build the settings.
+    """Check the flags, plan from config.json, then fetch the checkpoint, then build the settings.
 
-    For a Hub id that is not downloaded yet only config.json is fetched before the plan, so a
-    model that cannot fit is refused before a 50 GB download, not after. ``flags`` are the
-    generation flags by their settings names (``None`` keeps the checkpoint's default); invalid
-    values raise before any weights are read.
+    ``flags`` are the generation settings by field name (``None`` keeps the checkpoint's
+    default), ``seed`` included. Each is checked before anything is read, and the device can run
+    the scheme; for a Hub id that is not downloaded yet only config.json is fetched before the
+    plan, so a model that cannot fit is refused before a 50 GB download, not after. config.json
+    is read once.
     """
     from diffgen.loading import hub, loader
+    from diffgen.settings import check_flags
 
+    check_flags(**flags)
+    where = machine(device=device, quant=quant, max_memory=max_memory)
     _, config = hub.resolve_config(model, offline=offline)
     load_plan, chosen, budget = plan_load(config, device=device, quant=quant, max_memory=max_memory,
-                                          offload=offload, batch=batch)
+                                          offload=offload, batch=batch, where=where)
     checkpoint = hub.resolve(model, offline=offline)
-    config = loader.inspect_checkpoint(checkpoint.path, model)
-    settings = loader.read_defaults(checkpoint.path, config).replace(**flags)
-    return Prepared(checkpoint, config, settings, load_plan, chosen, budget)
+    loader.inspect_checkpoint(checkpoint.path, model, config=config, from_hub=checkpoint.from_hub)
+    defaults = loader.read_defaults(checkpoint.path, config)
+    settings = defaults.replace(**flags)
+    return Prepared(checkpoint, config, settings, load_plan, chosen, budget, defaults)
 
 
 def auto_batch_rows(prepared: Prepared) -> int:
@@ -88,4 +121,5 @@ def load_prepared(prepared: Prepared, *, progress: bool = False, tokenizer: Any 
     """Load the prepared checkpoint under its plan; returns a :class:`~diffgen.loading.loader.LoadedModel`."""
     from diffgen.loading import loader
 
-    return loader.load_checkpoint(prepared.checkpoint, prepared.plan, progress=progress, tokenizer=tokenizer)
+    return loader.load_checkpoint(prepared.checkpoint, prepared.plan, progress=progress, tokenizer=tokenizer,
+                                  config=prepared.config, defaults=prepared.defaults)

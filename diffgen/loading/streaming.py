@@ -22,19 +22,12 @@ from diffgen.errors import NotACheckpointError
 from diffgen.planning.plan import LoadPlan, keeps_dtype
 from diffgen.loading import qcache
 from diffgen.loading.quant import QuantizedExperts, QuantizedLinear
+from diffgen.loading.shards import shard_files
 
 # The checkpoint tensors (by their last name part) each kind of quantised module is filled from.
 QUANTISED_LEAVES = {QuantizedExperts: frozenset({"gate_up_proj", "down_proj"}), QuantizedLinear: frozenset({"weight"})}
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-def shard_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / name for name in names]
-    return sorted(path.glob("*.safetensors"))
 
 
 def _swap_modules(model: Any, plan: LoadPlan, device: torch.device) -> None:

@@ -11,6 +11,8 @@ the right way for each kind (DESIGN.md §4):
   drives a display;
 * Apple MPS: Metal's recommended working set, capped by available RAM, minus a reserve;
 * CPU only: available RAM minus a reserve.
+
+Host memory comes from psutil (``MemAvailable`` on Linux).
 """
 
 from __future__ import annotations
@@ -187,30 +189,17 @@ def detect(probes: Probes | None = None) -> HardwareProfile:
 # -- the real probes ---------------------------------------------------------------------------
 
 
-def read_meminfo(path: str = "/proc/meminfo") -> dict[str, int]:
-    try:
-        with open(path, encoding="ascii") as handle:
-            out = {}
-            for line in handle:
-                key, _, rest = line.partition(":")
-                parts = rest.split()
-                if parts and parts[0].isdigit():
-                    out[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
-            return out
-    except OSError:
-        pass
-    try:  # no /proc (macOS, Windows): psutil when installed
-        import psutil  # type: ignore[import-not-found]
+def read_meminfo() -> dict[str, int]:
+    """Host memory in bytes as ``{"MemTotal": ..., "MemAvailable": ...}``, from psutil.
 
-        memory = psutil.virtual_memory()
-        return {"MemTotal": memory.total, "MemAvailable": memory.available}
-    except ImportError:
-        pass
-    try:  # POSIX without psutil: the total is known; assume three quarters of it is available
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        return {"MemTotal": total, "MemAvailable": total * 3 // 4}
-    except (AttributeError, ValueError, OSError):
-        return {}
+    On Linux psutil's ``available`` is the kernel's ``MemAvailable`` from ``/proc/meminfo`` (page
+    cache counted as reclaimable), which is what a DGX Spark budget needs (DESIGN.md §4); on
+    macOS and Windows it is the platform's own estimate.
+    """
+    import psutil
+
+    memory = psutil.virtual_memory()
+    return {"MemTotal": int(memory.total), "MemAvailable": int(memory.available)}
 
 
 def _cuda_devices() -> list[GpuInfo]:

@@ -325,11 +325,13 @@ def estimates(config: dict[str, Any], counts: ParameterCounts, *, device: str, d
     return out
 
 
-def choose(table: list[Estimate], requested: str, budget: int | None, *, offload: bool = False) -> Estimate:
+def choose(table: list[Estimate], requested: str, budget: int | None, *, offload: bool = False,
+           can_offload: bool = True) -> Estimate:
     """The scheme to load: ``requested``, or with ``auto`` the best-quality available one that fits.
 
     Never over-commits: a requested scheme that does not fit, or ``auto`` with nothing that
     fits, is refused (naming the nearest option) unless ``offload`` allows the excess on the CPU.
+    ``can_offload`` is false where there is no GPU to offload from: then it is not suggested.
     """
     by_name = {e.scheme: e for e in table}
     if requested != "auto":
@@ -340,26 +342,43 @@ def choose(table: list[Estimate], requested: str, budget: int | None, *, offload
             raise UsageError(f"--quant {requested} cannot run here: {estimate.why}")
         if estimate.fits or offload:
             return estimate
-        raise _too_big(estimate, table, budget)
+        raise _too_big(estimate, table, budget, can_offload)
     usable = [e for e in table if e.available]
     for estimate in usable:
         if estimate.fits:
             return estimate
     if offload:  # only unquantised weights can be offloaded: the best of those, partly on the CPU
         return next(e for e in usable if e.scheme in UNQUANTISED)
-    raise _too_big(min(usable, key=lambda e: e.total), table, budget)
+    raise _too_big(min(usable, key=lambda e: e.total), table, budget, can_offload)
 
 
-def _too_big(estimate: Estimate, table: list[Estimate], budget: int | None) -> UsageError:
+def check_scheme(requested: str, device: str, dtype: str, hardware: HardwareProfile | None) -> None:
+    """Refuse, before any config or weights are read, a ``--quant`` this device cannot run."""
+    if requested not in QUANT_CHOICES:
+        raise UsageError(f"unknown --quant {requested!r}", f"use one of {', '.join(QUANT_CHOICES)}")
+    for scheme, available, why in candidate_schemes(device, dtype, hardware):
+        if scheme == requested and not available:
+            raise UsageError(f"--quant {requested} cannot run on {device}: {why}")
+
+
+def _too_big(estimate: Estimate, table: list[Estimate], budget: int | None, can_offload: bool = True) -> UsageError:
     fitting = [e for e in table if e.available and e.fits]
     have = f"{human(budget)} usable" if budget is not None else "the budget"
+    retry: tuple[tuple[str, str | None | bool], ...] = ()
     if fitting:
         hint = f"--quant {fitting[0].scheme} fits ({human(fitting[0].total)})"
-    else:
+        retry = (("--quant", fitting[0].scheme),)
+    elif can_offload:
         hint = ("free memory, raise --max-memory if the budget is too cautious, or pass --offload "
                 "(slow: offloaded layers cross PCIe at every step)")
+        unquantised = next((e.scheme for e in table if e.available and e.scheme in UNQUANTISED), None)
+        retry = (("--offload", None),) if estimate.scheme in UNQUANTISED or unquantised is None else (
+            ("--quant", unquantised), ("--offload", None))
+    else:
+        hint = "free memory, or raise --max-memory if the budget is too cautious"
     return UsageError(f"--quant {estimate.scheme} needs {human(estimate.total)} "
-                      f"({human(estimate.weights)} weights + {human(estimate.runtime)} runtime) and {have}", hint)
+                      f"({human(estimate.weights)} weights + {human(estimate.runtime)} runtime) and {have}", hint,
+                      retry=retry)
 
 
 MAX_AUTO_BATCH = 32
@@ -397,10 +416,17 @@ def make_plan(estimate: Estimate, device: str, dtype: str, budget: int | None,
     dtype = UNQUANTISED.get(estimate.scheme, dtype)
     if budget is None or estimate.fits:
         return LoadPlan(device, dtype, quant)
-    if quant != "none" or counts is None or device == "cpu":
-        raise UsageError(f"--offload works with unquantised weights on a GPU; {estimate.scheme} does not fit "
+    if not device.startswith("cuda"):
+        raise UsageError(f"{estimate.scheme} does not fit ({human(estimate.total)} for {human(budget)} usable), and "
+                         f"--offload only moves layers from a CUDA GPU to the CPU",
+                         "free memory, or raise --max-memory if the budget is too cautious")
+    if quant != "none":
+        unquantised = {v: k for k, v in UNQUANTISED.items()}.get(dtype, "bf16")
+        raise UsageError(f"--offload works with unquantised weights; {estimate.scheme} does not fit "
                          f"({human(estimate.total)} for {human(budget)} usable)",
-                         "use --quant bf16 --offload, or free memory")
+                         f"use --quant {unquantised} --offload, or free memory", retry=(("--quant", unquantised),))
+    if counts is None:
+        raise ValueError("an offload plan needs the parameter counts")
     mapping = offload_device_map(counts, dtype, device, budget, estimate.runtime)
     return LoadPlan(device, dtype, quant, max(0, estimate.total - budget), tuple(mapping.items()))
 

@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from diffgen.errors import DiffgenError, UsageError
-from diffgen.settings import GenerationSettings
+from diffgen.settings import SAMPLER_FLAGS, GenerationSettings
 
-# Record field -> (accepted types, GenerationSettings field or None for prompt-level fields).
+# Record field -> (accepted types, GenerationSettings field or None for prompt-level fields);
+# the generation fields come from the one flag table in diffgen.settings.
 RECORD_FIELDS: dict[str, tuple[tuple[type, ...], str | None]] = {
     "id": ((str, int), None),
     "prompt": ((str,), None),
@@ -40,13 +41,7 @@ RECORD_FIELDS: dict[str, tuple[tuple[type, ...], str | None]] = {
     "think": ((bool,), None),
     "raw": ((bool,), None),
     "seed": ((int,), None),
-    "max_new_tokens": ((int,), "max_new_tokens"),
-    "steps": ((int,), "max_denoising_steps"),
-    "entropy_bound": ((int, float), "entropy_bound"),
-    "t_min": ((int, float), "t_min"),
-    "t_max": ((int, float), "t_max"),
-    "stability": ((int,), "stability_threshold"),
-    "confidence": ((int, float), "confidence_threshold"),
+    **{flag.key: (flag.types, flag.field) for flag in SAMPLER_FLAGS},
 }
 
 

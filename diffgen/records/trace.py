@@ -204,9 +204,12 @@ class Trace:
 def read_trace(path: Path) -> Trace:
     """Read a trace file; a missing or malformed file is a :class:`UsageError` naming the line."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_bytes().decode("utf-8").splitlines()
     except OSError as exc:
         raise UsageError(f"cannot read trace {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not a diffgen trace: byte {exc.start} is not UTF-8 text",
+                         "write traces with `diffgen run --trace FILE`") from exc
     header: dict[str, Any] | None = None
     result = None
     out: list[Record] = []

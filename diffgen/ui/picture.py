@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console, Group
 from rich.text import Text
 
+from diffgen.denoise import channels
 from diffgen.records.trace import CanvasRecord, StepRecord, Trace
 from diffgen.ui.view import _visible
 
@@ -115,17 +116,15 @@ def render_picture(trace: Trace) -> Group:
     budget = int(trace.header.get("settings", {}).get("max_denoising_steps") or 1)
     settled = [settle_steps(steps, canvas.tokens) for steps, canvas in canvases]
     top = max((step for canvas in settled for step in canvas), default=1)
-    opener, closer = trace.channel_ids or (None, None)
     thoughts, answer = Text(), Text()
-    target = answer
+    tokens = [token for _, canvas in canvases for token in canvas.tokens]
+    parts = iter(channels.route(tokens, trace.channel_ids))
     shown = 0  # tokens drawn so far: every other one a shade darker
     for (steps, canvas), steps_settled in zip(canvases, settled):
         for token, text, step in zip(canvas.tokens, canvas.texts, steps_settled):
-            if token == opener:
-                target = thoughts
-            elif token == closer:
-                target = answer
-            elif text:
+            part = next(parts)
+            if part is not None and text:
+                target = thoughts if part == channels.THOUGHT else answer
                 target.append(_visible(text), style=_colour(step, top, alternate=shown % 2 == 1))
                 shown += 1
     prompt = " ".join(str(trace.header.get("prompt", "")).split())

@@ -24,6 +24,7 @@ from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.panel import Panel
 from rich.text import Text
 
+from diffgen.denoise import channels
 from diffgen.records.trace import CanvasRecord, Record, StepRecord
 
 SETTLED = ""
@@ -96,20 +97,15 @@ class DenoisingState:
     def split(self) -> tuple[Text, Text]:
         """(thoughts, answer) as styled Text, split at the thought channel's markers."""
         thoughts, answer = Text(), Text()
-        target = answer
-        opener, closer = self.channel_ids or (None, None)
-        for piece in self.committed + self.current:
-            if piece.token == opener and piece.style != NOISE:
-                target = thoughts
+        pieces = self.committed + self.current
+        where = channels.route([p.token for p in pieces], self.channel_ids, [p.style != NOISE for p in pieces])
+        for piece, part in zip(pieces, where):
+            if part is None:  # the channel's own markers
                 continue
-            if piece.token == closer and piece.style != NOISE:
-                target = answer
-                continue
+            target = thoughts if part == channels.THOUGHT else answer
             style = piece.style if target is answer or piece.style in (NEW, NOISE) else THOUGHT
             target.append(_visible(piece.text), style=style or None)
-        if thoughts.plain.startswith("thought"):
-            thoughts = thoughts[len("thought"):]
-        return thoughts, answer
+        return thoughts[channels.label_length(thoughts.plain):], answer
 
     def header(self) -> Text:
         record = self.last_step
