@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -265,19 +266,25 @@ def test_a_shell_loop_over_a_file_runs_every_prompt_with_no_stdin(tiny_checkpoin
     prompts.write_text("first\nsecond\n")
     loop = (f"while read -r p; do {sys.executable} -m diffgen run -m '{tiny_checkpoint}' {{flag}} --json -q "
             f"--seed 1 -n 4 --steps 1 \"$p\"; done < '{prompts}'")
-    done = run_cli(shell=loop.format(flag="--no-stdin"), timeout=300)
+    done = run_cli(shell=loop.format(flag="--no-stdin"))
     assert done.returncode == 0, done.stderr.decode()
     assert len(done.stdout.decode().splitlines()) == 2
-    swallowed = run_cli(shell=loop.format(flag=""), timeout=300)  # what the help warns about
+    swallowed = run_cli(shell=loop.format(flag=""))  # what the help warns about
     assert len(swallowed.stdout.decode().splitlines()) == 1
 
 
 def test_run_reads_config_json_once(tiny_checkpoint, monkeypatch):
-    from diffgen.loading import loader
+    from diffgen.loading import hub, loader
 
     reads = []
-    real = loader._read_config
-    monkeypatch.setattr(loader, "_read_config", lambda path, label: reads.append(path) or real(path, label))
+    real = hub.read_config
+
+    def counting(path, label):
+        reads.append(path)
+        return real(path, label)
+
+    monkeypatch.setattr(hub, "read_config", counting)
+    monkeypatch.setattr(loader, "read_config", counting)
     result = invoke("run", "-m", str(tiny_checkpoint), "-q", "--seed", "1", "-n", "4", "--steps", "1", "Hi")
     assert result.exit_code == 0, result.stderr
     assert len(reads) == 1
