@@ -309,3 +309,15 @@ def test_bench_random_config_wins_over_diffgen_model(tiny_checkpoint, tmp_path):
                     "--prompt-tokens", "4", "--json", env={"DIFFGEN_MODEL": str(tiny_checkpoint)})
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["model"] == "random-config"
+
+
+def test_compile_runs_the_fast_step_and_refuses_the_exact_sampler(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("DIFFGEN_COMPILE_BACKEND", "eager")  # dynamo traces the step; inductor is benchmarked apart
+    args = ("run", "-m", str(tiny_checkpoint), "--seed", "3", "-n", "8", "--steps", "3", "--json", "Hi")
+    compiled = invoke(*args[:1], "--compile", *args[1:])
+    fast = invoke(*args[:1], "--fast", *args[1:])
+    assert compiled.exit_code == 0 == fast.exit_code, compiled.stderr
+    assert json.loads(compiled.stdout)["tokens"] == json.loads(fast.stdout)["tokens"]
+    both = invoke("run", "-m", str(tiny_checkpoint), "--compile", "--exact", "Hi")
+    assert both.exit_code == 2 and "--compile needs the fast sampler" in both.stderr
+    assert "Traceback" not in both.stderr

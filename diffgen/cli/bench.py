@@ -12,6 +12,7 @@ import typer
 from diffgen.cli.common import exclusive, parameter_source, status
 from diffgen.cli.funnel import doing
 from diffgen.cli.options import (
+    CompileOption,
     DeviceOption,
     ExactOption,
     FastOption,
@@ -51,6 +52,7 @@ def bench(
     reps: Annotated[int, typer.Option("--reps", min=1, help="Timed runs after the warm-up.")] = 3,
     exact: ExactOption = False,
     fast: FastOption = False,
+    compile: CompileOption = False,
     compare_reference: Annotated[
         bool, typer.Option("--compare-reference", help="Also time transformers' generate() in the same process.")
     ] = False,
@@ -78,7 +80,7 @@ def bench(
         raise UsageError("give exactly one of --model and --random-config",
                          "e.g. diffgen bench --random-config real, or set DIFFGEN_MODEL")
     exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
-    exact_loop = sampler_choice(exact, fast)
+    exact_loop = sampler_choice(exact, fast, compile)
     from diffgen.ui import render
 
     console = render.error_console()
@@ -105,7 +107,7 @@ def bench(
     with doing("timing the denoising loop"), status(console, "Benchmarking") as show:
         result = bench_mod.run(loaded, steps=steps, prompt_tokens=prompt_tokens, canvases=canvases, batch=batch,
                                exact=exact_loop, compare_reference=compare_reference, reps=reps,
-                               reference_cache=reference_cache, progress=show or say)
+                               reference_cache=reference_cache, progress=show or say, compile=compile)
     if json_output:
         sys.stdout.write(json.dumps(result) + "\n")
     else:

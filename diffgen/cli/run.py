@@ -14,6 +14,7 @@ import typer
 from diffgen.cli.common import check_output_path, exclusive, load_model, status
 from diffgen.cli.funnel import doing
 from diffgen.cli.options import (
+    CompileOption,
     DEFAULT_MODEL,
     ConfidenceOption,
     DeviceOption,
@@ -84,6 +85,7 @@ def run(
     device: DeviceOption = "auto",
     exact: ExactOption = False,
     fast: FastOption = False,
+    compile: CompileOption = False,
     quant: QuantOption = "auto",
     max_memory: MaxMemoryOption = None,
     offload: OffloadOption = False,
@@ -112,7 +114,7 @@ def run(
     raw, think = exclusive(ctx, "thinking mode needs the chat template; drop --raw", raw=raw, think=think)
     raw, system = exclusive(ctx, "a system prompt needs the chat template; drop --raw", raw=raw, system=system)
     exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
-    exact_loop = sampler_choice(exact, fast)
+    exact_loop = sampler_choice(exact, fast, compile)
     check_output_path(trace_file, "--trace")
     flags = sampler_flags(max_new_tokens, steps, entropy_bound, t_min, t_max, stability, confidence)
 
@@ -141,10 +143,10 @@ def run(
     with doing("generating"):
         if show_steps or trace_file is not None:
             result = _observed(loaded, ids, settings, console, show_steps=show_steps, trace_file=trace_file,
-                               model=model, prompt=composed.text, exact=exact_loop)
+                               model=model, prompt=composed.text, exact=exact_loop, compile=compile)
         else:
             with status(console, "Denoising", quiet=quiet):
-                result = generate.generate(loaded, [ids], settings, exact=exact_loop)
+                result = generate.generate(loaded, [ids], settings, exact=exact_loop, compile=compile)
     completion = result.completions[0]
 
     with doing("writing the answer"):
@@ -159,14 +161,15 @@ def run(
 
 
 def _observed(loaded: Any, ids: list[int], settings: Any, console: Any, *, show_steps: bool,
-              trace_file: Optional[Path], model: str, prompt: str, exact: Optional[bool]) -> Any:
+              trace_file: Optional[Path], model: str, prompt: str, exact: Optional[bool],
+              compile: bool = False) -> Any:
     """Run a generation whose steps feed the live view and/or a trace file; return its result."""
     from diffgen.denoise import loop as generate
     from diffgen.records import trace
     from diffgen.ui import view
     from diffgen.errors import UsageError
 
-    generation = generate.stream(loaded, [ids], settings, observe=True, exact=exact)
+    generation = generate.stream(loaded, [ids], settings, observe=True, exact=exact, compile=compile)
     texts = trace.TokenTexts(loaded.tokenizer)
     with contextlib.ExitStack() as stack:
         sinks: list[Any] = []

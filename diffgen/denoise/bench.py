@@ -112,7 +112,7 @@ def ordinary_token_ids(config: Any, tokenizer: Any, vocab: int) -> list[int]:
 
 def run(loaded: Any, *, steps: int = 16, prompt_tokens: int = 64, canvases: int = 2, batch: int = 1,
         exact: bool | None = None, compare_reference: bool = False, reps: int = 3,
-        reference_cache: str = "dynamic", graphs: bool | None = None,
+        reference_cache: str = "dynamic", graphs: bool | None = None, compile: bool = False,
         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Time the generator (and optionally the reference); return the numbers as a dict.
 
@@ -140,7 +140,7 @@ def run(loaded: Any, *, steps: int = 16, prompt_tokens: int = 64, canvases: int 
         start = time.perf_counter()
         marks: list[float] = []
         first = None
-        for event in stream(loaded, prompts, settings, exact=exact, graphs=graphs):
+        for event in stream(loaded, prompts, settings, exact=exact, graphs=graphs, compile=compile):
             if isinstance(event, StepEvent):
                 _sync(device)
                 now = time.perf_counter()
@@ -158,7 +158,7 @@ def run(loaded: Any, *, steps: int = 16, prompt_tokens: int = 64, canvases: int 
     def end_to_end() -> float:
         _sync(device)
         start = time.perf_counter()
-        generation = stream(loaded, prompts, settings, exact=exact, observe=False, graphs=graphs)
+        generation = stream(loaded, prompts, settings, exact=exact, observe=False, graphs=graphs, compile=compile)
         for _ in generation:
             pass
         _sync(device)
@@ -187,6 +187,7 @@ def run(loaded: Any, *, steps: int = 16, prompt_tokens: int = 64, canvases: int 
         "scheme": loaded.plan.scheme,
         "sampler": "exact" if last[0].exact else "fast",
         "graphs": last[0].graphs,
+        "compiled": last[0].compile,
         "graph_captures": last[0].runner.captures if last[0].runner else 0,
         "capture_s": last[0].runner.capture_seconds if last[0].runner else 0.0,
         "graph_failure": last[0].runner.failed if last[0].runner else None,

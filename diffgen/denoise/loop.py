@@ -512,9 +512,10 @@ def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: Gene
 
 
 def generate(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
-             *, seeds: Sequence[int] | None = None, exact: bool | None = None) -> GenerationResult:
+             *, seeds: Sequence[int] | None = None, exact: bool | None = None, compile: bool = False
+             ) -> GenerationResult:
     """Run a generation to the end and return its result."""
-    generation = stream(loaded, prompts, settings, observe=False, seeds=seeds, exact=exact)
+    generation = stream(loaded, prompts, settings, observe=False, seeds=seeds, exact=exact, compile=compile)
     for _ in generation:
         pass
     return generation.result
