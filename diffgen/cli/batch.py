@@ -9,8 +9,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.loading.prepare import auto_batch_rows, prepare
-from diffgen.cli.common import (
+from diffgen.cli.common import load_model, read_input
+from diffgen.cli.funnel import error_funnel
+from diffgen.cli.options import (
     DEFAULT_MODEL,
     ConfidenceOption,
     DeviceOption,
@@ -18,6 +19,7 @@ from diffgen.cli.common import (
     MaxMemoryOption,
     MaxNewTokensOption,
     ModelOption,
+    NoColorOption,
     OffloadOption,
     OfflineOption,
     QuantOption,
@@ -28,13 +30,10 @@ from diffgen.cli.common import (
     ThinkOption,
     TMaxOption,
     TMinOption,
-    error_funnel,
-    load_model,
     sampler_flags,
-    read_input,
 )
+from diffgen.loading.prepare import auto_batch_rows, prepare
 from diffgen.records.batch import FORMAT_RULE
-from diffgen.cli.options import NoColorOption
 
 
 EPILOG = (

@@ -15,31 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-# Re-exported for the commands that import them from here (cli/batch.py).
-from diffgen.cli.funnel import debug, doing, error_funnel  # noqa: F401
-from diffgen.cli.options import (  # noqa: F401
-    DEFAULT_MODEL,
-    ConfidenceOption,
-    DeviceOption,
-    EntropyBoundOption,
-    ExactOption,
-    MaxMemoryOption,
-    MaxNewTokensOption,
-    ModelOption,
-    OffloadOption,
-    OfflineOption,
-    QuantOption,
-    QuietOption,
-    RawOption,
-    StabilityOption,
-    StepsOption,
-    SystemOption,
-    ThinkOption,
-    TMaxOption,
-    TMinOption,
-    complete_model,
-    sampler_flags,
-)
+from diffgen.cli.funnel import doing
 from diffgen.errors import UsageError
 
 
