@@ -29,6 +29,9 @@ ENVIRONMENT = [
     ("HF_HUB_OFFLINE", "Set to 1 to never contact the Hub (like --offline)."),
     ("DIFFGEN_CACHE", "diffgen's cache directory (default $XDG_CACHE_HOME/diffgen, else ~/.cache/diffgen)."),
     ("DIFFGEN_QUANT_CACHE", "Set to 0 to neither read nor write the quantised-weights cache."),
+    ("DIFFGEN_CUDA_GRAPHS", "Set to 0 to run the fast step eagerly on CUDA instead of replaying it from CUDA graphs."),
+    ("TRITON_CACHE_DIR", "Where Triton keeps the compiled kernels (fused sampler, grouped experts) for later runs."),
+    ("TORCHINDUCTOR_CACHE_DIR", "Where torch.compile keeps what --compile generated, so a second process compiles less."),
     ("NO_COLOR", "Set to anything to disable colours (like --no-color)."),
 ]
 FILES = [
