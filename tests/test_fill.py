@@ -175,3 +175,12 @@ def test_bad_templates_give_one_line_and_exit_2_before_any_weights_are_read(tmp_
     assert len(lines) == 1 and lines[0].startswith("diffgen: error: the ")
     assert "template" in lines[0] or "hole" in lines[0]
     assert result.stdout == ""
+
+
+def test_a_template_longer_than_the_context_is_refused_before_the_weights_load(tiny_checkpoint):
+    # The tiny checkpoint's context is 4096 positions: two 4096-token holes cannot fit.
+    result = runner.invoke(app, ["fill", "-m", str(tiny_checkpoint), "{{4096}} and {{4096}}"])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("diffgen: error: the prompt (1 tokens) plus the template (")
+    assert "shorten the template" in lines[-1] and "plan:" not in result.stderr

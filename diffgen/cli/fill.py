@@ -135,7 +135,15 @@ def fill(
         canvas_length = int(prepared.config.get("canvas_length", 256))
         plan = fill_mod.layout(parsed, tokenizer, canvas_length, prepared.settings.pad_token_id)
     settings = fill_mod.fill_settings(prepared.settings, plan)
-    generate.check_context_config(prepared.config, len(prefix), settings)
+    from diffgen.errors import PromptTooLongError
+
+    try:
+        generate.check_context_config(prepared.config, len(prefix), settings)
+    except PromptTooLongError as exc:
+        raise PromptTooLongError(
+            f"the prompt ({len(prefix)} tokens) plus the template ({plan.length} tokens, {len(plan.tokens)} "
+            f"positions in whole canvases) do not fit the model's context",
+            "shorten the template, its holes or the prompt") from exc
     loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
     with doing("filling the template"):
         with status(console, "Denoising", quiet=quiet):
