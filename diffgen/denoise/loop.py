@@ -195,7 +195,7 @@ class Generation:
     def __init__(self, loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
                  *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
                  check_every: int | None = None, graphs: bool | None = None, capture: Any = None,
-                 compile: bool = False):
+                 compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UsageError("every prompt needs at least one token")
         if seeds is not None and len(seeds) != len(prompts):
@@ -221,6 +221,13 @@ class Generation:
         self.observe = observe
         self.canvas_length = int(loaded.model.config.canvas_length)
         self.canvases = math.ceil(settings.max_new_tokens / self.canvas_length)
+        self.clamp = clamp
+        if clamp is not None:
+            tokens, mask = clamp
+            expected = (len(prompts), self.canvases * self.canvas_length)
+            if tuple(tokens.shape) != expected or tuple(mask.shape) != expected:
+                raise UsageError(f"clamp tensors must be {expected} (rows, whole canvases), got "
+                                 f"{tuple(tokens.shape)} and {tuple(mask.shape)}")
         self._prompts = [list(p) for p in prompts]
         self._cache_kw = cache_keyword(loaded.model)
         self._check_context()
@@ -324,6 +331,26 @@ class Generation:
             self._encode(unencoded, attention_mask, encoder_positions, cache)
             canvas_tensor = torch.tensor(canvas_index, dtype=torch.long, device=device)
             canvas = sampler.initial_canvas(batch_size, ~finished_rows, canvas_tensor)
+            clamp_tokens = clamp_mask = None
+            if self.clamp is not None:
+                window = slice(canvas_index * canvas_length, (canvas_index + 1) * canvas_length)
+                clamp_tokens = self.clamp[0][:, window].to(device)
+                clamp_mask = self.clamp[1][:, window].to(device)
+                if bool(clamp_mask.all()):
+                    # Nothing to denoise: the canvas is fixed text, committed as context as is.
+                    committed_canvases.append(clamp_tokens.clone())
+                    row_steps.append(torch.zeros_like(forwards))
+                    yield CanvasEvent(canvas=canvas_index, canvases=self.canvases, tokens=clamp_tokens.clone(),
+                                      steps=0, finished=finished_rows, elapsed=time.perf_counter() - start)
+                    unencoded = clamp_tokens
+                    cur_len += canvas_length
+                    attention_mask = torch.nn.functional.pad(attention_mask, (0, canvas_length), value=True)
+                    decoder_attention_mask = torch.nn.functional.pad(decoder_attention_mask, (0, canvas_length),
+                                                                     value=True)
+                    encoder_positions = decoder_positions
+                    decoder_positions = torch.arange(cur_len, cur_len + canvas_length, dtype=torch.int32,
+                                                     device=device)[None]
+                    continue
             decoder_mask = model.model.decoder.create_diffusion_decoder_attention_mask(
                 model.config, canvas.unsqueeze(-1), cache, decoder_attention_mask
             )
@@ -331,7 +358,7 @@ class Generation:
                 decoder=Decoder(model, cache, decoder_mask, decoder_positions), sampler=sampler,
                 temperatures=temperatures, accept=accept, stability=stability,
                 confidence=settings.confidence_threshold, finished=finished_rows, canvas_index=canvas_tensor,
-                embed_dtype=embed_dtype,
+                embed_dtype=embed_dtype, clamp_tokens=clamp_tokens, clamp_mask=clamp_mask,
             )
             state = initial_state(context, canvas, forwards)
             if runner is not None:
@@ -365,7 +392,11 @@ class Generation:
                     break
 
             forwards = state.forwards.clone()
-            committed, finished_rows = _commit(state.argmax, finished_rows, eos, settings.pad_token_id)
+            if self.clamp is None:
+                committed, finished_rows = _commit(state.argmax, finished_rows, eos, settings.pad_token_id)
+            else:
+                # A template's layout is fixed: an EOS inside a hole ends that hole, not the generation.
+                committed = state.argmax.clone()
             committed_canvases.append(committed)
             row_steps.append(forwards - forwards_before)
             yield CanvasEvent(
@@ -490,7 +521,7 @@ def _commit(argmax_canvas: torch.Tensor, finished_rows: torch.Tensor, eos: torch
 def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
            *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
            check_every: int | None = None, graphs: bool | None = None, capture: Any = None,
-           compile: bool = False) -> Generation:
+           compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None) -> Generation:
     """Prepare a generation of ``prompts`` (token id lists; several are batched, left padded).
 
     ``exact`` picks the reference-identical sampler (default on the CPU) or the fast one
@@ -505,10 +536,14 @@ def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: Gene
     graph recorder (tests replay eagerly on the CPU through the same code). ``compile`` runs
     the fast step through ``torch.compile`` (:func:`~diffgen.denoise.step.compiled_step`):
     minutes on the first call, cached on disk by inductor for later processes, about twice
-    as fast per step on a CPU.
+    as fast per step on a CPU. ``clamp`` = ``(tokens, mask)``, both ``(B, canvases x C)``
+    (``int64`` and ``bool``), pins the masked positions of every canvas to their tokens at
+    every step (infilling, :mod:`diffgen.denoise.fill`; see :class:`StepContext`); a canvas
+    whose positions are all clamped is committed as is without a decoder pass, and an EOS
+    ends no row (the layout is fixed), so every planned canvas runs.
     """
     return Generation(loaded, prompts, settings, observe=observe, seeds=seeds, exact=exact, check_every=check_every,
-                      graphs=graphs, capture=capture, compile=compile)
+                      graphs=graphs, capture=capture, compile=compile, clamp=clamp)
 
 
 def generate(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,

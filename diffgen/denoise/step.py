@@ -80,6 +80,19 @@ class StepContext:
         finished: ``(B,)`` bool, rows that ended in an earlier canvas.
         canvas_index: 0-d int64 on the device, the canvas being denoised.
         embed_dtype: dtype of the self-conditioning logits the decoder reads.
+        clamp_tokens: ``(B, C)`` int64 on the device, the token each clamped position must
+            hold (any value where ``clamp_mask`` is False), or ``None``: nothing clamped.
+        clamp_mask: ``(B, C)`` bool on the device, the clamped (fixed) positions, or ``None``.
+
+    Clamping (infilling, :mod:`diffgen.denoise.fill`): the model has no mask token and
+    re-decides every position at every step, so a fixed position is pinned at every step, not
+    seeded once. After the sampler's draw a clamped position's sample and argmax are its token
+    and its entropy is exactly 0 (so entropy-bound acceptance always keeps it and it adds
+    nothing to the cumulative bound or to the mean entropy's sum), its self-conditioning
+    logits become one-hot (``0`` at the token, the dtype's lowest value elsewhere: softmax
+    gives exactly the token's embedding), and the canvas after renoising holds the token. The
+    override comes after the draw rather than in the logits, so it is the same for the exact
+    sampler, the fast torch tail and the Triton kernel, and the random draws keep their order.
     """
 
     decoder: Callable[..., torch.Tensor]
@@ -91,6 +104,30 @@ class StepContext:
     finished: torch.Tensor
     canvas_index: torch.Tensor
     embed_dtype: torch.dtype
+    clamp_tokens: torch.Tensor | None = None
+    clamp_mask: torch.Tensor | None = None
+
+
+def clamp(tokens: torch.Tensor, context: StepContext) -> torch.Tensor:
+    """``tokens`` ``(B, C)`` with the context's clamped positions set to their tokens."""
+    if context.clamp_mask is None:
+        return tokens
+    return torch.where(context.clamp_mask, context.clamp_tokens, tokens)
+
+
+def _clamp_draw(sampled: torch.Tensor, argmax: torch.Tensor, entropy: torch.Tensor, scaled: torch.Tensor,
+                context: StepContext) -> tuple[torch.Tensor, ...]:
+    """The sampler's outputs with clamped positions fixed: token, token, entropy 0, one-hot logits."""
+    mask, tokens = context.clamp_mask, context.clamp_tokens
+    sampled = torch.where(mask, tokens, sampled)
+    argmax = torch.where(mask, tokens, argmax)
+    entropy = torch.where(mask, torch.zeros_like(entropy), entropy)
+    floor = torch.finfo(scaled.dtype).min
+    index = tokens.unsqueeze(-1)
+    at_token = torch.where(mask.unsqueeze(-1), torch.zeros_like(index, dtype=scaled.dtype),
+                           scaled.gather(-1, index))
+    scaled = scaled.masked_fill(mask.unsqueeze(-1), floor).scatter(-1, index, at_token)
+    return sampled, argmax, entropy, scaled
 
 
 def initial_state(context: StepContext, canvas: torch.Tensor, forwards: torch.Tensor) -> StepState:
@@ -100,6 +137,7 @@ def initial_state(context: StepContext, canvas: torch.Tensor, forwards: torch.Te
     history = None
     if context.stability:
         history = torch.full((context.stability, batch, length), -1, dtype=canvas.dtype, device=device)
+    canvas = clamp(canvas, context)
     return StepState(
         canvas=canvas,
         argmax=canvas,
@@ -129,9 +167,12 @@ def denoise_step(state: StepState, context: StepContext, *, self_conditioning_ma
     step = state.step + 1
     sampled, argmax, entropy, scaled = sampler.draw(raw, temperature, active=active, canvas=context.canvas_index,
                                                     step=step, out_dtype=context.embed_dtype)
+    if context.clamp_mask is not None:
+        sampled, argmax, entropy, scaled = _clamp_draw(sampled, argmax, entropy, scaled, context)
     accepted = context.accept(entropy)
     canvas = sampler.renoise(torch.where(accepted, sampled, state.canvas), accepted, active=active,
                              canvas=context.canvas_index, step=step)
+    canvas = clamp(canvas, context)
     mean_entropy = entropy.mean(dim=-1)
     stopped, history = state.stopped, state.history
     if context.stability is not None:

@@ -1,0 +1,173 @@
+"""``diffgen fill``: a template's holes filled, conditioned on the text before and after them."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from diffgen.cli.common import exclusive, load_model, status
+from diffgen.cli.funnel import doing
+from diffgen.cli.options import (
+    DEFAULT_MODEL,
+    CompileOption,
+    ConfidenceOption,
+    DeviceOption,
+    EntropyBoundOption,
+    ExactOption,
+    FastOption,
+    MaxMemoryOption,
+    ModelOption,
+    NoColorOption,
+    OffloadOption,
+    OfflineOption,
+    QuantOption,
+    QuietOption,
+    RawOption,
+    SeedOption,
+    StabilityOption,
+    StepsOption,
+    SystemOption,
+    TMaxOption,
+    TMinOption,
+    sampler_choice,
+    sampler_flags,
+)
+
+EPILOG = (
+    "Examples:\n\n"
+    "  diffgen fill $'def {{4}}(xs):\\n    return sorted(xs, key={{8}})'\n\n"
+    "  diffgen fill -p \"A polite reply\" 'Dear {{4}}, thanks for {{}}. Best, Ana'\n\n"
+    "  cat letter.tmpl | diffgen fill --json - | jq '.holes[].text'\n\n"
+    "A hole is {{}} (16 tokens) or {{N}} (N tokens). Every other token of the template is clamped at "
+    "every denoising step (the model has no mask token, so text is pinned, not seeded); each hole is "
+    "denoised conditioned on the text on both sides. A hole may come back shorter than N tokens (the "
+    "model ends it with an EOS or pad), never longer. Templates longer than one canvas run over several. "
+    "stdout is the template with its holes filled; its fixed text is printed byte for byte as given."
+)
+
+
+def fill(
+    ctx: typer.Context,
+    template: Annotated[
+        Optional[str],
+        typer.Argument(help="The template, with {{}} or {{N}} holes. Omit it or pass - to read it from stdin.",
+                       show_default=False),
+    ] = None,
+    model: ModelOption = DEFAULT_MODEL,
+    prompt: Annotated[
+        Optional[str],
+        typer.Option("--prompt", "-p", show_default="none",
+                     help="Instructions the model reads before the template (through the chat template unless "
+                          "--raw)."),
+    ] = None,
+    system: SystemOption = None,
+    raw: RawOption = False,
+    steps: StepsOption = None,
+    entropy_bound: EntropyBoundOption = None,
+    t_min: TMinOption = None,
+    t_max: TMaxOption = None,
+    stability: StabilityOption = None,
+    confidence: ConfidenceOption = None,
+    seed: SeedOption = None,
+    device: DeviceOption = "auto",
+    exact: ExactOption = False,
+    fast: FastOption = False,
+    compile: CompileOption = False,
+    quant: QuantOption = "auto",
+    max_memory: MaxMemoryOption = None,
+    offload: OffloadOption = False,
+    offline: OfflineOption = False,
+    quiet: QuietOption = False,
+    json_output: Annotated[
+        bool,
+        typer.Option("--json", help="Print one JSON object on stdout: the filled text and each hole's text, token "
+                                    "span and mean entropy (a confidence: lower is surer)."),
+    ] = False,
+    no_color: NoColorOption = False,
+) -> None:
+    """Fill the holes of TEMPLATE (or stdin) and print the filled template on stdout."""
+    from diffgen import prompt as prompt_mod
+    from diffgen.denoise.fill import parse_template
+    from diffgen.loading.prepare import prepare
+
+    # Every flag and the template are checked before anything is read from the checkpoint.
+    raw, system = exclusive(ctx, "a system prompt needs the chat template; drop --raw", raw=raw, system=system)
+    exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
+    exact_loop = sampler_choice(exact, fast, compile)
+    flags = sampler_flags(steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, stability=stability,
+                          confidence=confidence)
+
+    with doing("reading the template"):
+        if template is None or template == "-":
+            data = prompt_mod.read_stdin(sys.stdin)
+            if not data:
+                from diffgen.errors import UsageError
+
+                raise UsageError("no template: give one as an argument or on stdin",
+                                 "e.g. diffgen fill 'Dear {{4}}, thanks for {{}}.'")
+            text, warning = prompt_mod.decode_input(data, "stdin")
+            if warning and not quiet:
+                typer.echo(f"diffgen: warning: {warning}", err=True)
+            text = text[:-1] if text.endswith("\n") else text
+        else:
+            text = template
+        parsed = parse_template(text)
+
+    from diffgen.ui import render
+
+    console = render.error_console()
+    with doing("planning the load"):
+        prepared = prepare(model, offline=offline, device=device, quant=quant, max_memory=max_memory,
+                           offload=offload, **flags, seed=seed if seed is not None else secrets.randbelow(2**31))
+    from diffgen.denoise import fill as fill_mod
+    from diffgen.denoise import loop as generate
+    from diffgen.loading import loader
+
+    with doing("loading the tokenizer"):
+        tokenizer = loader.load_tokenizer(prepared.checkpoint.path)
+        if prompt is None and not system:
+            prefix = list(tokenizer("", add_special_tokens=True)["input_ids"]) or [prepared.settings.pad_token_id]
+        else:
+            prefix = prompt_mod.encode(tokenizer, prompt or "", system=system, raw=raw)
+        canvas_length = int(prepared.config.get("canvas_length", 256))
+        plan = fill_mod.layout(parsed, tokenizer, canvas_length, prepared.settings.pad_token_id)
+    settings = fill_mod.fill_settings(prepared.settings, plan)
+    from diffgen.errors import PromptTooLongError
+
+    try:
+        generate.check_context_config(prepared.config, len(prefix), settings)
+    except PromptTooLongError as exc:
+        raise PromptTooLongError(
+            f"the prompt ({len(prefix)} tokens) plus the template ({plan.length} tokens, {len(plan.tokens)} "
+            f"positions in whole canvases) do not fit the model's context",
+            "shorten the template, its holes or the prompt") from exc
+    loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
+    with doing("filling the template"):
+        with status(console, "Denoising", quiet=quiet):
+            result = fill_mod.fill(loaded, prefix, parsed, settings, exact=exact_loop, compile=compile)
+
+    with doing("writing the answer"):
+        if json_output:
+            render.write_json(fill_record(result, model=model), sys.stdout)
+        else:
+            sys.stdout.write(result.text + "\n")
+            sys.stdout.flush()
+
+
+def fill_record(result, *, model: str) -> dict:
+    """The ``--json`` object of a filled template."""
+    return {
+        "text": result.text,
+        "holes": [{"text": hole.text, "start": hole.start, "end": hole.end, "tokens": list(hole.token_ids),
+                   "mean_entropy": hole.mean_entropy} for hole in result.holes],
+        "model": model,
+        "seed": result.settings.seed,
+        "prompt_tokens": result.prompt_tokens,
+        "template_tokens": result.layout.length,
+        "steps_per_canvas": list(result.steps_per_canvas),
+        "seconds": result.seconds,
+        "settings": result.settings.to_dict(),
+    }
