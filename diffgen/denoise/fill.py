@@ -203,18 +203,51 @@ def fill(loaded: LoadedModel, prefix: Sequence[int], template: Template | str, s
     """Fill ``template``'s holes after the encoder prefix ``prefix`` (token ids, at least one)."""
     import time
 
-    import torch
-
-    from diffgen.denoise.loop import CanvasEvent, StepEvent, stream
-
     if isinstance(template, str):
         template = parse_template(template)
     start = time.perf_counter()
     canvas_length = int(loaded.model.config.canvas_length)
     plan = layout(template, loaded.tokenizer, canvas_length, settings.pad_token_id)
     settings = fill_settings(settings, plan)
+    tokens, entropy, steps = run_layout(loaded, prefix, plan, settings, exact=exact, compile=compile)
+    eos = set(settings.eos_token_ids)
+    holes = []
+    for begin, end in plan.spans:
+        ids = tokens[begin:end]
+        cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
+        text = loaded.tokenizer.decode(ids[:cut], skip_special_tokens=True)
+        holes.append(FilledHole(text=text, start=begin, end=end, token_ids=tuple(ids),
+                                mean_entropy=sum(entropy[begin:end]) / (end - begin)))
+    parts, filled = [], iter(holes)
+    for piece in template.pieces:
+        parts.append(next(filled).text if isinstance(piece, Hole) else piece)
+    return FillResult(text="".join(parts), holes=tuple(holes), token_ids=tuple(tokens), layout=plan,
+                      prompt_tokens=len(prefix), steps_per_canvas=tuple(steps), settings=settings,
+                      seconds=time.perf_counter() - start)
+
+
+def run_layout(loaded: LoadedModel, prefix: Sequence[int], plan: Layout, settings: GenerationSettings, *,
+               exact: bool | None = None, compile: bool = False, init: Sequence[int | None] | None = None
+               ) -> tuple[list[int], list[float], list[int]]:
+    """Denoise ``plan``'s free positions with its fixed ones clamped (``settings`` from :func:`fill_settings`).
+
+    ``init``: per position, the token a free position starts from instead of noise, or
+    ``None`` for noise (editing). Returns every position's committed token, its entropy
+    (nats) at the last step of its canvas (0 on canvases of fixed text only) and the decoder
+    passes each canvas took.
+    """
+    import torch
+
+    from diffgen.denoise.loop import CanvasEvent, StepEvent, stream
+
+    canvas_length = int(loaded.model.config.canvas_length)
     clamp = (torch.tensor([plan.tokens], dtype=torch.long), torch.tensor([plan.fixed], dtype=torch.bool))
-    generation = stream(loaded, [list(prefix)], settings, observe=True, exact=exact, compile=compile, clamp=clamp)
+    seed = None
+    if init is not None:
+        seed = (torch.tensor([[settings.pad_token_id if t is None else t for t in init]], dtype=torch.long),
+                torch.tensor([[t is not None for t in init]], dtype=torch.bool))
+    generation = stream(loaded, [list(prefix)], settings, observe=True, exact=exact, compile=compile, clamp=clamp,
+                        init=seed)
     committed: list[list[int]] = []
     entropies: list[list[float]] = []
     steps: list[int] = []
@@ -230,17 +263,4 @@ def fill(loaded: LoadedModel, prefix: Sequence[int], template: Template | str, s
             last_entropy = None
     tokens = [t for canvas in committed for t in canvas]
     entropy = [h for canvas in entropies for h in canvas]
-    eos = set(settings.eos_token_ids)
-    holes = []
-    for begin, end in plan.spans:
-        ids = tokens[begin:end]
-        cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
-        text = loaded.tokenizer.decode(ids[:cut], skip_special_tokens=True)
-        holes.append(FilledHole(text=text, start=begin, end=end, token_ids=tuple(ids),
-                                mean_entropy=sum(entropy[begin:end]) / (end - begin)))
-    parts, filled = [], iter(holes)
-    for piece in template.pieces:
-        parts.append(next(filled).text if isinstance(piece, Hole) else piece)
-    return FillResult(text="".join(parts), holes=tuple(holes), token_ids=tuple(tokens), layout=plan,
-                      prompt_tokens=len(prefix), steps_per_canvas=tuple(steps), settings=settings,
-                      seconds=time.perf_counter() - start)
+    return tokens, entropy, steps

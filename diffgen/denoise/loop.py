@@ -195,7 +195,8 @@ class Generation:
     def __init__(self, loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
                  *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
                  check_every: int | None = None, graphs: bool | None = None, capture: Any = None,
-                 compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 init: tuple[torch.Tensor, torch.Tensor] | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UsageError("every prompt needs at least one token")
         if seeds is not None and len(seeds) != len(prompts):
@@ -227,6 +228,13 @@ class Generation:
             expected = (len(prompts), self.canvases * self.canvas_length)
             if tuple(tokens.shape) != expected or tuple(mask.shape) != expected:
                 raise UsageError(f"clamp tensors must be {expected} (rows, whole canvases), got "
+                                 f"{tuple(tokens.shape)} and {tuple(mask.shape)}")
+        self.init = init
+        if init is not None:
+            tokens, mask = init
+            expected = (len(prompts), self.canvases * self.canvas_length)
+            if tuple(tokens.shape) != expected or tuple(mask.shape) != expected:
+                raise UsageError(f"init tensors must be {expected} (rows, whole canvases), got "
                                  f"{tuple(tokens.shape)} and {tuple(mask.shape)}")
         self._prompts = [list(p) for p in prompts]
         self._cache_kw = cache_keyword(loaded.model)
@@ -331,6 +339,11 @@ class Generation:
             self._encode(unencoded, attention_mask, encoder_positions, cache)
             canvas_tensor = torch.tensor(canvas_index, dtype=torch.long, device=device)
             canvas = sampler.initial_canvas(batch_size, ~finished_rows, canvas_tensor)
+            if self.init is not None:
+                # Seeded positions start from their token instead of noise; the noise is still drawn
+                # (and discarded there), so the random draws keep their order.
+                window = slice(canvas_index * canvas_length, (canvas_index + 1) * canvas_length)
+                canvas = torch.where(self.init[1][:, window].to(device), self.init[0][:, window].to(device), canvas)
             clamp_tokens = clamp_mask = None
             if self.clamp is not None:
                 window = slice(canvas_index * canvas_length, (canvas_index + 1) * canvas_length)
@@ -521,7 +534,8 @@ def _commit(argmax_canvas: torch.Tensor, finished_rows: torch.Tensor, eos: torch
 def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
            *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
            check_every: int | None = None, graphs: bool | None = None, capture: Any = None,
-           compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None) -> Generation:
+           compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None,
+           init: tuple[torch.Tensor, torch.Tensor] | None = None) -> Generation:
     """Prepare a generation of ``prompts`` (token id lists; several are batched, left padded).
 
     ``exact`` picks the reference-identical sampler (default on the CPU) or the fast one
@@ -540,10 +554,13 @@ def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: Gene
     (``int64`` and ``bool``), pins the masked positions of every canvas to their tokens at
     every step (infilling, :mod:`diffgen.denoise.fill`; see :class:`StepContext`); a canvas
     whose positions are all clamped is committed as is without a decoder pass, and an EOS
-    ends no row (the layout is fixed), so every planned canvas runs.
+    ends no row (the layout is fixed), so every planned canvas runs. ``init`` = ``(tokens,
+    mask)``, same shapes, seeds the masked positions: each canvas starts from those tokens
+    instead of uniform noise there (editing, :mod:`diffgen.denoise.edit`); unlike a clamp
+    this pins nothing, the sampler renoises them as it would any rejected position.
     """
     return Generation(loaded, prompts, settings, observe=observe, seeds=seeds, exact=exact, check_every=check_every,
-                      graphs=graphs, capture=capture, compile=compile, clamp=clamp)
+                      graphs=graphs, capture=capture, compile=compile, clamp=clamp, init=init)
 
 
 def generate(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
