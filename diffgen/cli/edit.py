@@ -9,10 +9,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffgen.cli.common import exclusive, load_model, status
+from diffgen.cli.common import check_output_path, exclusive, load_model, observing, status
 from diffgen.cli.funnel import doing
 from diffgen.cli.options import (
     DEFAULT_MODEL,
+    ClampedShowStepsOption,
+    ClampedTraceOption,
     CompileOption,
     ConfidenceOption,
     DeviceOption,
@@ -41,6 +43,7 @@ EPILOG = (
     "Examples:\n\n"
     "  diffgen edit notes.md \"Make it formal\"            (spans marked {{~old text~}} in notes.md)\n\n"
     "  diffgen edit --lines 3-5 --lines 9 app.py \"Use pathlib\" --diff | patch -p1\n\n"
+    "  diffgen edit --trace edit.jsonl notes.md \"Shorter\" && diffgen replay edit.jsonl --svg edit.svg\n\n"
     "Mark each span to revise in the file as {{~old text~}}, or give line ranges with --lines (the file is "
     "then taken literally). Every token outside the spans is clamped at every denoising step; each span's "
     "positions start from its old text's tokens instead of noise, and the sampler renoises them as it "
@@ -82,6 +85,8 @@ def edit(
     offload: OffloadOption = False,
     offline: OfflineOption = False,
     quiet: QuietOption = False,
+    show_steps: ClampedShowStepsOption = False,
+    trace_file: ClampedTraceOption = None,
     no_color: NoColorOption = False,
 ) -> None:
     """Revise the marked spans of FILE as INSTRUCTION says; print the revised file (or a diff) on stdout."""
@@ -94,6 +99,7 @@ def edit(
     raw, system = exclusive(ctx, "a system prompt needs the chat template; drop --raw", raw=raw, system=system)
     exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
     exact_loop = sampler_choice(exact, fast, compile)
+    check_output_path(trace_file, "--trace")
     flags = sampler_flags(steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, stability=stability,
                           confidence=confidence)
 
@@ -135,8 +141,14 @@ def edit(
             "revise a shorter file or mark fewer spans") from exc
     loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
     with doing("revising the file"):
-        with status(console, "Denoising", quiet=quiet):
-            result = edit_mod.edit(loaded, prefix, document, settings, exact=exact_loop, compile=compile)
+        with observing(console, tokenizer, show_steps=show_steps, trace_file=trace_file, model=model,
+                       prompt=instruction, settings=settings, canvas_length=canvas_length) as observer:
+            with status(console, "Denoising", quiet=quiet or show_steps):
+                result = edit_mod.edit(loaded, prefix, document, settings, exact=exact_loop, compile=compile,
+                                       on_event=observer.on_event if observer else None)
+            if observer is not None:
+                observer.finish(result.text, {"steps_per_canvas": list(result.steps_per_canvas),
+                                              "seconds": result.seconds})
 
     with doing("writing the answer"):
         if diff:

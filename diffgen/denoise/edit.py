@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from diffgen.errors import UsageError
 
@@ -236,8 +236,12 @@ def edit_layout(document: Document, tokenizer, canvas_length: int, pad_token_id:
 
 
 def edit(loaded: LoadedModel, prefix: Sequence[int], document: Document | str, settings: GenerationSettings,
-         *, exact: bool | None = None, compile: bool = False) -> EditResult:
-    """Revise ``document``'s spans after the encoder prefix ``prefix`` (the instruction's tokens)."""
+         *, exact: bool | None = None, compile: bool = False,
+         on_event: Callable[[Any], None] | None = None) -> EditResult:
+    """Revise ``document``'s spans after the encoder prefix ``prefix`` (the instruction's tokens).
+
+    ``on_event`` is called with every loop event (``--show-steps``, ``--trace``).
+    """
     import time
 
     from diffgen.denoise.fill import fill_settings, run_layout
@@ -248,7 +252,8 @@ def edit(loaded: LoadedModel, prefix: Sequence[int], document: Document | str, s
     canvas_length = int(loaded.model.config.canvas_length)
     plan, init, olds = edit_layout(document, loaded.tokenizer, canvas_length, settings.pad_token_id)
     settings = fill_settings(settings, plan)
-    tokens, entropy, steps = run_layout(loaded, prefix, plan, settings, exact=exact, compile=compile, init=init)
+    tokens, entropy, steps = run_layout(loaded, prefix, plan, settings, exact=exact, compile=compile, init=init,
+                                        on_event=on_event)
     eos = set(settings.eos_token_ids)
     spans = []
     for (begin, end), span, old in zip(plan.spans, document.spans, olds):

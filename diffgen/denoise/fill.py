@@ -26,7 +26,7 @@ canvas (0 would be certain; a random model sits near ``ln(vocab)``).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -199,8 +199,12 @@ def fill_settings(settings: GenerationSettings, plan: Layout) -> GenerationSetti
 
 
 def fill(loaded: LoadedModel, prefix: Sequence[int], template: Template | str, settings: GenerationSettings,
-         *, exact: bool | None = None, compile: bool = False) -> FillResult:
-    """Fill ``template``'s holes after the encoder prefix ``prefix`` (token ids, at least one)."""
+         *, exact: bool | None = None, compile: bool = False,
+         on_event: Callable[[Any], None] | None = None) -> FillResult:
+    """Fill ``template``'s holes after the encoder prefix ``prefix`` (token ids, at least one).
+
+    ``on_event`` is called with every loop event (``--show-steps``, ``--trace``).
+    """
     import time
 
     if isinstance(template, str):
@@ -209,7 +213,8 @@ def fill(loaded: LoadedModel, prefix: Sequence[int], template: Template | str, s
     canvas_length = int(loaded.model.config.canvas_length)
     plan = layout(template, loaded.tokenizer, canvas_length, settings.pad_token_id)
     settings = fill_settings(settings, plan)
-    tokens, entropy, steps = run_layout(loaded, prefix, plan, settings, exact=exact, compile=compile)
+    tokens, entropy, steps = run_layout(loaded, prefix, plan, settings, exact=exact, compile=compile,
+                                        on_event=on_event)
     eos = set(settings.eos_token_ids)
     holes = []
     for begin, end in plan.spans:
@@ -227,14 +232,14 @@ def fill(loaded: LoadedModel, prefix: Sequence[int], template: Template | str, s
 
 
 def run_layout(loaded: LoadedModel, prefix: Sequence[int], plan: Layout, settings: GenerationSettings, *,
-               exact: bool | None = None, compile: bool = False, init: Sequence[int | None] | None = None
-               ) -> tuple[list[int], list[float], list[int]]:
+               exact: bool | None = None, compile: bool = False, init: Sequence[int | None] | None = None,
+               on_event: Callable[[Any], None] | None = None) -> tuple[list[int], list[float], list[int]]:
     """Denoise ``plan``'s free positions with its fixed ones clamped (``settings`` from :func:`fill_settings`).
 
     ``init``: per position, the token a free position starts from instead of noise, or
     ``None`` for noise (editing). Returns every position's committed token, its entropy
     (nats) at the last step of its canvas (0 on canvases of fixed text only) and the decoder
-    passes each canvas took.
+    passes each canvas took. ``on_event`` is called with every loop event, in order.
     """
     import torch
 
@@ -253,6 +258,8 @@ def run_layout(loaded: LoadedModel, prefix: Sequence[int], plan: Layout, setting
     steps: list[int] = []
     last_entropy = None
     for event in generation:
+        if on_event is not None:
+            on_event(event)
         if isinstance(event, StepEvent):
             last_entropy = event.token_entropy
         elif isinstance(event, CanvasEvent):

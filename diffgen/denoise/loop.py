@@ -85,6 +85,8 @@ class StepEvent:
             fired for them, or they met an EOS in an earlier canvas.
         elapsed: seconds since the generation started, read on the host (on a GPU this is
             when the step was queued, not when it finished).
+        fixed: ``(B, C)`` bool, the positions clamped on this canvas (``clamp`` in
+            :func:`stream`: template or document text, pad after it), or ``None``: none.
     """
 
     canvas: int
@@ -99,6 +101,7 @@ class StepEvent:
     mean_entropy: torch.Tensor
     finished: torch.Tensor
     elapsed: float
+    fixed: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class CanvasEvent:
         steps: denoising steps (decoder forward passes) this canvas took for the batch.
         finished: ``(B,)`` bool, rows that have met an EOS so far.
         elapsed: seconds since the generation started.
+        fixed: ``(B, C)`` bool, the positions clamped on this canvas, or ``None``: none.
     """
 
     canvas: int
@@ -121,6 +125,7 @@ class CanvasEvent:
     steps: int
     finished: torch.Tensor
     elapsed: float
+    fixed: torch.Tensor | None = None
 
 
 Event = StepEvent | CanvasEvent
@@ -354,7 +359,8 @@ class Generation:
                     committed_canvases.append(clamp_tokens.clone())
                     row_steps.append(torch.zeros_like(forwards))
                     yield CanvasEvent(canvas=canvas_index, canvases=self.canvases, tokens=clamp_tokens.clone(),
-                                      steps=0, finished=finished_rows, elapsed=time.perf_counter() - start)
+                                      steps=0, finished=finished_rows, elapsed=time.perf_counter() - start,
+                                      fixed=clamp_mask)
                     unencoded = clamp_tokens
                     cur_len += canvas_length
                     attention_mask = torch.nn.functional.pad(attention_mask, (0, canvas_length), value=True)
@@ -396,6 +402,7 @@ class Generation:
                         mean_entropy=shown.mean_entropy,
                         finished=shown.stopped | finished_rows,
                         elapsed=time.perf_counter() - start,
+                        fixed=clamp_mask,
                     )
                 # The reference keeps denoising rows that ended in an earlier canvas until every row
                 # stops; with per-row noise those rows are done and draw nothing.
@@ -419,6 +426,7 @@ class Generation:
                 steps=steps,
                 finished=finished_rows,
                 elapsed=time.perf_counter() - start,
+                fixed=clamp_mask,
             )
             if bool(finished_rows.all()):
                 break
