@@ -21,6 +21,7 @@ from diffgen import __version__
 from diffgen.cli import batch
 from diffgen.cli import bench
 from diffgen.cli import completion
+from diffgen.cli import edit
 from diffgen.cli import fill
 from diffgen.cli import funnel
 from diffgen.cli import info
@@ -96,7 +97,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-for _module, _function in ((run, run.run), (fill, fill.fill), (batch, batch.batch), (replay, replay.replay), (info, info.info),
+for _module, _function in ((run, run.run), (fill, fill.fill), (edit, edit.edit), (batch, batch.batch), (replay, replay.replay), (info, info.info),
                            (pull, pull.pull), (bench, bench.bench), (completion, completion.completion)):
     app.command(cls=DiffgenCommand, epilog=_module.EPILOG)(_function)
 

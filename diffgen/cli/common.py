@@ -103,3 +103,52 @@ def read_input(path: str) -> tuple[bytes, str]:
         from diffgen.errors import UsageError
 
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+class Observer:
+    """Feeds a clamped run's events (``fill``, ``edit``) to the live view and/or a trace file.
+
+    ``on_event`` takes each loop event; :meth:`finish` writes the trace's result line.
+    """
+
+    def __init__(self, sinks: list[Any], writer: Any, texts: Any):
+        self.sinks, self.writer, self.texts = sinks, writer, texts
+
+    def on_event(self, event: Any) -> None:
+        from diffgen.records import trace
+
+        for record in trace.records([event], self.texts):
+            for sink in self.sinks:
+                sink.update(record)
+
+    def finish(self, text: str, stats: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.result({"text": text, "thoughts": "", "finish_reason": "length", "stats": stats})
+
+
+@contextlib.contextmanager
+def observing(console: Any, tokenizer: Any, *, show_steps: bool, trace_file: Optional[Path], model: str,
+              prompt: str, settings: Any, canvas_length: int) -> Iterator[Optional[Observer]]:
+    """An :class:`Observer` for ``--show-steps`` / ``--trace`` (``None`` when neither is asked for)."""
+    if not show_steps and trace_file is None:
+        yield None
+        return
+    from diffgen.records import trace
+    from diffgen.ui import view
+
+    texts = trace.TokenTexts(tokenizer)
+    with contextlib.ExitStack() as stack:
+        sinks: list[Any] = []
+        writer = None
+        if trace_file is not None:
+            try:
+                handle = stack.enter_context(open(trace_file, "w", encoding="utf-8"))
+            except OSError as exc:
+                raise UsageError(f"cannot write --trace {trace_file}: {exc.strerror or exc}") from exc
+            writer = trace.TraceWriter(handle)
+            writer.header(model=model, prompt=prompt, settings=settings.to_dict(), canvas_length=canvas_length,
+                          channel_ids=texts.channel_ids)
+            sinks.append(writer)
+        if show_steps:
+            sinks.append(stack.enter_context(view.step_view(console, texts.channel_ids, sys.stderr)))
+        yield Observer(sinks, writer, texts)

@@ -8,10 +8,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffgen.cli.common import exclusive, load_model, status
+from diffgen.cli.common import check_output_path, exclusive, load_model, observing, status
 from diffgen.cli.funnel import doing
 from diffgen.cli.options import (
     DEFAULT_MODEL,
+    ClampedShowStepsOption,
+    ClampedTraceOption,
     CompileOption,
     ConfidenceOption,
     DeviceOption,
@@ -41,6 +43,7 @@ EPILOG = (
     "  diffgen fill $'def {{4}}(xs):\\n    return sorted(xs, key={{8}})'\n\n"
     "  diffgen fill -p \"A polite reply\" 'Dear {{4}}, thanks for {{}}. Best, Ana'\n\n"
     "  cat letter.tmpl | diffgen fill --json - | jq '.holes[].text'\n\n"
+    "  diffgen fill --trace fill.jsonl 'Dear {{4}},' && diffgen replay fill.jsonl   (template text shown as fixed)\n\n"
     "A hole is {{}} (16 tokens) or {{N}} (N tokens). Every other token of the template is clamped at "
     "every denoising step (the model has no mask token, so text is pinned, not seeded); each hole is "
     "denoised conditioned on the text on both sides. A hole may come back shorter than N tokens (the "
@@ -86,6 +89,8 @@ def fill(
         typer.Option("--json", help="Print one JSON object on stdout: the filled text and each hole's text, token "
                                     "span and mean entropy (a confidence: lower is surer)."),
     ] = False,
+    show_steps: ClampedShowStepsOption = False,
+    trace_file: ClampedTraceOption = None,
     no_color: NoColorOption = False,
 ) -> None:
     """Fill the holes of TEMPLATE (or stdin) and print the filled template on stdout."""
@@ -97,6 +102,7 @@ def fill(
     raw, system = exclusive(ctx, "a system prompt needs the chat template; drop --raw", raw=raw, system=system)
     exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
     exact_loop = sampler_choice(exact, fast, compile)
+    check_output_path(trace_file, "--trace")
     flags = sampler_flags(steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, stability=stability,
                           confidence=confidence)
 
@@ -146,8 +152,14 @@ def fill(
             "shorten the template, its holes or the prompt") from exc
     loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
     with doing("filling the template"):
-        with status(console, "Denoising", quiet=quiet):
-            result = fill_mod.fill(loaded, prefix, parsed, settings, exact=exact_loop, compile=compile)
+        with observing(console, tokenizer, show_steps=show_steps, trace_file=trace_file, model=model,
+                       prompt=prompt or "", settings=settings, canvas_length=canvas_length) as observer:
+            with status(console, "Denoising", quiet=quiet or show_steps):
+                result = fill_mod.fill(loaded, prefix, parsed, settings, exact=exact_loop, compile=compile,
+                                       on_event=observer.on_event if observer else None)
+            if observer is not None:
+                observer.finish(result.text, {"steps_per_canvas": list(result.steps_per_canvas),
+                                              "seconds": result.seconds})
 
     with doing("writing the answer"):
         if json_output:

@@ -213,3 +213,13 @@ def sampler_flags(*values: Any, **by_key: Any) -> dict[str, Any]:
     out = {flag.field: value for flag, value in zip(table, values)}
     out.update({flag.field: by_key[flag.key] for flag in table if flag.key in by_key})
     return out
+ClampedShowStepsOption = Annotated[
+    bool,
+    typer.Option("--show-steps", help="Watch the denoising live on stderr, clamped (given) text drawn dim (one plain "
+                                      "line per step when stderr is not a terminal). stdout is unchanged."),
+]
+ClampedTraceOption = Annotated[
+    Optional[Path],
+    typer.Option("--trace", dir_okay=False, show_default=False,
+                 help="Write a JSONL trace of every step, clamped positions marked fixed, for `diffgen replay`."),
+]

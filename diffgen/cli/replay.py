@@ -22,7 +22,7 @@ EPILOG = (
 
 
 def replay(
-    file: Annotated[Path, typer.Argument(help="A trace written by `diffgen run --trace`.", dir_okay=False)],
+    file: Annotated[Path, typer.Argument(help="A trace written by `diffgen run --trace` (or fill, edit).", dir_okay=False)],
     speed: Annotated[float, typer.Option("--speed", min=0, help="Playback speed; 0 plays without pauses.")] = 1.0,
     svg: Annotated[
         Optional[Path], typer.Option("--svg", dir_okay=False, help="Write a picture of the run as SVG instead.")

@@ -26,7 +26,7 @@ canvas (0 would be certain; a random model sits near ``ln(vocab)``).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -199,13 +199,13 @@ def fill_settings(settings: GenerationSettings, plan: Layout) -> GenerationSetti
 
 
 def fill(loaded: LoadedModel, prefix: Sequence[int], template: Template | str, settings: GenerationSettings,
-         *, exact: bool | None = None, compile: bool = False) -> FillResult:
-    """Fill ``template``'s holes after the encoder prefix ``prefix`` (token ids, at least one)."""
+         *, exact: bool | None = None, compile: bool = False,
+         on_event: Callable[[Any], None] | None = None) -> FillResult:
+    """Fill ``template``'s holes after the encoder prefix ``prefix`` (token ids, at least one).
+
+    ``on_event`` is called with every loop event (``--show-steps``, ``--trace``).
+    """
     import time
-
-    import torch
-
-    from diffgen.denoise.loop import CanvasEvent, StepEvent, stream
 
     if isinstance(template, str):
         template = parse_template(template)
@@ -213,23 +213,8 @@ def fill(loaded: LoadedModel, prefix: Sequence[int], template: Template | str, s
     canvas_length = int(loaded.model.config.canvas_length)
     plan = layout(template, loaded.tokenizer, canvas_length, settings.pad_token_id)
     settings = fill_settings(settings, plan)
-    clamp = (torch.tensor([plan.tokens], dtype=torch.long), torch.tensor([plan.fixed], dtype=torch.bool))
-    generation = stream(loaded, [list(prefix)], settings, observe=True, exact=exact, compile=compile, clamp=clamp)
-    committed: list[list[int]] = []
-    entropies: list[list[float]] = []
-    steps: list[int] = []
-    last_entropy = None
-    for event in generation:
-        if isinstance(event, StepEvent):
-            last_entropy = event.token_entropy
-        elif isinstance(event, CanvasEvent):
-            committed.append(event.tokens[0].tolist())
-            entropies.append([0.0] * canvas_length if event.steps == 0 or last_entropy is None
-                             else last_entropy[0].tolist())
-            steps.append(event.steps)
-            last_entropy = None
-    tokens = [t for canvas in committed for t in canvas]
-    entropy = [h for canvas in entropies for h in canvas]
+    tokens, entropy, steps = run_layout(loaded, prefix, plan, settings, exact=exact, compile=compile,
+                                        on_event=on_event)
     eos = set(settings.eos_token_ids)
     holes = []
     for begin, end in plan.spans:
@@ -244,3 +229,45 @@ def fill(loaded: LoadedModel, prefix: Sequence[int], template: Template | str, s
     return FillResult(text="".join(parts), holes=tuple(holes), token_ids=tuple(tokens), layout=plan,
                       prompt_tokens=len(prefix), steps_per_canvas=tuple(steps), settings=settings,
                       seconds=time.perf_counter() - start)
+
+
+def run_layout(loaded: LoadedModel, prefix: Sequence[int], plan: Layout, settings: GenerationSettings, *,
+               exact: bool | None = None, compile: bool = False, init: Sequence[int | None] | None = None,
+               on_event: Callable[[Any], None] | None = None) -> tuple[list[int], list[float], list[int]]:
+    """Denoise ``plan``'s free positions with its fixed ones clamped (``settings`` from :func:`fill_settings`).
+
+    ``init``: per position, the token a free position starts from instead of noise, or
+    ``None`` for noise (editing). Returns every position's committed token, its entropy
+    (nats) at the last step of its canvas (0 on canvases of fixed text only) and the decoder
+    passes each canvas took. ``on_event`` is called with every loop event, in order.
+    """
+    import torch
+
+    from diffgen.denoise.loop import CanvasEvent, StepEvent, stream
+
+    canvas_length = int(loaded.model.config.canvas_length)
+    clamp = (torch.tensor([plan.tokens], dtype=torch.long), torch.tensor([plan.fixed], dtype=torch.bool))
+    seed = None
+    if init is not None:
+        seed = (torch.tensor([[settings.pad_token_id if t is None else t for t in init]], dtype=torch.long),
+                torch.tensor([[t is not None for t in init]], dtype=torch.bool))
+    generation = stream(loaded, [list(prefix)], settings, observe=True, exact=exact, compile=compile, clamp=clamp,
+                        init=seed)
+    committed: list[list[int]] = []
+    entropies: list[list[float]] = []
+    steps: list[int] = []
+    last_entropy = None
+    for event in generation:
+        if on_event is not None:
+            on_event(event)
+        if isinstance(event, StepEvent):
+            last_entropy = event.token_entropy
+        elif isinstance(event, CanvasEvent):
+            committed.append(event.tokens[0].tolist())
+            entropies.append([0.0] * canvas_length if event.steps == 0 or last_entropy is None
+                             else last_entropy[0].tolist())
+            steps.append(event.steps)
+            last_entropy = None
+    tokens = [t for canvas in committed for t in canvas]
+    entropy = [h for canvas in entropies for h in canvas]
+    return tokens, entropy, steps

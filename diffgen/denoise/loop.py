@@ -85,6 +85,8 @@ class StepEvent:
             fired for them, or they met an EOS in an earlier canvas.
         elapsed: seconds since the generation started, read on the host (on a GPU this is
             when the step was queued, not when it finished).
+        fixed: ``(B, C)`` bool, the positions clamped on this canvas (``clamp`` in
+            :func:`stream`: template or document text, pad after it), or ``None``: none.
     """
 
     canvas: int
@@ -99,6 +101,7 @@ class StepEvent:
     mean_entropy: torch.Tensor
     finished: torch.Tensor
     elapsed: float
+    fixed: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class CanvasEvent:
         steps: denoising steps (decoder forward passes) this canvas took for the batch.
         finished: ``(B,)`` bool, rows that have met an EOS so far.
         elapsed: seconds since the generation started.
+        fixed: ``(B, C)`` bool, the positions clamped on this canvas, or ``None``: none.
     """
 
     canvas: int
@@ -121,6 +125,7 @@ class CanvasEvent:
     steps: int
     finished: torch.Tensor
     elapsed: float
+    fixed: torch.Tensor | None = None
 
 
 Event = StepEvent | CanvasEvent
@@ -195,7 +200,8 @@ class Generation:
     def __init__(self, loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
                  *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
                  check_every: int | None = None, graphs: bool | None = None, capture: Any = None,
-                 compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 init: tuple[torch.Tensor, torch.Tensor] | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UsageError("every prompt needs at least one token")
         if seeds is not None and len(seeds) != len(prompts):
@@ -227,6 +233,13 @@ class Generation:
             expected = (len(prompts), self.canvases * self.canvas_length)
             if tuple(tokens.shape) != expected or tuple(mask.shape) != expected:
                 raise UsageError(f"clamp tensors must be {expected} (rows, whole canvases), got "
+                                 f"{tuple(tokens.shape)} and {tuple(mask.shape)}")
+        self.init = init
+        if init is not None:
+            tokens, mask = init
+            expected = (len(prompts), self.canvases * self.canvas_length)
+            if tuple(tokens.shape) != expected or tuple(mask.shape) != expected:
+                raise UsageError(f"init tensors must be {expected} (rows, whole canvases), got "
                                  f"{tuple(tokens.shape)} and {tuple(mask.shape)}")
         self._prompts = [list(p) for p in prompts]
         self._cache_kw = cache_keyword(loaded.model)
@@ -331,6 +344,11 @@ class Generation:
             self._encode(unencoded, attention_mask, encoder_positions, cache)
             canvas_tensor = torch.tensor(canvas_index, dtype=torch.long, device=device)
             canvas = sampler.initial_canvas(batch_size, ~finished_rows, canvas_tensor)
+            if self.init is not None:
+                # Seeded positions start from their token instead of noise; the noise is still drawn
+                # (and discarded there), so the random draws keep their order.
+                window = slice(canvas_index * canvas_length, (canvas_index + 1) * canvas_length)
+                canvas = torch.where(self.init[1][:, window].to(device), self.init[0][:, window].to(device), canvas)
             clamp_tokens = clamp_mask = None
             if self.clamp is not None:
                 window = slice(canvas_index * canvas_length, (canvas_index + 1) * canvas_length)
@@ -341,7 +359,8 @@ class Generation:
                     committed_canvases.append(clamp_tokens.clone())
                     row_steps.append(torch.zeros_like(forwards))
                     yield CanvasEvent(canvas=canvas_index, canvases=self.canvases, tokens=clamp_tokens.clone(),
-                                      steps=0, finished=finished_rows, elapsed=time.perf_counter() - start)
+                                      steps=0, finished=finished_rows, elapsed=time.perf_counter() - start,
+                                      fixed=clamp_mask)
                     unencoded = clamp_tokens
                     cur_len += canvas_length
                     attention_mask = torch.nn.functional.pad(attention_mask, (0, canvas_length), value=True)
@@ -383,6 +402,7 @@ class Generation:
                         mean_entropy=shown.mean_entropy,
                         finished=shown.stopped | finished_rows,
                         elapsed=time.perf_counter() - start,
+                        fixed=clamp_mask,
                     )
                 # The reference keeps denoising rows that ended in an earlier canvas until every row
                 # stops; with per-row noise those rows are done and draw nothing.
@@ -406,6 +426,7 @@ class Generation:
                 steps=steps,
                 finished=finished_rows,
                 elapsed=time.perf_counter() - start,
+                fixed=clamp_mask,
             )
             if bool(finished_rows.all()):
                 break
@@ -521,7 +542,8 @@ def _commit(argmax_canvas: torch.Tensor, finished_rows: torch.Tensor, eos: torch
 def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
            *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
            check_every: int | None = None, graphs: bool | None = None, capture: Any = None,
-           compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None) -> Generation:
+           compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None,
+           init: tuple[torch.Tensor, torch.Tensor] | None = None) -> Generation:
     """Prepare a generation of ``prompts`` (token id lists; several are batched, left padded).
 
     ``exact`` picks the reference-identical sampler (default on the CPU) or the fast one
@@ -540,10 +562,13 @@ def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: Gene
     (``int64`` and ``bool``), pins the masked positions of every canvas to their tokens at
     every step (infilling, :mod:`diffgen.denoise.fill`; see :class:`StepContext`); a canvas
     whose positions are all clamped is committed as is without a decoder pass, and an EOS
-    ends no row (the layout is fixed), so every planned canvas runs.
+    ends no row (the layout is fixed), so every planned canvas runs. ``init`` = ``(tokens,
+    mask)``, same shapes, seeds the masked positions: each canvas starts from those tokens
+    instead of uniform noise there (editing, :mod:`diffgen.denoise.edit`); unlike a clamp
+    this pins nothing, the sampler renoises them as it would any rejected position.
     """
     return Generation(loaded, prompts, settings, observe=observe, seeds=seeds, exact=exact, check_every=check_every,
-                      graphs=graphs, capture=capture, compile=compile, clamp=clamp)
+                      graphs=graphs, capture=capture, compile=compile, clamp=clamp, init=init)
 
 
 def generate(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,

@@ -12,6 +12,8 @@ Trace format (JSON Lines, one object per line, ``type`` first):
   ``channel_ids`` (thought-channel open/close ids or null);
 * ``step``: the fields of :class:`StepRecord`;
 * ``canvas``: the fields of :class:`CanvasRecord`;
+  (``fixed`` is written only for runs with clamped positions, ``fill`` and ``edit``; a line
+  without it, as in every trace written before it existed, reads back as ``fixed=None``);
 * ``result``: ``text``, ``thoughts``, ``finish_reason``, ``stats``.
 """
 
@@ -47,6 +49,8 @@ class StepRecord:
         mean_entropy: mean token entropy in nats.
         finished: whether this row stopped denoising this canvas.
         elapsed: seconds since the generation started.
+        fixed: per position, whether it is clamped (template or document text, pad after it:
+            the model never chooses it), or ``None`` when nothing is.
     """
 
     canvas: int
@@ -62,16 +66,23 @@ class StepRecord:
     mean_entropy: float
     finished: bool
     elapsed: float
+    fixed: list[bool] | None = None
 
     @property
     def accepted_count(self) -> int:
         return sum(self.accepted)
 
+    @property
+    def fixed_count(self) -> int:
+        return sum(self.fixed) if self.fixed else 0
+
 
 @dataclass(frozen=True)
 class CanvasRecord:
     """A committed canvas of one row: ``tokens`` ids, ``texts`` their display text,
-    ``steps`` the denoising steps it took, ``finished`` whether the row has met an EOS."""
+    ``steps`` the denoising steps it took, ``finished`` whether the row has met an EOS,
+    ``elapsed`` seconds since the generation started, ``fixed`` per position whether it was
+    clamped (``None`` when nothing was)."""
 
     canvas: int
     canvases: int
@@ -80,6 +91,7 @@ class CanvasRecord:
     steps: int
     finished: bool
     elapsed: float
+    fixed: list[bool] | None = None
 
 
 Record = StepRecord | CanvasRecord
@@ -146,6 +158,7 @@ def records(events: Iterable[Any], texts: TokenTexts, row: int = 0) -> Iterator[
                 mean_entropy=float(event.mean_entropy[row]),
                 finished=bool(event.finished[row]),
                 elapsed=event.elapsed,
+                fixed=_fixed(event, row),
             )
         else:
             tokens = event.tokens[row].tolist()
@@ -157,7 +170,13 @@ def records(events: Iterable[Any], texts: TokenTexts, row: int = 0) -> Iterator[
                 steps=event.steps,
                 finished=bool(event.finished[row]),
                 elapsed=event.elapsed,
+                fixed=_fixed(event, row),
             )
+
+
+def _fixed(event: Any, row: int) -> list[bool] | None:
+    fixed = getattr(event, "fixed", None)
+    return None if fixed is None else fixed[row].tolist()
 
 
 # -- the trace file --------------------------------------------------------------------------
@@ -181,7 +200,10 @@ class TraceWriter:
 
     def update(self, record: Record) -> None:
         """Append one record (the same interface as the views)."""
-        self._line("step" if isinstance(record, StepRecord) else "canvas", dataclasses.asdict(record))
+        data = dataclasses.asdict(record)
+        if data.get("fixed") is None:
+            data.pop("fixed", None)  # runs without clamping write the lines they always wrote
+        self._line("step" if isinstance(record, StepRecord) else "canvas", data)
 
     def result(self, data: dict[str, Any]) -> None:
         self._line("result", data)

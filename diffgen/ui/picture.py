@@ -9,6 +9,10 @@ The colours span the steps the run actually took (the latest settle step of any 
 the step budget: a run that stopped at step 12 of 48 still goes from the first colour to the
 last. Every other token is drawn a shade darker, so the boundaries between tokens (a word
 made of several tokens, or two tokens that settled together) stay visible.
+
+Clamped positions (``fill``'s template text, ``edit``'s text outside the spans) never
+settle: the model was given them. They are drawn in grey on no background (``FIXED``) and
+named in the legend, and the colours span the steps of the positions the model chose.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ WHITE_TEXT = {0, 1, 7}  # palette indices dark enough for white text
 # How much darker every other token is drawn (fraction of each RGB channel taken away).
 ALTERNATE_SHADE = 0.14
 BARS = "▁▂▃▄▅▆▇█"
+FIXED = "grey62"
 WIDTH = 100
 
 
@@ -85,7 +90,7 @@ def _canvases(trace: Trace) -> list[tuple[list[StepRecord], CanvasRecord]]:
     return out
 
 
-def _legend(top: int, budget: int) -> Text:
+def _legend(top: int, budget: int, fixed: bool = False) -> Text:
     legend = Text("settled at step: ", style="bold")
     for low, high, _ in buckets(top):
         if high < low:
@@ -94,6 +99,10 @@ def _legend(top: int, budget: int) -> Text:
         legend.append(label, style=_colour(low, top))
         legend.append(" ")
     legend.append(f"of {top} taken ({budget} allowed)", style="dim")
+    if fixed:
+        legend.append("  ")
+        legend.append("fixed text", style=FIXED)
+        legend.append(" (clamped, not chosen)", style="dim")
     return legend
 
 
@@ -115,23 +124,28 @@ def render_picture(trace: Trace) -> Group:
     canvases = _canvases(trace)
     budget = int(trace.header.get("settings", {}).get("max_denoising_steps") or 1)
     settled = [settle_steps(steps, canvas.tokens) for steps, canvas in canvases]
-    top = max((step for canvas in settled for step in canvas), default=1)
+    fixed = [canvas.fixed or [False] * len(canvas.tokens) for _, canvas in canvases]
+    top = max((step for canvas, pinned in zip(settled, fixed) for step, f in zip(canvas, pinned) if not f),
+              default=1)
     thoughts, answer = Text(), Text()
     tokens = [token for _, canvas in canvases for token in canvas.tokens]
     parts = iter(channels.route(tokens, trace.channel_ids))
     shown = 0  # tokens drawn so far: every other one a shade darker
-    for (steps, canvas), steps_settled in zip(canvases, settled):
-        for token, text, step in zip(canvas.tokens, canvas.texts, steps_settled):
+    for (steps, canvas), steps_settled, pinned in zip(canvases, settled, fixed):
+        for token, text, step, is_fixed in zip(canvas.tokens, canvas.texts, steps_settled, pinned):
             part = next(parts)
             if part is not None and text:
                 target = thoughts if part == channels.THOUGHT else answer
+                if is_fixed:
+                    target.append(_visible(text), style=FIXED)
+                    continue
                 target.append(_visible(text), style=_colour(step, top, alternate=shown % 2 == 1))
                 shown += 1
     prompt = " ".join(str(trace.header.get("prompt", "")).split())
     parts = [Text(f"prompt: {prompt[:200]}", style="bold")]
     if thoughts.plain.strip():
         parts += [Text("thinking:", style="dim bold"), thoughts]
-    parts += [Text(), answer, Text(), _legend(top, budget), Text(), _chart(canvases)]
+    parts += [Text(), answer, Text(), _legend(top, budget, any(any(f) for f in fixed)), Text(), _chart(canvases)]
     return Group(*parts)
 
 

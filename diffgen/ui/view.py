@@ -7,6 +7,8 @@ thing. Styles (they survive NO_COLOR, which only drops colour):
   token: the normal style (``settled``);
 * tokens accepted at this step: ``bold reverse`` (``new``);
 * positions still noise: a dim ``░`` glyph (``noise``);
+* clamped positions (``fill``'s template text, ``edit``'s text outside the spans): ``dim``
+  text (``fixed``), so what the model chose stands out from what it was given;
 * the thought channel: its own dimmed region above the answer.
 
 The live view never saves or restores the cursor (Rich's Live moves up and erases lines), so it
@@ -31,6 +33,7 @@ SETTLED = ""
 NEW = "bold reverse"
 NOISE = "dim"
 NOISE_GLYPH = "░"
+FIXED = "dim"
 THOUGHT = "dim italic"
 HEADER = "bold"
 FOOTER = "dim"
@@ -39,13 +42,15 @@ MAX_FPS = 30.0
 
 def plain_line(record: Record) -> str:
     """The line a step (or a committed canvas) prints when stderr is not a terminal."""
+    fixed = f" fixed {sum(record.fixed)}/{len(record.fixed)}" if record.fixed else ""
     if isinstance(record, StepRecord):
         return (
             f"canvas {record.canvas + 1}/{record.canvases} step {record.step}/{record.max_steps} "
-            f"accepted {record.accepted_count}/{len(record.accepted)} H={record.mean_entropy:.2f} "
+            f"accepted {record.accepted_count}/{len(record.accepted)}{fixed} H={record.mean_entropy:.2f} "
             f"T={record.temperature:.2f} t={record.elapsed:.2f}s"
         )
-    return f"canvas {record.canvas + 1}/{record.canvases} committed after {record.steps} steps t={record.elapsed:.2f}s"
+    return (f"canvas {record.canvas + 1}/{record.canvases} committed after {record.steps} steps{fixed} "
+            f"t={record.elapsed:.2f}s")
 
 
 def _visible(text: str) -> str:
@@ -75,15 +80,20 @@ class DenoisingState:
     def update(self, record: Record) -> None:
         self.last = record
         if isinstance(record, CanvasRecord):
-            self.committed.extend(_Piece(t, s, SETTLED) for t, s in zip(record.tokens, record.texts))
+            fixed = record.fixed or [False] * len(record.tokens)
+            self.committed.extend(_Piece(t, s, FIXED if f else SETTLED)
+                                  for t, s, f in zip(record.tokens, record.texts, fixed))
             self.committed_tokens += len(record.tokens)
             self.current = []
             self.last_step = None
             return
         previous = self.last_step
         pieces = []
+        fixed = record.fixed or [False] * len(record.tokens)
         for i, (token, accepted, text) in enumerate(zip(record.tokens, record.accepted, record.texts)):
-            if not accepted:
+            if fixed[i]:
+                pieces.append(_Piece(token, text, FIXED))
+            elif not accepted:
                 pieces.append(_Piece(token, NOISE_GLYPH, NOISE))
             elif previous is not None and previous.accepted[i] and previous.tokens[i] == token:
                 pieces.append(_Piece(token, text, SETTLED))
@@ -117,7 +127,8 @@ class DenoisingState:
         return Text(
             f"canvas {record.canvas + 1}/{record.canvases} · step {record.step}/{record.max_steps} · "
             f"T {record.temperature:.2f} · accepted {record.accepted_count}/{len(record.accepted)} · "
-            f"H {record.mean_entropy:.2f}",
+            + (f"fixed {record.fixed_count} · " if record.fixed else "")
+            + f"H {record.mean_entropy:.2f}",
             style=HEADER,
         )
 

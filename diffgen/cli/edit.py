@@ -1,0 +1,158 @@
+"""``diffgen edit``: marked spans of a file revised in place, everything else kept byte for byte."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from diffgen.cli.common import check_output_path, exclusive, load_model, observing, status
+from diffgen.cli.funnel import doing
+from diffgen.cli.options import (
+    DEFAULT_MODEL,
+    ClampedShowStepsOption,
+    ClampedTraceOption,
+    CompileOption,
+    ConfidenceOption,
+    DeviceOption,
+    EntropyBoundOption,
+    ExactOption,
+    FastOption,
+    MaxMemoryOption,
+    ModelOption,
+    NoColorOption,
+    OffloadOption,
+    OfflineOption,
+    QuantOption,
+    QuietOption,
+    RawOption,
+    SeedOption,
+    StabilityOption,
+    StepsOption,
+    SystemOption,
+    TMaxOption,
+    TMinOption,
+    sampler_choice,
+    sampler_flags,
+)
+
+EPILOG = (
+    "Examples:\n\n"
+    "  diffgen edit notes.md \"Make it formal\"            (spans marked {{~old text~}} in notes.md)\n\n"
+    "  diffgen edit --lines 3-5 --lines 9 app.py \"Use pathlib\" --diff | patch -p1\n\n"
+    "  diffgen edit --trace edit.jsonl notes.md \"Shorter\" && diffgen replay edit.jsonl --svg edit.svg\n\n"
+    "Mark each span to revise in the file as {{~old text~}}, or give line ranges with --lines (the file is "
+    "then taken literally). Every token outside the spans is clamped at every denoising step; each span's "
+    "positions start from its old text's tokens instead of noise, and the sampler renoises them as it "
+    "goes. A span of n old tokens may use n + max(8, n/2) positions: the revision may be that much longer, "
+    "or shorter (unused positions become pad and are dropped). stdout is the revised file (the text outside "
+    "the spans byte for byte as given), or with --diff a unified diff of the file (markers removed) against it."
+)
+
+
+def edit(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="The file to revise, with spans marked {{~old text~}} (or --lines).",
+                                         dir_okay=False, show_default=False)],
+    instruction: Annotated[str, typer.Argument(help="What to do to the spans (through the chat template unless "
+                                                    "--raw).", show_default=False)],
+    lines: Annotated[
+        Optional[list[str]],
+        typer.Option("--lines", "-l", show_default=False,
+                     help="Revise these lines (N or A-B, 1-based, inclusive; repeatable) instead of marked spans; "
+                          "the file is taken literally."),
+    ] = None,
+    diff: Annotated[bool, typer.Option("--diff", help="Print a unified diff instead of the revised file.")] = False,
+    model: ModelOption = DEFAULT_MODEL,
+    system: SystemOption = None,
+    raw: RawOption = False,
+    steps: StepsOption = None,
+    entropy_bound: EntropyBoundOption = None,
+    t_min: TMinOption = None,
+    t_max: TMaxOption = None,
+    stability: StabilityOption = None,
+    confidence: ConfidenceOption = None,
+    seed: SeedOption = None,
+    device: DeviceOption = "auto",
+    exact: ExactOption = False,
+    fast: FastOption = False,
+    compile: CompileOption = False,
+    quant: QuantOption = "auto",
+    max_memory: MaxMemoryOption = None,
+    offload: OffloadOption = False,
+    offline: OfflineOption = False,
+    quiet: QuietOption = False,
+    show_steps: ClampedShowStepsOption = False,
+    trace_file: ClampedTraceOption = None,
+    no_color: NoColorOption = False,
+) -> None:
+    """Revise the marked spans of FILE as INSTRUCTION says; print the revised file (or a diff) on stdout."""
+    from diffgen import prompt as prompt_mod
+    from diffgen.denoise import edit as edit_mod
+    from diffgen.errors import UsageError
+    from diffgen.loading.prepare import prepare
+
+    # Every flag and the file are checked before anything is read from the checkpoint.
+    raw, system = exclusive(ctx, "a system prompt needs the chat template; drop --raw", raw=raw, system=system)
+    exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
+    exact_loop = sampler_choice(exact, fast, compile)
+    check_output_path(trace_file, "--trace")
+    flags = sampler_flags(steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, stability=stability,
+                          confidence=confidence)
+
+    with doing("reading the file"):
+        try:
+            data = Path(file).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {file}: {exc.strerror or exc}",
+                             "give the path of a text file to revise") from exc
+        text, warning = prompt_mod.decode_input(data, str(file))
+        if warning and not quiet:
+            typer.echo(f"diffgen: warning: {warning}", err=True)
+        document = edit_mod.parse_lines(text, lines) if lines else edit_mod.parse_marked(text)
+
+    from diffgen.ui import render
+
+    console = render.error_console()
+    with doing("planning the load"):
+        prepared = prepare(model, offline=offline, device=device, quant=quant, max_memory=max_memory,
+                           offload=offload, **flags, seed=seed if seed is not None else secrets.randbelow(2**31))
+    from diffgen.denoise import fill as fill_mod
+    from diffgen.denoise import loop as generate
+    from diffgen.loading import loader
+
+    with doing("loading the tokenizer"):
+        tokenizer = loader.load_tokenizer(prepared.checkpoint.path)
+        prefix = prompt_mod.encode(tokenizer, instruction, system=system, raw=raw)
+        canvas_length = int(prepared.config.get("canvas_length", 256))
+        plan, _, _ = edit_mod.edit_layout(document, tokenizer, canvas_length, prepared.settings.pad_token_id)
+    settings = fill_mod.fill_settings(prepared.settings, plan)
+    from diffgen.errors import PromptTooLongError
+
+    try:
+        generate.check_context_config(prepared.config, len(prefix), settings)
+    except PromptTooLongError as exc:
+        raise PromptTooLongError(
+            f"the instruction ({len(prefix)} tokens) plus the file ({plan.length} tokens with the spans' room to "
+            f"grow, {len(plan.tokens)} positions in whole canvases) do not fit the model's context",
+            "revise a shorter file or mark fewer spans") from exc
+    loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
+    with doing("revising the file"):
+        with observing(console, tokenizer, show_steps=show_steps, trace_file=trace_file, model=model,
+                       prompt=instruction, settings=settings, canvas_length=canvas_length) as observer:
+            with status(console, "Denoising", quiet=quiet or show_steps):
+                result = edit_mod.edit(loaded, prefix, document, settings, exact=exact_loop, compile=compile,
+                                       on_event=observer.on_event if observer else None)
+            if observer is not None:
+                observer.finish(result.text, {"steps_per_canvas": list(result.steps_per_canvas),
+                                              "seconds": result.seconds})
+
+    with doing("writing the answer"):
+        if diff:
+            sys.stdout.write(edit_mod.unified_diff(result.original, result.text, Path(file).name))
+        else:
+            sys.stdout.write(result.text)
+        sys.stdout.flush()
