@@ -268,7 +268,10 @@ async def stream_events(engine: Engine, request: wire.Request, ids: list[int]) -
     queue: asyncio.Queue = asyncio.Queue()
 
     def put(item: Any) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed (the server stopped): nobody is listening
+            pass
 
     worker = threading.Thread(target=engine.run_streaming, args=(request, ids, put), name="diffgen-generation",
                               daemon=True)
