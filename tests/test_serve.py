@@ -267,6 +267,8 @@ def test_thoughts_go_to_reasoning_content_never_to_content(app_client, tiny, mon
     with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
     deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1]]
+    # One delta per committed canvas: the first canvas held the thoughts, the second the answer.
+    assert [sorted(d) for d in deltas] == [["reasoning_content", "role"], ["content"], []]
     assert "".join(d.get("reasoning_content", "") for d in deltas) == "The user greets me"
     assert "".join(d.get("content") or "" for d in deltas) == "Hello there"
     assert all("greets" not in (d.get("content") or "") and "<|channel>" not in (d.get("content") or "")

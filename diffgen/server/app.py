@@ -172,7 +172,7 @@ def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body: int =
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        LOG.exception("diffgen: error answering %s %s", request.method, request.url.path)
+        # Starlette re-raises it after this response is sent, and uvicorn logs its traceback: not logged here too.
         return JSONResponse(wire.error_body(f"the server failed: {type(exc).__name__}; see the server's log",
                                             type="server_error", code="internal_error"), status_code=500)
 
