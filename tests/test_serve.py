@@ -350,3 +350,16 @@ def test_a_failure_mid_stream_ends_the_stream_with_an_error_object(app_client, t
     assert not engine.lock.locked()
     monkeypatch.undo()
     assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "steps": 1}).status_code == 200
+
+
+def test_a_chunked_body_over_the_limit_wrong_methods_and_the_schema(tiny):
+    from starlette.testclient import TestClient
+
+    http = TestClient(create_app(Engine(loaded=tiny, name="tiny", settings=tiny.defaults), max_body=2048))
+    chunks = (b"x" * 1024 for _ in range(3))  # no Content-Length: counted as it arrives
+    big = http.post("/v1/completions", content=chunks)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
+    wrong = http.get("/v1/chat/completions")
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/health", "/v1/models", "/v1/chat/completions", "/v1/completions"} <= set(paths)
