@@ -102,9 +102,16 @@ def encode(tokenizer: Any, text: str, *, system: str | None = None, think: bool 
         if system:
             raise UsageError("--system needs the chat template; drop --raw or put the system text in the prompt")
         return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    return encode_messages(tokenizer, messages(text, system), think=think)
+
+
+def encode_messages(tokenizer: Any, turns: Sequence[dict[str, str]], *, think: bool = False) -> list[int]:
+    """Token ids for a whole conversation (``[{"role", "content"}, ...]``) rendered by the
+    checkpoint's chat template, ending with the start of the model's turn. :func:`encode` of one
+    user turn is this with :func:`messages`; the server's chat endpoint sends whole conversations."""
     if not getattr(tokenizer, "chat_template", None):
         raise UsageError("this checkpoint's tokenizer has no chat template", "use --raw to send the text as is")
     rendered = tokenizer.apply_chat_template(
-        messages(text, system), add_generation_prompt=True, tokenize=False, enable_thinking=think
+        list(turns), add_generation_prompt=True, tokenize=False, enable_thinking=think
     )
     return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])

@@ -81,3 +81,66 @@ def run_cli(*args: str, input: bytes | None = None, env: dict | None = None,
         return subprocess.run(["bash", "-c", shell], input=input, capture_output=True, env=full_env)
     return subprocess.run([sys.executable, "-m", "diffgen", *args], input=input, capture_output=True,
                           env=full_env)
+
+
+# -- a real `diffgen serve` in a subprocess ----------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback address right now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Served:
+    """A running ``diffgen serve``. Attributes: ``url`` its base (``http://127.0.0.1:PORT``),
+    ``process`` the Popen, ``log`` the file its stderr goes to."""
+
+    def __init__(self, url: str, process: subprocess.Popen, log: Path):
+        self.url, self.process, self.log = url, process, log
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(checkpoint: Path, log: Path, *args: str, env: dict | None = None) -> Served:
+    """Start ``diffgen serve`` on a free loopback port and return once ``/health`` answers.
+
+    Polls the port (no fixed sleep; pytest-timeout is the safety net). stderr goes to ``log``, not a
+    pipe nobody reads, so a chatty server cannot block on a full pipe."""
+    import time
+
+    import httpx
+
+    port = free_port()
+    with open(log, "wb") as handle:
+        process = subprocess.Popen([sys.executable, "-m", "diffgen", "serve", "-m", str(checkpoint), "--port",
+                                    str(port), *args], stdout=subprocess.DEVNULL, stderr=handle,
+                                   env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"diffgen serve exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return Served(url, process, log)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)  # how often to look, not how long to wait
+
+
+def stop_server(served: Served) -> None:
+    if served.process.poll() is None:
+        served.process.terminate()
+        served.process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    """``diffgen serve`` on the tiny checkpoint, shared by a test module."""
+    served = start_server(tiny_checkpoint, tmp_path_factory.mktemp("serve") / "stderr.log")
+    yield served
+    stop_server(served)

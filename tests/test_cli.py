@@ -242,9 +242,10 @@ def test_help_does_not_import_torch():
         "import sys\n"
         "from typer.testing import CliRunner\n"
         "from diffgen.cli.app import app\n"
-        "result = CliRunner().invoke(app, ['run', '--help'])\n"
-        "assert result.exit_code == 0, result.output\n"
-        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+        "for command in (['--help'], ['run', '--help'], ['serve', '--help']):\n"
+        "    result = CliRunner().invoke(app, command)\n"
+        "    assert result.exit_code == 0, result.output\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'fastapi', 'starlette', 'uvicorn') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

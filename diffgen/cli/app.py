@@ -28,6 +28,7 @@ from diffgen.cli import info
 from diffgen.cli import pull
 from diffgen.cli import replay
 from diffgen.cli import run
+from diffgen.cli import serve
 from diffgen.cli.options import NoColorOption
 
 
@@ -90,6 +91,7 @@ app = typer.Typer(
         '  cat notes.md | diffgen run "Summarise this"\n\n'
         "  diffgen run --json --seed 7 -m ./my-checkpoint \"Write a haiku\"\n\n"
         "  diffgen batch prompts.txt -o answers.jsonl\n\n"
+        "  diffgen serve   (an OpenAI-compatible server on http://127.0.0.1:8000/v1)\n\n"
         "Set DIFFGEN_DEBUG=1 to see tracebacks."
     ),
     no_args_is_help=True,
@@ -97,8 +99,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-for _module, _function in ((run, run.run), (fill, fill.fill), (edit, edit.edit), (batch, batch.batch), (replay, replay.replay), (info, info.info),
-                           (pull, pull.pull), (bench, bench.bench), (completion, completion.completion)):
+for _module, _function in ((run, run.run), (fill, fill.fill), (edit, edit.edit), (batch, batch.batch),
+                           (replay, replay.replay), (info, info.info), (pull, pull.pull), (bench, bench.bench),
+                           (serve, serve.serve), (completion, completion.completion)):
     app.command(cls=DiffgenCommand, epilog=_module.EPILOG)(_function)
 
 

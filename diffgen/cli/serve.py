@@ -1,0 +1,137 @@
+"""``diffgen serve``: load the model once, then answer OpenAI-compatible requests over HTTP.
+
+The load follows exactly ``run``'s plan (:func:`~diffgen.loading.prepare.prepare` and
+:func:`~diffgen.loading.prepare.load_prepared`); the API is :mod:`diffgen.server.app`, on uvicorn.
+FastAPI and uvicorn are imported only when the command runs, so ``diffgen --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import os
+from typing import Annotated, Optional
+
+import typer
+
+from diffgen.cli.common import exclusive, load_model
+from diffgen.cli.funnel import doing
+from diffgen.cli.options import (
+    DEFAULT_MODEL,
+    DeviceOption,
+    ExactOption,
+    FastOption,
+    MaxMemoryOption,
+    ModelOption,
+    NoColorOption,
+    OffloadOption,
+    OfflineOption,
+    QuantOption,
+    QuietOption,
+    sampler_choice,
+)
+from diffgen.errors import UsageError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+API_KEY_ENV = "DIFFGEN_API_KEY"
+
+EPILOG = (
+    "Examples:\n\n"
+    "  diffgen serve                                  (http://127.0.0.1:8000/v1, this machine only)\n\n"
+    "  DIFFGEN_API_KEY=secret diffgen serve --host 0.0.0.0 --port 8000   (other machines: a key is required)\n\n"
+    "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
+    "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"seed\": 1}'\n\n"
+    "Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions "
+    "(OpenAI wire format; stream: true answers as server-sent events, one delta per committed canvas). "
+    "Thoughts come in reasoning_content, never in content. Sampler settings are extra body fields named "
+    "as in batch records: steps, entropy_bound, t_min, t_max, stability, confidence; plus max_tokens, "
+    "stop, seed and n. One generation runs at a time; others wait their turn. SIGTERM or Ctrl-C lets "
+    "the requests in flight finish, then stops."
+)
+
+
+def serve(
+    ctx: typer.Context,
+    model: ModelOption = DEFAULT_MODEL,
+    host: Annotated[
+        str,
+        typer.Option("--host", help="Address to listen on. Any address but loopback needs an API key."),
+    ] = DEFAULT_HOST,
+    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="TCP port to listen on.")] = DEFAULT_PORT,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option("--api-key", envvar=API_KEY_ENV, show_envvar=True, show_default="none",
+                     help="Require 'Authorization: Bearer KEY' on every /v1 request (prefer the environment "
+                          "variable: a flag shows in the process list)."),
+    ] = None,
+    max_body_size: Annotated[
+        int,
+        typer.Option("--max-body-size", min=1024, metavar="<bytes>",
+                     help="Largest request body accepted; larger ones get 413."),
+    ] = 4 * 1024 * 1024,
+    device: DeviceOption = "auto",
+    exact: ExactOption = False,
+    fast: FastOption = False,
+    quant: QuantOption = "auto",
+    max_memory: MaxMemoryOption = None,
+    offload: OffloadOption = False,
+    offline: OfflineOption = False,
+    quiet: QuietOption = False,
+    no_color: NoColorOption = False,
+) -> None:
+    """Keep the model loaded and answer OpenAI-compatible requests (chat, completions, streaming)."""
+    exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
+    exact_loop = sampler_choice(exact, fast)
+    api_key = api_key or None
+    if not is_loopback(host) and not api_key:
+        raise UsageError(f"--host {host} would let other machines use this server without a key",
+                         f"set {API_KEY_ENV} (or --api-key), or keep the default --host {DEFAULT_HOST}")
+
+    from diffgen.loading.prepare import prepare
+    from diffgen.ui import render
+
+    console = render.error_console()
+    with doing("planning the load"):
+        prepared = prepare(model, offline=offline, device=device, quant=quant, max_memory=max_memory,
+                           offload=offload)
+    loaded = load_model(prepared, console, quiet=quiet)
+
+    with doing("starting the server"):
+        import uvicorn
+
+        from diffgen.server.app import Engine, create_app
+
+        engine = Engine(loaded=loaded, name=model, settings=prepared.settings, exact=exact_loop)
+        app = create_app(engine, api_key=api_key, max_body=max_body_size)
+        shown = f"[{host}]" if ":" in host else host
+        if not quiet:
+            typer.echo(f"diffgen: serving {model} on http://{shown}:{port}/v1"
+                       + (" (API key required)" if api_key else ""), err=True)
+        config = uvicorn.Config(app, host=host, port=port, log_config=log_config(),
+                                log_level="warning" if quiet else "info", timeout_graceful_shutdown=None)
+        uvicorn.Server(config).run()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def log_config() -> dict:
+    """uvicorn's logging, all on stderr (its access log defaults to stdout, which is for answers),
+    with diffgen's own server log beside it."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    config["loggers"]["diffgen.server"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    if os.environ.get("NO_COLOR"):
+        for formatter in config["formatters"].values():
+            formatter["use_colors"] = False
+    return config

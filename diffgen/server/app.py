@@ -1,0 +1,320 @@
+"""The OpenAI-compatible HTTP API over one resident model: ``create_app(engine)``.
+
+Why FastAPI on uvicorn rather than a hand-written server: the OpenAI API is plain JSON over
+HTTP/1.1 plus server-sent events, and Starlette (under FastAPI) already does the parts that are
+easy to get subtly wrong — HTTP parsing and keep-alive (uvicorn with h11), streaming responses
+that stop when the server shuts down, graceful shutdown on SIGTERM (uvicorn drains in-flight
+requests), a thread pool for blocking work, and an OpenAPI schema for free. Both are the stack
+that vLLM's and SGLang's OpenAI servers use, so clients' expectations are met by the same code.
+The bodies themselves are checked by :mod:`diffgen.server.wire` (not pydantic models) so that the
+sampler's fields get the very checks and messages of the CLI.
+
+Concurrency in this slice: one generation at a time. Every generation runs in a worker thread
+(the event loop stays free to answer ``/health``, ``/v1/models`` and refusals) under one lock,
+so requests that arrive together wait their turn; batching them into one denoising batch is
+future work (issue 12, item 2).
+
+Errors: every refusal is an OpenAI-style error object with its status (400 malformed JSON or a
+prompt over the context, 401 a missing or wrong key, 404 unknown model or route, 413 a body over
+the limit, 422 bad parameters); an unexpected exception in a request becomes a 500 error object
+(its traceback goes to the server's log, never to the client) and the server goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from diffgen.errors import DiffgenError, PromptTooLongError
+from diffgen.server import wire
+
+DEFAULT_MAX_BODY = 4 * 1024 * 1024  # bytes: a full 8k-token context is well under 100 kB of JSON
+LOG = logging.getLogger("diffgen.server")
+
+
+@dataclass
+class Engine:
+    """The resident model and how it generates.
+
+    Attributes:
+        loaded: the :class:`~diffgen.loading.loader.LoadedModel`.
+        name: the model id clients send and ``/v1/models`` lists.
+        settings: the checkpoint's :class:`~diffgen.settings.GenerationSettings`; a request's
+            fields replace some of them.
+        exact: the loop's ``exact`` argument (``None``: the device's default sampler).
+        lock: held while a generation runs (one at a time).
+    """
+
+    loaded: Any
+    name: str
+    settings: Any
+    exact: Optional[bool] = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def prompt_ids(self, request: wire.Request) -> list[int]:
+        """The request's token ids (chat template for chat, the text as is for completions)."""
+        from diffgen import prompt as prompt_mod
+
+        tokenizer = self.loaded.tokenizer
+        if request.kind == "chat":
+            return prompt_mod.encode_messages(tokenizer, request.messages, think=request.think)
+        return prompt_mod.encode(tokenizer, request.prompt, raw=True)
+
+    def settings_for(self, request: wire.Request, index: int) -> Any:
+        return self.settings.replace(**request.flags, seed=request.choice_seed(index))
+
+    def check(self, request: wire.Request) -> tuple[list[int], Any]:
+        """Token ids and the first choice's settings; refusals as :class:`~wire.ApiError`."""
+        from diffgen.denoise.loop import check_context
+
+        try:
+            settings = self.settings_for(request, 0)
+        except DiffgenError as exc:  # e.g. t_min above the checkpoint's t_max
+            param = next((key for key in ("t_min", "t_max") if key in request.flags), None)
+            raise wire.invalid(None, exc.message, param=param) from exc
+        try:
+            ids = self.prompt_ids(request)
+        except DiffgenError as exc:
+            raise wire.ApiError(400, exc.message, code="invalid_prompt") from exc
+        if not ids:
+            raise wire.invalid("prompt", "the prompt has no tokens")
+        try:
+            check_context(self.loaded.model, len(ids), settings)
+        except PromptTooLongError as exc:
+            raise wire.ApiError(400, f"{exc.message}; shorten the prompt or lower max_tokens",
+                                param="messages" if request.kind == "chat" else "prompt",
+                                code="context_length_exceeded") from exc
+        return ids, settings
+
+    def choice(self, request: wire.Request, ids: list[int], completion: Any) -> wire.Choice:
+        text, stopped = wire.cut_at_stop(completion.text, request.stop)
+        return wire.Choice(text=text, thoughts=completion.thoughts,
+                           finish_reason=wire.finish_reason(completion.finish_reason, stopped),
+                           token_ids=tuple(completion.token_ids), prompt_tokens=len(ids),
+                           completion_tokens=len(completion.token_ids))
+
+    def complete(self, request: wire.Request, ids: list[int]) -> list[wire.Choice]:
+        """Every choice, one generation after the other (blocking; run it in a worker thread)."""
+        from diffgen.denoise.loop import generate
+
+        with self.lock:
+            choices = []
+            for index in range(request.n):
+                result = generate(self.loaded, [ids], self.settings_for(request, index), exact=self.exact)
+                choices.append(self.choice(request, ids, result.completions[0]))
+            return choices
+
+    def run_streaming(self, request: wire.Request, ids: list[int], put: Any) -> None:
+        """Generate every choice, calling ``put(item)`` after each committed canvas with
+        ``("canvas", index, text, thoughts)`` and at each choice's end with
+        ``("done", index, Choice)``; then ``("end",)``, or ``("error", exc)`` first if one is raised."""
+        from diffgen.denoise.channels import split_response
+        from diffgen.denoise.loop import CanvasEvent, stream
+
+        try:
+            with self.lock:
+                for index in range(request.n):
+                    settings = self.settings_for(request, index)
+                    generation = stream(self.loaded, [ids], settings, observe=False, exact=self.exact)
+                    eos = set(settings.eos_token_ids)
+                    tokens: list[int] = []
+                    for event in generation:
+                        if not isinstance(event, CanvasEvent):
+                            continue
+                        tokens.extend(event.tokens[0].tolist())
+                        end = next((i for i, token in enumerate(tokens) if token in eos), len(tokens))
+                        response = split_response(self.loaded.tokenizer, tokens[: min(end, settings.max_new_tokens)])
+                        put(("canvas", index, response.text, response.thoughts))
+                    put(("done", index, self.choice(request, ids, generation.result.completions[0])))
+        except BaseException as exc:  # noqa: BLE001 - handed to the response, which reports it
+            put(("error", exc))
+        finally:
+            put(("end",))
+
+
+def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+    """The ASGI app serving ``engine``. ``api_key``: required as ``Authorization: Bearer KEY`` on
+    every ``/v1`` route (``None``: no key); ``max_body``: the largest request body in bytes."""
+    from diffgen import __version__
+
+    app = FastAPI(title="diffgen", version=__version__, openapi_url="/openapi.json", docs_url=None, redoc_url=None)
+    key = api_key.encode() if api_key else None
+
+    def fail(error: wire.ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+    @app.exception_handler(wire.ApiError)
+    async def _api_error(request: Request, exc: wire.ApiError) -> JSONResponse:
+        return fail(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return fail(wire.ApiError(exc.status_code, message, code=code))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return fail(wire.ApiError(422, str(exc), code="invalid_value"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises it after this response is sent, and uvicorn logs its traceback: not logged here too.
+        return JSONResponse(wire.error_body(f"the server failed: {type(exc).__name__}; see the server's log",
+                                            type="server_error", code="internal_error"), status_code=500)
+
+    def authorise(request: Request) -> None:
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
+            raise wire.ApiError(401, "a valid API key is needed: send it as 'Authorization: Bearer KEY'",
+                                type="authentication_error", code="invalid_api_key")
+
+    async def read_json(request: Request) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body:
+            raise too_large()
+        data = bytearray()
+        async for part in request.stream():
+            data += part
+            if len(data) > max_body:
+                raise too_large()
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise wire.ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+
+    def too_large() -> wire.ApiError:
+        return wire.ApiError(413, f"the request body is over the limit of {max_body} bytes "
+                                  "(serve --max-body-size raises it)", code="body_too_large")
+
+    def check_model(request: wire.Request) -> None:
+        if request.model is not None and request.model != engine.name:
+            raise wire.ApiError(404, f"the model {request.model!r} is not served here; this server serves "
+                                     f"{engine.name!r} (GET /v1/models)", param="model", code="model_not_found")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": engine.name}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        authorise(request)
+        return {"object": "list", "data": [model_card(engine)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> dict[str, Any]:
+        authorise(request)
+        if model_id != engine.name:
+            raise wire.ApiError(404, f"the model {model_id!r} is not served here", param="model",
+                                code="model_not_found")
+        return model_card(engine)
+
+    async def answer(request: Request, parse: Any) -> Any:
+        authorise(request)
+        parsed = parse(await read_json(request))
+        check_model(parsed)
+        ids, _ = engine.check(parsed)
+        if parsed.stream:
+            return StreamingResponse(stream_events(engine, parsed, ids), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        choices = await run_in_threadpool(engine.complete, parsed, ids)
+        return wire.response(parsed, engine.name, choices, id=wire.new_id(parsed.kind), created=wire.now())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await answer(request, wire.parse_chat)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await answer(request, wire.parse_text)
+
+    return app
+
+
+def model_card(engine: Engine) -> dict[str, Any]:
+    model = engine.loaded.model
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return {"id": engine.name, "object": "model", "created": 0, "owned_by": "diffgen",
+            "max_model_len": context, "canvas_length": int(model.config.canvas_length)}
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def stream_events(engine: Engine, request: wire.Request, ids: list[int]) -> AsyncIterator[str]:
+    """The server-sent events of one streamed request: a first chunk with the role, one chunk per
+    committed canvas that added text (``content``) or thoughts (``reasoning_content``), a chunk
+    with each choice's finish reason, the usage when asked, then ``data: [DONE]``.
+
+    The generation runs in its own thread and hands its items over through an asyncio queue."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed (the server stopped): nobody is listening
+            pass
+
+    worker = threading.Thread(target=engine.run_streaming, args=(request, ids, put), name="diffgen-generation",
+                              daemon=True)
+    worker.start()
+    id_, created, name = wire.new_id(request.kind), wire.now(), engine.name
+    texts = [wire.Deltas(request.stop) for _ in range(request.n)]
+    thoughts = [wire.Deltas(()) for _ in range(request.n)]
+    started = [False] * request.n
+    finished: list[wire.Choice] = []
+
+    def piece(index: int, content: str, reasoning: str, **extra: Any) -> Optional[str]:
+        role = request.kind == "chat" and not started[index]
+        if not (content or reasoning or role or extra):
+            return None
+        started[index] = True
+        return sse(wire.chunk(request, name, id=id_, created=created, index=index, content=content or None,
+                              reasoning=reasoning or None, role=role, **extra))
+
+    while True:
+        item = await queue.get()
+        if item[0] == "canvas":
+            _, index, text, thought = item
+            out = piece(index, texts[index].update(text), thoughts[index].update(thought or ""))
+            if out:
+                yield out
+        elif item[0] == "done":
+            _, index, choice = item
+            finished.append(choice)
+            out = piece(index, texts[index].update(choice.text, final=True),
+                        thoughts[index].update(choice.thoughts or "", final=True))
+            if out:
+                yield out
+            yield sse(wire.chunk(request, name, id=id_, created=created, index=index,
+                                 finish_reason=choice.finish_reason,
+                                 token_ids=list(choice.token_ids) if request.return_token_ids else None))
+        elif item[0] == "error":
+            exc = item[1]
+            LOG.error("diffgen: error while streaming", exc_info=exc)
+            message = exc.message if isinstance(exc, DiffgenError) else \
+                f"the server failed: {type(exc).__name__}; see the server's log"
+            yield sse(wire.error_body(message, type="server_error", code="internal_error"))
+        else:  # "end"
+            break
+    if request.include_usage and finished:
+        yield sse(wire.usage_chunk(request, name, finished, id=id_, created=created))
+    yield "data: [DONE]\n\n"

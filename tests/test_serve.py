@@ -1,0 +1,365 @@
+"""`diffgen serve`: a real server in a subprocess, spoken to by the official `openai` client, plus
+in-process requests (Starlette's TestClient) where a real process adds nothing.
+
+Exactness: with a seed and the exact sampler a server answer has the same tokens and text as
+`diffgen run --exact --seed` and as the library's generate() with the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+import torch
+
+from conftest import run_cli, start_server, stop_server
+from diffgen import prompt as prompt_mod
+from diffgen.denoise import loop
+from diffgen.denoise.channels import split_response
+from diffgen.server import wire
+from diffgen.server.app import Engine, create_app
+
+USER = [{"role": "user", "content": "Why is the sky blue?"}]
+
+
+def client(server, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0,
+                         **kwargs)
+
+
+def model_id(checkpoint) -> str:
+    return str(checkpoint)
+
+
+# -- the real server and the official client ---------------------------------------------------------
+
+
+def test_models_lists_the_served_model(server, tiny_checkpoint):
+    models = client(server).models.list()
+    assert [m.id for m in models.data] == [model_id(tiny_checkpoint)]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_chat_answer_has_the_tokens_of_diffgen_run_exact_seed(server, tiny_checkpoint):
+    answer = client(server).chat.completions.create(
+        model=model_id(tiny_checkpoint), messages=USER, seed=5, max_tokens=40,
+        extra_body={"steps": 4, "return_token_ids": True})
+    done = run_cli("run", "-m", str(tiny_checkpoint), "--exact", "--seed", "5", "-n", "40", "--steps", "4", "--json",
+                   "-q", "--no-stdin", USER[0]["content"])
+    assert done.returncode == 0, done.stderr.decode()
+    local = json.loads(done.stdout)
+    choice = answer.choices[0]
+    assert choice.model_extra["token_ids"] == local["tokens"]
+    assert choice.message.content == local["text"]
+    assert choice.message.reasoning_content == local["thoughts"]
+    assert choice.finish_reason == {"eos": "stop", "length": "length"}[local["finish_reason"]]
+    assert answer.usage.completion_tokens == len(local["tokens"])
+    assert answer.usage.prompt_tokens == local["stats"]["prompt_tokens"]
+    assert answer.object == "chat.completion" and answer.id.startswith("chatcmpl-")
+
+
+def test_completion_answer_is_generate_with_the_same_settings(server, tiny, tiny_checkpoint):
+    answer = client(server).completions.create(model=model_id(tiny_checkpoint), prompt="Once upon a time", seed=2,
+                                               max_tokens=24, extra_body={"steps": 3, "entropy_bound": 0.5})
+    ids = prompt_mod.encode(tiny.tokenizer, "Once upon a time", raw=True)
+    settings = tiny.defaults.replace(max_new_tokens=24, max_denoising_steps=3, entropy_bound=0.5, seed=2)
+    expected = loop.generate(tiny, [ids], settings, exact=True).completions[0]
+    assert answer.choices[0].text == expected.text
+    assert answer.usage.completion_tokens == len(expected.token_ids)
+    assert answer.usage.prompt_tokens == len(ids)
+
+
+def test_streamed_chat_joins_to_the_unstreamed_answer(server, tiny_checkpoint):
+    api = client(server)
+    request = {"model": model_id(tiny_checkpoint), "messages": USER, "seed": 11, "max_tokens": 48,
+               "extra_body": {"steps": 3, "stability": 0}}
+    whole = api.chat.completions.create(**request)
+    chunks = list(api.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+
+
+def test_streamed_completion_ends_with_done_and_joins_to_the_answer(server, tiny_checkpoint):
+    body = {"model": model_id(tiny_checkpoint), "prompt": "Hello", "seed": 4, "max_tokens": 32, "steps": 2}
+    whole = httpx.post(server.url + "/v1/completions", json=body).json()
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+
+
+def test_n_choices_use_consecutive_seeds(server, tiny_checkpoint):
+    api = client(server)
+    base = {"model": model_id(tiny_checkpoint), "prompt": "Hi", "max_tokens": 16, "extra_body": {"steps": 2}}
+    both = api.completions.create(**base, seed=7, n=2)
+    assert [c.index for c in both.choices] == [0, 1]
+    assert both.choices[0].text == api.completions.create(**base, seed=7).choices[0].text
+    assert both.choices[1].text == api.completions.create(**base, seed=8).choices[0].text
+
+
+def test_stop_cuts_the_answer_before_the_stop_string(server, tiny_checkpoint):
+    api = client(server)
+    base = {"model": model_id(tiny_checkpoint), "prompt": "Hi", "max_tokens": 32, "extra_body": {"steps": 2}}
+    seed, text = next((seed, text) for seed in range(50)
+                      if len(text := api.completions.create(**base, seed=seed).choices[0].text.strip()) >= 4)
+    stop = text[2:4]
+    cut = api.completions.create(**base, seed=seed, stop=[stop]).choices[0]
+    assert cut.text == text[: text.find(stop)] and cut.finish_reason == "stop"
+    streamed = api.completions.create(**base, seed=seed, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut.text
+
+
+@pytest.mark.parametrize(("extra", "status", "param", "code"), [
+    ({"model": "someone/else"}, 404, "model", "model_not_found"),
+    ({"extra_body": {"steps": 0}}, 422, "steps", "invalid_value"),
+    ({"extra_body": {"entropy_bound": "a lot"}}, 422, "entropy_bound", "invalid_value"),
+    ({"extra_body": {"t_min": 0.9, "t_max": 0.5}}, 422, "t_max", "invalid_value"),
+    ({"seed": -1}, 422, "seed", "invalid_value"),
+    ({"n": 99}, 422, "n", "invalid_value"),
+    ({"max_tokens": 100_000}, 400, "messages", "context_length_exceeded"),
+])
+def test_bad_requests_get_openai_errors(server, tiny_checkpoint, extra, status, param, code):
+    request = {"model": model_id(tiny_checkpoint), "messages": USER, **extra}
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(server).chat.completions.create(**request)
+    error = caught.value
+    assert error.status_code == status
+    assert set(error.body) == {"message", "type", "param", "code"}
+    assert error.body["param"] == param and error.body["code"] == code
+    assert error.body["message"] and "Traceback" not in error.response.text
+
+
+def test_malformed_json_and_big_bodies_are_refused_and_the_server_goes_on(server):
+    url = server.url + "/v1/chat/completions"
+    bad = httpx.post(url, content=b'{"messages": [', headers={"Content-Type": "application/json"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+    big = httpx.post(url, content=b"x" * (4 * 1024 * 1024 + 1))
+    assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
+    missing = httpx.get(server.url + "/v1/engines")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert "Traceback" not in server.stderr()
+
+
+def test_a_key_is_checked_and_sigterm_lets_the_stream_in_flight_finish(tiny_checkpoint, tmp_path):
+    served = start_server(tiny_checkpoint, tmp_path / "stderr.log", env={"DIFFGEN_API_KEY": "s3cret"})
+    try:
+        with pytest.raises(openai.AuthenticationError) as caught:
+            client(served, api_key="wrong").models.list()
+        assert caught.value.body["code"] == "invalid_api_key"
+        assert httpx.get(served.url + "/health").status_code == 200  # health needs no key
+        api = client(served, api_key="s3cret")
+        stream = api.chat.completions.create(model=model_id(tiny_checkpoint), messages=USER, seed=1, max_tokens=256,
+                                             stream=True, extra_body={"steps": 8, "stability": 0})
+        chunks = [next(iter(stream))]  # the first chunk: the request is in flight
+        served.process.send_signal(signal.SIGTERM)
+        chunks += list(stream)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+        served.process.wait()
+        # uvicorn re-raises the signal once drained: the process ends by SIGTERM, as it was asked to.
+        assert served.process.returncode in (0, -signal.SIGTERM)
+        log = served.stderr()
+        assert "Finished server process" in log and "Traceback" not in log
+    finally:
+        stop_server(served)
+
+
+def test_any_address_but_loopback_needs_a_key(tiny_checkpoint):
+    done = run_cli("serve", "-m", str(tiny_checkpoint), "--host", "0.0.0.0", env={"DIFFGEN_API_KEY": ""})
+    assert done.returncode == 2
+    assert b"DIFFGEN_API_KEY" in done.stderr and b"Traceback" not in done.stderr
+
+
+# -- in process -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def app_client(tiny):
+    from starlette.testclient import TestClient
+
+    engine = Engine(loaded=tiny, name="tiny", settings=tiny.defaults, exact=True)
+    with TestClient(create_app(engine, api_key="k"), raise_server_exceptions=False,
+                    headers={"Authorization": "Bearer k"}) as http:
+        yield http, engine
+
+
+def test_the_key_is_needed_on_every_v1_route(tiny):
+    from starlette.testclient import TestClient
+
+    http = TestClient(create_app(Engine(loaded=tiny, name="tiny", settings=tiny.defaults), api_key="k"))
+    body = {"messages": USER, "max_tokens": 4, "steps": 1}
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "k"}):
+        answer = http.post("/v1/chat/completions", json=body, headers=headers)
+        assert answer.status_code == 401 and answer.json()["error"]["type"] == "authentication_error"
+        assert http.get("/v1/models", headers=headers).status_code == 401
+    assert http.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"}).status_code == 200
+
+
+def test_a_failing_request_is_a_500_error_object_and_the_server_goes_on(app_client, monkeypatch):
+    http, engine = app_client
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the accelerator fell over")
+
+    monkeypatch.setattr(loop, "generate", broken)
+    failed = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4})
+    assert failed.status_code == 500
+    assert failed.json()["error"]["type"] == "server_error" and "Traceback" not in failed.text
+    assert not engine.lock.locked()
+    monkeypatch.undo()
+    assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "steps": 1}).status_code == 200
+
+
+def _thinking_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of a thought channel and an answer, as the model writes them (two canvases' worth)."""
+    thought = tokenizer("<|channel>thought\nThe user greets me", add_special_tokens=False)["input_ids"]
+    answer = tokenizer("<channel|>Hello there", add_special_tokens=False)["input_ids"]
+    assert 100 in thought and 101 in answer
+    return thought, answer
+
+
+class _Scripted:
+    """A generation that commits given canvases (the routing under test, not the sampler)."""
+
+    def __init__(self, tokenizer, canvases: list[list[int]], settings):
+        self.canvases, self.tokenizer, self.settings = canvases, tokenizer, settings
+
+    def __iter__(self):
+        for index, tokens in enumerate(self.canvases):
+            yield loop.CanvasEvent(canvas=index, canvases=len(self.canvases), tokens=torch.tensor([tokens]), steps=1,
+                                   finished=torch.tensor([False]), elapsed=0.0)
+
+    @property
+    def result(self):
+        ids = [t for canvas in self.canvases for t in canvas]
+        response = split_response(self.tokenizer, ids)
+        stats = loop.CompletionStats(prompt_tokens=1, new_tokens=len(ids), canvases=len(self.canvases),
+                                     steps_per_canvas=(1,) * len(self.canvases), tokens_per_forward=1.0, seconds=1.0,
+                                     tokens_per_second=1.0, peak_memory_bytes=None)
+        completion = loop.Completion(response.text, response.thoughts, tuple(ids), "length", stats)
+        return loop.GenerationResult((completion,), self.settings)
+
+
+def test_thoughts_go_to_reasoning_content_never_to_content(app_client, tiny, monkeypatch):
+    http, _ = app_client
+    canvases = list(_thinking_tokens(tiny.tokenizer))
+    monkeypatch.setattr(loop, "stream", lambda loaded, prompts, settings, **kw: _Scripted(tiny.tokenizer, canvases,
+                                                                                          settings))
+    monkeypatch.setattr(loop, "generate", lambda loaded, prompts, settings, **kw: _Scripted(
+        tiny.tokenizer, canvases, settings).result)
+    body = {"messages": USER, "think": True, "max_tokens": 64}
+    message = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert message["content"] == "Hello there"
+    assert message["reasoning_content"] == "The user greets me"
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1]]
+    # One delta per committed canvas: the first canvas held the thoughts, the second the answer.
+    assert [sorted(d) for d in deltas] == [["reasoning_content", "role"], ["content"], []]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "The user greets me"
+    assert "".join(d.get("content") or "" for d in deltas) == "Hello there"
+    assert all("greets" not in (d.get("content") or "") and "<|channel>" not in (d.get("content") or "")
+               for d in deltas)
+
+
+def test_chat_template_gets_the_whole_conversation(app_client, tiny):
+    http, engine = app_client
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": [{"type": "text", "text": "Bye"}]}]
+    request = wire.parse_chat({"messages": turns})
+    expected = prompt_mod.encode_messages(tiny.tokenizer, [{"role": t["role"], "content": "Bye" if isinstance(
+        t["content"], list) else t["content"]} for t in turns])
+    assert engine.prompt_ids(request) == expected
+    answer = http.post("/v1/chat/completions", json={"messages": turns, "max_tokens": 4, "steps": 1}).json()
+    assert answer["usage"]["prompt_tokens"] == len(expected)
+
+
+# -- the wire format on its own -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": USER, "steps": True}, "steps"),
+    ({"messages": USER, "steps": 2.5}, "steps"),
+    ({"messages": USER, "confidence": float("nan")}, "confidence"),
+    ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": USER, "stop": [""]}, "stop"),
+    ({"messages": USER, "max_tokens": 0}, "max_tokens"),
+    ({"messages": USER, "max_tokens": 4, "max_new_tokens": 4}, "max_tokens"),
+    ({"messages": USER, "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
+    ({"messages": USER, "stream": "yes"}, "stream"),
+])
+def test_parameters_are_checked_like_the_cli(body, param):
+    with pytest.raises(wire.ApiError) as caught:
+        wire.parse_chat(body)
+    assert caught.value.status == 422 and caught.value.param == param
+
+
+def test_sampler_fields_map_to_settings_names():
+    request = wire.parse_chat({"messages": USER, "steps": 3, "entropy_bound": 1, "t_min": 0.1, "t_max": 0.2,
+                               "stability": 0, "confidence": 0.5, "max_tokens": 9, "seed": 3})
+    assert request.flags == {"max_denoising_steps": 3, "entropy_bound": 1, "t_min": 0.1, "t_max": 0.2,
+                             "stability_threshold": 0, "confidence_threshold": 0.5, "max_new_tokens": 9}
+    assert request.seed == 3 and request.choice_seed(1) == 4
+
+
+def test_deltas_hold_back_what_could_start_a_stop_string():
+    deltas = wire.Deltas(("END",))
+    assert deltas.update("Hello E") == "Hello"  # "E" could start "END"
+    assert deltas.update("Hello EN") == " "
+    assert deltas.update("Hello ENDING") == ""
+    assert deltas.stopped and deltas.sent == "Hello "
+    assert deltas.update("Hello ENDING more", final=True) == ""
+    plain = wire.Deltas(())
+    assert plain.update("ab\ufffd") == "ab"  # half a character: wait for the next canvas
+    assert plain.update("abc") == "c" and plain.update("abcd", final=True) == "d"
+
+
+
+class _Failing(_Scripted):
+    def __iter__(self):
+        yield from list(super().__iter__())[:1]
+        raise RuntimeError("the accelerator fell over")
+
+
+def test_a_failure_mid_stream_ends_the_stream_with_an_error_object(app_client, tiny, monkeypatch):
+    http, engine = app_client
+    canvases = list(_thinking_tokens(tiny.tokenizer))
+    monkeypatch.setattr(loop, "stream", lambda loaded, prompts, settings, **kw: _Failing(tiny.tokenizer, canvases,
+                                                                                         settings))
+    with http.stream("POST", "/v1/chat/completions", json={"messages": USER, "stream": True}) as response:
+        assert response.status_code == 200  # the headers went out before the failure
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "RuntimeError" in error["message"]
+    assert not engine.lock.locked()
+    monkeypatch.undo()
+    assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "steps": 1}).status_code == 200
+
+
+def test_a_chunked_body_over_the_limit_wrong_methods_and_the_schema(tiny):
+    from starlette.testclient import TestClient
+
+    http = TestClient(create_app(Engine(loaded=tiny, name="tiny", settings=tiny.defaults), max_body=2048))
+    chunks = (b"x" * 1024 for _ in range(3))  # no Content-Length: counted as it arrives
+    big = http.post("/v1/completions", content=chunks)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
+    wrong = http.get("/v1/chat/completions")
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/health", "/v1/models", "/v1/chat/completions", "/v1/completions"} <= set(paths)
