@@ -195,7 +195,8 @@ class Generation:
     def __init__(self, loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
                  *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
                  check_every: int | None = None, graphs: bool | None = None, capture: Any = None,
-                 compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 allowed: torch.Tensor | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UsageError("every prompt needs at least one token")
         if seeds is not None and len(seeds) != len(prompts):
@@ -228,6 +229,12 @@ class Generation:
             if tuple(tokens.shape) != expected or tuple(mask.shape) != expected:
                 raise UsageError(f"clamp tensors must be {expected} (rows, whole canvases), got "
                                  f"{tuple(tokens.shape)} and {tuple(mask.shape)}")
+        self.allowed = allowed
+        if allowed is not None:
+            total = self.canvases * self.canvas_length
+            if allowed.dim() != 3 or allowed.shape[0] not in (1, len(prompts)) or allowed.shape[1] != total:
+                raise UsageError(f"the allowed-token mask must be (1 or rows, {total}, vocab), got "
+                                 f"{tuple(allowed.shape)}")
         self._prompts = [list(p) for p in prompts]
         self._cache_kw = cache_keyword(loaded.model)
         self._check_context()
@@ -331,7 +338,10 @@ class Generation:
             self._encode(unencoded, attention_mask, encoder_positions, cache)
             canvas_tensor = torch.tensor(canvas_index, dtype=torch.long, device=device)
             canvas = sampler.initial_canvas(batch_size, ~finished_rows, canvas_tensor)
-            clamp_tokens = clamp_mask = None
+            clamp_tokens = clamp_mask = allowed = None
+            if self.allowed is not None:
+                window = slice(canvas_index * canvas_length, (canvas_index + 1) * canvas_length)
+                allowed = self.allowed[:, window].to(device)
             if self.clamp is not None:
                 window = slice(canvas_index * canvas_length, (canvas_index + 1) * canvas_length)
                 clamp_tokens = self.clamp[0][:, window].to(device)
@@ -358,7 +368,7 @@ class Generation:
                 decoder=Decoder(model, cache, decoder_mask, decoder_positions), sampler=sampler,
                 temperatures=temperatures, accept=accept, stability=stability,
                 confidence=settings.confidence_threshold, finished=finished_rows, canvas_index=canvas_tensor,
-                embed_dtype=embed_dtype, clamp_tokens=clamp_tokens, clamp_mask=clamp_mask,
+                embed_dtype=embed_dtype, clamp_tokens=clamp_tokens, clamp_mask=clamp_mask, allowed=allowed,
             )
             state = initial_state(context, canvas, forwards)
             if runner is not None:
@@ -521,7 +531,8 @@ def _commit(argmax_canvas: torch.Tensor, finished_rows: torch.Tensor, eos: torch
 def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
            *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
            check_every: int | None = None, graphs: bool | None = None, capture: Any = None,
-           compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None) -> Generation:
+           compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None,
+           allowed: torch.Tensor | None = None) -> Generation:
     """Prepare a generation of ``prompts`` (token id lists; several are batched, left padded).
 
     ``exact`` picks the reference-identical sampler (default on the CPU) or the fast one
@@ -540,10 +551,13 @@ def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: Gene
     (``int64`` and ``bool``), pins the masked positions of every canvas to their tokens at
     every step (infilling, :mod:`diffgen.denoise.fill`; see :class:`StepContext`); a canvas
     whose positions are all clamped is committed as is without a decoder pass, and an EOS
-    ends no row (the layout is fixed), so every planned canvas runs.
+    ends no row (the layout is fixed), so every planned canvas runs. ``allowed``, ``(1 or B,
+    canvases x C, V)`` bool, restricts each position to its allowed tokens before temperature
+    and sampling (JSON by construction, :mod:`diffgen.denoise.schema`; see :class:`StepContext`).
     """
     return Generation(loaded, prompts, settings, observe=observe, seeds=seeds, exact=exact, check_every=check_every,
-                      graphs=graphs, capture=capture, compile=compile, clamp=clamp)
+                      graphs=graphs, capture=capture, compile=compile, clamp=clamp,
+                      allowed=allowed)
 
 
 def generate(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
