@@ -167,3 +167,21 @@ def test_an_unsupported_schema_is_refused_before_the_weights(tmp_path):
     assert result.exit_code == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert "anyOf at /a" in lines[0] and "does not support" in lines[0]
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
+def test_an_all_allowed_mask_changes_no_token(tiny, exact):
+    import torch
+
+    from diffgen.denoise.loop import stream
+
+    settings = tiny.defaults.replace(seed=5, max_new_tokens=32, max_denoising_steps=4)
+    vocab_size = int(tiny.model.config.text_config.vocab_size)
+
+    def tokens(allowed):
+        generation = stream(tiny, [_prefix(tiny)], settings, observe=False, exact=exact, allowed=allowed)
+        for _ in generation:
+            pass
+        return generation.result.completions[0].token_ids
+
+    assert tokens(None) == tokens(torch.ones((1, 32, vocab_size), dtype=torch.bool))
