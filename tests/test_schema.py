@@ -185,3 +185,23 @@ def test_an_all_allowed_mask_changes_no_token(tiny, exact):
         return generation.result.completions[0].token_ids
 
     assert tokens(None) == tokens(torch.ones((1, 32, vocab_size), dtype=torch.bool))
+
+
+def test_batch_schema_writes_valid_json_for_every_record(tiny_checkpoint, tmp_path):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                               "population": {"type": "integer", "minimum": 0}},
+              "required": ["city", "population"], "additionalProperties": False}
+    path = tmp_path / "city.json"
+    path.write_text(json.dumps(schema), encoding="utf-8")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Paris\nZürich\nA city on a river\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["batch", str(prompts), "--model", str(tiny_checkpoint), "--schema", str(path),
+                                 "--steps", "3", "--batch-size", "2", "--retries", "1", "-q", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 3 and all("error" not in r for r in records)
+    for record in records:
+        jsonschema.validate(json.loads(record["text"]), schema)
+        assert [slot["path"] for slot in record["slots"]] == ["/city", "/population"]
+    assert json.loads((tmp_path / "out.jsonl.settings.json").read_text())["settings"]["schema"] == schema

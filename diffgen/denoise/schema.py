@@ -461,9 +461,12 @@ class SchemaResult:
     seconds: float
 
 
-def _run_once(loaded: LoadedModel, prefix: Sequence[int], plan: SchemaLayout, settings: GenerationSettings,
-              tokens: Sequence[int], fixed: Sequence[bool], exact: bool | None, compile: bool
-              ) -> tuple[list[int], list[float], list[int]]:
+def _run_once(loaded: LoadedModel, prefixes: Sequence[Sequence[int]], plan: SchemaLayout,
+              settings: GenerationSettings, tokens: Sequence[Sequence[int]], fixed: Sequence[Sequence[bool]],
+              seeds: Sequence[int] | None, exact: bool | None, compile: bool
+              ) -> tuple[list[list[int]], list[list[float]], list[int]]:
+    """One generation of every row: per row the committed tokens and last-step entropies, and
+    the batch's decoder passes per canvas."""
     import torch
 
     from diffgen.denoise.loop import CanvasEvent, StepEvent, stream
@@ -471,19 +474,23 @@ def _run_once(loaded: LoadedModel, prefix: Sequence[int], plan: SchemaLayout, se
     vocab_size = int(loaded.model.config.text_config.vocab_size)
     canvas_length = int(loaded.model.config.canvas_length)
     _, _, allowed = plan.tensors(vocab_size)
-    clamp = (torch.tensor([list(tokens)], dtype=torch.long), torch.tensor([list(fixed)], dtype=torch.bool))
-    generation = stream(loaded, [list(prefix)], settings, observe=True, exact=exact, compile=compile, clamp=clamp,
-                        allowed=allowed)
-    committed: list[int] = []
-    entropy: list[float] = []
+    clamp = (torch.tensor([list(row) for row in tokens], dtype=torch.long),
+             torch.tensor([list(row) for row in fixed], dtype=torch.bool))
+    generation = stream(loaded, [list(p) for p in prefixes], settings, observe=True, seeds=seeds, exact=exact,
+                        compile=compile, clamp=clamp, allowed=allowed)
+    rows = len(prefixes)
+    committed: list[list[int]] = [[] for _ in range(rows)]
+    entropy: list[list[float]] = [[] for _ in range(rows)]
     steps: list[int] = []
     last = None
     for event in generation:
         if isinstance(event, StepEvent):
             last = event.token_entropy
         elif isinstance(event, CanvasEvent):
-            committed += event.tokens[0].tolist()
-            entropy += [0.0] * canvas_length if event.steps == 0 or last is None else last[0].tolist()
+            for row in range(rows):
+                committed[row] += event.tokens[row].tolist()
+                entropy[row] += ([0.0] * canvas_length if event.steps == 0 or last is None
+                                 else last[row].tolist())
             steps.append(event.steps)
             last = None
     return committed, entropy, steps
@@ -498,6 +505,16 @@ def generate_json(loaded: LoadedModel, prefix: Sequence[int], schema: dict, sett
     is above :data:`RETRY_ENTROPY`, with the skeleton and every other slot clamped to its tokens;
     a slot keeps its new tokens only when their mean entropy is lower.
     """
+    return generate_json_rows(loaded, [prefix], schema, settings, retries=retries, exact=exact, compile=compile,
+                              vocab=vocab)[0]
+
+
+def generate_json_rows(loaded: LoadedModel, prefixes: Sequence[Sequence[int]], schema: dict,
+                       settings: GenerationSettings, *, seeds: Sequence[int] | None = None, retries: int = 0,
+                       exact: bool | None = None, compile: bool = False, vocab: Vocabulary | None = None
+                       ) -> list[SchemaResult]:
+    """:func:`generate_json` for several prefixes batched together (one seed per row, or
+    ``settings.seed`` as the loop derives row seeds); one result per prefix, in order."""
     import time
 
     start = time.perf_counter()
@@ -508,43 +525,52 @@ def generate_json(loaded: LoadedModel, prefix: Sequence[int], schema: dict, sett
         vocab = vocabulary(loaded.tokenizer, vocab_size, settings.pad_token_id)
     plan = layout(schema, loaded.tokenizer, vocab, canvas_length)
     settings = settings.replace(max_new_tokens=len(plan.tokens))
-    tokens, entropy, steps = _run_once(loaded, prefix, plan, settings, plan.tokens, plan.fixed, exact, compile)
+    rows = len(prefixes)
+    tokens, entropy, steps = _run_once(loaded, prefixes, plan, settings, [plan.tokens] * rows, [plan.fixed] * rows,
+                                       seeds, exact, compile)
     all_steps = [tuple(steps)]
-    attempts = [1] * len(plan.spans)
+    attempts = [[1] * len(plan.spans) for _ in range(rows)]
     for retry in range(1, retries + 1):
-        means = [sum(entropy[a:b]) / (b - a) for a, b in plan.spans]
-        redo = [k for k, m in enumerate(means) if m > RETRY_ENTROPY]
-        if not redo:
+        means = [[sum(entropy[r][a:b]) / (b - a) for a, b in plan.spans] for r in range(rows)]
+        redo = [[k for k, m in enumerate(means[r]) if m > RETRY_ENTROPY] for r in range(rows)]
+        if not any(redo):
             break
-        fixed = list(plan.fixed)
-        pinned = list(tokens)
-        for k, (a, b) in enumerate(plan.spans):
-            if k not in redo:
-                fixed[a:b] = [True] * (b - a)
+        fixed = [list(plan.fixed) for _ in range(rows)]
+        for r in range(rows):
+            for k, (a, b) in enumerate(plan.spans):
+                if k not in redo[r]:
+                    fixed[r][a:b] = [True] * (b - a)
+        retry_seeds = None if seeds is None else [seed + retry for seed in seeds]
         seed = None if settings.seed is None else settings.seed + retry
-        new_tokens, new_entropy, steps = _run_once(loaded, prefix, plan, settings.replace(seed=seed), pinned, fixed,
-                                                   exact, compile)
+        new_tokens, new_entropy, steps = _run_once(loaded, prefixes, plan, settings.replace(seed=seed), tokens,
+                                                   fixed, retry_seeds, exact, compile)
         all_steps.append(tuple(steps))
-        for k in redo:
+        for r in range(rows):
+            for k in redo[r]:
+                a, b = plan.spans[k]
+                attempts[r][k] += 1
+                if sum(new_entropy[r][a:b]) / (b - a) < means[r][k]:
+                    tokens[r][a:b], entropy[r][a:b] = new_tokens[r][a:b], new_entropy[r][a:b]
+    seconds = time.perf_counter() - start
+    results = []
+    for r in range(rows):
+        slots, parts = [], []
+        filled = iter(range(len(plan.spans)))
+        for piece in plan.pieces:
+            if isinstance(piece, str):
+                parts.append(piece)
+                continue
+            k = next(filled)
             a, b = plan.spans[k]
-            attempts[k] += 1
-            if sum(new_entropy[a:b]) / (b - a) < means[k]:
-                tokens[a:b], entropy[a:b] = new_tokens[a:b], new_entropy[a:b]
-    slots, parts = [], []
-    filled = iter(range(len(plan.spans)))
-    for piece in plan.pieces:
-        if isinstance(piece, str):
-            parts.append(piece)
-            continue
-        k = next(filled)
-        a, b = plan.spans[k]
-        value, literal, note = render_slot(piece, tokens[a:b], plan.literals[k], loaded.tokenizer, vocab.pad)
-        parts.append(literal)
-        slots.append(FilledSlot(path=piece.path, kind=piece.kind, value=value, start=a, end=b,
-                                token_ids=tuple(tokens[a:b]), mean_entropy=sum(entropy[a:b]) / (b - a),
-                                repaired=note, attempts=attempts[k]))
-    text = "".join(parts)
-    return SchemaResult(text=text, value=json.loads(text), slots=tuple(slots), token_ids=tuple(tokens), layout=plan,
-                        prompt_tokens=len(prefix), steps_per_canvas=tuple(all_steps),
-                        forwards=sum(sum(s) for s in all_steps), settings=settings,
-                        seconds=time.perf_counter() - start)
+            value, literal, note = render_slot(piece, tokens[r][a:b], plan.literals[k], loaded.tokenizer, vocab.pad)
+            parts.append(literal)
+            slots.append(FilledSlot(path=piece.path, kind=piece.kind, value=value, start=a, end=b,
+                                    token_ids=tuple(tokens[r][a:b]), mean_entropy=sum(entropy[r][a:b]) / (b - a),
+                                    repaired=note, attempts=attempts[r][k]))
+        text = "".join(parts)
+        results.append(SchemaResult(
+            text=text, value=json.loads(text), slots=tuple(slots), token_ids=tuple(tokens[r]), layout=plan,
+            prompt_tokens=len(prefixes[r]), steps_per_canvas=tuple(all_steps),
+            forwards=sum(sum(s) for s in all_steps), settings=settings.replace(seed=seeds[r]) if seeds else settings,
+            seconds=seconds))
+    return results
