@@ -10,8 +10,10 @@ a random one included:
 * a string slot's positions allow the tokens whose text has no ``"``, no ``\\`` and no control
   character, plus pad (a *filler* that decodes to nothing), so a string of N positions holds
   0 to N tokens; the value is cut to ``maxLength`` characters when a token carried it past;
-* an integer slot is ``[pad|-|digits] digits [digits|pad]...`` (``-`` only where ``minimum`` is
-  negative or absent), a number slot the same with ``.`` allowed after the second position;
+* an integer slot is ``[pad|-|digit] digit [digit|pad]...`` (single-digit tokens; ``-`` only
+  where ``minimum`` is negative or absent), one position per digit of the wider bound (plus a
+  sign position where ``minimum`` is negative), 8 without both bounds; a number slot the same
+  with ``.`` allowed after the second position and 3 more positions (10 without both bounds);
   the value is parsed (leading zeros and extra points dropped) and clamped into
   ``minimum``/``maximum`` (the slot's ``repaired`` says so);
 * booleans and ``enum`` are a choice among the literals' tokens: position i allows token i of
@@ -221,7 +223,9 @@ def _emit(node: dict, path: str, out: list[str | Slot]) -> None:
     elif kind in ("integer", "number"):
         low, high = node.get("minimum"), node.get("maximum")
         if low is not None and high is not None:
-            length = max(_digits(low), _digits(high)) + 1 + (3 if kind == "number" else 0)
+            # One position per digit of the wider bound (+1 for a sign, +3 for ".dd"): the digit
+            # count is bounded by construction, the value itself is clamped on assembly.
+            length = max(_digits(low), _digits(high)) + (low < 0) + (3 if kind == "number" else 0)
         else:
             length = DEFAULT_INTEGER if kind == "integer" else DEFAULT_NUMBER
         out.append(Slot(path, kind, max(length, 2), minimum=low, maximum=high))
@@ -243,7 +247,8 @@ class Vocabulary:
         pad: the filler id (decodes to nothing).
         string: ids a JSON string may contain (no quote, backslash, control character or
             special token).
-        digits: ids whose text is one or more ASCII digits.
+        digits: ids whose text is one ASCII digit (single digits only, so a slot's positions
+            bound its digit count).
         minus: ids whose text is ``-``.
         point: ids whose text is ``.``.
     """
@@ -267,14 +272,14 @@ def vocabulary(tokenizer: Any, size: int, pad: int) -> Vocabulary:
             continue
         if not any(c in '"\\' or ord(c) < 0x20 for c in text):
             string.append(i)
-        if text.isascii() and text.isdigit():
+        if text.isascii() and text.isdigit() and len(text) == 1:
             digits.append(i)
         elif text == "-":
             minus.append(i)
         elif text == ".":
             point.append(i)
     if not digits:
-        raise UsageError("this tokenizer has no digit tokens, so --schema cannot lay out numbers",
+        raise UsageError("this tokenizer has no single-digit tokens, so --schema cannot lay out numbers",
                          "use a schema without integers and numbers")
     return Vocabulary(size, pad, tuple(string), tuple(digits), tuple(minus), tuple(point))
 
