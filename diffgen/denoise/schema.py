@@ -312,10 +312,16 @@ class SchemaLayout:
         import torch
 
         allowed = torch.ones((1, len(self.tokens), vocab_size), dtype=torch.bool)
+        # A slot's positions share one tuple of ids (a string's holds most of the vocabulary):
+        # build each distinct tuple's row once.
+        rows: dict[int, torch.Tensor] = {}
         for position, ids in enumerate(self.allowed):
             if ids is not None:
-                allowed[0, position] = False
-                allowed[0, position, list(ids)] = True
+                row = rows.get(id(ids))
+                if row is None:
+                    row = rows[id(ids)] = torch.zeros(vocab_size, dtype=torch.bool)
+                    row[torch.tensor(ids, dtype=torch.long)] = True
+                allowed[0, position] = row
         return (torch.tensor([self.tokens], dtype=torch.long), torch.tensor([self.fixed], dtype=torch.bool),
                 allowed)
 
