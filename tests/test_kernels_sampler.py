@@ -283,6 +283,21 @@ INTERPRETER_SCRIPT = textwrap.dedent(
             sampler.torch_tail = saved
         cases.append(dict(dtype=str(dtype), softcap=softcap, block=block, vocab=vocab, triton=got,
                           torch=reference, sc_triton=out_t, sc_torch=out_r))
+    # An allowed-token restriction (--schema): soft-capped float32 logits with most of the
+    # vocabulary at MASKED_LOGIT, drawn with softcap=None as the step does.
+    from diffgen.denoise.step import restrict
+    allowed = torch.rand(2, 5, 300, generator=generator) < 0.05
+    allowed[..., 7] = True
+    raw = restrict((torch.randn(2, 5, 300, generator=generator) * 6), allowed, 30.0)
+    temperature = torch.tensor([0.45, 0.8])
+    out_t = torch.empty(2, 5, 300, dtype=torch.bfloat16)
+    out_r = torch.empty_like(out_t)
+    reference = sampler.torch_tail(raw, None, temperature, keys, out_r)
+    got = sampler._triton_tail(raw, None, temperature, keys, out_t, block_v=128)
+    assert bool(allowed.gather(-1, got[0].unsqueeze(-1)).all()), "the kernel drew a masked token"
+    assert bool(allowed.gather(-1, got[1].unsqueeze(-1)).all()), "the kernel's argmax is a masked token"
+    cases.append(dict(dtype="restricted", softcap=None, block=128, vocab=300, triton=got, torch=reference,
+                      sc_triton=out_t, sc_torch=out_r))
     raw = torch.randn(2, 5, 300, generator=generator)
     via_api = sampler.sample_tail(raw, softcap=30.0, temperature=torch.tensor(0.6), keys=keys, backend="triton")
     reference = sampler.sample_tail(raw, softcap=30.0, temperature=torch.tensor(0.6), keys=keys, backend="torch")
@@ -307,7 +322,7 @@ def interpreted(tmp_path_factory):
 
 def test_the_triton_kernel_ran_in_the_interpreter(interpreted):
     assert interpreted["kernel_type"] == "InterpretedFunction"
-    assert len(interpreted["cases"]) == 9
+    assert len(interpreted["cases"]) == 10
 
 
 def test_the_triton_kernel_samples_the_torch_backends_tokens(interpreted):

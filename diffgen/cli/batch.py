@@ -70,6 +70,7 @@ SETTING_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "confidence_threshold": ("--confidence", ("confidence",)),
     "eos_token_ids": ("--model", ("model",)),
     "pad_token_id": ("--model", ("model",)),
+    "schema": ("--schema", ("schema_file",)),
 }
 # Seconds between progress lines when stderr is not a terminal (a log file, CI, nohup).
 PROGRESS_INTERVAL = 5.0
@@ -117,6 +118,17 @@ def batch(
     max_memory: MaxMemoryOption = None,
     offload: OffloadOption = False,
     offline: OfflineOption = False,
+    schema_file: Annotated[
+        Optional[Path],
+        typer.Option("--schema", exists=True, dir_okay=False, readable=True, show_default=False, metavar="<file>",
+                     help="Answer every prompt with JSON that validates against this JSON Schema (the subset of "
+                          "`run --schema`), valid by construction; records gain value and slots."),
+    ] = None,
+    retries: Annotated[
+        int,
+        typer.Option("--retries", min=0, max=10, metavar="<n>",
+                     help="With --schema: resample up to N times the value slots that end unsure."),
+    ] = 0,
     no_color: NoColorOption = False,
 ) -> None:
     """Generate an answer for every prompt in INPUT, writing one JSONL record per prompt."""
@@ -131,6 +143,15 @@ def batch(
         if input_format not in ("auto", "jsonl", "text"):
             raise UsageError(f"--format {input_format!r}: use auto, jsonl or text")
         batch_mod.check_output(output, input_path, resume=resume, overwrite=overwrite)
+        schema = None
+        if schema_file is not None:
+            from diffgen.denoise.schema import load_schema
+
+            schema = load_schema(schema_file.read_text(encoding="utf-8"), f"the schema {schema_file.name}")
+            if think:
+                raise UsageError("--schema does not combine with --think yet", "drop one of them")
+        elif retries:
+            raise UsageError("--retries resamples the value slots of --schema", "add --schema FILE or drop --retries")
         data, name = read_input(input_path)
         text, warning = prompt_mod.decode_input(data, name)
         if warning:
@@ -148,6 +169,7 @@ def batch(
         defaults = prepared.settings
         if output is not None:
             kept = _kept_settings(prepared, model=model, seed=seed, system=system, raw=raw, think=think)
+            kept["schema"] = schema
             _check_settings(ctx, batch_mod, output, kept, resume=resume, quiet=quiet)
         out = batch_mod.Output(output, resume=resume, overwrite=overwrite, stdout=sys.stdout)
         try:
@@ -159,7 +181,7 @@ def batch(
                     typer.echo(f"diffgen: batch size {size} (auto, from the memory plan)", err=True)
             loaded = load_model(prepared, console, quiet=quiet)
             summary = _run(batch_mod, items, loaded, defaults, seed, size, out, console, model,
-                           system=system, raw=raw, think=think, show=not quiet)
+                           system=system, raw=raw, think=think, show=not quiet, schema=schema, retries=retries)
         finally:
             out.close()
         if summary.failed:
@@ -259,18 +281,35 @@ def _batch_size(value: str) -> int | None:
 
 
 def _run(batch_mod: Any, items: list, loaded: Any, defaults: Any, base_seed: int, size: int, out: Any,
-         console: Any, model: str, *, system: Optional[str], raw: bool, think: bool, show: bool) -> Any:
+         console: Any, model: str, *, system: Optional[str], raw: bool, think: bool, show: bool,
+         schema: Optional[dict] = None, retries: int = 0) -> Any:
     from diffgen.denoise import loop as generate
     from diffgen.ui import render
     from diffgen import prompt as prompt_mod
 
+    vocab = None
+    if schema is not None:
+        from diffgen.cli.run import schema_record
+        from diffgen.denoise import schema as schema_mod
+
+        vocab = schema_mod.vocabulary(loaded.tokenizer, int(loaded.model.config.text_config.vocab_size),
+                                      defaults.pad_token_id)
+        plan = schema_mod.layout(schema, loaded.tokenizer, vocab, int(loaded.model.config.canvas_length))
+
     def encode(job: Any, settings: Any) -> list[int]:
         ids = prompt_mod.encode(loaded.tokenizer, job.prompt, system=job.system or system,
                                 think=job.think or think, raw=job.raw or raw)
+        if schema is not None:
+            settings = settings.replace(max_new_tokens=len(plan.tokens))
         generate.check_context(loaded.model, len(ids), settings)
         return ids
 
     def generate_batch(prompts: list[list[int]], settings: Any, seeds: list[int]) -> list[dict]:
+        if schema is not None:
+            results = schema_mod.generate_json_rows(loaded, prompts, schema, settings, seeds=seeds, retries=retries,
+                                                    vocab=vocab)
+            return [{**schema_record(r, model=model), "tokens": list(r.token_ids[:r.layout.length])}
+                    for r in results]
         result = generate.generate(loaded, prompts, settings, seeds=seeds)
         return [render.completion_record(c, result, model=model, seed=s) for c, s in zip(result.completions, seeds)]
 

@@ -104,6 +104,19 @@ def run(
         typer.Option("--trace", dir_okay=False, show_default=False,
                      help="Write a JSONL trace of every step, for `diffgen replay`."),
     ] = None,
+    schema_file: Annotated[
+        Optional[Path],
+        typer.Option("--schema", exists=True, dir_okay=False, readable=True, show_default=False, metavar="<file>",
+                     help="Answer with JSON that validates against this JSON Schema (a subset: objects with every "
+                          "property required, strings with maxLength/enum, integers and numbers with "
+                          "minimum/maximum, booleans, null, arrays with maxItems), valid by construction."),
+    ] = None,
+    retries: Annotated[
+        int,
+        typer.Option("--retries", min=0, max=10, metavar="<n>",
+                     help="With --schema: resample up to N times the value slots that end unsure (mean entropy "
+                          "above 1 nat), the rest clamped."),
+    ] = 0,
     no_color: NoColorOption = False,
 ) -> None:
     """Generate an answer to PROMPT (and/or stdin) and print it on stdout."""
@@ -117,6 +130,20 @@ def run(
     exact_loop = sampler_choice(exact, fast, compile)
     check_output_path(trace_file, "--trace")
     flags = sampler_flags(max_new_tokens, steps, entropy_bound, t_min, t_max, stability, confidence)
+    schema = None
+    if schema_file is not None:
+        from diffgen.denoise.schema import load_schema
+        from diffgen.errors import UsageError
+
+        if show_steps or trace_file is not None or think:
+            raise UsageError("--schema does not combine with --show-steps, --trace or --think yet",
+                             "drop one of them")
+        with doing("reading the schema"):
+            schema = load_schema(schema_file.read_text(encoding="utf-8"), f"the schema {schema_file.name}")
+    elif retries:
+        from diffgen.errors import UsageError
+
+        raise UsageError("--retries resamples the value slots of --schema", "add --schema FILE or drop --retries")
 
     with doing("reading the prompt"):
         stdin = None if no_stdin else prompt_mod.read_stdin(sys.stdin)
@@ -138,6 +165,10 @@ def run(
     with doing("loading the tokenizer"):
         tokenizer = loader.load_tokenizer(prepared.checkpoint.path)
         ids = prompt_mod.encode(tokenizer, composed.text, system=system, think=think, raw=raw)
+    if schema is not None:
+        _schema_run(prepared, tokenizer, ids, schema, console, model=model, retries=retries, exact=exact_loop,
+                    compile=compile, quiet=quiet, json_output=json_output, stats=stats)
+        return
     generate.check_context_config(prepared.config, len(ids), settings)
     loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
     with doing("generating"):
@@ -158,6 +189,57 @@ def run(
             render.write_answer(completion, sys.stdout)
         if stats:
             typer.echo(render.stats_line(completion), err=True)
+
+
+def _schema_run(prepared: Any, tokenizer: Any, ids: list[int], schema: dict, console: Any, *, model: str,
+                retries: int, exact: Optional[bool], compile: bool, quiet: bool, json_output: bool,
+                stats: bool) -> None:
+    """``run --schema``: lay out the schema (context checked before the weights), generate, print."""
+    from diffgen.denoise import loop as generate
+    from diffgen.denoise import schema as schema_mod
+    from diffgen.ui import render
+
+    settings = prepared.settings
+    text_config = prepared.config.get("text_config", prepared.config)
+    with doing("laying out the schema"):
+        vocab = schema_mod.vocabulary(tokenizer, int(text_config.get("vocab_size", len(tokenizer))),
+                                      settings.pad_token_id)
+        plan = schema_mod.layout(schema, tokenizer, vocab, int(prepared.config.get("canvas_length", 256)))
+    generate.check_context_config(prepared.config, len(ids), settings.replace(max_new_tokens=len(plan.tokens)))
+    loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
+    with doing("generating"):
+        with status(console, "Denoising", quiet=quiet):
+            result = schema_mod.generate_json(loaded, ids, schema, settings, retries=retries, exact=exact,
+                                              compile=compile, vocab=vocab)
+    with doing("writing the answer"):
+        if json_output:
+            render.write_json(schema_record(result, model=model), sys.stdout)
+        else:
+            sys.stdout.write(result.text + "\n")
+            sys.stdout.flush()
+        if stats:
+            unsure = sum(slot.mean_entropy > schema_mod.RETRY_ENTROPY for slot in result.slots)
+            typer.echo(f"{len(result.slots)} slots ({unsure} unsure) | {result.forwards} decoder passes | "
+                       f"{result.seconds:.2f} s", err=True)
+
+
+def schema_record(result: Any, *, model: str) -> dict:
+    """The ``--json`` object of ``run --schema``."""
+    return {
+        "text": result.text,
+        "value": result.value,
+        "slots": [{"path": slot.path, "kind": slot.kind, "value": slot.value, "start": slot.start, "end": slot.end,
+                   "tokens": list(slot.token_ids), "mean_entropy": slot.mean_entropy, "repaired": slot.repaired,
+                   "attempts": slot.attempts} for slot in result.slots],
+        "model": model,
+        "seed": result.settings.seed,
+        "prompt_tokens": result.prompt_tokens,
+        "schema_tokens": result.layout.length,
+        "steps_per_canvas": [list(steps) for steps in result.steps_per_canvas],
+        "forwards": result.forwards,
+        "seconds": result.seconds,
+        "settings": result.settings.to_dict(),
+    }
 
 
 def _observed(loaded: Any, ids: list[int], settings: Any, console: Any, *, show_steps: bool,

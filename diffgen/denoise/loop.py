@@ -201,7 +201,7 @@ class Generation:
                  *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
                  check_every: int | None = None, graphs: bool | None = None, capture: Any = None,
                  compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 init: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 init: tuple[torch.Tensor, torch.Tensor] | None = None, allowed: torch.Tensor | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UsageError("every prompt needs at least one token")
         if seeds is not None and len(seeds) != len(prompts):
@@ -241,6 +241,12 @@ class Generation:
             if tuple(tokens.shape) != expected or tuple(mask.shape) != expected:
                 raise UsageError(f"init tensors must be {expected} (rows, whole canvases), got "
                                  f"{tuple(tokens.shape)} and {tuple(mask.shape)}")
+        self.allowed = allowed
+        if allowed is not None:
+            total = self.canvases * self.canvas_length
+            if allowed.dim() != 3 or allowed.shape[0] not in (1, len(prompts)) or allowed.shape[1] != total:
+                raise UsageError(f"the allowed-token mask must be (1 or rows, {total}, vocab), got "
+                                 f"{tuple(allowed.shape)}")
         self._prompts = [list(p) for p in prompts]
         self._cache_kw = cache_keyword(loaded.model)
         self._check_context()
@@ -344,14 +350,16 @@ class Generation:
             self._encode(unencoded, attention_mask, encoder_positions, cache)
             canvas_tensor = torch.tensor(canvas_index, dtype=torch.long, device=device)
             canvas = sampler.initial_canvas(batch_size, ~finished_rows, canvas_tensor)
+            # This canvas's slice of the per-position constraints (fill, edit, schema), if any.
+            window = slice(canvas_index * canvas_length, (canvas_index + 1) * canvas_length)
             if self.init is not None:
                 # Seeded positions start from their token instead of noise; the noise is still drawn
                 # (and discarded there), so the random draws keep their order.
-                window = slice(canvas_index * canvas_length, (canvas_index + 1) * canvas_length)
                 canvas = torch.where(self.init[1][:, window].to(device), self.init[0][:, window].to(device), canvas)
-            clamp_tokens = clamp_mask = None
+            clamp_tokens = clamp_mask = allowed = None
+            if self.allowed is not None:
+                allowed = self.allowed[:, window].to(device)
             if self.clamp is not None:
-                window = slice(canvas_index * canvas_length, (canvas_index + 1) * canvas_length)
                 clamp_tokens = self.clamp[0][:, window].to(device)
                 clamp_mask = self.clamp[1][:, window].to(device)
                 if bool(clamp_mask.all()):
@@ -377,7 +385,7 @@ class Generation:
                 decoder=Decoder(model, cache, decoder_mask, decoder_positions), sampler=sampler,
                 temperatures=temperatures, accept=accept, stability=stability,
                 confidence=settings.confidence_threshold, finished=finished_rows, canvas_index=canvas_tensor,
-                embed_dtype=embed_dtype, clamp_tokens=clamp_tokens, clamp_mask=clamp_mask,
+                embed_dtype=embed_dtype, clamp_tokens=clamp_tokens, clamp_mask=clamp_mask, allowed=allowed,
             )
             state = initial_state(context, canvas, forwards)
             if runner is not None:
@@ -543,7 +551,8 @@ def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: Gene
            *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
            check_every: int | None = None, graphs: bool | None = None, capture: Any = None,
            compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None,
-           init: tuple[torch.Tensor, torch.Tensor] | None = None) -> Generation:
+           init: tuple[torch.Tensor, torch.Tensor] | None = None, allowed: torch.Tensor | None = None
+           ) -> Generation:
     """Prepare a generation of ``prompts`` (token id lists; several are batched, left padded).
 
     ``exact`` picks the reference-identical sampler (default on the CPU) or the fast one
@@ -565,10 +574,14 @@ def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: Gene
     ends no row (the layout is fixed), so every planned canvas runs. ``init`` = ``(tokens,
     mask)``, same shapes, seeds the masked positions: each canvas starts from those tokens
     instead of uniform noise there (editing, :mod:`diffgen.denoise.edit`); unlike a clamp
-    this pins nothing, the sampler renoises them as it would any rejected position.
+    this pins nothing, the sampler renoises them as it would any rejected position. ``allowed``,
+    ``(1 or B, canvases x C, V)`` bool, restricts each position to its allowed tokens before
+    temperature and sampling (JSON by construction, :mod:`diffgen.denoise.schema`; see
+    :class:`StepContext`).
     """
     return Generation(loaded, prompts, settings, observe=observe, seeds=seeds, exact=exact, check_every=check_every,
-                      graphs=graphs, capture=capture, compile=compile, clamp=clamp, init=init)
+                      graphs=graphs, capture=capture, compile=compile, clamp=clamp, init=init,
+                      allowed=allowed)
 
 
 def generate(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,

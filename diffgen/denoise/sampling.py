@@ -204,9 +204,10 @@ class ExactSampler:
         return self.noise.uniform_canvas(batch_size, active)
 
     def draw(self, raw: torch.Tensor, temperature: torch.Tensor, *, active: torch.Tensor, canvas: torch.Tensor,
-             step: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """``(sampled, argmax, entropy, scaled logits in out_dtype)`` from raw lm_head logits ``(B, C, V)``."""
-        scaled = soft_cap(raw, self.softcap) / temperature
+             step: torch.Tensor, out_dtype: torch.dtype, capped: bool = False) -> tuple[torch.Tensor, ...]:
+        """``(sampled, argmax, entropy, scaled logits in out_dtype)`` from raw lm_head logits ``(B, C, V)``
+        (already soft-capped float32 logits when ``capped``)."""
+        scaled = (raw if capped else soft_cap(raw, self.softcap)) / temperature
         probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
         sampled = self.noise.sample(probs, active)
         return sampled, torch.argmax(scaled, dim=-1), token_entropy(scaled), scaled.to(out_dtype)
@@ -249,13 +250,13 @@ class FastSampler:
         return uniform_tokens(keys, self.canvas_length, self.vocab_size)
 
     def draw(self, raw: torch.Tensor, temperature: torch.Tensor, *, active: torch.Tensor, canvas: torch.Tensor,
-             step: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+             step: torch.Tensor, out_dtype: torch.dtype, capped: bool = False) -> tuple[torch.Tensor, ...]:
         from diffgen.kernels.noise import STREAM_GUMBEL, step_keys
         from diffgen.kernels.sampler import sample_tail
 
         keys = step_keys(self.row_seeds, canvas, step, STREAM_GUMBEL)
         scaled = torch.empty(raw.shape, dtype=out_dtype, device=raw.device)
-        sampled, argmax, entropy = sample_tail(raw, softcap=self.softcap, temperature=temperature, keys=keys,
+        sampled, argmax, entropy = sample_tail(raw, softcap=None if capped else self.softcap, temperature=temperature, keys=keys,
                                                self_conditioning_out=scaled, backend=self.backend)
         return sampled, argmax, entropy, scaled
 

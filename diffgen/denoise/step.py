@@ -83,6 +83,9 @@ class StepContext:
         clamp_tokens: ``(B, C)`` int64 on the device, the token each clamped position must
             hold (any value where ``clamp_mask`` is False), or ``None``: nothing clamped.
         clamp_mask: ``(B, C)`` bool on the device, the clamped (fixed) positions, or ``None``.
+        allowed: ``(B, C, V)`` (or ``(1, C, V)``, broadcast over rows) bool on the device, the
+            tokens each position may take, or ``None``: no restriction (the step is unchanged).
+            Every position needs at least one allowed token.
 
     Clamping (infilling, :mod:`diffgen.denoise.fill`): the model has no mask token and
     re-decides every position at every step, so a fixed position is pinned at every step, not
@@ -93,6 +96,15 @@ class StepContext:
     gives exactly the token's embedding), and the canvas after renoising holds the token. The
     override comes after the draw rather than in the logits, so it is the same for the exact
     sampler, the fast torch tail and the Triton kernel, and the random draws keep their order.
+
+    Allowed vocabularies (JSON by construction, :mod:`diffgen.denoise.schema`) act before
+    temperature and sampling: the raw logits are soft-capped here, every token outside a
+    position's allowed set is set to :data:`MASKED_LOGIT`, and the sampler is told the logits
+    are already capped (``capped=True``), so it divides by the temperature and draws as usual.
+    A finite floor rather than ``-inf``: the soft cap would map ``-inf`` back to ``-cap``, and a
+    finite floor keeps ``0 x log 0`` terms of the fused kernel's entropy at 0 instead of NaN;
+    ``exp(MASKED_LOGIT / T - max)`` is exactly 0 in float32 and no Gumbel draw (bounded by
+    about 45 from 32-bit uniforms) lifts a masked token over an allowed one.
     """
 
     decoder: Callable[..., torch.Tensor]
@@ -106,6 +118,18 @@ class StepContext:
     embed_dtype: torch.dtype
     clamp_tokens: torch.Tensor | None = None
     clamp_mask: torch.Tensor | None = None
+    allowed: torch.Tensor | None = None
+
+
+#: The logit (after soft-capping, before temperature) of a token outside a position's allowed set.
+MASKED_LOGIT = -1.0e9
+
+
+def restrict(raw: torch.Tensor, allowed: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Soft-capped float32 logits with every token outside ``allowed`` at :data:`MASKED_LOGIT`."""
+    from diffgen.denoise.sampling import soft_cap
+
+    return soft_cap(raw, softcap).masked_fill(~allowed, MASKED_LOGIT)
 
 
 def clamp(tokens: torch.Tensor, context: StepContext) -> torch.Tensor:
@@ -165,8 +189,14 @@ def denoise_step(state: StepState, context: StepContext, *, self_conditioning_ma
     raw = context.decoder(state.canvas, state.self_conditioning, self_conditioning_mask)
     temperature = context.temperatures.index_select(0, state.step.view(1)).squeeze(0)
     step = state.step + 1
-    sampled, argmax, entropy, scaled = sampler.draw(raw, temperature, active=active, canvas=context.canvas_index,
-                                                    step=step, out_dtype=context.embed_dtype)
+    if context.allowed is None:
+        sampled, argmax, entropy, scaled = sampler.draw(raw, temperature, active=active,
+                                                        canvas=context.canvas_index, step=step,
+                                                        out_dtype=context.embed_dtype)
+    else:
+        sampled, argmax, entropy, scaled = sampler.draw(restrict(raw, context.allowed, sampler.softcap),
+                                                        temperature, active=active, canvas=context.canvas_index,
+                                                        step=step, out_dtype=context.embed_dtype, capped=True)
     if context.clamp_mask is not None:
         sampled, argmax, entropy, scaled = _clamp_draw(sampled, argmax, entropy, scaled, context)
     accepted = context.accept(entropy)
