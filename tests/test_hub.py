@@ -143,7 +143,7 @@ def test_a_filled_cache_is_used_when_the_hub_cannot_be_reached(dead_hub, tiny_ch
     result = diffgen("run", "-m", "acme/tiny", "-n", "8", "--steps", "2", "--quiet", "Hi",
                      hf_home=tmp_path / "hf", endpoint=f"http://127.0.0.1:{dead_hub.port}")
     assert result.returncode == 0, result.stderr
-    assert result.stderr == "" and result.stdout.strip()
+    assert result.stderr == "" and result.stdout.strip(), (result.stderr, result.stdout)
     assert len(dead_hub.model_requests) == 1
     dead_hub.assert_no_retry()
 
