@@ -13,7 +13,9 @@ import subprocess
 import sys
 
 import httpx
+import jsonschema
 import openai
+import pydantic
 import pytest
 import torch
 
@@ -120,6 +122,87 @@ def test_stop_cuts_the_answer_before_the_stop_string(server, tiny_checkpoint):
     assert cut.text == text[: text.find(stop)] and cut.finish_reason == "stop"
     streamed = api.completions.create(**base, seed=seed, stop=stop, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == cut.text
+
+
+# -- response_format json_schema: JSON by construction ---------------------------------------------------
+
+CLUB = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 10},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "tags": {"type": "array", "items": {"type": "string", "enum": ["red", "green"]}, "maxItems": 2},
+    "member": {"type": "boolean"}}, "required": ["name", "age", "tags", "member"], "additionalProperties": False}
+
+
+def json_schema(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "club", "schema": schema, "strict": True}}
+
+
+def test_a_json_schema_answer_parses_and_validates_for_every_seed(server, tiny_checkpoint):
+    api = client(server)
+    for seed in range(4):
+        answer = api.chat.completions.create(model=model_id(tiny_checkpoint), messages=USER, seed=seed,
+                                             response_format=json_schema(CLUB), extra_body={"steps": 3})
+        message = answer.choices[0].message
+        jsonschema.validate(json.loads(message.content), CLUB)
+        assert message.reasoning_content is None and answer.choices[0].finish_reason == "stop"
+        assert answer.usage.completion_tokens > 0
+    text = api.completions.create(model=model_id(tiny_checkpoint), prompt="A member:", seed=1,
+                                  extra_body={"response_format": json_schema(CLUB), "steps": 3})
+    jsonschema.validate(json.loads(text.choices[0].text), CLUB)
+
+
+def test_the_clients_parse_helper_gets_its_pydantic_model(server, tiny_checkpoint):
+    class Member(pydantic.BaseModel):
+        name: str
+        age: int
+        active: bool
+
+    answer = client(server).chat.completions.parse(model=model_id(tiny_checkpoint), messages=USER, seed=2,
+                                                   response_format=Member, extra_body={"steps": 3})
+    member = answer.choices[0].message.parsed
+    assert isinstance(member, Member) and member == Member.model_validate_json(answer.choices[0].message.content)
+
+
+def test_a_json_schema_answer_is_run_schema_with_the_same_seed(server, tiny_checkpoint, tmp_path):
+    path = tmp_path / "club.json"
+    path.write_text(json.dumps(CLUB), encoding="utf-8")
+    api = client(server)
+    answer = api.chat.completions.create(model=model_id(tiny_checkpoint), messages=USER, seed=5,
+                                         response_format=json_schema(CLUB), extra_body={"steps": 4})
+    done = run_cli("run", "-m", str(tiny_checkpoint), "--exact", "--seed", "5", "--steps", "4", "--schema", str(path),
+                   "-q", "--no-stdin", USER[0]["content"])
+    assert done.returncode == 0, done.stderr.decode()
+    assert answer.choices[0].message.content == done.stdout.decode().rstrip("\n")
+    chunks = list(api.chat.completions.create(model=model_id(tiny_checkpoint), messages=USER, seed=5, stream=True,
+                                              response_format=json_schema(CLUB), extra_body={"steps": 4}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
+    plain = {"model": model_id(tiny_checkpoint), "messages": USER, "seed": 5, "max_tokens": 16,
+             "extra_body": {"steps": 2}}
+    assert api.chat.completions.create(**plain, response_format={"type": "text"}).choices[0].message.content == \
+        api.chat.completions.create(**plain).choices[0].message.content
+
+
+@pytest.mark.parametrize(("response_format", "extra", "param", "words"), [
+    (json_schema({"type": "object", "properties": {"name": {"type": "string", "pattern": "^[A-Z]"}},
+                  "required": ["name"]}), {}, "response_format", "pattern at /name"),
+    (json_schema({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+                  "required": ["a"]}), {}, "response_format", "anyOf at /a"),
+    (json_schema({"type": "object", "properties": {"a": {"type": "string"}}}), {}, "response_format",
+     "optional properties (a)"),
+    ({"type": "json_object"}, {}, "response_format", "needs a schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x"}}, {}, "response_format.json_schema.schema", "required"),
+    (json_schema(CLUB), {"stop": ["}"]}, "stop", "cut the JSON"),
+    (json_schema(CLUB), {"extra_body": {"think": True}}, "response_format", "thinking"),
+])
+def test_an_unsupported_response_format_is_a_422_naming_it(server, tiny_checkpoint, response_format, extra, param,
+                                                           words):
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        client(server).chat.completions.create(model=model_id(tiny_checkpoint), messages=USER,
+                                               response_format=response_format, **extra)
+    error = caught.value.body
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"] == param and words in error["message"] and "\n" not in error["message"]
 
 
 @pytest.mark.parametrize(("extra", "status", "param", "code"), [

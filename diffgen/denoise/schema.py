@@ -81,8 +81,9 @@ def load_schema(text: str, name: str = "the schema") -> dict:
     return schema
 
 
-def check_schema(schema: Any, name: str = "the schema") -> None:
-    """Raise :class:`UsageError` (one line) unless ``schema`` is a valid schema inside the subset."""
+def check_schema(schema: Any, name: str = "the schema", what: str = "--schema") -> None:
+    """Raise :class:`UsageError` (one line) unless ``schema`` is a valid schema inside the subset;
+    ``name`` names the schema in the message, ``what`` the feature that refuses it."""
     import jsonschema
 
     if not isinstance(schema, dict):
@@ -96,7 +97,7 @@ def check_schema(schema: Any, name: str = "the schema") -> None:
     problems: list[str] = []
     _walk(schema, "", problems)
     if problems:
-        raise UsageError(f"{name} uses what --schema does not support: {'; '.join(problems)}", _HINT)
+        raise UsageError(f"{name} uses what {what} does not support: {'; '.join(problems)}", _HINT)
 
 
 def _kind(node: dict) -> str | None:

@@ -55,6 +55,9 @@ class Engine:
             fields replace some of them.
         exact: the loop's ``exact`` argument (``None``: the device's default sampler).
         lock: held while a generation runs (one at a time).
+        vocab: the :class:`~diffgen.denoise.schema.Vocabulary` that ``response_format``
+            json_schema requests restrict their value slots to, built at the first such request
+            (it reads every token's text once) and kept (``None`` until then).
     """
 
     loaded: Any
@@ -62,6 +65,7 @@ class Engine:
     settings: Any
     exact: Optional[bool] = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    vocab: Any = field(default=None, repr=False)
 
     def prompt_ids(self, request: wire.Request) -> list[int]:
         """The request's token ids (chat template for chat, the text as is for completions)."""
@@ -90,6 +94,8 @@ class Engine:
             raise wire.ApiError(400, exc.message, code="invalid_prompt") from exc
         if not ids:
             raise wire.invalid("prompt", "the prompt has no tokens")
+        if request.schema is not None:
+            settings = settings.replace(max_new_tokens=len(self.schema_layout(request.schema).tokens))
         try:
             check_context(self.loaded.model, len(ids), settings)
         except PromptTooLongError as exc:
@@ -97,6 +103,37 @@ class Engine:
                                 param="messages" if request.kind == "chat" else "prompt",
                                 code="context_length_exceeded") from exc
         return ids, settings
+
+    def vocabulary(self) -> Any:
+        from diffgen.denoise import schema as schema_mod
+
+        with self.lock:  # built once, even when two schema requests arrive together
+            if self.vocab is None:
+                vocab_size = int(self.loaded.model.config.get_text_config().vocab_size)
+                self.vocab = schema_mod.vocabulary(self.loaded.tokenizer, vocab_size, self.settings.pad_token_id)
+            return self.vocab
+
+    def schema_layout(self, schema: dict) -> Any:
+        """The schema laid out on canvases (its length fixes the answer's); a 422 where it cannot be."""
+        from diffgen.denoise import schema as schema_mod
+
+        try:
+            return schema_mod.layout(schema, self.loaded.tokenizer, self.vocabulary(),
+                                     int(self.loaded.model.config.canvas_length))
+        except DiffgenError as exc:
+            raise wire.ApiError(422, exc.message, param="response_format", code="unsupported_schema") from exc
+
+    def schema_choice(self, request: wire.Request, ids: list[int], index: int) -> wire.Choice:
+        """One choice of a json_schema request: the JSON text as ``run --schema`` generates it (call
+        it under the lock). ``token_ids`` are the laid-out positions, pad dropped."""
+        from diffgen.denoise.schema import generate_json
+
+        result = generate_json(self.loaded, ids, request.schema, self.settings_for(request, index), exact=self.exact,
+                               vocab=self.vocab)
+        pad = self.settings.pad_token_id
+        tokens = tuple(token for token in result.token_ids[: result.layout.length] if token != pad)
+        return wire.Choice(text=result.text, thoughts=None, finish_reason="stop", token_ids=tokens,
+                           prompt_tokens=len(ids), completion_tokens=len(tokens))
 
     def choice(self, request: wire.Request, ids: list[int], completion: Any) -> wire.Choice:
         text, stopped = wire.cut_at_stop(completion.text, request.stop)
@@ -109,9 +146,14 @@ class Engine:
         """Every choice, one generation after the other (blocking; run it in a worker thread)."""
         from diffgen.denoise.loop import generate
 
+        if request.schema is not None:
+            self.vocabulary()
         with self.lock:
             choices = []
             for index in range(request.n):
+                if request.schema is not None:
+                    choices.append(self.schema_choice(request, ids, index))
+                    continue
                 result = generate(self.loaded, [ids], self.settings_for(request, index), exact=self.exact)
                 choices.append(self.choice(request, ids, result.completions[0]))
             return choices
@@ -124,6 +166,12 @@ class Engine:
         from diffgen.denoise.loop import CanvasEvent, stream
 
         try:
+            if request.schema is not None:  # the JSON is sent whole, as one delta, once it is generated
+                self.vocabulary()
+                with self.lock:
+                    for index in range(request.n):
+                        put(("done", index, self.schema_choice(request, ids, index)))
+                return
             with self.lock:
                 for index in range(request.n):
                     settings = self.settings_for(request, index)
@@ -229,7 +277,7 @@ def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body: int =
         authorise(request)
         parsed = parse(await read_json(request))
         check_model(parsed)
-        ids, _ = engine.check(parsed)
+        ids, _ = await run_in_threadpool(engine.check, parsed)  # a schema's first layout reads the vocabulary
         if parsed.stream:
             return StreamingResponse(stream_events(engine, parsed, ids), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

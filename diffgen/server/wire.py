@@ -12,6 +12,14 @@ file (:data:`diffgen.settings.SAMPLER_FLAGS`' keys: ``steps``, ``entropy_bound``
 ``temperature``/``top_p`` and other fields this sampler has no use for are ignored, as most
 OpenAI-compatible servers do, while fields whose meaning cannot be honoured (``logprobs``,
 ``tools``) are refused rather than silently dropped.
+
+``response_format``: ``{"type": "text"}`` (or none) is plain text; ``{"type": "json_schema",
+"json_schema": {"name", "schema", "strict"}}`` answers with JSON valid by construction for the
+schema (:mod:`diffgen.denoise.schema`, the machinery of ``run --schema``, whatever ``strict``
+says); a schema outside that subset is a 422 naming what it uses. ``{"type": "json_object"}``
+is refused (422): with no schema there is no skeleton to lay out, and ``{"type": "object"}``
+alone would only ever answer ``{}``. The schema fixes the answer's length, so ``max_tokens`` is
+not applied to it, and ``stop`` and thinking mode are refused with it (either would break the JSON).
 """
 
 from __future__ import annotations
@@ -82,6 +90,8 @@ class Request:
         stream: answer as server-sent events.
         include_usage: ``stream_options.include_usage``: a last chunk with the usage.
         return_token_ids: extension (vLLM's name): each choice also carries its ``token_ids``.
+        schema: ``response_format``'s JSON Schema (checked to be inside the supported subset);
+            ``None``: a plain-text answer.
     """
 
     kind: str
@@ -96,6 +106,7 @@ class Request:
     stream: bool
     include_usage: bool
     return_token_ids: bool
+    schema: Optional[dict[str, Any]] = None
 
     def choice_seed(self, index: int) -> int:
         return (self.seed + index) % SEED_LIMIT
@@ -223,9 +234,53 @@ def _common(body: dict[str, Any], kind: str, *, messages: tuple[dict[str, str], 
         if not isinstance(options, dict):
             raise invalid("stream_options", "must be an object")
         include_usage = _bool(options, "include_usage", False, name="stream_options.include_usage")
+    schema = _response_format(body.get("response_format"))
+    if schema is not None:
+        if think:
+            raise invalid(None, "response_format json_schema does not combine with thinking mode yet; "
+                                "drop think / chat_template_kwargs.enable_thinking", param="response_format")
+        if stop:
+            raise invalid("stop", "does not combine with response_format json_schema (a stop string would cut "
+                                  "the JSON); drop stop")
     return Request(kind=kind, model=model, messages=messages, prompt=prompt, think=think, flags=flags, seed=seed,
                    n=n, stop=stop, stream=stream, include_usage=include_usage,
-                   return_token_ids=_bool(body, "return_token_ids", False))
+                   return_token_ids=_bool(body, "return_token_ids", False), schema=schema)
+
+
+def _response_format(value: Any) -> Optional[dict[str, Any]]:
+    """``response_format``'s schema: ``None`` for text, the checked schema for ``json_schema``."""
+    from diffgen.denoise.schema import check_schema
+    from diffgen.errors import UsageError
+
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid("response_format", "must be an object such as {\"type\": \"json_schema\", ...}")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        raise invalid("response_format", "json_object needs a schema here: send {\"type\": \"json_schema\", "
+                                         "\"json_schema\": {\"name\": ..., \"schema\": {...}}}", code="unsupported")
+    if kind != "json_schema":
+        raise invalid("response_format.type", f"must be text or json_schema (got {kind!r})", param="response_format")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise invalid("response_format.json_schema", "must be an object with name and schema",
+                      code="missing_value" if spec is None else "invalid_value")
+    name = spec.get("name")
+    if name is not None and not isinstance(name, str):
+        raise invalid("response_format.json_schema.name", "must be a string")
+    if spec.get("strict") is not None and not isinstance(spec.get("strict"), bool):
+        raise invalid("response_format.json_schema.strict", f"must be true or false (got {spec.get('strict')!r})")
+    schema = spec.get("schema")
+    if schema is None:
+        raise invalid("response_format.json_schema.schema", "a JSON Schema is required", code="missing_value")
+    try:
+        check_schema(schema, "response_format.json_schema.schema", what="json_schema")
+    except UsageError as exc:
+        raise ApiError(422, exc.message, param="response_format", code="unsupported_schema") from exc
+    return schema
 
 
 def _number_type(value: Any, types: tuple[type, ...]) -> bool:
