@@ -106,7 +106,7 @@ def read_input(path: str) -> tuple[bytes, str]:
 
 
 class Observer:
-    """Feeds a clamped run's events (``fill``, ``edit``) to the live view and/or a trace file.
+    """Feeds a run's events (``run``, ``fill``, ``edit``) to the live view and/or a trace file.
 
     ``on_event`` takes each loop event; :meth:`finish` writes the trace's result line.
     """

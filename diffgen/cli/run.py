@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import secrets
 import sys
@@ -11,7 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli.common import check_output_path, exclusive, load_model, status
+from diffgen.cli.common import check_output_path, exclusive, load_model, observing, status
 from diffgen.cli.funnel import doing
 from diffgen.cli.options import (
     CompileOption,
@@ -247,33 +246,16 @@ def _observed(loaded: Any, ids: list[int], settings: Any, console: Any, *, show_
               compile: bool = False) -> Any:
     """Run a generation whose steps feed the live view and/or a trace file; return its result."""
     from diffgen.denoise import loop as generate
-    from diffgen.records import trace
-    from diffgen.ui import view
-    from diffgen.errors import UsageError
 
     generation = generate.stream(loaded, [ids], settings, observe=True, exact=exact, compile=compile)
-    texts = trace.TokenTexts(loaded.tokenizer)
-    with contextlib.ExitStack() as stack:
-        sinks: list[Any] = []
-        writer = None
-        if trace_file is not None:
-            try:
-                handle = stack.enter_context(open(trace_file, "w", encoding="utf-8"))
-            except OSError as exc:
-                raise UsageError(f"cannot write --trace {trace_file}: {exc.strerror or exc}") from exc
-            writer = trace.TraceWriter(handle)
-            writer.header(model=model, prompt=prompt, settings=settings.to_dict(),
-                          canvas_length=generation.canvas_length, channel_ids=texts.channel_ids)
-            sinks.append(writer)
-        if show_steps:
-            sinks.append(stack.enter_context(view.step_view(console, texts.channel_ids, sys.stderr)))
-        for record in trace.records(generation, texts):
-            for sink in sinks:
-                sink.update(record)
+    with observing(console, loaded.tokenizer, show_steps=show_steps, trace_file=trace_file, model=model,
+                   prompt=prompt, settings=settings, canvas_length=generation.canvas_length) as observer:
+        for event in generation:
+            observer.on_event(event)
         result = generation.result
-        if writer is not None:
+        if observer.writer is not None:
             completion = result.completions[0]
-            writer.result({"text": completion.text, "thoughts": completion.thoughts,
-                           "finish_reason": completion.finish_reason,
-                           "stats": dataclasses.asdict(completion.stats)})
+            observer.writer.result({"text": completion.text, "thoughts": completion.thoughts,
+                                    "finish_reason": completion.finish_reason,
+                                    "stats": dataclasses.asdict(completion.stats)})
     return result
