@@ -152,3 +152,30 @@ def observing(console: Any, tokenizer: Any, *, show_steps: bool, trace_file: Opt
         if show_steps:
             sinks.append(stack.enter_context(view.step_view(console, texts.channel_ids, sys.stderr)))
         yield Observer(sinks, writer, texts)
+
+
+def prepare_generation(model: str, *, seed: Optional[int], flags: dict[str, Any], **load: Any) -> Any:
+    """``prepare()`` with the sampler flags and a seed (a fresh random one when none was given),
+    named for the error funnel."""
+    import secrets
+
+    from diffgen.loading.prepare import prepare
+
+    with doing("planning the load"):
+        return prepare(model, **load, **flags, seed=seed if seed is not None else secrets.randbelow(2**31))
+
+
+def denoise_laid_out(console: Any, tokenizer: Any, run: Callable[[Optional[Callable[[Any], None]]], Any], *,
+                     phase: str, show_steps: bool, trace_file: Optional[Path], model: str, prompt: str,
+                     settings: Any, canvas_length: int, quiet: bool) -> Any:
+    """Run a laid-out generation (``fill``, ``edit``): ``run(on_event)`` returns its result, whose
+    events feed ``--show-steps`` / ``--trace`` when asked for."""
+    with doing(phase):
+        with observing(console, tokenizer, show_steps=show_steps, trace_file=trace_file, model=model,
+                       prompt=prompt, settings=settings, canvas_length=canvas_length) as observer:
+            with status(console, "Denoising", quiet=quiet or show_steps):
+                result = run(observer.on_event if observer else None)
+            if observer is not None:
+                observer.finish(result.text, {"steps_per_canvas": list(result.steps_per_canvas),
+                                              "seconds": result.seconds})
+    return result

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import secrets
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from diffgen.cli.common import check_output_path, exclusive, load_model, observing, status
+from diffgen.cli.common import check_output_path, denoise_laid_out, exclusive, load_model, prepare_generation
 from diffgen.cli.funnel import doing
 from diffgen.cli.options import (
     DEFAULT_MODEL,
@@ -93,7 +92,6 @@ def edit(
     from diffgen import prompt as prompt_mod
     from diffgen.denoise import edit as edit_mod
     from diffgen.errors import UsageError
-    from diffgen.loading.prepare import prepare
 
     # Every flag and the file are checked before anything is read from the checkpoint.
     raw, system = exclusive(ctx, "a system prompt needs the chat template; drop --raw", raw=raw, system=system)
@@ -117,9 +115,8 @@ def edit(
     from diffgen.ui import render
 
     console = render.error_console()
-    with doing("planning the load"):
-        prepared = prepare(model, offline=offline, device=device, quant=quant, max_memory=max_memory,
-                           offload=offload, **flags, seed=seed if seed is not None else secrets.randbelow(2**31))
+    prepared = prepare_generation(model, seed=seed, flags=flags, offline=offline, device=device, quant=quant,
+                                  max_memory=max_memory, offload=offload)
     from diffgen.denoise import fill as fill_mod
     from diffgen.denoise import loop as generate
     from diffgen.loading import loader
@@ -140,15 +137,12 @@ def edit(
             f"grow, {len(plan.tokens)} positions in whole canvases) do not fit the model's context",
             "revise a shorter file or mark fewer spans") from exc
     loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
-    with doing("revising the file"):
-        with observing(console, tokenizer, show_steps=show_steps, trace_file=trace_file, model=model,
-                       prompt=instruction, settings=settings, canvas_length=canvas_length) as observer:
-            with status(console, "Denoising", quiet=quiet or show_steps):
-                result = edit_mod.edit(loaded, prefix, document, settings, exact=exact_loop, compile=compile,
-                                       on_event=observer.on_event if observer else None)
-            if observer is not None:
-                observer.finish(result.text, {"steps_per_canvas": list(result.steps_per_canvas),
-                                              "seconds": result.seconds})
+    result = denoise_laid_out(
+        console, tokenizer,
+        lambda on_event: edit_mod.edit(loaded, prefix, document, settings, exact=exact_loop, compile=compile,
+                                       on_event=on_event),
+        phase="revising the file", show_steps=show_steps, trace_file=trace_file, model=model,
+        prompt=instruction, settings=settings, canvas_length=canvas_length, quiet=quiet)
 
     with doing("writing the answer"):
         if diff:

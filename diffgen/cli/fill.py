@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import secrets
 import sys
 from typing import Annotated, Optional
 
 import typer
 
-from diffgen.cli.common import check_output_path, exclusive, load_model, observing, status
+from diffgen.cli.common import check_output_path, denoise_laid_out, exclusive, load_model, prepare_generation
 from diffgen.cli.funnel import doing
 from diffgen.cli.options import (
     DEFAULT_MODEL,
@@ -96,7 +95,6 @@ def fill(
     """Fill the holes of TEMPLATE (or stdin) and print the filled template on stdout."""
     from diffgen import prompt as prompt_mod
     from diffgen.denoise.fill import parse_template
-    from diffgen.loading.prepare import prepare
 
     # Every flag and the template are checked before anything is read from the checkpoint.
     raw, system = exclusive(ctx, "a system prompt needs the chat template; drop --raw", raw=raw, system=system)
@@ -125,9 +123,8 @@ def fill(
     from diffgen.ui import render
 
     console = render.error_console()
-    with doing("planning the load"):
-        prepared = prepare(model, offline=offline, device=device, quant=quant, max_memory=max_memory,
-                           offload=offload, **flags, seed=seed if seed is not None else secrets.randbelow(2**31))
+    prepared = prepare_generation(model, seed=seed, flags=flags, offline=offline, device=device, quant=quant,
+                                  max_memory=max_memory, offload=offload)
     from diffgen.denoise import fill as fill_mod
     from diffgen.denoise import loop as generate
     from diffgen.loading import loader
@@ -151,15 +148,12 @@ def fill(
             f"positions in whole canvases) do not fit the model's context",
             "shorten the template, its holes or the prompt") from exc
     loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
-    with doing("filling the template"):
-        with observing(console, tokenizer, show_steps=show_steps, trace_file=trace_file, model=model,
-                       prompt=prompt or "", settings=settings, canvas_length=canvas_length) as observer:
-            with status(console, "Denoising", quiet=quiet or show_steps):
-                result = fill_mod.fill(loaded, prefix, parsed, settings, exact=exact_loop, compile=compile,
-                                       on_event=observer.on_event if observer else None)
-            if observer is not None:
-                observer.finish(result.text, {"steps_per_canvas": list(result.steps_per_canvas),
-                                              "seconds": result.seconds})
+    result = denoise_laid_out(
+        console, tokenizer,
+        lambda on_event: fill_mod.fill(loaded, prefix, parsed, settings, exact=exact_loop, compile=compile,
+                                       on_event=on_event),
+        phase="filling the template", show_steps=show_steps, trace_file=trace_file, model=model,
+        prompt=prompt or "", settings=settings, canvas_length=canvas_length, quiet=quiet)
 
     with doing("writing the answer"):
         if json_output:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import secrets
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli.common import check_output_path, exclusive, load_model, observing, status
+from diffgen.cli.common import check_output_path, exclusive, load_model, observing, prepare_generation, status
 from diffgen.cli.funnel import doing
 from diffgen.cli.options import (
     CompileOption,
@@ -120,7 +119,6 @@ def run(
 ) -> None:
     """Generate an answer to PROMPT (and/or stdin) and print it on stdout."""
     from diffgen import prompt as prompt_mod
-    from diffgen.loading.prepare import prepare
 
     # Every flag is checked before anything is read or loaded.
     raw, think = exclusive(ctx, "thinking mode needs the chat template; drop --raw", raw=raw, think=think)
@@ -153,9 +151,8 @@ def run(
     from diffgen.ui import render
 
     console = render.error_console()
-    with doing("planning the load"):
-        prepared = prepare(model, offline=offline, device=device, quant=quant, max_memory=max_memory,
-                           offload=offload, **flags, seed=seed if seed is not None else secrets.randbelow(2**31))
+    prepared = prepare_generation(model, seed=seed, flags=flags, offline=offline, device=device, quant=quant,
+                                  max_memory=max_memory, offload=offload)
     settings = prepared.settings
     from diffgen.denoise import loop as generate
     from diffgen.loading import loader

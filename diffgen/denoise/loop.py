@@ -227,20 +227,12 @@ class Generation:
         self.observe = observe
         self.canvas_length = int(loaded.model.config.canvas_length)
         self.canvases = math.ceil(settings.max_new_tokens / self.canvas_length)
-        self.clamp = clamp
-        if clamp is not None:
-            tokens, mask = clamp
-            expected = (len(prompts), self.canvases * self.canvas_length)
-            if tuple(tokens.shape) != expected or tuple(mask.shape) != expected:
-                raise UsageError(f"clamp tensors must be {expected} (rows, whole canvases), got "
-                                 f"{tuple(tokens.shape)} and {tuple(mask.shape)}")
-        self.init = init
-        if init is not None:
-            tokens, mask = init
-            expected = (len(prompts), self.canvases * self.canvas_length)
-            if tuple(tokens.shape) != expected or tuple(mask.shape) != expected:
-                raise UsageError(f"init tensors must be {expected} (rows, whole canvases), got "
-                                 f"{tuple(tokens.shape)} and {tuple(mask.shape)}")
+        expected = (len(prompts), self.canvases * self.canvas_length)
+        for name, pair in (("clamp", clamp), ("init", init)):
+            if pair is not None and any(tuple(t.shape) != expected for t in pair):
+                raise UsageError(f"{name} tensors must be {expected} (rows, whole canvases), got "
+                                 f"{tuple(pair[0].shape)} and {tuple(pair[1].shape)}")
+        self.clamp, self.init = clamp, init
         self.allowed = allowed
         if allowed is not None:
             total = self.canvases * self.canvas_length
