@@ -23,8 +23,12 @@ SPECIAL_TOKENS = {
     4: "<mask>",
     50: "<|tool_response>",
     98: "<|think|>",
+    99: "<|video|>",
     100: "<|channel>",
     101: "<channel|>",
+    102: "<|audio>",
+    103: "<audio|>",
+    104: "<|audio|>",
     105: "<|turn>",
     106: "<turn|>",
     107: "<|image>",
@@ -33,6 +37,27 @@ SPECIAL_TOKENS = {
 }
 SPECIAL_COUNT = 110
 EOS_TOKEN_IDS = [1, 106, 50]
+# The named media tokens Gemma 4's processor reads from its tokenizer (``tokenizer.image_token`` ...).
+MEDIA_TOKENS = {
+    "image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+    "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>",
+}
+# The tiny image processor (``images=True``): patches of 2 pixels pooled 3 x 3, at most 70 soft
+# tokens (the smallest budget Gemma 4's image processor supports) per image.
+IMAGE_PROCESSOR = {
+    "image_processor_type": "Gemma4ImageProcessor",
+    "do_convert_rgb": True,
+    "do_normalize": False,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.0, 0.0, 0.0],
+    "image_std": [1.0, 1.0, 1.0],
+    "max_soft_tokens": 70,
+    "patch_size": 2,
+    "pooling_kernel_size": 3,
+    "resample": 3,
+    "rescale_factor": 1 / 255,
+}
 
 # Gemma-4-style template: a system turn (carrying <|think|> when thinking is on), user and
 # model turns, and with thinking off an empty thought channel opened and closed for the model.
@@ -45,7 +70,11 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- for message in messages -%}{%- if message['role'] != 'system' -%}"
     "{{ '<|turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' }}"
-    "{{ message['content'] | trim }}{{ '<turn|>\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'text' -%}{{ item['text'] | trim }}"
+    "{%- elif item['type'] == 'image' -%}{{ '<|image|>' }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}{{ '<turn|>\\n' }}"
     "{%- endif -%}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|turn>model\\n' }}"
     "{%- if not enable_thinking -%}{{ '<|channel>thought\\n<channel|>' }}{%- endif -%}"
@@ -92,16 +121,21 @@ def build_tokenizer(vocab_size: int = 512) -> Any:
         pad_token="<pad>",
         unk_token="<unk>",
         padding_side="left",
+        model_specific_special_tokens=dict(MEDIA_TOKENS),
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
-def tiny_config(vocab_size: int = 512, canvas_length: int = 16, **text_overrides: Any) -> Any:
+def tiny_config(vocab_size: int = 512, canvas_length: int = 16, *, images: bool = False,
+                **text_overrides: Any) -> Any:
     """A ~0.2M-parameter DiffusionGemma config with both attention layer kinds and MoE experts.
 
     ``num_experts`` is set (the model has no MoE switch) and the vision tower is given tiny
-    dimensions (``vision_config=None`` would build a 167M-parameter one).
+    dimensions (``vision_config=None`` would build a 167M-parameter one). ``images``: a vision
+    tower that takes the tiny image processor's patch grids (positions up to 64 per side) and
+    the released model's bidirectional attention over image tokens
+    (``use_bidirectional_attention="vision"``).
     """
     from transformers import DiffusionGemmaConfig
 
@@ -125,6 +159,8 @@ def tiny_config(vocab_size: int = 512, canvas_length: int = 16, **text_overrides
         "bos_token_id": 2,
         "eos_token_id": list(EOS_TOKEN_IDS),
     }
+    if images:
+        text["use_bidirectional_attention"] = "vision"
     text.update(text_overrides)
     vision = {
         "hidden_size": 8,
@@ -133,7 +169,7 @@ def tiny_config(vocab_size: int = 512, canvas_length: int = 16, **text_overrides
         "num_attention_heads": 1,
         "num_key_value_heads": 1,
         "patch_size": 2,
-        "position_embedding_size": 16,
+        "position_embedding_size": 64 if images else 16,
     }
     return DiffusionGemmaConfig(
         text_config=text,
@@ -170,6 +206,7 @@ def save_tiny_checkpoint(
     vocab_size: int = 512,
     logit_scale: float = 1.0,
     generation: dict[str, Any] | None = None,
+    images: bool = False,
     **text_overrides: Any,
 ) -> Path:
     """Build a random tiny model and save it as a complete checkpoint in ``directory``.
@@ -181,13 +218,18 @@ def save_tiny_checkpoint(
     adaptive stopping never fires. ``logit_scale`` multiplies the tied embedding / LM-head
     matrix, which sharpens the distributions in proportion and lets the stable-and-confident
     stop fire within a canvas.
+
+    ``images``: also an image processor (``processor_config.json``, the layout transformers 5
+    saves a processor in: the image processor's settings under ``image_processor``), written
+    as JSON so that building a checkpoint needs no pillow; the vision tower as in
+    :func:`tiny_config`.
     """
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = tiny_config(vocab_size=vocab_size, canvas_length=canvas_length, **text_overrides)
+    config = tiny_config(vocab_size=vocab_size, canvas_length=canvas_length, images=images, **text_overrides)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = DiffusionGemmaForBlockDiffusion(config)
@@ -199,4 +241,8 @@ def save_tiny_checkpoint(
     (directory / "generation_config.json").write_text(
         json.dumps(generation_config_dict(**(generation or {})), indent=2) + "\n"
     )
+    if images:
+        processor = {"processor_class": "Gemma4Processor", "image_seq_length": IMAGE_PROCESSOR["max_soft_tokens"],
+                     "image_processor": dict(IMAGE_PROCESSOR)}
+        (directory / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     return directory

@@ -70,3 +70,11 @@ class DeviceError(DiffgenError):
 
 class DamagedCheckpointError(DiffgenError):
     """A weights file that is truncated or corrupt (e.g. an interrupted download or copy)."""
+
+
+class ImageError(DiffgenError):
+    """An image that cannot be used: not an image, damaged, of an unsupported format or too large."""
+
+
+class MissingExtraError(DiffgenError):
+    """A feature needs an optional extra that is not installed (``pip install 'diffgen[images]'``)."""

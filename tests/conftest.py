@@ -54,6 +54,14 @@ def sharp_checkpoint(tmp_path_factory) -> Path:
     return save_tiny_checkpoint(tmp_path_factory.mktemp("sharp") / "ckpt", seed=0, logit_scale=SHARP_LOGIT_SCALE)
 
 
+@pytest.fixture(scope="session")
+def vision_checkpoint(tmp_path_factory) -> Path:
+    """A tiny checkpoint with a tiny vision tower and an image processor (``images=True``)."""
+    from devtools.tiny import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("vision") / "ckpt", seed=0, images=True)
+
+
 def _load(path: Path):
     from diffgen.loading.loader import load
     from diffgen.planning.plan import LoadPlan
@@ -70,6 +78,22 @@ def tiny(tiny_checkpoint):
 @pytest.fixture(scope="session")
 def sharp(sharp_checkpoint):
     return _load(sharp_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def vision(vision_checkpoint):
+    """The tiny vision checkpoint loaded on the CPU in fp32."""
+    return _load(vision_checkpoint)
+
+
+def write_image(path: Path, width: int = 30, height: int = 20, *, seed: int = 0, format: str = "PNG") -> Path:
+    """A random RGB image saved with pillow; returns ``path``."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=format)
+    return path
 
 
 def run_cli(*args: str, input: bytes | None = None, env: dict | None = None,

@@ -53,6 +53,7 @@ from diffgen.denoise.step import (
 from diffgen.settings import GenerationSettings
 
 if TYPE_CHECKING:
+    from diffgen.images import VisionInputs
     from diffgen.loading.loader import LoadedModel
 
 FinishReason = Literal["eos", "length"]
@@ -201,7 +202,8 @@ class Generation:
                  *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
                  check_every: int | None = None, graphs: bool | None = None, capture: Any = None,
                  compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 init: tuple[torch.Tensor, torch.Tensor] | None = None, allowed: torch.Tensor | None = None):
+                 init: tuple[torch.Tensor, torch.Tensor] | None = None, allowed: torch.Tensor | None = None,
+                 vision: Sequence[VisionInputs | None] | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UsageError("every prompt needs at least one token")
         if seeds is not None and len(seeds) != len(prompts):
@@ -240,6 +242,7 @@ class Generation:
                 raise UsageError(f"the allowed-token mask must be (1 or rows, {total}, vocab), got "
                                  f"{tuple(allowed.shape)}")
         self._prompts = [list(p) for p in prompts]
+        self._vision = _check_vision(vision, self._prompts)
         self._cache_kw = cache_keyword(loaded.model)
         self._check_context()
         self._result: GenerationResult | None = None
@@ -339,7 +342,8 @@ class Generation:
 
         for canvas_index in range(self.canvases):
             # Encode what the cache has not seen yet: the prompt, then each committed canvas.
-            self._encode(unencoded, attention_mask, encoder_positions, cache)
+            self._encode(unencoded, attention_mask, encoder_positions, cache,
+                         self._vision_inputs(device) if canvas_index == 0 else None)
             canvas_tensor = torch.tensor(canvas_index, dtype=torch.long, device=device)
             canvas = sampler.initial_canvas(batch_size, ~finished_rows, canvas_tensor)
             # This canvas's slice of the per-position constraints (fill, edit, schema), if any.
@@ -442,17 +446,38 @@ class Generation:
             runner.begin_canvas()
         self._result = self._collect(batch, committed_canvases, row_steps, forwards, eos, start)
 
-    def _encode(self, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache) -> None:
+    def _encode(self, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache,
+                vision: dict[str, torch.Tensor] | None = None) -> None:
+        """Encode ``ids`` into the cache. ``vision``: the prompt's image inputs (first encode only),
+        passed as transformers' ``generate()`` passes them to its first encoder call."""
         model = self.loaded.model
         ids = ids.clone(memory_format=torch.contiguous_format)
+        vision = vision or {}
         mask = model.model.encoder.create_masks_for_generate(
             config=model.config,
             inputs_embeds=torch.empty((ids.shape[0], ids.shape[1], 0), dtype=model.dtype, device=ids.device),
             attention_mask=attention_mask,
             position_ids=positions,
             **{self._cache_kw: cache},
+            **({"mm_token_type_ids": vision["mm_token_type_ids"]} if vision else {}),
         )
-        model.model.encoder(input_ids=ids, attention_mask=mask, position_ids=positions, **{self._cache_kw: cache})
+        model.model.encoder(input_ids=ids, attention_mask=mask, position_ids=positions, **{self._cache_kw: cache},
+                            **vision)
+
+    def _vision_inputs(self, device: torch.device) -> dict[str, torch.Tensor] | None:
+        """The batch's image inputs for the encoder: every row's images in row order (the order
+        in which the encoder scatters them over the image tokens), token types left padded."""
+        if self._vision is None:
+            return None
+        rows = [v for v in self._vision if v is not None]
+        longest = max(len(p) for p in self._prompts)
+        types = [[0] * (longest - len(p)) + (list(v.token_types) if v is not None else [0] * len(p))
+                 for p, v in zip(self._prompts, self._vision)]
+        return {
+            "pixel_values": torch.cat([v.pixel_values for v in rows]).to(device),
+            "image_position_ids": torch.cat([v.image_position_ids for v in rows]).to(device),
+            "mm_token_type_ids": torch.tensor(types, dtype=torch.long, device=device),
+        }
 
     def _collect(self, batch: _Batch, canvases: list[torch.Tensor], row_steps: list[torch.Tensor],
                  forwards: torch.Tensor, eos: torch.Tensor, start: float) -> GenerationResult:
@@ -484,6 +509,19 @@ class Generation:
             )
             completions.append(Completion(response.text, response.thoughts, tuple(tokens), reason, stats))
         return GenerationResult(tuple(completions), settings)
+
+
+def _check_vision(vision: Sequence[VisionInputs | None] | None, prompts: list[list[int]]
+                  ) -> list[VisionInputs | None] | None:
+    """The per-prompt image inputs, checked against the prompts; ``None`` when no prompt has images."""
+    if vision is None or all(v is None for v in vision):
+        return None
+    if len(vision) != len(prompts):
+        raise UsageError(f"{len(vision)} image inputs for {len(prompts)} prompts")
+    for row, (v, p) in enumerate(zip(vision, prompts)):
+        if v is not None and len(v.token_types) != len(p):
+            raise UsageError(f"prompt {row}: {len(v.token_types)} token types for {len(p)} tokens")
+    return list(vision)
 
 
 def check_context(model, prompt_tokens: int, settings: GenerationSettings) -> None:
@@ -543,8 +581,8 @@ def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: Gene
            *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
            check_every: int | None = None, graphs: bool | None = None, capture: Any = None,
            compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None,
-           init: tuple[torch.Tensor, torch.Tensor] | None = None, allowed: torch.Tensor | None = None
-           ) -> Generation:
+           init: tuple[torch.Tensor, torch.Tensor] | None = None, allowed: torch.Tensor | None = None,
+           vision: Sequence[VisionInputs | None] | None = None) -> Generation:
     """Prepare a generation of ``prompts`` (token id lists; several are batched, left padded).
 
     ``exact`` picks the reference-identical sampler (default on the CPU) or the fast one
@@ -569,18 +607,20 @@ def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: Gene
     this pins nothing, the sampler renoises them as it would any rejected position. ``allowed``,
     ``(1 or B, canvases x C, V)`` bool, restricts each position to its allowed tokens before
     temperature and sampling (JSON by construction, :mod:`diffgen.denoise.schema`; see
-    :class:`StepContext`).
+    :class:`StepContext`). ``vision``, one :class:`~diffgen.images.VisionInputs` or ``None``
+    per prompt: the prompts' images, encoded with the prompt as in transformers' ``generate()``.
     """
     return Generation(loaded, prompts, settings, observe=observe, seeds=seeds, exact=exact, check_every=check_every,
                       graphs=graphs, capture=capture, compile=compile, clamp=clamp, init=init,
-                      allowed=allowed)
+                      allowed=allowed, vision=vision)
 
 
 def generate(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
-             *, seeds: Sequence[int] | None = None, exact: bool | None = None, compile: bool = False
-             ) -> GenerationResult:
+             *, seeds: Sequence[int] | None = None, exact: bool | None = None, compile: bool = False,
+             vision: Sequence[VisionInputs | None] | None = None) -> GenerationResult:
     """Run a generation to the end and return its result."""
-    generation = stream(loaded, prompts, settings, observe=False, seeds=seeds, exact=exact, compile=compile)
+    generation = stream(loaded, prompts, settings, observe=False, seeds=seeds, exact=exact, compile=compile,
+                        vision=vision)
     for _ in generation:
         pass
     return generation.result
