@@ -75,3 +75,102 @@ def test_same_tokens_as_transformers_generate_with_the_processors_pixel_values(v
     # The images matter: without them (image tokens left as plain embeddings) the answer differs.
     blind = generate(vision, [ids], settings)
     assert blind.completions[0].token_ids != completion.token_ids
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+
+
+def test_run_image_gives_the_tokens_of_transformers_generate(vision, vision_checkpoint, tmp_path):
+    picture = write_image(tmp_path / "x.png", 36, 24, seed=3)
+    done = run_cli("run", "-m", str(vision_checkpoint), "--seed", "5", "--max-new-tokens", "32", "--json",
+                   "--image", str(picture), "What is this?")
+    assert done.returncode == 0, done.stderr.decode()
+    record = json.loads(done.stdout)
+    processor = images.load_processor(vision.checkpoint.path, vision.tokenizer)
+    inputs = _processor_inputs(processor, "What is this?", [images.read_image_file(picture)])
+    expected = _reference(vision, inputs, vision.defaults.replace(max_new_tokens=32, seed=5))
+    assert record["stats"]["prompt_tokens"] == inputs["input_ids"].shape[1]
+    assert record["tokens"] == expected[:len(record["tokens"])]
+    assert len(record["tokens"]) == 32 or expected[len(record["tokens"])] in vision.defaults.eos_token_ids
+
+
+def test_an_image_on_stdin_with_the_prompt_as_argument(vision_checkpoint, tmp_path):
+    data = write_image(tmp_path / "x.png", 30, 30, seed=1).read_bytes()
+    by_file = run_cli("run", "-m", str(vision_checkpoint), "--seed", "2", "--max-new-tokens", "16", "--json",
+                      "--image", str(tmp_path / "x.png"), "What is this?", input=b"")
+    by_stdin = run_cli("run", "-m", str(vision_checkpoint), "--seed", "2", "--max-new-tokens", "16", "--json",
+                       "--image", "-", "What is this?", input=data)
+    assert by_stdin.returncode == 0, by_stdin.stderr.decode()
+    assert json.loads(by_stdin.stdout)["tokens"] == json.loads(by_file.stdout)["tokens"]
+    no_prompt = run_cli("run", "-m", str(vision_checkpoint), "--image", "-", input=data)
+    assert no_prompt.returncode == 2
+    assert "prompt must be an argument" in no_prompt.stderr.decode()
+
+
+def _bad(tmp_path, kind):
+    from PIL import Image
+
+    path = tmp_path / f"{kind}.img"
+    if kind == "missing":
+        return tmp_path / "nowhere.png"
+    if kind == "text":
+        path.write_text("not a picture\n")
+    elif kind == "truncated":
+        data = write_image(tmp_path / "whole.png", 64, 64).read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "tiff":
+        write_image(path, 8, 8, format="TIFF")
+    elif kind == "huge":  # 48 megapixels, over diffgen's stated limit (1-bit: small to write)
+        Image.new("1", (8000, 6000)).save(path, format="PNG")
+    elif kind == "bomb":  # over pillow's own decompression-bomb limit (2 x 89.5 megapixels)
+        Image.new("1", (15000, 12000)).save(path, format="PNG")
+    return path
+
+
+@pytest.mark.parametrize("kind, code, words", [
+    ("missing", 2, "cannot read --image"),
+    ("text", 1, "is not an image pillow can read — supported formats: PNG, JPEG, WEBP, GIF, BMP"),
+    ("truncated", 1, "is truncated or damaged"),
+    ("tiff", 1, "is a TIFF image, which diffgen does not take — supported formats: PNG, JPEG, WEBP, GIF, BMP"),
+    ("huge", 1, "8000 x 6000 = 48.0 megapixels, over the limit of 40 per image"),
+    ("bomb", 1, "is too large to decode safely"),
+])
+def test_a_bad_image_is_one_line_before_anything_is_loaded(vision_checkpoint, tmp_path, kind, code, words):
+    done = run_cli("run", "-m", str(vision_checkpoint), "--image", str(_bad(tmp_path, kind)), "hi")
+    err = done.stderr.decode()
+    assert done.returncode == code, err
+    assert words in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "plan:" not in err  # the weights were never planned, let alone loaded
+
+
+def test_more_images_than_the_context_holds(vision_checkpoint, tmp_path):
+    picture = str(write_image(tmp_path / "x.png", 60, 60))
+    many = [arg for _ in range(60) for arg in ("--image", picture)]
+    done = run_cli("run", "-m", str(vision_checkpoint), *many, "hi")
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert "60 image(s) take 3840 of the prompt's" in err and "more than the model's context of 4096" in err
+    assert len(err.strip().splitlines()) == 1 and "plan:" not in err
+
+
+def test_without_pillow_image_input_names_the_extra(vision_checkpoint, tmp_path):
+    import os
+
+    blocker = tmp_path / "no-pil" / "PIL"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('pillow is blocked in this test')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(blocker.parent), os.environ.get("PYTHONPATH", "")])}
+    done = run_cli("run", "-m", str(vision_checkpoint), "--image", str(tmp_path / "x.png"), "hi", env=env)
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert err.strip() == ("diffgen: error: image input needs pillow, which is not installed "
+                           "— pip install 'diffgen[images]'")
+    # Text prompts need no pillow.
+    assert run_cli("run", "-m", str(vision_checkpoint), "--max-new-tokens", "8", "hi", env=env).returncode == 0
+
+
+def test_a_text_only_checkpoint_refuses_images_before_loading(tiny_checkpoint, tmp_path):
+    done = run_cli("run", "-m", str(tiny_checkpoint), "--image", str(write_image(tmp_path / "x.png")), "hi")
+    err = done.stderr.decode()
+    assert done.returncode == 1 and "has no image processor" in err and "plan:" not in err

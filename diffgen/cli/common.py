@@ -154,6 +154,48 @@ def observing(console: Any, tokenizer: Any, *, show_steps: bool, trace_file: Opt
         yield Observer(sinks, writer, texts)
 
 
+def read_images(paths: Optional[list[str]], prompt: Optional[str]) -> tuple[list[Any], bool]:
+    """``--image`` files read and checked before anything is planned or loaded; ``-`` reads one
+    image from stdin, which needs the prompt as an argument. Returns the pictures and whether
+    stdin was taken by an image."""
+    if not paths:
+        return [], False
+    from diffgen import images
+
+    if paths.count("-") > 1:
+        raise UsageError("--image - reads stdin once", "pass - at most once")
+    if "-" in paths and (prompt is None or prompt == "-"):
+        raise UsageError("--image - reads the image from stdin, so the prompt must be an argument",
+                         'e.g. cat photo.png | diffgen run --image - "What is in this picture?"')
+    pictures = []
+    with doing("reading the images"):
+        for path in paths:
+            if path == "-":
+                images.require_pillow()
+                pictures.append(images.read_image(sys.stdin.buffer.read(), "the image on stdin"))
+            else:
+                pictures.append(images.read_image_file(path))
+    return pictures, "-" in paths
+
+
+def encode_with_images(prepared: Any, tokenizer: Any, text: str, pictures: list[Any], *, system: Optional[str],
+                       think: bool) -> tuple[list[int], Any]:
+    """Token ids and image inputs through transformers' processor, the context checked before
+    the weights load (the images' soft tokens count against it)."""
+    from diffgen import images
+    from diffgen.denoise import loop as generate
+
+    with doing("preprocessing the images"):
+        processor = images.load_processor(prepared.checkpoint.path, tokenizer, prepared.config)
+        ids, vision = images.encode(processor, text, pictures, system=system, think=think)
+    text_config = prepared.config.get("text_config", prepared.config)
+    canvas = int(prepared.config.get("canvas_length", 256))
+    canvases = -(-prepared.settings.max_new_tokens // canvas)
+    images.check_image_context(vision, len(ids), text_config.get("max_position_embeddings"), canvases * canvas)
+    generate.check_context_config(prepared.config, len(ids), prepared.settings)
+    return ids, vision
+
+
 def prepare_generation(model: str, *, seed: Optional[int], flags: dict[str, Any], **load: Any) -> Any:
     """``prepare()`` with the sampler flags and a seed (a fresh random one when none was given),
     named for the error funnel."""

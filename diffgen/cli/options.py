@@ -180,6 +180,13 @@ OffloadOption = Annotated[
     typer.Option("--offload", help="Last resort on a GPU when nothing fits: put some layers in CPU memory. Slow: "
                                    "every denoising step streams them over PCIe."),
 ]
+ImageOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--image", "-i", show_default=False, metavar="<file>",
+                 help="Show the model an image (PNG, JPEG, WebP, GIF, BMP; repeatable, placed before the prompt in "
+                      "order). - reads one from stdin when the prompt is an argument. Needs pillow: "
+                      "pip install 'diffgen[images]'."),
+]
 NoStdinOption = Annotated[
     bool,
     typer.Option("--no-stdin", help="Do not read stdin even when it is not a terminal. Shell loops need it (or "

@@ -9,7 +9,16 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli.common import check_output_path, exclusive, load_model, observing, prepare_generation, status
+from diffgen.cli.common import (
+    check_output_path,
+    encode_with_images,
+    exclusive,
+    load_model,
+    observing,
+    prepare_generation,
+    read_images,
+    status,
+)
 from diffgen.cli.funnel import doing
 from diffgen.cli.options import (
     CompileOption,
@@ -19,6 +28,7 @@ from diffgen.cli.options import (
     EntropyBoundOption,
     ExactOption,
     FastOption,
+    ImageOption,
     MaxMemoryOption,
     MaxNewTokensOption,
     ModelOption,
@@ -48,6 +58,7 @@ EPILOG = (
     '  diffgen run --think --stats "Is 1001 prime?"\n\n'
     '  diffgen run --show-steps --trace run.jsonl "Write a haiku"\n\n'
     '  diffgen run --json --seed 1 "Hello" | jq .text\n\n'
+    '  diffgen run --image photo.png "What is in this picture?"   (needs pip install \'diffgen[images]\')\n\n'
     '  while read -r p; do diffgen run --no-stdin "$p"; done < prompts.txt   (a loop: keep stdin for read)\n\n'
     "A piped stdin is part of the prompt, so in a shell loop reading a file pass --no-stdin "
     "(or < /dev/null), or the first call swallows the rest of the file. "
@@ -69,6 +80,7 @@ def run(
         typer.Option("--file", "-f", exists=True, dir_okay=False, readable=True, show_default=False, metavar="<file>",
                      help="Add a file's text before the prompt, under a '--- NAME ---' line (repeatable)."),
     ] = None,
+    image: ImageOption = None,
     system: SystemOption = None,
     raw: RawOption = False,
     think: ThinkOption = False,
@@ -141,9 +153,15 @@ def run(
         from diffgen.errors import UsageError
 
         raise UsageError("--retries resamples the value slots of --schema", "add --schema FILE or drop --retries")
+    if image and (raw or schema is not None):
+        from diffgen.errors import UsageError
+
+        raise UsageError(f"--image does not combine with {'--raw' if raw else '--schema'}: the chat template "
+                         "places the images", f"drop {'--raw' if raw else '--schema'} or --image")
+    pictures, stdin_taken = read_images(image, prompt)
 
     with doing("reading the prompt"):
-        stdin = None if no_stdin else prompt_mod.read_stdin(sys.stdin)
+        stdin = None if no_stdin or stdin_taken else prompt_mod.read_stdin(sys.stdin)
         composed = prompt_mod.compose(prompt, stdin, file or ())
     for warning in composed.warnings if not quiet else ():
         typer.echo(f"diffgen: warning: {warning}", err=True)
@@ -161,6 +179,9 @@ def run(
     with doing("loading the tokenizer"):
         tokenizer = loader.load_tokenizer(prepared.checkpoint.path)
         ids = prompt_mod.encode(tokenizer, composed.text, system=system, think=think, raw=raw)
+    vision = None
+    if pictures:
+        ids, vision = encode_with_images(prepared, tokenizer, composed.text, pictures, system=system, think=think)
     if schema is not None:
         _schema_run(prepared, tokenizer, ids, schema, console, model=model, retries=retries, exact=exact_loop,
                     compile=compile, quiet=quiet, json_output=json_output, stats=stats)
@@ -170,10 +191,11 @@ def run(
     with doing("generating"):
         if show_steps or trace_file is not None:
             result = _observed(loaded, ids, settings, console, show_steps=show_steps, trace_file=trace_file,
-                               model=model, prompt=composed.text, exact=exact_loop, compile=compile)
+                               model=model, prompt=composed.text, exact=exact_loop, compile=compile, vision=vision)
         else:
             with status(console, "Denoising", quiet=quiet):
-                result = generate.generate(loaded, [ids], settings, exact=exact_loop, compile=compile)
+                result = generate.generate(loaded, [ids], settings, exact=exact_loop, compile=compile,
+                                           vision=[vision])
     completion = result.completions[0]
 
     with doing("writing the answer"):
@@ -240,11 +262,12 @@ def schema_record(result: Any, *, model: str) -> dict:
 
 def _observed(loaded: Any, ids: list[int], settings: Any, console: Any, *, show_steps: bool,
               trace_file: Optional[Path], model: str, prompt: str, exact: Optional[bool],
-              compile: bool = False) -> Any:
+              compile: bool = False, vision: Any = None) -> Any:
     """Run a generation whose steps feed the live view and/or a trace file; return its result."""
     from diffgen.denoise import loop as generate
 
-    generation = generate.stream(loaded, [ids], settings, observe=True, exact=exact, compile=compile)
+    generation = generate.stream(loaded, [ids], settings, observe=True, exact=exact, compile=compile,
+                                 vision=[vision])
     with observing(console, loaded.tokenizer, show_steps=show_steps, trace_file=trace_file, model=model,
                    prompt=prompt, settings=settings, canvas_length=generation.canvas_length) as observer:
         for event in generation:
