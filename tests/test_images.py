@@ -174,3 +174,44 @@ def test_a_text_only_checkpoint_refuses_images_before_loading(tiny_checkpoint, t
     done = run_cli("run", "-m", str(tiny_checkpoint), "--image", str(write_image(tmp_path / "x.png")), "hi")
     err = done.stderr.decode()
     assert done.returncode == 1 and "has no image processor" in err and "plan:" not in err
+
+
+# -- the plan and `diffgen info` ------------------------------------------------------------------
+
+
+def _released_config_dir(tmp_path):
+    from importlib import resources
+
+    directory = tmp_path / "released"
+    directory.mkdir()
+    (directory / "config.json").write_bytes(
+        resources.files("diffgen").joinpath("data/diffusiongemma-26b-a4b-config.json").read_bytes())
+    return directory
+
+
+def test_the_plan_counts_the_vision_tower_and_the_images_workspace(tmp_path):
+    from diffgen.planning import plan
+
+    config = json.loads((_released_config_dir(tmp_path) / "config.json").read_text())
+    counts = plan.count_parameters(config)
+    assert 0.5e9 < counts.vision < 0.6e9  # the released ~0.57B-parameter tower, inside the total
+    text_only = plan.runtime_bytes(config, "bfloat16")
+    with_images = plan.runtime_bytes(config, "bfloat16", images=2)
+    assert "vision" not in text_only and with_images["vision"] > 2 * 16 * plan.IMAGE_PATCHES ** 2
+    assert plan.image_context(3) == 3 * 282
+
+
+def test_info_shows_the_vision_tower_and_plans_for_images(tmp_path):
+    directory = _released_config_dir(tmp_path)
+    common = ("info", "-m", str(directory), "--device", "cpu", "--max-memory", "200GB", "--json")
+    plain = json.loads(run_cli(*common).stdout)
+    done = run_cli(*common, "--images", "4")
+    assert done.returncode == 0, done.stderr.decode()
+    data = json.loads(done.stdout)
+    assert 0.5e9 < data["vision_parameters"] < 0.6e9
+    assert data["image_tokens"] == 4 * 282 and data["max_image_tokens"] == 280
+    assert data["plans"][0]["runtime_gb"] > plain["plans"][0]["runtime_gb"]
+    text = run_cli("info", "-m", str(directory), "--device", "cpu", "--max-memory", "200GB").stdout.decode()
+    assert "vision: tower 0.557B parameters" in text
+    too_many = run_cli(*common, "--context", "262000", "--images", "1")
+    assert too_many.returncode == 2 and "more than the model's context of 262144" in too_many.stderr.decode()

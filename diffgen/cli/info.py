@@ -16,6 +16,7 @@ EPILOG = (
     "  diffgen info                                         (the hardware profile and memory budget)\n\n"
     "  diffgen info -m google/diffusiongemma-26B-A4B-it     (plus the plan table: which --quant fits)\n\n"
     "  diffgen info -m ./config-only-dir --max-memory 24GB --json\n\n"
+    "  diffgen info -m google/diffusiongemma-26B-A4B-it --images 4   (4 images per prompt: tokens and vision memory)\n\n"
     "No weights are read and no GPU is needed: the plan comes from config.json alone."
 )
 
@@ -30,6 +31,11 @@ def info(
     max_memory: MaxMemoryOption = None,
     context: Annotated[int, typer.Option("--context", min=1, help="Context length to plan the KV cache for.")] = 8192,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Batch rows to plan the sampler workspace for.")] = 1,
+    images: Annotated[
+        int,
+        typer.Option("--images", min=0, help="Images per prompt to plan for: their soft tokens join the context and "
+                                             "the vision tower's workspace the runtime."),
+    ] = 0,
     offline: OfflineOption = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     no_color: NoColorOption = False,
@@ -59,14 +65,23 @@ def info(
         where, checkpoint_config = hub.resolve_config(model, offline=offline)
         with doing("planning from config.json"):
             counts = plan.count_parameters(checkpoint_config)
+            text_config = checkpoint_config.get("text_config", checkpoint_config)
+            limit = text_config.get("max_position_embeddings")
+            image_tokens = plan.image_context(images)
+            if images and limit is not None and context + image_tokens > limit:
+                raise UsageError(f"--context {context} plus {images} image(s) ({image_tokens} tokens) is more than "
+                                 f"the model's context of {limit}", "lower --context or --images")
             table = plan.estimates(checkpoint_config, counts, device=device_name, dtype=dtype, budget=budget,
-                                   hardware=profile, context=context, batch=batch)
+                                   hardware=profile, context=context + image_tokens, batch=batch, images=images)
         try:
             chosen = plan.choose(table, "auto", budget).scheme
         except UsageError:  # nothing fits: the table says so
             chosen = None
+        has_vision = bool(checkpoint_config.get("vision_config"))
         data.update(model=model, source=where, parameters=counts.total, context=context, batch=batch,
-                    plans=[e.to_dict() for e in table], chosen=chosen)
+                    plans=[e.to_dict() for e in table], chosen=chosen, vision_parameters=counts.vision,
+                    context_limit=limit, images=images, image_tokens=image_tokens,
+                    max_image_tokens=plan.IMAGE_TOKENS if has_vision else None)
     if json_output:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
@@ -107,6 +122,12 @@ def _print(data: dict[str, Any]) -> None:
         return
     console.print(f"[bold]model[/bold]: {data['model']} — {data['parameters'] / 1e9:.2f}B parameters; "
                   f"context {data['context']}, batch {data['batch']}")
+    if data["max_image_tokens"] is not None:
+        planned = (f"; planned: {data['images']} image(s), {data['image_tokens']} tokens on top of the context"
+                   if data["images"] else "; plan for them with --images N")
+        console.print(f"[bold]vision[/bold]: tower {data['vision_parameters'] / 1e9:.3f}B parameters (kept "
+                      f"unquantised); up to {data['max_image_tokens']} + 2 tokens per image, counted against the "
+                      f"model's context of {data['context_limit']}{planned}")
     table = Table("quant", "weights GB", "runtime GB", "total GB", "fits", "", box=None)
     for row in data["plans"]:
         mark = "← auto" if row["quant"] == data["chosen"] else (row["why"] or "")

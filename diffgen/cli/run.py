@@ -170,7 +170,7 @@ def run(
 
     console = render.error_console()
     prepared = prepare_generation(model, seed=seed, flags=flags, offline=offline, device=device, quant=quant,
-                                  max_memory=max_memory, offload=offload)
+                                  max_memory=max_memory, offload=offload, images=len(pictures))
     settings = prepared.settings
     from diffgen.denoise import loop as generate
     from diffgen.loading import loader

@@ -43,16 +43,18 @@ def machine(*, device: str, quant: str, max_memory: Optional[str]) -> Machine:
 
 
 def plan_load(config: dict, *, device: str, quant: str, max_memory: Optional[str], offload: bool,
-              batch: int = 1, where: Optional[Machine] = None) -> Any:
-    """Choose the load plan for this machine from the config alone (see :mod:`diffgen.planning.plan`)."""
+              batch: int = 1, where: Optional[Machine] = None, images: int = 0) -> Any:
+    """Choose the load plan for this machine from the config alone (see :mod:`diffgen.planning.plan`);
+    ``images`` per generation add their tokens to the planned context and the vision workspace."""
     from diffgen.planning import plan
 
     where = where or machine(device=device, quant=quant, max_memory=max_memory)
     counts = plan.count_parameters(config)
     text = config.get("text_config", config)
-    context = min(plan.DEFAULT_CONTEXT, int(text.get("max_position_embeddings", plan.DEFAULT_CONTEXT)))
+    context = min(plan.DEFAULT_CONTEXT + plan.image_context(images),
+                  int(text.get("max_position_embeddings", plan.DEFAULT_CONTEXT)))
     table = plan.estimates(config, counts, device=where.device, dtype=where.dtype, budget=where.budget,
-                           hardware=where.profile, context=context, batch=batch)
+                           hardware=where.profile, context=context, batch=batch, images=images)
     chosen = plan.choose(table, quant, where.budget, offload=offload, can_offload=where.device.startswith("cuda"))
     return plan.make_plan(chosen, where.device, where.dtype, where.budget, counts), chosen, where.budget
 
@@ -83,14 +85,14 @@ class Prepared:
 
 
 def prepare(model: str, *, offline: bool, device: str = "auto", quant: str = "auto", max_memory: Optional[str] = None,
-            offload: bool = False, batch: int = 1, **flags: Any) -> Prepared:
+            offload: bool = False, batch: int = 1, images: int = 0, **flags: Any) -> Prepared:
     """Check the flags, plan from config.json, then fetch the checkpoint, then build the settings.
 
     ``flags`` are the generation settings by field name (``None`` keeps the checkpoint's
     default), ``seed`` included. Each is checked before anything is read, and the device can run
     the scheme; for a Hub id that is not downloaded yet only config.json is fetched before the
     plan, so a model that cannot fit is refused before a 50 GB download, not after. config.json
-    is read once.
+    is read once. ``images``: images per generation, planned for (see :func:`plan_load`).
     """
     from diffgen.loading import hub, loader
     from diffgen.settings import check_flags
@@ -99,7 +101,7 @@ def prepare(model: str, *, offline: bool, device: str = "auto", quant: str = "au
     where = machine(device=device, quant=quant, max_memory=max_memory)
     _, config = hub.resolve_config(model, offline=offline)
     load_plan, chosen, budget = plan_load(config, device=device, quant=quant, max_memory=max_memory,
-                                          offload=offload, batch=batch, where=where)
+                                          offload=offload, batch=batch, where=where, images=images)
     checkpoint = hub.resolve(model, offline=offline)
     loader.inspect_checkpoint(checkpoint.path, model, config=config, from_hub=checkpoint.from_hub)
     defaults = loader.read_defaults(checkpoint.path, config)

@@ -18,7 +18,8 @@ nf4-all    nf4 experts, and the attention / dense-MLP linears of the text layers
 
 Router, embeddings / LM head, self-conditioning and the vision tower always stay unquantised.
 Runtime memory adds the KV cache for the context, the prefill workspace and the canvas /
-sampler workspace per batch row.
+sampler workspace per batch row, and with images the vision tower's workspace; each image's
+soft tokens (at most :data:`IMAGE_TOKENS` plus two brackets) count against the context.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ DEFAULT_CONTEXT = 8192
 # Text-layer linears that nf4-all quantises (attention and the dense MLP).
 LINEAR_PATTERN = re.compile(r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
 EXPERT_PATTERN = re.compile(r"\.layers\.\d+\.experts\.(gate_up_proj|down_proj)$")
+# Soft tokens per image at most, and patches the vision tower sees per image: the released processor's
+# settings (max_soft_tokens 280, patches pooled 3 x 3). Each image adds two bracket tokens.
+IMAGE_TOKENS = 280
+IMAGE_PATCHES = IMAGE_TOKENS * 9
 LAYER_INDEX = re.compile(r"language_model\.layers\.(\d+)\.|decoder\.layers\.(\d+)\.")
 
 
@@ -144,6 +149,7 @@ class ParameterCounts:
         buffers: bytes of the rotary tables (``inv_freq``), which stay fp32 whatever the dtype.
         cast_buffers: elements of the other floating buffers (scalars), stored in the weights' dtype.
         layers: numel of each text layer (encoder and decoder layer i share theirs), for offload maps.
+        vision: numel of the vision tower and its projection into the text model (part of ``other``).
     """
 
     experts: tuple[tuple[int, int, int], ...]
@@ -152,6 +158,7 @@ class ParameterCounts:
     buffers: int
     cast_buffers: int = 0
     layers: tuple[int, ...] = ()
+    vision: int = 0
 
     @property
     def total(self) -> int:
@@ -168,7 +175,7 @@ def count_parameters(config: dict[str, Any]) -> ParameterCounts:
     with init_empty_weights(include_buffers=False):
         model = DiffusionGemmaForBlockDiffusion(model_config)
     model.tie_weights()
-    experts, linears, other = [], [], 0
+    experts, linears, other, vision = [], [], 0, 0
     layers = [0] * model.config.text_config.num_hidden_layers
     for name, param in model.named_parameters():  # unique parameters: ties counted once
         layer = LAYER_INDEX.search(name)
@@ -180,13 +187,15 @@ def count_parameters(config: dict[str, Any]) -> ParameterCounts:
             linears.append(param.numel())
         else:
             other += param.numel()
+        if "vision" in name:
+            vision += param.numel()
     fixed = cast = 0
     for name, buffer in model.named_buffers():
         if keeps_dtype(name, buffer):
             fixed += buffer.numel() * buffer.element_size()
         else:
             cast += buffer.numel()
-    return ParameterCounts(tuple(experts), tuple(linears), other, fixed, cast, tuple(layers))
+    return ParameterCounts(tuple(experts), tuple(linears), other, fixed, cast, tuple(layers), vision)
 
 
 def keeps_dtype(name: str, buffer: Any) -> bool:
@@ -231,8 +240,13 @@ def weight_bytes(counts: ParameterCounts, scheme: str, dtype: str) -> int:
     return total
 
 
+def image_context(images: int) -> int:
+    """Context positions that ``images`` images take at most (soft tokens and brackets)."""
+    return images * (IMAGE_TOKENS + 2)
+
+
 def runtime_bytes(config: dict[str, Any], dtype: str, *, context: int = DEFAULT_CONTEXT, batch: int = 1,
-                  device: str = "cuda") -> dict[str, int]:
+                  device: str = "cuda", images: int = 0) -> dict[str, int]:
     """Runtime memory beyond the weights, by part (an estimate; DESIGN.md §3).
 
     ``kv``: the KV cache for ``context`` tokens (sliding layers keep at most their window);
@@ -242,7 +256,10 @@ def runtime_bytes(config: dict[str, Any], dtype: str, *, context: int = DEFAULT_
     fp32 (the exact sampler on the CPU) ~5 fp32 buffers (logits, scaled, probabilities, entropy
     temporaries); in half precision (the fast step) raw logits, scaled logits, their graph copy
     and the bf16 self-conditioning probabilities (2 bytes each) plus its fp32 softmax;
-    ``context``: CUDA context and allocator slack.
+    ``context``: CUDA context and allocator slack;
+    ``vision`` (with ``images``): the vision tower runs once over all the batch's images, in the
+    prefill: per image one layer's attention scores over its :data:`IMAGE_PATCHES` patches plus
+    its activations.
     """
     text = config.get("text_config", config)
     size = _dtype_bytes(dtype)
@@ -269,6 +286,11 @@ def runtime_bytes(config: dict[str, Any], dtype: str, *, context: int = DEFAULT_
         "canvas": batch * (canvas * vocab * (20 if size >= 4 else 12) + canvas * hidden * 32 * size),
         "context": CUDA_CONTEXT if device.startswith("cuda") else 0,
     }
+    vision = config.get("vision_config") or {}
+    if images and vision:
+        patches = IMAGE_PATCHES
+        parts["vision"] = images * (vision.get("num_attention_heads", 16) * patches * patches * size
+                                    + patches * vision.get("hidden_size", 1152) * 8 * size)
     return parts
 
 
@@ -314,12 +336,15 @@ def candidate_schemes(device: str, dtype: str, hardware: HardwareProfile | None)
 
 def estimates(config: dict[str, Any], counts: ParameterCounts, *, device: str, dtype: str, budget: int | None,
               hardware: HardwareProfile | None = None, context: int = DEFAULT_CONTEXT,
-              batch: int = 1) -> list[Estimate]:
+              batch: int = 1, images: int = 0) -> list[Estimate]:
+    """Each scheme's memory; ``images``: images per generation (the vision workspace; their tokens
+    belong in ``context``)."""
     out = []
     for scheme, available, why in candidate_schemes(device, dtype, hardware):
         compute = UNQUANTISED.get(scheme, dtype)
         weights = weight_bytes(counts, scheme, dtype)
-        runtime = sum(runtime_bytes(config, compute, context=context, batch=batch, device=device).values())
+        runtime = sum(runtime_bytes(config, compute, context=context, batch=batch, device=device,
+                                    images=images).values())
         fits = budget is None or weights + runtime <= budget
         out.append(Estimate(scheme, weights, runtime, fits, available, "" if available else why))
     return out
