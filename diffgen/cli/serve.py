@@ -70,6 +70,16 @@ def serve(
         typer.Option("--max-body-size", min=1024, metavar="<bytes>",
                      help="Largest request body accepted; larger ones get 413."),
     ] = 4 * 1024 * 1024,
+    allow_local_images: Annotated[
+        bool,
+        typer.Option("--allow-local-images", help="Let image_url parts name files on this machine (file:// or an "
+                                                  "absolute path), read with the server's permissions."),
+    ] = False,
+    allow_remote_images: Annotated[
+        bool,
+        typer.Option("--allow-remote-images", help="Let image_url parts be http(s) URLs, which the server fetches "
+                                                   "(data: URLs are always accepted)."),
+    ] = False,
     device: DeviceOption = "auto",
     exact: ExactOption = False,
     fast: FastOption = False,
@@ -102,7 +112,8 @@ def serve(
 
         from diffgen.server.app import Engine, create_app
 
-        engine = Engine(loaded=loaded, name=model, settings=prepared.settings, exact=exact_loop)
+        engine = Engine(loaded=loaded, name=model, settings=prepared.settings, exact=exact_loop,
+                        allow_local_images=allow_local_images, allow_remote_images=allow_remote_images)
         app = create_app(engine, api_key=api_key, max_body=max_body_size)
         shown = f"[{host}]" if ":" in host else host
         if not quiet:

@@ -58,6 +58,11 @@ class Engine:
         vocab: the :class:`~diffgen.denoise.schema.Vocabulary` that ``response_format``
             json_schema requests restrict their value slots to, built at the first such request
             (it reads every token's text once) and kept (``None`` until then).
+        allow_local_images: ``image_url`` parts may name local files (``serve --allow-local-images``).
+        allow_remote_images: ``image_url`` parts may be http(s) URLs, fetched by the server
+            (``serve --allow-remote-images``).
+        processor: transformers' processor for image requests, built at the first one (``None``
+            until then).
     """
 
     loaded: Any
@@ -66,6 +71,9 @@ class Engine:
     exact: Optional[bool] = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     vocab: Any = field(default=None, repr=False)
+    allow_local_images: bool = False
+    allow_remote_images: bool = False
+    processor: Any = field(default=None, repr=False)
 
     def prompt_ids(self, request: wire.Request) -> list[int]:
         """The request's token ids (chat template for chat, the text as is for completions)."""
@@ -158,10 +166,11 @@ class Engine:
                 choices.append(self.choice(request, ids, result.completions[0]))
             return choices
 
-    def run_streaming(self, request: wire.Request, ids: list[int], put: Any) -> None:
+    def run_streaming(self, request: wire.Request, ids: list[int], put: Any, vision: Any = None) -> None:
         """Generate every choice, calling ``put(item)`` after each committed canvas with
         ``("canvas", index, text, thoughts)`` and at each choice's end with
-        ``("done", index, Choice)``; then ``("end",)``, or ``("error", exc)`` first if one is raised."""
+        ``("done", index, Choice)``; then ``("end",)``, or ``("error", exc)`` first if one is raised.
+        ``vision``: the prompt's image inputs (:meth:`check_images`)."""
         from diffgen.denoise.channels import split_response
         from diffgen.denoise.loop import CanvasEvent, stream
 
@@ -175,7 +184,8 @@ class Engine:
             with self.lock:
                 for index in range(request.n):
                     settings = self.settings_for(request, index)
-                    generation = stream(self.loaded, [ids], settings, observe=False, exact=self.exact)
+                    generation = stream(self.loaded, [ids], settings, observe=False, exact=self.exact,
+                                        vision=[vision] if vision is not None else None)
                     eos = set(settings.eos_token_ids)
                     tokens: list[int] = []
                     for event in generation:
@@ -190,6 +200,136 @@ class Engine:
             put(("error", exc))
         finally:
             put(("end",))
+
+
+    # -- images (``image_url`` parts): their own methods, on the one-at-a-time path ----------------
+
+    def check_images(self, request: wire.Request) -> tuple[list[int], Any]:
+        """Token ids and image inputs of a chat request with images, the context checked: every
+        image read and checked, then the conversation through transformers' processor. Refusals
+        as :class:`~wire.ApiError` (blocking: run it in a worker thread)."""
+        from diffgen import images
+        from diffgen.denoise.loop import check_context
+
+        try:
+            settings = self.settings_for(request, 0)
+        except DiffgenError as exc:
+            param = next((key for key in ("t_min", "t_max") if key in request.flags), None)
+            raise wire.invalid(None, exc.message, param=param) from exc
+        pictures = iter([self.request_image(url, where) for url, where in request.images])
+        turns = [turn if isinstance(turn["content"], str) else
+                 {**turn, "content": [{"type": "image", "image": next(pictures).image} if part["type"] == "image"
+                                      else part for part in turn["content"]]}
+                 for turn in request.messages]
+        try:
+            ids, vision = images.encode_turns(self.image_processor(), turns, think=request.think)
+            check_context(self.loaded.model, len(ids), settings)
+        except PromptTooLongError as exc:
+            raise wire.ApiError(400, f"{exc.message}; send fewer images, shorten the prompt or lower max_tokens",
+                                param="messages", code="context_length_exceeded") from exc
+        except DiffgenError as exc:
+            raise wire.ApiError(400, exc.message, code="invalid_prompt") from exc
+        return ids, vision
+
+    def image_processor(self) -> Any:
+        """transformers' processor for this checkpoint, built once; a 422 when the model takes no images."""
+        from diffgen import images
+        from diffgen.errors import MissingExtraError
+
+        with self.lock:
+            if self.processor is None:
+                try:
+                    self.processor = images.load_processor(self.loaded.checkpoint.path, self.loaded.tokenizer,
+                                                           self.loaded.model.config.to_dict())
+                except MissingExtraError as exc:
+                    raise wire.ApiError(501, f"{exc.message}: this server cannot take images ({exc.hint})",
+                                        type="server_error", code="images_unavailable") from exc
+                except DiffgenError as exc:
+                    raise wire.ApiError(422, f"the model {self.name!r} takes no images: {exc.message}",
+                                        param="messages", code="images_unsupported") from exc
+            return self.processor
+
+    def request_image(self, url: str, where: str) -> Any:
+        """One ``image_url`` read and checked (a :class:`~diffgen.images.Picture`); a 422 naming the
+        part when it may not be read here, cannot be read or is not a usable image."""
+        from diffgen import images
+        from diffgen.errors import MissingExtraError
+
+        data = self.image_bytes(url, where)
+        try:
+            return images.read_image(data, where)
+        except MissingExtraError as exc:
+            raise wire.ApiError(501, f"{exc.message}: this server cannot take images ({exc.hint})",
+                                type="server_error", code="images_unavailable") from exc
+        except DiffgenError as exc:
+            raise wire.ApiError(422, exc.message if not exc.hint else f"{exc.message} ({exc.hint})", param=where,
+                                code="invalid_image") from exc
+
+    def image_bytes(self, url: str, where: str) -> bytes:
+        """The bytes behind an ``image_url``: a data URL decoded, a local file read (with
+        ``allow_local_images``) or an http(s) URL fetched (with ``allow_remote_images``)."""
+        import base64
+        import binascii
+        import urllib.parse
+
+        if url.startswith("data:"):
+            header, _, payload = url.partition(",")
+            if not header.endswith(";base64"):
+                raise wire.invalid(where, "a data URL must be base64 (data:image/png;base64,...)")
+            try:
+                return base64.b64decode(payload, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise wire.invalid(where, f"the data URL's base64 does not decode: {exc}") from exc
+        if url.startswith(("file://", "/")):
+            if not self.allow_local_images:
+                raise wire.ApiError(422, f"{where}: this server does not read local files; send the image as a data "
+                                         "URL, or start the server with --allow-local-images", param=where,
+                                    code="local_images_disabled")
+            path = urllib.parse.unquote(urllib.parse.urlparse(url).path) if url.startswith("file://") else url
+            try:
+                with open(path, "rb") as handle:
+                    data = handle.read(MAX_IMAGE_BYTES + 1)
+            except OSError as exc:
+                raise wire.invalid(where, f"cannot read {path}: {exc.strerror or exc}") from exc
+            if len(data) > MAX_IMAGE_BYTES:
+                raise wire.invalid(where, f"{path} is over {MAX_IMAGE_BYTES // (1024 * 1024)} MiB")
+            return data
+        if not self.allow_remote_images:
+            raise wire.ApiError(422, f"{where}: this server does not fetch remote images; send the image as a data "
+                                     "URL, or start the server with --allow-remote-images", param=where,
+                                code="remote_images_disabled")
+        return fetch_image(url, where)
+
+    def complete_images(self, request: wire.Request, ids: list[int], vision: Any) -> list[wire.Choice]:
+        """Every choice of a request with images, one generation after the other under the lock
+        (the one-at-a-time path; blocking: run it in a worker thread)."""
+        from diffgen.denoise.loop import generate
+
+        with self.lock:
+            return [self.choice(request, ids, generate(self.loaded, [ids], self.settings_for(request, index),
+                                                       exact=self.exact, vision=[vision]).completions[0])
+                    for index in range(request.n)]
+
+
+MAX_IMAGE_BYTES = 32 * 1024 * 1024  # one image's file, read or fetched, at most
+FETCH_TIMEOUT = 15.0  # seconds a remote image may take to answer
+
+
+def fetch_image(url: str, where: str) -> bytes:
+    """GET an http(s) image URL (``serve --allow-remote-images``): at most :data:`MAX_IMAGE_BYTES`,
+    redirects followed by urllib, any failure a 422 naming the part."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "diffgen"}),
+                                    timeout=FETCH_TIMEOUT) as response:
+            data = response.read(MAX_IMAGE_BYTES + 1)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise wire.invalid(where, f"cannot fetch {url}: {getattr(exc, 'reason', None) or exc}") from exc
+    if len(data) > MAX_IMAGE_BYTES:
+        raise wire.invalid(where, f"the image at {url} is over {MAX_IMAGE_BYTES // (1024 * 1024)} MiB")
+    return data
 
 
 def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
@@ -277,6 +417,13 @@ def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body: int =
         authorise(request)
         parsed = parse(await read_json(request))
         check_model(parsed)
+        if parsed.images:  # the one-at-a-time path, with the images' inputs
+            ids, vision = await run_in_threadpool(engine.check_images, parsed)
+            if parsed.stream:
+                return StreamingResponse(stream_events(engine, parsed, ids, vision), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            choices = await run_in_threadpool(engine.complete_images, parsed, ids, vision)
+            return wire.response(parsed, engine.name, choices, id=wire.new_id(parsed.kind), created=wire.now())
         ids, _ = await run_in_threadpool(engine.check, parsed)  # a schema's first layout reads the vocabulary
         if parsed.stream:
             return StreamingResponse(stream_events(engine, parsed, ids), media_type="text/event-stream",
@@ -306,7 +453,8 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def stream_events(engine: Engine, request: wire.Request, ids: list[int]) -> AsyncIterator[str]:
+async def stream_events(engine: Engine, request: wire.Request, ids: list[int], vision: Any = None
+                        ) -> AsyncIterator[str]:
     """The server-sent events of one streamed request: a first chunk with the role, one chunk per
     committed canvas that added text (``content``) or thoughts (``reasoning_content``), a chunk
     with each choice's finish reason, the usage when asked, then ``data: [DONE]``.
@@ -321,8 +469,8 @@ async def stream_events(engine: Engine, request: wire.Request, ids: list[int]) -
         except RuntimeError:  # the event loop has closed (the server stopped): nobody is listening
             pass
 
-    worker = threading.Thread(target=engine.run_streaming, args=(request, ids, put), name="diffgen-generation",
-                              daemon=True)
+    worker = threading.Thread(target=engine.run_streaming, args=(request, ids, put, vision),
+                              name="diffgen-generation", daemon=True)
     worker.start()
     id_, created, name = wire.new_id(request.kind), wire.now(), engine.name
     texts = [wire.Deltas(request.stop) for _ in range(request.n)]

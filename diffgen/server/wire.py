@@ -20,13 +20,21 @@ says); a schema outside that subset is a 422 naming what it uses. ``{"type": "js
 is refused (422): with no schema there is no skeleton to lay out, and ``{"type": "object"}``
 alone would only ever answer ``{}``. The schema fixes the answer's length, so ``max_tokens`` is
 not applied to it, and ``stop`` and thinking mode are refused with it (either would break the JSON).
+
+Images: chat messages may hold ``image_url`` parts (``{"type": "image_url", "image_url": {"url":
+...}}``) beside text parts, in any order; the chat template places each where it stands. A message
+with images keeps its content as a list of ``{"type": "text", "text"}`` and ``{"type": "image",
+"url"}`` parts (a text-only message is one string, as before). The URL is a ``data:image/...;base64,``
+URL, a local file (``file://`` or an absolute path; only when the server was started with
+``--allow-local-images``) or ``http(s)://`` (only with ``--allow-remote-images``); the server's
+:class:`~diffgen.server.app.Engine` reads them, this module only checks their form.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from diffgen.settings import SAMPLER_FLAGS, SEED_LIMIT, field_problem
@@ -34,6 +42,7 @@ from diffgen.settings import SAMPLER_FLAGS, SEED_LIMIT, field_problem
 MAX_CHOICES = 8  # ``n`` at most: each choice is one more generation in this one-request-at-a-time server
 MAX_STOP = 4  # OpenAI's own limit on stop sequences
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+IMAGE_SCHEMES = ("data:", "file://", "http://", "https://", "/")
 
 
 class ApiError(Exception):
@@ -92,11 +101,13 @@ class Request:
         return_token_ids: extension (vLLM's name): each choice also carries its ``token_ids``.
         schema: ``response_format``'s JSON Schema (checked to be inside the supported subset);
             ``None``: a plain-text answer.
+        images: the ``image_url`` URLs of every message, in order, each with the body field it
+            came from (``messages[1].content[0]``); empty for text-only requests.
     """
 
     kind: str
     model: Optional[str]
-    messages: tuple[dict[str, str], ...]
+    messages: tuple[dict[str, Any], ...]
     prompt: Optional[str]
     think: bool
     flags: dict[str, Any]
@@ -107,6 +118,7 @@ class Request:
     include_usage: bool
     return_token_ids: bool
     schema: Optional[dict[str, Any]] = None
+    images: tuple[tuple[str, str], ...] = ()
 
     def choice_seed(self, index: int) -> int:
         return (self.seed + index) % SEED_LIMIT
@@ -127,7 +139,14 @@ def parse_chat(body: Any) -> Request:
             raise invalid("chat_template_kwargs", "must be an object")
         if "enable_thinking" in kwargs:
             think = _bool(kwargs, "enable_thinking", False, name="chat_template_kwargs.enable_thinking")
-    return _common(body, "chat", messages=turns, prompt=None, think=think)
+    request = _common(body, "chat", messages=turns, prompt=None, think=think)
+    images = tuple((part["url"], f"messages[{index}].content[{number}]") for index, turn in enumerate(turns)
+                   if isinstance(turn["content"], list)
+                   for number, part in enumerate(turn["content"]) if part["type"] == "image")
+    if images and request.schema is not None:
+        raise invalid(None, "response_format json_schema does not combine with images yet", param="response_format",
+                      code="unsupported")
+    return replace(request, images=images) if images else request
 
 
 def parse_text(body: Any) -> Request:
@@ -150,7 +169,7 @@ def _object(body: Any) -> dict[str, Any]:
     return body
 
 
-def _message(index: int, message: Any) -> dict[str, str]:
+def _message(index: int, message: Any) -> dict[str, Any]:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise invalid(where, "must be an object with role and content")
@@ -159,15 +178,35 @@ def _message(index: int, message: Any) -> dict[str, str]:
         raise invalid(f"{where}.role", f"must be one of {', '.join(ROLES)} (got {role!r})")
     content = message.get("content")
     if isinstance(content, list):
-        parts = []
+        parts: list[dict[str, str]] = []
         for number, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise invalid(f"{where}.content[{number}]", "only text parts ({type: text, text}) are supported")
-            parts.append(part["text"])
-        content = "\n".join(parts)
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                if ROLES[role] != "user":
+                    raise invalid(f"{where}.content[{number}]", "images go in user messages")
+                parts.append({"type": "image", "url": _image_url(f"{where}.content[{number}]", part)})
+            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            else:
+                raise invalid(f"{where}.content[{number}]", "only text parts ({type: text, text}) and image parts "
+                                                           "({type: image_url, image_url: {url}}) are supported")
+        if any(part["type"] == "image" for part in parts):
+            return {"role": ROLES[role], "content": parts}
+        content = "\n".join(part["text"] for part in parts)
     if not isinstance(content, str):
         raise invalid(f"{where}.content", "must be a string or a list of text parts")
     return {"role": ROLES[role], "content": content}
+
+
+def _image_url(where: str, part: dict[str, Any]) -> str:
+    """The URL of an ``image_url`` part (the object form, or a bare string as some clients send)."""
+    value = part.get("image_url")
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url:
+        raise invalid(f"{where}.image_url", "must be an object with a url", code="missing_value")
+    if not url.startswith(IMAGE_SCHEMES):
+        raise invalid(f"{where}.image_url", "the url must be a data: URL (data:image/png;base64,...), a local file "
+                                            "(file:// or an absolute path) or an http(s) URL")
+    return url
 
 
 def _bool(body: dict[str, Any], key: str, default: bool, *, name: Optional[str] = None) -> bool:
@@ -186,7 +225,7 @@ def _int(body: dict[str, Any], key: str) -> Optional[int]:
     return value
 
 
-def _common(body: dict[str, Any], kind: str, *, messages: tuple[dict[str, str], ...], prompt: Optional[str],
+def _common(body: dict[str, Any], kind: str, *, messages: tuple[dict[str, Any], ...], prompt: Optional[str],
             think: bool) -> Request:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
