@@ -202,10 +202,10 @@ def _image_url(where: str, part: dict[str, Any]) -> str:
     value = part.get("image_url")
     url = value.get("url") if isinstance(value, dict) else value
     if not isinstance(url, str) or not url:
-        raise invalid(f"{where}.image_url", "must be an object with a url", code="missing_value")
+        raise invalid(None, f"{where}.image_url: must be an object with a url", code="missing_value", param=where)
     if not url.startswith(IMAGE_SCHEMES):
-        raise invalid(f"{where}.image_url", "the url must be a data: URL (data:image/png;base64,...), a local file "
-                                            "(file:// or an absolute path) or an http(s) URL")
+        raise invalid(None, f"{where}.image_url: the url must be a data: URL (data:image/png;base64,...), a local "
+                            "file (file:// or an absolute path) or an http(s) URL", param=where)
     return url
 
 
