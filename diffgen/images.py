@@ -83,6 +83,15 @@ class VisionInputs:
     image_tokens: int
 
 
+class IdsWithImages(list):
+    """Token ids (a plain ``list[int]``) that carry their prompt's :class:`VisionInputs` as
+    ``vision``, so code that hands ids on untouched (batch jobs) carries the images along."""
+
+    def __init__(self, ids: Sequence[int], vision: VisionInputs | None):
+        super().__init__(ids)
+        self.vision = vision
+
+
 def require_pillow() -> Any:
     """``PIL.Image``, or a one-line error naming the extra that installs it."""
     try:

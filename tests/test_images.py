@@ -215,3 +215,46 @@ def test_info_shows_the_vision_tower_and_plans_for_images(tmp_path):
     assert "vision: tower 0.557B parameters" in text
     too_many = run_cli(*common, "--context", "262000", "--images", "1")
     assert too_many.returncode == 2 and "more than the model's context of 262144" in too_many.stderr.decode()
+
+
+# -- batch jobs --------------------------------------------------------------------------------------
+
+
+def test_batch_records_take_images_relative_to_the_input_file(vision, vision_checkpoint, tmp_path):
+    from diffgen.denoise.loop import generate
+
+    folder = tmp_path / "job"
+    (folder / "pics").mkdir(parents=True)
+    write_image(folder / "pics" / "a.png", 30, 24, seed=1)
+    write_image(folder / "pics" / "b.png", 24, 30, seed=2)
+    records = [
+        {"id": "one", "prompt": "What is this?", "image": "pics/a.png", "seed": 3},
+        {"id": "two", "prompt": "Compare them.", "images": ["pics/a.png", "pics/b.png"], "seed": 4},
+        {"id": "text", "prompt": "hi", "seed": 5},
+        {"id": "lost", "prompt": "?", "image": "pics/missing.png"},
+        {"id": "both", "prompt": "?", "image": "pics/a.png", "images": ["pics/b.png"]},
+        {"id": "raw", "prompt": "?", "image": "pics/a.png", "raw": True},
+    ]
+    source = folder / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    import shlex
+    import sys
+
+    # Run from another directory: the paths are relative to the input file, not to the working directory.
+    command = [sys.executable, "-m", "diffgen", "batch", str(source), "-m", str(vision_checkpoint),
+               "--max-new-tokens", "16", "--batch-size", "4", "-q"]
+    done = run_cli(shell=f"cd {shlex.quote(str(tmp_path))} && {shlex.join(command)}")
+    out = {r["id"]: r for r in map(json.loads, done.stdout.decode().splitlines())}
+    assert done.returncode == 1  # the bad records failed; the others were written
+    assert "cannot read image" in out["lost"]["error"] and "missing.png" in out["lost"]["error"]
+    assert "not both" in out["both"]["error"] and "drop 'raw'" in out["raw"]["error"]
+    processor = images.load_processor(vision.checkpoint.path, vision.tokenizer)
+    settings = vision.defaults.replace(max_new_tokens=16)
+    for record, names in ((records[0], ["a"]), (records[1], ["a", "b"])):
+        record_id, seed = record["id"], record["seed"]
+        pictures = [images.read_image_file(folder / "pics" / f"{n}.png") for n in names]
+        ids, inputs = images.encode(processor, record["prompt"], pictures)
+        alone = generate(vision, [ids], settings, seeds=[seed], vision=[inputs])
+        assert out[record_id]["tokens"] == list(alone.completions[0].token_ids), record_id
+        assert out[record_id]["stats"]["prompt_tokens"] == len(ids)
+    assert "error" not in out["text"]

@@ -181,7 +181,8 @@ def batch(
                     typer.echo(f"diffgen: batch size {size} (auto, from the memory plan)", err=True)
             loaded = load_model(prepared, console, quiet=quiet)
             summary = _run(batch_mod, items, loaded, defaults, seed, size, out, console, model,
-                           system=system, raw=raw, think=think, show=not quiet, schema=schema, retries=retries)
+                           system=system, raw=raw, think=think, show=not quiet, schema=schema, retries=retries,
+                           images_dir=Path(input_path).parent if input_path != "-" else Path("."))
         finally:
             out.close()
         if summary.failed:
@@ -282,7 +283,7 @@ def _batch_size(value: str) -> int | None:
 
 def _run(batch_mod: Any, items: list, loaded: Any, defaults: Any, base_seed: int, size: int, out: Any,
          console: Any, model: str, *, system: Optional[str], raw: bool, think: bool, show: bool,
-         schema: Optional[dict] = None, retries: int = 0) -> Any:
+         schema: Optional[dict] = None, retries: int = 0, images_dir: Path = Path(".")) -> Any:
     from diffgen.denoise import loop as generate
     from diffgen.ui import render
     from diffgen import prompt as prompt_mod
@@ -296,7 +297,30 @@ def _run(batch_mod: Any, items: list, loaded: Any, defaults: Any, base_seed: int
                                       defaults.pad_token_id)
         plan = schema_mod.layout(schema, loaded.tokenizer, vocab, int(loaded.model.config.canvas_length))
 
+    processor: list[Any] = []  # transformers' processor, built at the first record with images
+
+    def encode_images(job: Any, settings: Any) -> list[int]:
+        """A record's ids and images (paths relative to the input file), as ``run --image`` does."""
+        from diffgen import images
+        from diffgen.errors import UsageError
+
+        if schema is not None or raw:
+            raise UsageError(f"images do not combine with {'--schema' if schema is not None else '--raw'} yet")
+        pictures = [images.read_image_file(images_dir / path, flag="image") for path in job.images]
+        if not processor:
+            processor.append(images.load_processor(loaded.checkpoint.path, loaded.tokenizer,
+                                                   loaded.model.config.to_dict()))
+        ids, vision = images.encode(processor[0], job.prompt, pictures, system=job.system or system,
+                                    think=job.think or think)
+        canvas = int(loaded.model.config.canvas_length)
+        images.check_image_context(vision, len(ids), loaded.model.config.get_text_config().max_position_embeddings,
+                                   -(-settings.max_new_tokens // canvas) * canvas)
+        generate.check_context(loaded.model, len(ids), settings)
+        return images.IdsWithImages(ids, vision)
+
     def encode(job: Any, settings: Any) -> list[int]:
+        if job.images:
+            return encode_images(job, settings)
         ids = prompt_mod.encode(loaded.tokenizer, job.prompt, system=job.system or system,
                                 think=job.think or think, raw=job.raw or raw)
         if schema is not None:
@@ -310,7 +334,9 @@ def _run(batch_mod: Any, items: list, loaded: Any, defaults: Any, base_seed: int
                                                     vocab=vocab)
             return [{**schema_record(r, model=model), "tokens": list(r.token_ids[:r.layout.length])}
                     for r in results]
-        result = generate.generate(loaded, prompts, settings, seeds=seeds)
+        vision = [getattr(ids, "vision", None) for ids in prompts]
+        result = generate.generate(loaded, prompts, settings, seeds=seeds,
+                                   vision=vision if any(v is not None for v in vision) else None)
         return [render.completion_record(c, result, model=model, seed=s) for c, s in zip(result.completions, seeds)]
 
     start = time.perf_counter()

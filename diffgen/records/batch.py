@@ -1,7 +1,7 @@
 """Batch jobs: JSONL or plain-text prompts in, one JSONL record per prompt out, nothing lost.
 
-* Input: JSONL objects (``id``, ``prompt`` and optional per-record settings, see
-  :data:`RECORD_FIELDS`) or plain text (one prompt per line; the id is the line number). A
+* Input: JSONL objects (``id``, ``prompt`` and optional per-record settings and images — ``image``
+  one path, ``images`` a list, relative to the input file — see :data:`RECORD_FIELDS`) or plain text (one prompt per line; the id is the line number). A
   UTF-8 BOM is dropped. :func:`detect_format` decides on the whole input, never on one line.
   An id keeps its JSON type: ``3`` and ``"3"`` are two records with two seeds.
 * Jobs with the same generation settings are generated together, left padded, in batches of
@@ -41,6 +41,8 @@ RECORD_FIELDS: dict[str, tuple[tuple[type, ...], str | None]] = {
     "think": ((bool,), None),
     "raw": ((bool,), None),
     "seed": ((int,), None),
+    "image": ((str,), None),
+    "images": ((list,), None),
     **{flag.key: (flag.types, flag.field) for flag in SAMPLER_FLAGS},
 }
 
@@ -57,6 +59,7 @@ class Job:
     raw: bool = False
     seed: int | None = None
     overrides: tuple[tuple[str, Any], ...] = ()
+    images: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -177,9 +180,16 @@ def _parse_jsonl(number: int, line: str) -> Job | InputError:
     prompt = data.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         return InputError(number, "missing or empty 'prompt'", record_id)
+    if "image" in data and "images" in data:
+        return InputError(number, "give 'image' (one path) or 'images' (a list), not both", record_id)
+    images = [data["image"]] if "image" in data else data.get("images", [])
+    if not all(isinstance(path, str) and path for path in images):
+        return InputError(number, "field 'images' must be a list of image paths", record_id)
+    if images and data.get("raw"):
+        return InputError(number, "images need the chat template, which places them; drop 'raw'", record_id)
     overrides = tuple(sorted((RECORD_FIELDS[k][1], v) for k, v in data.items() if RECORD_FIELDS[k][1]))
     return Job(line=number, id=record_id, prompt=prompt, system=data.get("system"), think=data.get("think", False),
-               raw=data.get("raw", False), seed=data.get("seed"), overrides=overrides)
+               raw=data.get("raw", False), seed=data.get("seed"), overrides=overrides, images=tuple(images))
 
 
 # -- the output file ---------------------------------------------------------------------------
