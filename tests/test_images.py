@@ -258,3 +258,22 @@ def test_batch_records_take_images_relative_to_the_input_file(vision, vision_che
         assert out[record_id]["tokens"] == list(alone.completions[0].token_ids), record_id
         assert out[record_id]["stats"]["prompt_tokens"] == len(ids)
     assert "error" not in out["text"]
+
+
+def test_fill_with_an_image_is_the_librarys_fill_with_its_inputs(vision, vision_checkpoint, tmp_path):
+    from diffgen.denoise import fill as fill_mod
+
+    picture = write_image(tmp_path / "x.png", 30, 30, seed=6)
+    template = "Colour: {{4}}. Shape: {{4}}."
+    done = run_cli("fill", "-m", str(vision_checkpoint), "--seed", "9", "--json", "--image", str(picture),
+                   "-p", "Describe the picture", template)
+    assert done.returncode == 0, done.stderr.decode()
+    record = json.loads(done.stdout)
+    processor = images.load_processor(vision.checkpoint.path, vision.tokenizer)
+    prefix, inputs = images.encode(processor, "Describe the picture", [images.read_image_file(picture)])
+    result = fill_mod.fill(vision, prefix, template, vision.defaults.replace(seed=9), vision=inputs)
+    assert record["prompt_tokens"] == len(prefix) > inputs.image_tokens
+    assert [h["tokens"] for h in record["holes"]] == [list(h.token_ids) for h in result.holes]
+    assert record["text"] == result.text
+    blind = fill_mod.fill(vision, prefix, template, vision.defaults.replace(seed=9))
+    assert [h.token_ids for h in blind.holes] != [h.token_ids for h in result.holes]

@@ -154,7 +154,8 @@ def observing(console: Any, tokenizer: Any, *, show_steps: bool, trace_file: Opt
         yield Observer(sinks, writer, texts)
 
 
-def read_images(paths: Optional[list[str]], prompt: Optional[str]) -> tuple[list[Any], bool]:
+def read_images(paths: Optional[list[str]], prompt: Optional[str], what: str = "the prompt"
+                ) -> tuple[list[Any], bool]:
     """``--image`` files read and checked before anything is planned or loaded; ``-`` reads one
     image from stdin, which needs the prompt as an argument. Returns the pictures and whether
     stdin was taken by an image."""
@@ -165,7 +166,7 @@ def read_images(paths: Optional[list[str]], prompt: Optional[str]) -> tuple[list
     if paths.count("-") > 1:
         raise UsageError("--image - reads stdin once", "pass - at most once")
     if "-" in paths and (prompt is None or prompt == "-"):
-        raise UsageError("--image - reads the image from stdin, so the prompt must be an argument",
+        raise UsageError(f"--image - reads the image from stdin, so {what} must be an argument",
                          'e.g. cat photo.png | diffgen run --image - "What is in this picture?"')
     pictures = []
     with doing("reading the images"):
@@ -179,20 +180,22 @@ def read_images(paths: Optional[list[str]], prompt: Optional[str]) -> tuple[list
 
 
 def encode_with_images(prepared: Any, tokenizer: Any, text: str, pictures: list[Any], *, system: Optional[str],
-                       think: bool) -> tuple[list[int], Any]:
+                       think: bool, settings: Any = None) -> tuple[list[int], Any]:
     """Token ids and image inputs through transformers' processor, the context checked before
-    the weights load (the images' soft tokens count against it)."""
+    the weights load (the images' soft tokens count against it) for ``settings`` (the prepared
+    ones by default)."""
     from diffgen import images
     from diffgen.denoise import loop as generate
 
     with doing("preprocessing the images"):
         processor = images.load_processor(prepared.checkpoint.path, tokenizer, prepared.config)
         ids, vision = images.encode(processor, text, pictures, system=system, think=think)
+    settings = settings or prepared.settings
     text_config = prepared.config.get("text_config", prepared.config)
     canvas = int(prepared.config.get("canvas_length", 256))
-    canvases = -(-prepared.settings.max_new_tokens // canvas)
+    canvases = -(-settings.max_new_tokens // canvas)
     images.check_image_context(vision, len(ids), text_config.get("max_position_embeddings"), canvases * canvas)
-    generate.check_context_config(prepared.config, len(ids), prepared.settings)
+    generate.check_context_config(prepared.config, len(ids), settings)
     return ids, vision
 
 

@@ -7,7 +7,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffgen.cli.common import check_output_path, denoise_laid_out, exclusive, load_model, prepare_generation
+from diffgen.cli.common import (
+    check_output_path,
+    denoise_laid_out,
+    encode_with_images,
+    exclusive,
+    load_model,
+    prepare_generation,
+    read_images,
+)
 from diffgen.cli.funnel import doing
 from diffgen.cli.options import (
     DEFAULT_MODEL,
@@ -19,6 +27,7 @@ from diffgen.cli.options import (
     EntropyBoundOption,
     ExactOption,
     FastOption,
+    ImageOption,
     MaxMemoryOption,
     ModelOption,
     NoColorOption,
@@ -43,6 +52,7 @@ EPILOG = (
     "  diffgen fill -p \"A polite reply\" 'Dear {{4}}, thanks for {{}}. Best, Ana'\n\n"
     "  cat letter.tmpl | diffgen fill --json - | jq '.holes[].text'\n\n"
     "  diffgen fill --trace fill.jsonl 'Dear {{4}},' && diffgen replay fill.jsonl   (template text shown as fixed)\n\n"
+    "  diffgen fill --image chart.png -p 'Read the chart' 'Peak: {{4}} in {{4}}'   (the prompt shows the image)\n\n"
     "A hole is {{}} (16 tokens) or {{N}} (N tokens). Every other token of the template is clamped at "
     "every denoising step (the model has no mask token, so text is pinned, not seeded); each hole is "
     "denoised conditioned on the text on both sides. A hole may come back shorter than N tokens (the "
@@ -65,6 +75,7 @@ def fill(
                      help="Instructions the model reads before the template (through the chat template unless "
                           "--raw)."),
     ] = None,
+    image: ImageOption = None,
     system: SystemOption = None,
     raw: RawOption = False,
     steps: StepsOption = None,
@@ -103,6 +114,12 @@ def fill(
     check_output_path(trace_file, "--trace")
     flags = sampler_flags(steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, stability=stability,
                           confidence=confidence)
+    if image and raw:
+        from diffgen.errors import UsageError
+
+        raise UsageError("--image does not combine with --raw: the chat template places the images",
+                         "drop --raw or --image")
+    pictures, _ = read_images(image, template, what="the template")
 
     with doing("reading the template"):
         if template is None or template == "-":
@@ -124,7 +141,7 @@ def fill(
 
     console = render.error_console()
     prepared = prepare_generation(model, seed=seed, flags=flags, offline=offline, device=device, quant=quant,
-                                  max_memory=max_memory, offload=offload)
+                                  max_memory=max_memory, offload=offload, images=len(pictures))
     from diffgen.denoise import fill as fill_mod
     from diffgen.denoise import loop as generate
     from diffgen.loading import loader
@@ -138,6 +155,10 @@ def fill(
         canvas_length = int(prepared.config.get("canvas_length", 256))
         plan = fill_mod.layout(parsed, tokenizer, canvas_length, prepared.settings.pad_token_id)
     settings = fill_mod.fill_settings(prepared.settings, plan)
+    vision = None
+    if pictures:  # the images go into a user turn before the prompt's text, as with run --image
+        prefix, vision = encode_with_images(prepared, tokenizer, prompt or "", pictures, system=system, think=False,
+                                            settings=settings)
     from diffgen.errors import PromptTooLongError
 
     try:
@@ -151,7 +172,7 @@ def fill(
     result = denoise_laid_out(
         console, tokenizer,
         lambda on_event: fill_mod.fill(loaded, prefix, parsed, settings, exact=exact_loop, compile=compile,
-                                       on_event=on_event),
+                                       on_event=on_event, vision=vision),
         phase="filling the template", show_steps=show_steps, trace_file=trace_file, model=model,
         prompt=prompt or "", settings=settings, canvas_length=canvas_length, quiet=quiet)
 

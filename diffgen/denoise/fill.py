@@ -200,10 +200,11 @@ def fill_settings(settings: GenerationSettings, plan: Layout) -> GenerationSetti
 
 def fill(loaded: LoadedModel, prefix: Sequence[int], template: Template | str, settings: GenerationSettings,
          *, exact: bool | None = None, compile: bool = False,
-         on_event: Callable[[Any], None] | None = None) -> FillResult:
+         on_event: Callable[[Any], None] | None = None, vision: Any = None) -> FillResult:
     """Fill ``template``'s holes after the encoder prefix ``prefix`` (token ids, at least one).
 
-    ``on_event`` is called with every loop event (``--show-steps``, ``--trace``).
+    ``on_event`` is called with every loop event (``--show-steps``, ``--trace``). ``vision``:
+    the prefix's image inputs (:class:`~diffgen.images.VisionInputs`), if it shows images.
     """
     import time
 
@@ -214,7 +215,7 @@ def fill(loaded: LoadedModel, prefix: Sequence[int], template: Template | str, s
     plan = layout(template, loaded.tokenizer, canvas_length, settings.pad_token_id)
     settings = fill_settings(settings, plan)
     tokens, entropy, steps = run_layout(loaded, prefix, plan, settings, exact=exact, compile=compile,
-                                        on_event=on_event)
+                                        on_event=on_event, vision=vision)
     eos = set(settings.eos_token_ids)
     holes = []
     for begin, end in plan.spans:
@@ -233,13 +234,15 @@ def fill(loaded: LoadedModel, prefix: Sequence[int], template: Template | str, s
 
 def run_layout(loaded: LoadedModel, prefix: Sequence[int], plan: Layout, settings: GenerationSettings, *,
                exact: bool | None = None, compile: bool = False, init: Sequence[int | None] | None = None,
-               on_event: Callable[[Any], None] | None = None) -> tuple[list[int], list[float], list[int]]:
+               on_event: Callable[[Any], None] | None = None, vision: Any = None
+               ) -> tuple[list[int], list[float], list[int]]:
     """Denoise ``plan``'s free positions with its fixed ones clamped (``settings`` from :func:`fill_settings`).
 
     ``init``: per position, the token a free position starts from instead of noise, or
     ``None`` for noise (editing). Returns every position's committed token, its entropy
     (nats) at the last step of its canvas (0 on canvases of fixed text only) and the decoder
-    passes each canvas took. ``on_event`` is called with every loop event, in order.
+    passes each canvas took. ``on_event`` is called with every loop event, in order. ``vision``:
+    the prefix's image inputs, or ``None``.
     """
     import torch
 
@@ -252,7 +255,7 @@ def run_layout(loaded: LoadedModel, prefix: Sequence[int], plan: Layout, setting
         seed = (torch.tensor([[settings.pad_token_id if t is None else t for t in init]], dtype=torch.long),
                 torch.tensor([[t is not None for t in init]], dtype=torch.bool))
     generation = stream(loaded, [list(prefix)], settings, observe=True, exact=exact, compile=compile, clamp=clamp,
-                        init=seed)
+                        init=seed, vision=[vision] if vision is not None else None)
     committed: list[list[int]] = []
     entropies: list[list[float]] = []
     steps: list[int] = []
