@@ -15,6 +15,13 @@ video processor, which transformers builds only with torchvision, and PyPI's tor
 be installed beside every torch build; diffgen sends no video, so it passes none (and a default
 audio feature extractor, which it never calls either).
 
+Older transformers (5.17, the GPU image) cannot even import ``Gemma4Processor`` (nor
+``AutoImageProcessor``) without torchvision: its module imports the torchvision image processor
+at load time. There :func:`load_processor` falls back to :class:`PlaceholderProcessor`, which does
+the processor's three steps for images by hand around the same pillow image processor
+(``Gemma4ImageProcessorPil``, importable there); ``tests/test_images.py`` checks that it gives the
+very ids, pixel values and token types of transformers' processor.
+
 The only extra package is pillow: ``pip install 'diffgen[images]'`` (:data:`EXTRA`).
 """
 
@@ -155,12 +162,58 @@ def has_vision(config: dict[str, Any]) -> bool:
     return bool(config.get("vision_config")) and config.get("image_token_id") is not None
 
 
-def load_processor(path: str | Path, tokenizer: Any, config: dict[str, Any] | None = None) -> Any:
+class PlaceholderProcessor:
+    """Gemma 4's processor for images, by hand, for releases whose ``Gemma4Processor`` needs
+    torchvision to import (see the module's docstring): render the chat template (one
+    ``<|image|>`` per image part), run the pillow image processor, expand each ``<|image|>`` to
+    ``<|image>`` + one ``<|image|>`` per soft token + ``<image|>`` (``Gemma4Processor.replace_image_token``),
+    tokenise without adding special tokens (the template starts with ``<bos>``) and mark image
+    tokens with type 1 (``mm_token_type_ids``).
+
+    Attributes: ``image_processor``, ``tokenizer``, ``chat_template``, ``image_token_id``.
+    """
+
+    def __init__(self, image_processor: Any, tokenizer: Any, chat_template: str | None):
+        self.image_processor, self.tokenizer, self.chat_template = image_processor, tokenizer, chat_template
+        self.image_token, self.boi_token, self.eoi_token = tokenizer.image_token, tokenizer.boi_token, tokenizer.eoi_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+
+    def apply_chat_template(self, turns: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
+                            enable_thinking: bool = False, **_: Any) -> dict[str, Any]:
+        import torch
+
+        pictures = [part["image"] for turn in turns if not isinstance(turn["content"], str)
+                    for part in turn["content"] if part["type"] == "image"]
+        text = self.tokenizer.apply_chat_template(list(turns), chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  enable_thinking=enable_thinking)
+        out: dict[str, Any] = {}
+        if pictures:
+            features = self.image_processor(pictures, return_tensors="pt")
+            pieces = text.split(self.image_token)
+            if len(pieces) != len(pictures) + 1:
+                raise ImageError(f"the chat template placed {len(pieces) - 1} images for {len(pictures)} given",
+                                 "use a checkpoint whose template renders image parts")
+            counts = [int(n) for n in features["num_soft_tokens_per_image"]]
+            text = pieces[0] + "".join(self.boi_token + self.image_token * n + self.eoi_token + piece
+                                       for n, piece in zip(counts, pieces[1:]))
+            out["pixel_values"] = features["pixel_values"]
+            out["image_position_ids"] = features["image_position_ids"]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        out["input_ids"] = torch.tensor([ids])
+        out["mm_token_type_ids"] = torch.tensor([[int(t == self.image_token_id) for t in ids]])
+        return out
+
+
+def load_processor(path: str | Path, tokenizer: Any, config: dict[str, Any] | None = None, *,
+                   by_hand: bool | None = None) -> Any:
     """transformers' ``Gemma4Processor`` for the checkpoint at ``path``, without a video processor.
 
     ``tokenizer`` is copied (the processor registers its video token on the tokenizer it holds);
     the image processor comes from the checkpoint's ``processor_config.json`` or
     ``preprocessor_config.json`` through ``AutoImageProcessor`` with the pillow backend.
+    ``by_hand``: use :class:`PlaceholderProcessor` (``None``: only where transformers' processor
+    cannot be imported without torchvision).
     """
     require_pillow()
     path = Path(path)
@@ -169,8 +222,18 @@ def load_processor(path: str | Path, tokenizer: Any, config: dict[str, Any] | No
     if not (path / "processor_config.json").is_file() and not (path / "preprocessor_config.json").is_file():
         raise ImageError(f"{path.name} has no image processor (processor_config.json or preprocessor_config.json)",
                          "use a checkpoint that ships its processor, as the released one does")
-    from transformers import AutoImageProcessor
-    from transformers.models.gemma4 import Gemma4AudioFeatureExtractor, Gemma4Processor
+    try:
+        if by_hand:
+            raise ImportError("asked for the processor by hand")
+        from transformers import AutoImageProcessor
+        from transformers.models.gemma4 import Gemma4AudioFeatureExtractor, Gemma4Processor
+    except (ImportError, ModuleNotFoundError):  # transformers 5.17 without torchvision (see the module's docstring)
+        if by_hand is False:
+            raise
+        from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+        return PlaceholderProcessor(Gemma4ImageProcessorPil.from_pretrained(path, local_files_only=True), tokenizer,
+                                    getattr(tokenizer, "chat_template", None))
 
     class ImagesOnlyProcessor(Gemma4Processor):
         """Gemma 4's processor that accepts ``video_processor=None`` (see the module's docstring)."""

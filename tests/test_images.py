@@ -277,3 +277,39 @@ def test_fill_with_an_image_is_the_librarys_fill_with_its_inputs(vision, vision_
     assert record["text"] == result.text
     blind = fill_mod.fill(vision, prefix, template, vision.defaults.replace(seed=9))
     assert [h.token_ids for h in blind.holes] != [h.token_ids for h in result.holes]
+
+
+def test_the_processor_by_hand_matches_transformers_processor(vision, tmp_path):
+    """transformers 5.17 (the GPU image) cannot import Gemma4Processor without torchvision; the
+    fallback must give exactly what transformers' processor gives."""
+    real = images.load_processor(vision.checkpoint.path, vision.tokenizer, by_hand=False)
+    by_hand = images.load_processor(vision.checkpoint.path, vision.tokenizer, by_hand=True)
+    assert isinstance(by_hand, images.PlaceholderProcessor) and not isinstance(real, images.PlaceholderProcessor)
+    pictures = [images.read_image_file(write_image(tmp_path / f"{i}.png", 20 + 10 * i, 44 - 8 * i, seed=i))
+                for i in range(3)]
+    for shown, system, think in ((pictures[:1], None, False), (pictures, "Be brief.", True), ([], None, False)):
+        ids, inputs = images.encode(real, "What differs?", shown, system=system, think=think)
+        ids_by_hand, inputs_by_hand = images.encode(by_hand, "What differs?", shown, system=system, think=think)
+        assert ids_by_hand == ids
+        if not shown:
+            assert inputs is None and inputs_by_hand is None
+            continue
+        assert torch.equal(inputs_by_hand.pixel_values, inputs.pixel_values)
+        assert torch.equal(inputs_by_hand.image_position_ids, inputs.image_position_ids)
+        assert inputs_by_hand.token_types == inputs.token_types and inputs_by_hand.image_tokens == inputs.image_tokens
+
+
+def test_image_flag_combinations_and_the_observed_run(vision_checkpoint, tmp_path):
+    picture = str(write_image(tmp_path / "x.png"))
+    raw = run_cli("run", "-m", str(vision_checkpoint), "--raw", "--image", picture, "hi")
+    assert raw.returncode == 2 and "--image does not combine with --raw" in raw.stderr.decode()
+    twice = run_cli("run", "-m", str(vision_checkpoint), "--image", "-", "--image", "-", "hi", input=b"")
+    assert twice.returncode == 2 and "pass - at most once" in twice.stderr.decode()
+    # --trace takes the observed path through the loop: the same tokens as the plain run.
+    common = ("run", "-m", str(vision_checkpoint), "--seed", "1", "--max-new-tokens", "16", "--json", "--image",
+              picture, "hi")
+    traced = run_cli(*common, "--trace", str(tmp_path / "t.jsonl"))
+    plain = run_cli(*common)
+    assert traced.returncode == 0, traced.stderr.decode()
+    assert json.loads(traced.stdout)["tokens"] == json.loads(plain.stdout)["tokens"]
+    assert (tmp_path / "t.jsonl").stat().st_size > 0
