@@ -23,6 +23,7 @@ the limit, 422 bad parameters); an unexpected exception in a request becomes a 5
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -140,7 +141,8 @@ class Engine:
         return wire.Choice(text=text, thoughts=completion.thoughts,
                            finish_reason=wire.finish_reason(completion.finish_reason, stopped),
                            token_ids=tuple(completion.token_ids), prompt_tokens=len(ids),
-                           completion_tokens=len(completion.token_ids))
+                           completion_tokens=len(completion.token_ids),
+                           stats=dataclasses.asdict(completion.stats))
 
     def complete(self, request: wire.Request, ids: list[int]) -> list[wire.Choice]:
         """Every choice, one generation after the other (blocking; run it in a worker thread)."""
@@ -159,11 +161,13 @@ class Engine:
             return choices
 
     def run_streaming(self, request: wire.Request, ids: list[int], put: Any) -> None:
-        """Generate every choice, calling ``put(item)`` after each committed canvas with
-        ``("canvas", index, text, thoughts)`` and at each choice's end with
-        ``("done", index, Choice)``; then ``("end",)``, or ``("error", exc)`` first if one is raised."""
+        """Generate every choice, calling ``put(item)`` after each denoising step with
+        ``("step", index, StepEvent)`` (only with ``request.stream_steps``; batch dimension 1),
+        after each committed canvas with ``("canvas", index, text, thoughts)`` and at each
+        choice's end with ``("done", index, Choice)``; then ``("end",)``, or ``("error", exc)``
+        first if one is raised."""
         from diffgen.denoise.channels import split_response
-        from diffgen.denoise.loop import CanvasEvent, stream
+        from diffgen.denoise.loop import CanvasEvent, StepEvent, stream
 
         try:
             if request.schema is not None:  # the JSON is sent whole, as one delta, once it is generated
@@ -175,10 +179,13 @@ class Engine:
             with self.lock:
                 for index in range(request.n):
                     settings = self.settings_for(request, index)
-                    generation = stream(self.loaded, [ids], settings, observe=False, exact=self.exact)
+                    generation = stream(self.loaded, [ids], settings, observe=request.stream_steps,
+                                        exact=self.exact)
                     eos = set(settings.eos_token_ids)
                     tokens: list[int] = []
                     for event in generation:
+                        if isinstance(event, StepEvent):
+                            put(("step", index, event))
                         if not isinstance(event, CanvasEvent):
                             continue
                         tokens.extend(event.tokens[0].tolist())
@@ -296,10 +303,20 @@ def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body: int =
 
 
 def model_card(engine: Engine) -> dict[str, Any]:
+    """The model's ``/v1/models`` entry. Beside OpenAI's fields: ``max_model_len`` (vLLM's name),
+    ``canvas_length``, and for diffgen's own clients ``diffgen_settings`` (the checkpoint's
+    generation settings, which a request's fields replace) and ``diffgen_channel_ids`` (the thought
+    channel's open/close token ids, or null), which ``run --server`` needs to print what a local
+    run prints."""
+    from diffgen.records.trace import TokenTexts
+
     model = engine.loaded.model
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    channel_ids = TokenTexts(engine.loaded.tokenizer).channel_ids
     return {"id": engine.name, "object": "model", "created": 0, "owned_by": "diffgen",
-            "max_model_len": context, "canvas_length": int(model.config.canvas_length)}
+            "max_model_len": context, "canvas_length": int(model.config.canvas_length),
+            "diffgen_settings": engine.settings.to_dict(),
+            "diffgen_channel_ids": list(channel_ids) if channel_ids else None}
 
 
 def sse(data: Any) -> str:
@@ -330,6 +347,14 @@ async def stream_events(engine: Engine, request: wire.Request, ids: list[int]) -
     started = [False] * request.n
     finished: list[wire.Choice] = []
 
+    steps = StepRecords(engine, request.n) if request.stream_steps else None
+
+    def extension(index: int, field: str, payload: dict[str, Any]) -> str:
+        role = request.kind == "chat" and not started[index]
+        started[index] = True
+        return sse(wire.extension_chunk(request, name, id=id_, created=created, index=index, name=field,
+                                        payload=payload, role=role))
+
     def piece(index: int, content: str, reasoning: str, **extra: Any) -> Optional[str]:
         role = request.kind == "chat" and not started[index]
         if not (content or reasoning or role or extra):
@@ -340,8 +365,16 @@ async def stream_events(engine: Engine, request: wire.Request, ids: list[int]) -
 
     while True:
         item = await queue.get()
-        if item[0] == "canvas":
+        if item[0] == "step":
+            _, index, event = item
+            if steps is not None:
+                # Off the event loop: reading a step's tensors waits for the device.
+                record = await asyncio.to_thread(steps.step, index, event)
+                yield extension(index, "diffgen_step", wire.step_payload(record))
+        elif item[0] == "canvas":
             _, index, text, thought = item
+            if steps is not None and (record := steps.commit(index)) is not None:
+                yield extension(index, "diffgen_canvas", wire.canvas_payload(record))
             out = piece(index, texts[index].update(text), thoughts[index].update(thought or ""))
             if out:
                 yield out
@@ -354,7 +387,8 @@ async def stream_events(engine: Engine, request: wire.Request, ids: list[int]) -
                 yield out
             yield sse(wire.chunk(request, name, id=id_, created=created, index=index,
                                  finish_reason=choice.finish_reason,
-                                 token_ids=list(choice.token_ids) if request.return_token_ids else None))
+                                 token_ids=list(choice.token_ids) if request.return_token_ids else None,
+                                 stats=choice.stats))
         elif item[0] == "error":
             exc = item[1]
             LOG.error("diffgen: error while streaming", exc_info=exc)
@@ -366,3 +400,50 @@ async def stream_events(engine: Engine, request: wire.Request, ids: list[int]) -
     if request.include_usage and finished:
         yield sse(wire.usage_chunk(request, name, finished, id=id_, created=created))
     yield "data: [DONE]\n\n"
+
+
+class StepRecords:
+    """Host records of a streamed request's steps (``stream_steps``), one choice at a time.
+
+    Each step event becomes the :class:`~diffgen.records.trace.StepRecord` a local run's view and
+    trace would get (token texts decoded here, with the model's tokenizer, so that a client needs
+    none). The committed canvas, which the contract's canvas item carries only as text, is the
+    canvas's last draft with pad after its first EOS: what the loop commits for a row.
+    """
+
+    def __init__(self, engine: Engine, choices: int):
+        from diffgen.records import trace
+
+        self.texts = trace.TokenTexts(engine.loaded.tokenizer)
+        self.eos = set(engine.settings.eos_token_ids)
+        self.pad = engine.settings.pad_token_id
+        self.last: list[Any] = [None] * choices
+        self.count = [0] * choices
+
+    def step(self, index: int, event: Any) -> Any:
+        from diffgen.records import trace
+
+        record = next(trace.records([event], self.texts))
+        if self.last[index] is not None and self.last[index].canvas != record.canvas:
+            self.count[index] = 0
+        self.last[index] = record
+        self.count[index] += 1
+        return record
+
+    def commit(self, index: int) -> Any:
+        """The :class:`~diffgen.records.trace.CanvasRecord` of the canvas just committed (``None``
+        when no step of it was seen)."""
+        from diffgen.records.trace import CanvasRecord
+
+        last = self.last[index]
+        if last is None:
+            return None
+        tokens = list(last.draft)
+        end = next((at for at, token in enumerate(tokens) if token in self.eos), None)
+        if end is not None:
+            tokens[end + 1:] = [self.pad] * (len(tokens) - end - 1)
+        record = CanvasRecord(canvas=last.canvas, canvases=last.canvases, tokens=tokens,
+                              texts=self.texts.texts(tokens), steps=self.count[index], finished=end is not None,
+                              elapsed=last.elapsed, fixed=last.fixed)
+        self.last[index], self.count[index] = None, 0
+        return record

@@ -92,6 +92,9 @@ class Request:
         return_token_ids: extension (vLLM's name): each choice also carries its ``token_ids``.
         schema: ``response_format``'s JSON Schema (checked to be inside the supported subset);
             ``None``: a plain-text answer.
+        stream_steps: extension: stream every denoising step as a ``diffgen_step`` chunk (and
+            each committed canvas as a ``diffgen_canvas`` chunk), so a remote client can draw the
+            live view or write a trace; only with ``stream``.
     """
 
     kind: str
@@ -107,6 +110,7 @@ class Request:
     include_usage: bool
     return_token_ids: bool
     schema: Optional[dict[str, Any]] = None
+    stream_steps: bool = False
 
     def choice_seed(self, index: int) -> int:
         return (self.seed + index) % SEED_LIMIT
@@ -235,6 +239,11 @@ def _common(body: dict[str, Any], kind: str, *, messages: tuple[dict[str, str], 
             raise invalid("stream_options", "must be an object")
         include_usage = _bool(options, "include_usage", False, name="stream_options.include_usage")
     schema = _response_format(body.get("response_format"))
+    stream_steps = _bool(body, "stream_steps", False)
+    if stream_steps and not stream:
+        raise invalid("stream_steps", "needs stream: true (the steps are sent as server-sent events)")
+    if stream_steps and schema is not None:
+        raise invalid("stream_steps", "does not combine with response_format json_schema yet; drop one of them")
     if schema is not None:
         if think:
             raise invalid(None, "response_format json_schema does not combine with thinking mode yet; "
@@ -244,7 +253,8 @@ def _common(body: dict[str, Any], kind: str, *, messages: tuple[dict[str, str], 
                                   "the JSON); drop stop")
     return Request(kind=kind, model=model, messages=messages, prompt=prompt, think=think, flags=flags, seed=seed,
                    n=n, stop=stop, stream=stream, include_usage=include_usage,
-                   return_token_ids=_bool(body, "return_token_ids", False), schema=schema)
+                   return_token_ids=_bool(body, "return_token_ids", False), schema=schema,
+                   stream_steps=stream_steps)
 
 
 def _response_format(value: Any) -> Optional[dict[str, Any]]:
@@ -326,7 +336,9 @@ def finish_reason(reason: str, stopped: bool) -> str:
 class Choice:
     """One finished choice. Attributes: ``text`` the answer (cut at a stop string);
     ``thoughts`` the thought channel (``None``: none opened); ``finish_reason`` OpenAI's;
-    ``token_ids`` the generated ids; ``prompt_tokens``/``completion_tokens`` counts."""
+    ``token_ids`` the generated ids; ``prompt_tokens``/``completion_tokens`` counts;
+    ``stats`` the choice's :class:`~diffgen.denoise.loop.CompletionStats` as
+    ``dataclasses.asdict`` (sent as ``diffgen_stats``; ``None``: none, nothing sent)."""
 
     text: str
     thoughts: Optional[str]
@@ -334,6 +346,7 @@ class Choice:
     token_ids: tuple[int, ...]
     prompt_tokens: int
     completion_tokens: int
+    stats: Optional[dict[str, Any]] = None
 
 
 def new_id(kind: str) -> str:
@@ -359,6 +372,8 @@ def response(request: Request, model: str, choices: list[Choice], *, id: str, cr
                     "finish_reason": choice.finish_reason, "logprobs": None}
         if request.return_token_ids:
             item["token_ids"] = list(choice.token_ids)
+        if choice.stats is not None:
+            item["diffgen_stats"] = choice.stats
         out.append(item)
     return {"id": id, "object": "chat.completion" if request.kind == "chat" else "text_completion",
             "created": created, "model": model, "choices": out, "usage": usage(choices)}
@@ -366,8 +381,9 @@ def response(request: Request, model: str, choices: list[Choice], *, id: str, cr
 
 def chunk(request: Request, model: str, *, id: str, created: int, index: int, content: Optional[str] = None,
           reasoning: Optional[str] = None, role: bool = False, finish_reason: Optional[str] = None,
-          token_ids: Optional[list[int]] = None) -> dict[str, Any]:
-    """One streamed chunk: a delta of the answer and/or the thoughts, or the finish."""
+          token_ids: Optional[list[int]] = None, stats: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """One streamed chunk: a delta of the answer and/or the thoughts, or the finish (which carries
+    ``token_ids`` when asked and the choice's ``diffgen_stats`` when known)."""
     if request.kind == "chat":
         delta: dict[str, Any] = {"role": "assistant"} if role else {}
         if content is not None:
@@ -383,7 +399,43 @@ def chunk(request: Request, model: str, *, id: str, created: int, index: int, co
         kind = "text_completion"
     if token_ids is not None:
         item["token_ids"] = token_ids
+    if stats is not None:
+        item["diffgen_stats"] = stats
     return {"id": id, "object": kind, "created": created, "model": model, "choices": [item]}
+
+
+def extension_chunk(request: Request, model: str, *, id: str, created: int, index: int, name: str,
+                    payload: dict[str, Any], role: bool = False) -> dict[str, Any]:
+    """An ordinary chunk of choice ``index`` with nothing in its delta, carrying ``payload`` as
+    the top-level field ``name`` (``diffgen_step`` or ``diffgen_canvas``): OpenAI clients see an
+    empty delta (or only the role, in a chat's first chunk) and go on; diffgen's own clients draw
+    the denoising from it."""
+    out = chunk(request, model, id=id, created=created, index=index, role=role)
+    out[name] = {"index": index, **payload}
+    return out
+
+
+def step_payload(record: Any) -> dict[str, Any]:
+    """``diffgen_step``'s fields from a :class:`~diffgen.records.trace.StepRecord` (one choice's
+    step on the host): the contract's ``canvas``, ``canvases``, ``step``, ``max_steps``,
+    ``temperature``, ``elapsed``, ``draft``, ``canvas_tokens``, ``accepted`` (0/1),
+    ``token_entropy`` (nats, 4 decimals), ``mean_entropy``, ``finished``, ``fixed`` (0/1 or null),
+    plus ``texts``: the display text of each accepted position (``""`` for noise), so that a client
+    without the model's tokenizer draws exactly what a local run draws."""
+    return {"canvas": record.canvas, "canvases": record.canvases, "step": record.step,
+            "max_steps": record.max_steps, "temperature": record.temperature, "elapsed": record.elapsed,
+            "draft": record.draft, "canvas_tokens": record.tokens, "accepted": [int(a) for a in record.accepted],
+            "token_entropy": record.entropy, "mean_entropy": record.mean_entropy, "finished": record.finished,
+            "fixed": None if record.fixed is None else [int(f) for f in record.fixed], "texts": record.texts}
+
+
+def canvas_payload(record: Any) -> dict[str, Any]:
+    """``diffgen_canvas``'s fields from a :class:`~diffgen.records.trace.CanvasRecord`: the committed
+    canvas (``tokens``, their ``texts``), the ``steps`` it took, ``finished`` (an EOS met),
+    ``elapsed`` seconds, ``fixed`` (0/1 or null)."""
+    return {"canvas": record.canvas, "canvases": record.canvases, "tokens": record.tokens, "texts": record.texts,
+            "steps": record.steps, "finished": record.finished, "elapsed": record.elapsed,
+            "fixed": None if record.fixed is None else [int(f) for f in record.fixed]}
 
 
 def usage_chunk(request: Request, model: str, choices: list[Choice], *, id: str, created: int) -> dict[str, Any]:
