@@ -291,15 +291,51 @@ def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body: int =
         choices = await run_in_threadpool(engine.complete, parsed, ids)
         return wire.response(parsed, engine.name, choices, id=wire.new_id(parsed.kind), created=wire.now())
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=ANSWERS)
     async def chat_completions(request: Request) -> Any:
         return await answer(request, wire.parse_chat)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=ANSWERS)
     async def completions(request: Request) -> Any:
         return await answer(request, wire.parse_text)
 
+    generated = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # The bodies are added to the generated document rather than passed as openapi_extra, which
+        # FastAPI encodes as JSON numbers of its own (2**63 - 1, the seed's maximum, became a float).
+        if app.openapi_schema is None:
+            document = generated()
+            for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "text")):
+                document["paths"][path]["post"].update(request_body(kind))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     return app
+
+
+def request_body(kind: str) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of an endpoint whose handler reads the raw body (the checks are
+    :mod:`~diffgen.server.wire`'s, so FastAPI cannot infer it): the schema from wire's field tables,
+    so the document cannot drift from them."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": wire.body_schema(kind)}}}}
+
+
+ERROR_OBJECT = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The answer (a JSON object), or with stream: true server-sent events.",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    **{status: {"description": what, "content": {"application/json": {"schema": ERROR_OBJECT}}}
+       for status, what in ((400, "Malformed JSON or a prompt over the context."),
+                            (401, "A missing or wrong API key."), (404, "An unknown model."),
+                            (413, "A body over the size limit."), (422, "A bad parameter."),
+                            (429, "The queue is full; retry after Retry-After seconds."),
+                            (500, "The generation failed (see the server's log)."))},
+}
 
 
 def model_card(engine: Engine) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from diffgen.settings import SAMPLER_FLAGS, SEED_LIMIT, field_problem
+from diffgen.settings import FIELD_SCHEMAS, SAMPLER_FLAGS, SEED_LIMIT, field_problem
 
 MAX_CHOICES = 8  # ``n`` at most: each choice is one more generation in this one-request-at-a-time server
 MAX_STOP = 4  # OpenAI's own limit on stop sequences
@@ -316,6 +316,62 @@ def _stop(value: Any) -> tuple[str, ...]:
     if len(stops) > MAX_STOP:
         raise invalid("stop", f"at most {MAX_STOP} stop sequences (got {len(stops)})")
     return tuple(stops)
+
+
+# -- the request bodies as JSON Schema (the OpenAPI document) ------------------------------------------
+
+_BOOL = {"type": "boolean"}
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+# Body field -> its JSON Schema, for the fields both endpoints read (the parsers above check each).
+BODY_FIELDS: dict[str, dict[str, Any]] = {
+    "model": {"type": "string", "description": "The served model (GET /v1/models); default: that one."},
+    "max_tokens": {**FIELD_SCHEMAS["max_new_tokens"], "description": "Most tokens to return."},
+    "max_completion_tokens": {**FIELD_SCHEMAS["max_new_tokens"], "description": "Another name of max_tokens."},
+    **{flag.key: {**FIELD_SCHEMAS[flag.field], "description": f"diffgen's sampler setting (the CLI's {flag.flag})."}
+       for flag in SAMPLER_FLAGS},
+    "seed": {**FIELD_SCHEMAS["seed"], "description": "Seed of choice 0; choice i uses seed + i. Default: random."},
+    "n": {"type": "integer", "minimum": 1, "maximum": MAX_CHOICES, "description": "Choices to generate."},
+    "stop": {"description": "Strings that end the answer (not included).",
+             "anyOf": [{"type": "string", "minLength": 1},
+                       {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "minLength": 1}}]},
+    "stream": {**_BOOL, "description": "Answer as server-sent events, one delta per committed canvas."},
+    "stream_options": {"type": "object", "properties": {"include_usage": _BOOL}},
+    "stream_steps": {**_BOOL, "description": "diffgen extension, with stream: a diffgen_step chunk per "
+                                             "denoising step and a diffgen_canvas chunk per committed canvas."},
+    "return_token_ids": {**_BOOL, "description": "Each choice also carries its generated token_ids."},
+    "response_format": {"type": "object", "description": "text, or json_schema (answers valid by construction "
+                                                         "for a subset of JSON Schema).",
+                        "properties": {"type": {"enum": ["text", "json_schema", "json_object"]},
+                                       "json_schema": {"type": "object"}}},
+    "temperature": {"type": "number", "description": "Ignored: the sampler has its own schedule (t_min, t_max)."},
+    "top_p": {"type": "number", "description": "Ignored."},
+    "logprobs": {"description": "Not supported: only false or null."},
+    "echo": {"description": "Not supported: only false or null."},
+    "tools": {"description": "Not supported: only empty or null."},
+}
+CHAT_FIELDS: dict[str, dict[str, Any]] = {
+    "messages": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["role", "content"],
+        "properties": {"role": {"enum": list(ROLES)},
+                       "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}}},
+    "think": {**_BOOL, "description": "Thinking mode (the thoughts come in reasoning_content)."},
+    "chat_template_kwargs": {"type": "object", "properties": {"enable_thinking": _BOOL}},
+}
+TEXT_FIELDS: dict[str, dict[str, Any]] = {
+    "prompt": {"description": "The prompt, sent as is (no chat template).",
+               "anyOf": [{"type": "string", "minLength": 1},
+                         {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string", "minLength": 1}}]},
+}
+
+
+def body_schema(kind: str) -> dict[str, Any]:
+    """The JSON Schema of a ``chat`` or ``text`` request body, from the field tables above (the
+    OpenAPI document's ``requestBody``). Other fields are allowed and ignored, as OpenAI clients
+    send some this server has no use for."""
+    own = CHAT_FIELDS if kind == "chat" else TEXT_FIELDS
+    return {"type": "object", "required": ["messages"] if kind == "chat" else ["prompt"],
+            "properties": {**own, **BODY_FIELDS}, "additionalProperties": True}
 
 
 # -- answers ----------------------------------------------------------------------------------------
