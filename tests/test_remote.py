@@ -286,3 +286,12 @@ def test_a_server_killed_mid_batch_then_restarted_and_resumed_holds_every_id_onc
     assert sorted(r["id"] for r in records) == list(range(1, count + 1))
     assert not any("error" in r for r in records)
     assert records[: len(before)] == before  # what was written before the kill stays as it was
+
+
+@pytest.mark.parametrize(("given", "root"), [("http://127.0.0.1:8000", "http://127.0.0.1:8000/v1"),
+                                             ("127.0.0.1:8000/", "http://127.0.0.1:8000/v1"),
+                                             ("https://gpu-node/v1/", "https://gpu-node/v1")])
+def test_the_server_url_is_the_api_root_however_it_is_typed(given, root):
+    from diffgen.remote.client import base_url
+
+    assert base_url(given) == root

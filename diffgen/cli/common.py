@@ -170,7 +170,7 @@ def refuse_local_only(ctx: Any, flags: dict[str, str], where: str = "--server") 
     for name, flag in flags.items():
         if parameter_source(ctx, name) in ("COMMANDLINE", "ENVIRONMENT"):
             raise UsageError(f"{flag} only applies to a model loaded here, not to one behind {where}",
-                             f"drop {flag} (the server chose how it runs the model), or drop {where}")
+                             f"drop {flag} (the server decides how it runs the model), or drop {where} to run here")
 
 
 def prepare_generation(model: str, *, seed: Optional[int], flags: dict[str, Any], **load: Any) -> Any:
