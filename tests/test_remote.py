@@ -107,8 +107,11 @@ def test_diffgen_server_env_and_failures_are_one_line(exact_server, tmp_path):
     refused = run_cli("run", "--server", f"http://127.0.0.1:{free_port()}", "--no-stdin", "Hi")
     wrong_key = remote("run", "--no-stdin", "Hi", server=exact_server, key="nope")
     too_long = remote("run", "-n", "100000", "--no-stdin", "Hi", server=exact_server)
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("one\ntwo\n")
+    batch_key = remote("batch", str(jobs), "-o", str(tmp_path / "out.jsonl"), server=exact_server, key="nope")
     for done, words in ((refused, "connection refused"), (wrong_key, "DIFFGEN_API_KEY"),
-                        (too_long, "context")):
+                        (too_long, "context"), (batch_key, "DIFFGEN_API_KEY")):
         err = done.stderr.decode()
         assert done.returncode == 1 and done.stdout == b""
         assert err.count("\n") == 1 and err.startswith("diffgen: error: ") and words in err, err

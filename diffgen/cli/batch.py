@@ -268,7 +268,9 @@ def _remote(ctx: typer.Context, batch_mod: Any, items: list, server: str, output
                                  settings=remote.settings(served, record_flags, record_seed))
 
         def unreachable(exc: BaseException) -> bool:
-            return isinstance(exc, RemoteError) and exc.status is None and exc.retryable
+            """Whether no record can succeed now: the server is gone, or refuses the key or the model."""
+            return isinstance(exc, RemoteError) and ((exc.status is None and exc.retryable)
+                                                     or exc.status in (401, 403, 404))
 
         try:
             if out.retrying and not quiet:
