@@ -477,8 +477,10 @@ def test_stream_steps_sends_the_records_a_local_run_draws(app_client, tiny):
     local_steps = [r for r in local if isinstance(r, trace.StepRecord)]
     local_canvases = [r for r in local if isinstance(r, trace.CanvasRecord)]
     assert len(steps) == len(local_steps) and len(canvases) == len(local_canvases) >= 1
+    contract = {"index", "canvas", "canvases", "step", "max_steps", "temperature", "elapsed", "draft", "canvas_tokens",
+                "accepted", "token_entropy", "mean_entropy", "finished", "fixed"}  # CONTRACT12.md
     for sent, record in zip(steps, local_steps):
-        assert sent["index"] == 0
+        assert contract <= set(sent) and sent["index"] == 0
         assert sent["canvas_tokens"] == record.tokens and sent["draft"] == record.draft
         assert sent["accepted"] == [int(a) for a in record.accepted] and sent["texts"] == record.texts
         assert sent["token_entropy"] == record.entropy and sent["finished"] == record.finished
