@@ -255,6 +255,20 @@ def load_processor(path: str | Path, tokenizer: Any, config: dict[str, Any] | No
                                chat_template=getattr(tokenizer, "chat_template", None), **settings)
 
 
+def data_url(picture: Picture) -> str:
+    """``picture`` as a ``data:image/png;base64,...`` URL for an OpenAI ``image_url`` part. PNG is
+    lossless, so a server decodes exactly the pixels read here (a JPEG is not re-compressed)."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image = picture.image
+    if image.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):  # e.g. CMYK JPEG: PNG cannot hold it
+        image = image.convert("RGB")
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def user_content(text: str, pictures: Sequence[Picture]) -> list[dict[str, Any]]:
     """The user turn's content parts: each image, then the text (Gemma's order: the image
     comes before what is asked about it)."""

@@ -62,6 +62,18 @@ SAMPLER_FLAGS: tuple[SamplerFlag, ...] = (
     SamplerFlag("--confidence", "confidence_threshold", "confidence", (int, float)),
 )
 _LABELS = {flag.field: flag.label for flag in SAMPLER_FLAGS} | {"seed": "seed"}
+# The ranges :func:`field_problem` accepts, as JSON Schema (the server's OpenAPI document publishes them;
+# tests/test_settings.py checks the two agree at every bound).
+FIELD_SCHEMAS: dict[str, dict[str, Any]] = {
+    "max_new_tokens": {"type": "integer", "minimum": 1},
+    "max_denoising_steps": {"type": "integer", "minimum": 1},
+    "stability_threshold": {"type": "integer", "minimum": 0},
+    "entropy_bound": {"type": "number", "exclusiveMinimum": 0},
+    "t_min": {"type": "number", "minimum": 0},
+    "t_max": {"type": "number", "exclusiveMinimum": 0},
+    "confidence_threshold": {"type": "number", "exclusiveMinimum": 0},
+    "seed": {"type": "integer", "minimum": 0, "maximum": SEED_LIMIT - 1},
+}
 
 
 def field_problem(field: str, value: Any) -> str | None:

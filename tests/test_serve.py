@@ -7,6 +7,7 @@ Exactness: with a seed and the exact sampler a server answer has the same tokens
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -446,3 +447,82 @@ def test_a_chunked_body_over_the_limit_wrong_methods_and_the_schema(tiny):
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
     paths = http.get("/openapi.json").json()["paths"]
     assert {"/health", "/v1/models", "/v1/chat/completions", "/v1/completions"} <= set(paths)
+
+
+# -- diffgen's extensions: stream_steps, diffgen_step / diffgen_canvas chunks, diffgen_stats --------------
+
+
+def _events(http, path, body):
+    with http.stream("POST", path, json=body) as response:
+        assert response.status_code == 200
+        return [json.loads(line[6:]) for line in response.iter_lines()
+                if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def test_stream_steps_sends_the_records_a_local_run_draws(app_client, tiny):
+    from diffgen.records import trace
+
+    http, _ = app_client
+    body = {"prompt": "Once upon a time", "seed": 3, "max_tokens": 40, "steps": 3, "stream": True,
+            "stream_steps": True}
+    chunks = _events(http, "/v1/completions", body)
+    steps = [c["diffgen_step"] for c in chunks if "diffgen_step" in c]
+    canvases = [c["diffgen_canvas"] for c in chunks if "diffgen_canvas" in c]
+    assert all(c["object"] == "text_completion" and c["choices"][0]["text"] == "" for c in chunks
+               if "diffgen_step" in c)
+    ids = prompt_mod.encode(tiny.tokenizer, "Once upon a time", raw=True)
+    settings = tiny.defaults.replace(max_new_tokens=40, max_denoising_steps=3, seed=3)
+    generation = loop.stream(tiny, [ids], settings, exact=True)
+    local = list(trace.records(generation, trace.TokenTexts(tiny.tokenizer)))
+    local_steps = [r for r in local if isinstance(r, trace.StepRecord)]
+    local_canvases = [r for r in local if isinstance(r, trace.CanvasRecord)]
+    assert len(steps) == len(local_steps) and len(canvases) == len(local_canvases) >= 1
+    contract = {"index", "canvas", "canvases", "step", "max_steps", "temperature", "elapsed", "draft", "canvas_tokens",
+                "accepted", "token_entropy", "mean_entropy", "finished", "fixed"}  # CONTRACT12.md
+    for sent, record in zip(steps, local_steps):
+        assert contract <= set(sent) and sent["index"] == 0
+        assert sent["canvas_tokens"] == record.tokens and sent["draft"] == record.draft
+        assert sent["accepted"] == [int(a) for a in record.accepted] and sent["texts"] == record.texts
+        assert sent["token_entropy"] == record.entropy and sent["finished"] == record.finished
+        assert (sent["step"], sent["max_steps"], sent["canvas"]) == (record.step, record.max_steps, record.canvas)
+    for sent, record in zip(canvases, local_canvases):
+        assert (sent["tokens"], sent["texts"], sent["steps"], sent["finished"]) == \
+            (record.tokens, record.texts, record.steps, record.finished)
+    finish = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    stats = finish[-1]["choices"][0]["diffgen_stats"]
+    expected = generation.result.completions[0].stats
+    assert stats["new_tokens"] == expected.new_tokens and stats["steps_per_canvas"] == list(expected.steps_per_canvas)
+
+
+def test_a_chat_stream_with_steps_starts_with_the_role_and_joins_to_the_answer(app_client):
+    http, _ = app_client
+    body = {"messages": USER, "seed": 2, "max_tokens": 24, "steps": 2}
+    whole = http.post("/v1/chat/completions", json=body).json()
+    chunks = _events(http, "/v1/chat/completions", {**body, "stream": True, "stream_steps": True})
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"} and "diffgen_step" in chunks[0]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == \
+        whole["choices"][0]["message"]["content"]
+    assert sum("diffgen_step" in c for c in chunks) >= 2
+
+
+def test_every_choice_carries_its_stats_and_steps_are_only_sent_when_asked(app_client):
+    http, _ = app_client
+    answer = http.post("/v1/completions", json={"prompt": "Hi", "seed": 1, "max_tokens": 16, "steps": 2,
+                                                "n": 2}).json()
+    for choice in answer["choices"]:
+        stats = choice["diffgen_stats"]
+        assert set(stats) == {f.name for f in dataclasses.fields(loop.CompletionStats)}
+        assert stats["prompt_tokens"] == answer["usage"]["prompt_tokens"]
+    assert sum(c["diffgen_stats"]["new_tokens"] for c in answer["choices"]) == answer["usage"]["completion_tokens"]
+    plain = _events(http, "/v1/completions", {"prompt": "Hi", "seed": 1, "max_tokens": 16, "steps": 2,
+                                              "stream": True})
+    assert not any("diffgen_step" in c or "diffgen_canvas" in c for c in plain)
+    refused = http.post("/v1/completions", json={"prompt": "Hi", "stream_steps": True})
+    assert refused.status_code == 422 and refused.json()["error"]["param"] == "stream_steps"
+
+
+def test_the_model_card_tells_diffgen_clients_the_defaults(app_client, tiny):
+    http, _ = app_client
+    card = http.get("/v1/models").json()["data"][0]
+    assert card["diffgen_settings"] == tiny.defaults.to_dict()
+    assert card["diffgen_channel_ids"] == [100, 101]

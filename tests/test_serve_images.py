@@ -150,3 +150,14 @@ def test_a_text_only_model_refuses_images_with_a_422(tiny, picture):
         answer = http.post("/v1/chat/completions", json={"messages": image_message(data_url(picture)),
                                                          "max_tokens": 4})
     assert answer.status_code == 422 and answer.json()["error"]["code"] == "images_unsupported"
+
+
+def test_run_server_sends_its_images_and_prints_what_a_local_run_prints(vision_server, vision_checkpoint, picture):
+    local = run_cli("run", "-m", str(vision_checkpoint), "--seed", "5", "--max-new-tokens", "32", "--json",
+                    "--image", str(picture), QUESTION)
+    remote = run_cli("run", "--server", vision_server.url, "--seed", "5", "--max-new-tokens", "32", "--json",
+                     "--image", str(picture), QUESTION)
+    assert local.returncode == 0 and remote.returncode == 0, remote.stderr.decode()
+    mine, theirs = json.loads(local.stdout), json.loads(remote.stdout)
+    assert theirs["tokens"] == mine["tokens"] and theirs["text"] == mine["text"]
+    assert theirs["stats"]["prompt_tokens"] == mine["stats"]["prompt_tokens"]

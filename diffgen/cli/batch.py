@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli.common import load_model, read_input
+from diffgen.cli.common import load_model, parameter_source, read_input, refuse_local_only
 from diffgen.cli.funnel import error_funnel
 from diffgen.cli.options import (
     DEFAULT_MODEL,
@@ -24,6 +24,7 @@ from diffgen.cli.options import (
     OfflineOption,
     QuantOption,
     RawOption,
+    ServerOption,
     StabilityOption,
     StepsOption,
     SystemOption,
@@ -42,6 +43,7 @@ EPILOG = (
     "  diffgen batch jobs.jsonl -o out.jsonl --batch-size 16 --seed 7\n\n"
     "  diffgen batch jobs.jsonl -o out.jsonl --resume       (after Ctrl-C, a crash or failed records)\n\n"
     "  cat jobs.jsonl | diffgen batch - > out.jsonl\n\n"
+    "  diffgen batch jobs.jsonl -o out.jsonl --server http://gpu-box:8000 --concurrency 64   (diffgen serve or vLLM)\n\n"
     'JSONL records: {"id": ..., "prompt": ...} plus optional system, think, raw, seed, max_new_tokens, steps, '
     'entropy_bound, t_min, t_max, stability, confidence. An id is a string or an integer; 3 and "3" are two '
     f"ids. --format {FORMAT_RULE}. A UTF-8 byte order mark is fine.\n\n"
@@ -129,6 +131,12 @@ def batch(
         typer.Option("--retries", min=0, max=10, metavar="<n>",
                      help="With --schema: resample up to N times the value slots that end unsure."),
     ] = 0,
+    server: ServerOption = None,
+    concurrency: Annotated[
+        int,
+        typer.Option("--concurrency", min=1, max=1024, metavar="<n>",
+                     help="With --server: requests in flight at once (a server batches those that arrive together)."),
+    ] = 4,
     no_color: NoColorOption = False,
 ) -> None:
     """Generate an answer for every prompt in INPUT, writing one JSONL record per prompt."""
@@ -139,6 +147,11 @@ def batch(
         from diffgen.ui import render
 
         # Everything that can be refused is refused here, before a model is read.
+        if server:
+            refuse_local_only(ctx, REMOTE_REFUSED)
+        elif parameter_source(ctx, "concurrency") == "COMMANDLINE":
+            raise UsageError("--concurrency is the number of requests in flight to a --server",
+                             "add --server URL, or use --batch-size for a local batch")
         size = _batch_size(batch_size)  # None: auto, decided from the memory plan once the checkpoint is known
         if input_format not in ("auto", "jsonl", "text"):
             raise UsageError(f"--format {input_format!r}: use auto, jsonl or text")
@@ -161,6 +174,14 @@ def batch(
             raise UsageError(f"no prompts in {name}: it is empty", "give one prompt per line, or JSONL records")
         items = list(batch_mod.parse(lines, input_format, name))
         console = render.error_console()
+        if server:
+            summary = _remote(ctx, batch_mod, items, server, output, console, model=model, resume=resume,
+                              overwrite=overwrite, quiet=quiet, concurrency=concurrency, seed=seed, system=system,
+                              raw=raw, think=think,
+                              flags=sampler_flags(max_new_tokens, steps, entropy_bound, t_min, t_max, stability,
+                                                  confidence))
+            _report_failures(summary, output)
+            return
         prepared = prepare(
             model, offline=offline, device=device, quant=quant, max_memory=max_memory, offload=offload,
             batch=size or 1,
@@ -185,14 +206,110 @@ def batch(
                            images_dir=Path(input_path).parent if input_path != "-" else Path("."))
         finally:
             out.close()
-        if summary.failed:
-            for failure in summary.failures[:5]:
-                typer.echo(f"diffgen: failed: {failure}", err=True)
-            if len(summary.failures) > 5:
-                typer.echo(f"diffgen: ... and {len(summary.failures) - 5} more (see the error records)", err=True)
-            if output is not None:
-                typer.echo("diffgen: rerun with --resume to retry the failed records", err=True)
-            raise typer.Exit(1)
+        _report_failures(summary, output)
+
+
+def _report_failures(summary: Any, output: Optional[Path]) -> None:
+    if summary.failed:
+        for failure in summary.failures[:5]:
+            typer.echo(f"diffgen: failed: {failure}", err=True)
+        if len(summary.failures) > 5:
+            typer.echo(f"diffgen: ... and {len(summary.failures) - 5} more (see the error records)", err=True)
+        if output is not None:
+            typer.echo("diffgen: rerun with --resume to retry the failed records", err=True)
+        raise typer.Exit(1)
+
+
+# Flags of a local batch that mean nothing for a model behind --server (parameter -> flag).
+REMOTE_REFUSED = {"device": "--device", "quant": "--quant", "max_memory": "--max-memory", "offload": "--offload",
+                  "offline": "--offline", "batch_size": "--batch-size", "schema_file": "--schema",
+                  "retries": "--retries"}
+# Seconds at most that one record waits, in all, for a busy server (429/503 with Retry-After).
+BUSY_PATIENCE = 600.0
+
+
+def _remote(ctx: typer.Context, batch_mod: Any, items: list, server: str, output: Optional[Path], console: Any, *,
+            model: str, resume: bool, overwrite: bool, quiet: bool, concurrency: int, seed: int,
+            system: Optional[str], raw: bool, think: bool, flags: dict[str, Any]) -> Any:
+    """``batch --server``: every record is one request to an OpenAI-compatible server, ``concurrency``
+    of them in flight; the output, its settings file, ``--resume`` and error records are those of a
+    local batch."""
+    from diffgen.cli.funnel import doing
+    from diffgen.remote import requests as remote
+    from diffgen.remote.client import Client, RemoteError, Retry
+
+    client = Client(server)
+    try:
+        explicit = parameter_source(ctx, "model") in ("COMMANDLINE", "ENVIRONMENT", None)
+        with doing("asking the server for its model"):
+            served = client.model(model if explicit else None)
+        if output is not None:
+            generation = {k: v for k, v in remote.settings(served, flags, seed).items() if k != "seed"}
+            kept = {"model": served.id, "seed": seed, "system": system, "raw": raw, "think": think, **generation,
+                    "schema": None}
+            _check_settings(ctx, batch_mod, output, kept, resume=resume, quiet=quiet)
+        out = batch_mod.Output(output, resume=resume, overwrite=overwrite, stdout=sys.stdout)
+
+        def send(job: Any) -> dict[str, Any]:
+            record_seed = batch_mod.seed_for(job, seed)
+            record_flags = {**flags, **dict(job.overrides)}
+            body, chat = remote.body(served.id, job.prompt, system=job.system or system, think=job.think or think,
+                                     raw=job.raw or raw, flags=record_flags, seed=record_seed)
+            waited = 0.0
+            while True:
+                try:
+                    answer = client.complete(body, chat=chat)
+                    break
+                except Retry as busy:
+                    if waited >= BUSY_PATIENCE:
+                        raise
+                    time.sleep(busy.after)  # the server said when to come back
+                    waited += busy.after
+            return remote.record(answer, model=served.id, seed=record_seed,
+                                 settings=remote.settings(served, record_flags, record_seed))
+
+        def unreachable(exc: BaseException) -> bool:
+            """Whether no record can succeed now: the server is gone, or refuses the key or the model."""
+            return isinstance(exc, RemoteError) and ((exc.status is None and exc.retryable)
+                                                     or exc.status in (401, 403, 404))
+
+        try:
+            if out.retrying and not quiet:
+                typer.echo(f"diffgen: retrying {out.retrying} record(s) that failed before", err=True)
+            if not quiet:
+                typer.echo(f"diffgen: sending to {client.url} ({served.id}), {concurrency} request(s) at a time",
+                           err=True)
+            start = time.perf_counter()
+            progress: Any = None
+            if not quiet:
+                progress = _Progress(console) if console.is_terminal else _LineProgress(sys.stderr, PROGRESS_INTERVAL)
+            try:
+                summary = batch_mod.run_concurrent(items, send=send, output=out, concurrency=concurrency,
+                                                   fatal=unreachable,
+                                                   progress=progress.update if progress else lambda s, t: None)
+            except RemoteError as exc:
+                where = f"{output}" if output is not None else "the output"
+                raise RemoteError(exc.message, f"{exc.hint + '; ' if exc.hint else ''}the records finished are in "
+                                               f"{where}: rerun with --resume to do the rest") from exc
+            finally:
+                if progress:
+                    progress.stop()
+        finally:
+            out.close()
+    finally:
+        client.close()
+    if not quiet:
+        _summary_line(summary, time.perf_counter() - start)
+    return summary
+
+
+def _summary_line(summary: Any, elapsed: float) -> None:
+    typer.echo(
+        f"diffgen: {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped of {summary.total} "
+        f"records in {elapsed:.1f} s ({summary.done / elapsed if elapsed else 0:.2f} records/s, "
+        f"{summary.tokens / elapsed if elapsed else 0:.1f} tokens/s)",
+        err=True,
+    )
 
 
 def _kept_settings(prepared: Any, *, model: str, seed: int, system: Optional[str], raw: bool,
@@ -351,13 +468,7 @@ def _run(batch_mod: Any, items: list, loaded: Any, defaults: Any, base_seed: int
         if progress:
             progress.stop()
     if show:
-        elapsed = time.perf_counter() - start
-        typer.echo(
-            f"diffgen: {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped of {summary.total} "
-            f"records in {elapsed:.1f} s ({summary.done / elapsed if elapsed else 0:.2f} records/s, "
-            f"{summary.tokens / elapsed if elapsed else 0:.1f} tokens/s)",
-            err=True,
-        )
+        _summary_line(summary, time.perf_counter() - start)
     return summary
 
 

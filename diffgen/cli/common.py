@@ -118,8 +118,12 @@ class Observer:
         from diffgen.records import trace
 
         for record in trace.records([event], self.texts):
-            for sink in self.sinks:
-                sink.update(record)
+            self.on_record(record)
+
+    def on_record(self, record: Any) -> None:
+        """One host record (a step or committed canvas), e.g. rebuilt from a server's stream."""
+        for sink in self.sinks:
+            sink.update(record)
 
     def finish(self, text: str, stats: dict[str, Any]) -> None:
         if self.writer is not None:
@@ -128,15 +132,20 @@ class Observer:
 
 @contextlib.contextmanager
 def observing(console: Any, tokenizer: Any, *, show_steps: bool, trace_file: Optional[Path], model: str,
-              prompt: str, settings: Any, canvas_length: int) -> Iterator[Optional[Observer]]:
-    """An :class:`Observer` for ``--show-steps`` / ``--trace`` (``None`` when neither is asked for)."""
+              prompt: str, settings: Any, canvas_length: int,
+              channel_ids: Optional[tuple[int, int]] = None) -> Iterator[Optional[Observer]]:
+    """An :class:`Observer` for ``--show-steps`` / ``--trace`` (``None`` when neither is asked for).
+
+    ``tokenizer`` ``None`` (a run on a server, whose records come with their texts): the thought
+    channel's ids are ``channel_ids``; ``settings`` may then be the settings' dict."""
     if not show_steps and trace_file is None:
         yield None
         return
     from diffgen.records import trace
     from diffgen.ui import view
 
-    texts = trace.TokenTexts(tokenizer)
+    texts = trace.TokenTexts(tokenizer) if tokenizer is not None else None
+    channel_ids = texts.channel_ids if texts is not None else channel_ids
     with contextlib.ExitStack() as stack:
         sinks: list[Any] = []
         writer = None
@@ -146,11 +155,11 @@ def observing(console: Any, tokenizer: Any, *, show_steps: bool, trace_file: Opt
             except OSError as exc:
                 raise UsageError(f"cannot write --trace {trace_file}: {exc.strerror or exc}") from exc
             writer = trace.TraceWriter(handle)
-            writer.header(model=model, prompt=prompt, settings=settings.to_dict(), canvas_length=canvas_length,
-                          channel_ids=texts.channel_ids)
+            writer.header(model=model, prompt=prompt, settings=settings if isinstance(settings, dict) else
+                          settings.to_dict(), canvas_length=canvas_length, channel_ids=channel_ids)
             sinks.append(writer)
         if show_steps:
-            sinks.append(stack.enter_context(view.step_view(console, texts.channel_ids, sys.stderr)))
+            sinks.append(stack.enter_context(view.step_view(console, channel_ids, sys.stderr)))
         yield Observer(sinks, writer, texts)
 
 
@@ -197,6 +206,16 @@ def encode_with_images(prepared: Any, tokenizer: Any, text: str, pictures: list[
     images.check_image_context(vision, len(ids), text_config.get("max_position_embeddings"), canvases * canvas)
     generate.check_context_config(prepared.config, len(ids), settings)
     return ids, vision
+
+
+def refuse_local_only(ctx: Any, flags: dict[str, str], where: str = "--server") -> None:
+    """With ``--server``, a usage error for a flag that only a local run uses (``flags``: parameter
+    name -> flag as written), when it was given on the command line or in the environment (a
+    config file's defaults for local runs are not an error)."""
+    for name, flag in flags.items():
+        if parameter_source(ctx, name) in ("COMMANDLINE", "ENVIRONMENT"):
+            raise UsageError(f"{flag} only applies to a model loaded here, not to one behind {where}",
+                             f"drop {flag} (the server decides how it runs the model), or drop {where} to run here")
 
 
 def prepare_generation(model: str, *, seed: Optional[int], flags: dict[str, Any], **load: Any) -> Any:

@@ -193,6 +193,14 @@ NoStdinOption = Annotated[
                                     "< /dev/null): `while read p; do diffgen run --no-stdin \"$p\"; done < prompts.txt`."),
 ]
 
+ServerOption = Annotated[
+    Optional[str],
+    typer.Option("--server", envvar="DIFFGEN_SERVER", show_envvar=True, show_default="none: run here",
+                 metavar="<url>",
+                 help="Send the work to an OpenAI-compatible server (diffgen serve, vLLM, ...) instead of loading the "
+                      "model here, e.g. http://127.0.0.1:8000. DIFFGEN_API_KEY is sent as its key."),
+]
+
 
 def sampler_choice(exact: bool, fast: bool, compile: bool = False) -> Optional[bool]:
     """``--exact`` / ``--fast`` (/ ``--compile``) -> the loop's ``exact`` argument (``None``: the

@@ -46,8 +46,9 @@ EPILOG = (
     "(OpenAI wire format; stream: true answers as server-sent events, one delta per committed canvas). "
     "Thoughts come in reasoning_content, never in content. Sampler settings are extra body fields named "
     "as in batch records: steps, entropy_bound, t_min, t_max, stability, confidence; plus max_tokens, "
-    "stop, seed and n. One generation runs at a time; others wait their turn. SIGTERM or Ctrl-C lets "
-    "the requests in flight finish, then stops."
+    "stop, seed and n. Extensions: stream_steps (with stream) sends every denoising step, which "
+    "`diffgen run --server URL --show-steps` draws; each choice carries diffgen_stats. One generation runs at a "
+    "time; others wait their turn. SIGTERM or Ctrl-C lets the requests in flight finish, then stops."
 )
 
 

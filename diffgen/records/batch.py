@@ -476,3 +476,70 @@ def _fail(summary: Summary, output: Output, item: Job | InputError, message: str
     output.write(error_record(item, message))
     summary.failed += 1
     summary.failures.append(f"line {item.line}: {message}")
+
+
+def run_concurrent(items: Sequence[Job | InputError], *, send: Callable[[Job], dict[str, Any]], output: Output,
+                   concurrency: int, fatal: Callable[[BaseException], bool] = lambda exc: False,
+                   progress: Callable[[Summary, int], None] = lambda summary, tokens: None) -> Summary:
+    """Run every item not already in ``output`` through ``send(job)`` (one request to a server,
+    returning the record's fields), with at most ``concurrency`` requests in flight; write one
+    record per item as its answer arrives.
+
+    Threads rather than asyncio: the requests block on the network, not the CPU, and a thread
+    per request in flight keeps ``send`` an ordinary function (the same one a test calls).
+    Records are written from this thread only, so their lines never interleave. A failure of one
+    request becomes its error record (``--resume`` retries it); one for which ``fatal(exc)`` is
+    true (the server cannot be reached) stops the run: nothing more is sent, the answers in
+    flight are written as they arrive, and the exception is raised, so that the records not
+    done are simply absent and ``--resume`` does them.
+    """
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    summary = Summary(total=len(items))
+    todo: list[Job] = []
+    for item in items:
+        if output.is_done(item):
+            summary.skipped += 1
+        elif isinstance(item, InputError):
+            _fail(summary, output, item, item.message)
+        else:
+            todo.append(item)
+    progress(summary, 0)
+    stop: BaseException | None = None
+    pending = iter(todo)
+    executor = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="diffgen-request")
+    drained = False  # every request sent has been answered (or failed): nothing left to wait for
+    try:
+        flying = {}
+        for job in pending:
+            flying[executor.submit(send, job)] = job
+            if len(flying) >= concurrency:
+                break
+        while flying:
+            done, _ = wait(flying, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = flying.pop(future)
+                exc = future.exception()
+                if exc is None:
+                    result = future.result()
+                    output.write({"id": job.id, "line": job.line, **result})
+                    summary.ok += 1
+                    tokens = len(result.get("tokens") or ())
+                    summary.tokens += tokens
+                    progress(summary, tokens)
+                elif fatal(exc):
+                    stop = stop or exc
+                else:
+                    _fail(summary, output, job, _describe(exc))
+                    progress(summary, 0)
+                if stop is None:
+                    following = next(pending, None)
+                    if following is not None:
+                        flying[executor.submit(send, following)] = following
+        drained = True
+    finally:
+        # Interrupted (Ctrl-C): do not wait for the requests in flight; the caller closes their connections.
+        executor.shutdown(wait=drained, cancel_futures=True)
+    if stop is not None:
+        raise stop
+    return summary

@@ -23,6 +23,7 @@ the limit, 422 bad parameters); an unexpected exception in a request becomes a 5
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -148,7 +149,8 @@ class Engine:
         return wire.Choice(text=text, thoughts=completion.thoughts,
                            finish_reason=wire.finish_reason(completion.finish_reason, stopped),
                            token_ids=tuple(completion.token_ids), prompt_tokens=len(ids),
-                           completion_tokens=len(completion.token_ids))
+                           completion_tokens=len(completion.token_ids),
+                           stats=dataclasses.asdict(completion.stats))
 
     def complete(self, request: wire.Request, ids: list[int]) -> list[wire.Choice]:
         """Every choice, one generation after the other (blocking; run it in a worker thread)."""
@@ -167,12 +169,13 @@ class Engine:
             return choices
 
     def run_streaming(self, request: wire.Request, ids: list[int], put: Any, vision: Any = None) -> None:
-        """Generate every choice, calling ``put(item)`` after each committed canvas with
-        ``("canvas", index, text, thoughts)`` and at each choice's end with
-        ``("done", index, Choice)``; then ``("end",)``, or ``("error", exc)`` first if one is raised.
-        ``vision``: the prompt's image inputs (:meth:`check_images`)."""
+        """Generate every choice, calling ``put(item)`` after each denoising step with
+        ``("step", index, StepEvent)`` (only with ``request.stream_steps``; batch dimension 1),
+        after each committed canvas with ``("canvas", index, text, thoughts)`` and at each
+        choice's end with ``("done", index, Choice)``; then ``("end",)``, or ``("error", exc)``
+        first if one is raised. ``vision``: the prompt's image inputs (:meth:`check_images`)."""
         from diffgen.denoise.channels import split_response
-        from diffgen.denoise.loop import CanvasEvent, stream
+        from diffgen.denoise.loop import CanvasEvent, StepEvent, stream
 
         try:
             if request.schema is not None:  # the JSON is sent whole, as one delta, once it is generated
@@ -184,11 +187,13 @@ class Engine:
             with self.lock:
                 for index in range(request.n):
                     settings = self.settings_for(request, index)
-                    generation = stream(self.loaded, [ids], settings, observe=False, exact=self.exact,
-                                        vision=[vision] if vision is not None else None)
+                    generation = stream(self.loaded, [ids], settings, observe=request.stream_steps,
+                                        exact=self.exact, vision=[vision] if vision is not None else None)
                     eos = set(settings.eos_token_ids)
                     tokens: list[int] = []
                     for event in generation:
+                        if isinstance(event, StepEvent):
+                            put(("step", index, event))
                         if not isinstance(event, CanvasEvent):
                             continue
                         tokens.extend(event.tokens[0].tolist())
@@ -431,22 +436,68 @@ def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body: int =
         choices = await run_in_threadpool(engine.complete, parsed, ids)
         return wire.response(parsed, engine.name, choices, id=wire.new_id(parsed.kind), created=wire.now())
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=ANSWERS)
     async def chat_completions(request: Request) -> Any:
         return await answer(request, wire.parse_chat)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=ANSWERS)
     async def completions(request: Request) -> Any:
         return await answer(request, wire.parse_text)
+
+    generated = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # The bodies are added to the generated document rather than passed as openapi_extra, which
+        # FastAPI encodes as JSON numbers of its own (2**63 - 1, the seed's maximum, became a float).
+        if app.openapi_schema is None:
+            document = generated()
+            for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "text")):
+                document["paths"][path]["post"].update(request_body(kind))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     return app
 
 
+def request_body(kind: str) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of an endpoint whose handler reads the raw body (the checks are
+    :mod:`~diffgen.server.wire`'s, so FastAPI cannot infer it): the schema from wire's field tables,
+    so the document cannot drift from them."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": wire.body_schema(kind)}}}}
+
+
+ERROR_OBJECT = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The answer (a JSON object), or with stream: true server-sent events.",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    **{status: {"description": what, "content": {"application/json": {"schema": ERROR_OBJECT}}}
+       for status, what in ((400, "Malformed JSON or a prompt over the context."),
+                            (401, "A missing or wrong API key."), (404, "An unknown model."),
+                            (413, "A body over the size limit."), (422, "A bad parameter."),
+                            (429, "The queue is full; retry after Retry-After seconds."),
+                            (500, "The generation failed (see the server's log)."))},
+}
+
+
 def model_card(engine: Engine) -> dict[str, Any]:
+    """The model's ``/v1/models`` entry. Beside OpenAI's fields: ``max_model_len`` (vLLM's name),
+    ``canvas_length``, and for diffgen's own clients ``diffgen_settings`` (the checkpoint's
+    generation settings, which a request's fields replace) and ``diffgen_channel_ids`` (the thought
+    channel's open/close token ids, or null), which ``run --server`` needs to print what a local
+    run prints."""
+    from diffgen.records.trace import TokenTexts
+
     model = engine.loaded.model
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    channel_ids = TokenTexts(engine.loaded.tokenizer).channel_ids
     return {"id": engine.name, "object": "model", "created": 0, "owned_by": "diffgen",
-            "max_model_len": context, "canvas_length": int(model.config.canvas_length)}
+            "max_model_len": context, "canvas_length": int(model.config.canvas_length),
+            "diffgen_settings": engine.settings.to_dict(),
+            "diffgen_channel_ids": list(channel_ids) if channel_ids else None}
 
 
 def sse(data: Any) -> str:
@@ -478,6 +529,14 @@ async def stream_events(engine: Engine, request: wire.Request, ids: list[int], v
     started = [False] * request.n
     finished: list[wire.Choice] = []
 
+    steps = StepRecords(engine, request.n) if request.stream_steps else None
+
+    def extension(index: int, field: str, payload: dict[str, Any]) -> str:
+        role = request.kind == "chat" and not started[index]
+        started[index] = True
+        return sse(wire.extension_chunk(request, name, id=id_, created=created, index=index, name=field,
+                                        payload=payload, role=role))
+
     def piece(index: int, content: str, reasoning: str, **extra: Any) -> Optional[str]:
         role = request.kind == "chat" and not started[index]
         if not (content or reasoning or role or extra):
@@ -488,8 +547,16 @@ async def stream_events(engine: Engine, request: wire.Request, ids: list[int], v
 
     while True:
         item = await queue.get()
-        if item[0] == "canvas":
+        if item[0] == "step":
+            _, index, event = item
+            if steps is not None:
+                # Off the event loop: reading a step's tensors waits for the device.
+                record = await asyncio.to_thread(steps.step, index, event)
+                yield extension(index, "diffgen_step", wire.step_payload(record))
+        elif item[0] == "canvas":
             _, index, text, thought = item
+            if steps is not None and (record := steps.commit(index)) is not None:
+                yield extension(index, "diffgen_canvas", wire.canvas_payload(record))
             out = piece(index, texts[index].update(text), thoughts[index].update(thought or ""))
             if out:
                 yield out
@@ -502,7 +569,8 @@ async def stream_events(engine: Engine, request: wire.Request, ids: list[int], v
                 yield out
             yield sse(wire.chunk(request, name, id=id_, created=created, index=index,
                                  finish_reason=choice.finish_reason,
-                                 token_ids=list(choice.token_ids) if request.return_token_ids else None))
+                                 token_ids=list(choice.token_ids) if request.return_token_ids else None,
+                                 stats=choice.stats))
         elif item[0] == "error":
             exc = item[1]
             LOG.error("diffgen: error while streaming", exc_info=exc)
@@ -514,3 +582,50 @@ async def stream_events(engine: Engine, request: wire.Request, ids: list[int], v
     if request.include_usage and finished:
         yield sse(wire.usage_chunk(request, name, finished, id=id_, created=created))
     yield "data: [DONE]\n\n"
+
+
+class StepRecords:
+    """Host records of a streamed request's steps (``stream_steps``), one choice at a time.
+
+    Each step event becomes the :class:`~diffgen.records.trace.StepRecord` a local run's view and
+    trace would get (token texts decoded here, with the model's tokenizer, so that a client needs
+    none). The committed canvas, which the contract's canvas item carries only as text, is the
+    canvas's last draft with pad after its first EOS: what the loop commits for a row.
+    """
+
+    def __init__(self, engine: Engine, choices: int):
+        from diffgen.records import trace
+
+        self.texts = trace.TokenTexts(engine.loaded.tokenizer)
+        self.eos = set(engine.settings.eos_token_ids)
+        self.pad = engine.settings.pad_token_id
+        self.last: list[Any] = [None] * choices
+        self.count = [0] * choices
+
+    def step(self, index: int, event: Any) -> Any:
+        from diffgen.records import trace
+
+        record = next(trace.records([event], self.texts))
+        if self.last[index] is not None and self.last[index].canvas != record.canvas:
+            self.count[index] = 0
+        self.last[index] = record
+        self.count[index] += 1
+        return record
+
+    def commit(self, index: int) -> Any:
+        """The :class:`~diffgen.records.trace.CanvasRecord` of the canvas just committed (``None``
+        when no step of it was seen)."""
+        from diffgen.records.trace import CanvasRecord
+
+        last = self.last[index]
+        if last is None:
+            return None
+        tokens = list(last.draft)
+        end = next((at for at, token in enumerate(tokens) if token in self.eos), None)
+        if end is not None:
+            tokens[end + 1:] = [self.pad] * (len(tokens) - end - 1)
+        record = CanvasRecord(canvas=last.canvas, canvases=last.canvases, tokens=tokens,
+                              texts=self.texts.texts(tokens), steps=self.count[index], finished=end is not None,
+                              elapsed=last.elapsed, fixed=last.fixed)
+        self.last[index], self.count[index] = None, 0
+        return record

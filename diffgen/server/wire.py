@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-from diffgen.settings import SAMPLER_FLAGS, SEED_LIMIT, field_problem
+from diffgen.settings import FIELD_SCHEMAS, SAMPLER_FLAGS, SEED_LIMIT, field_problem
 
 MAX_CHOICES = 8  # ``n`` at most: each choice is one more generation in this one-request-at-a-time server
 MAX_STOP = 4  # OpenAI's own limit on stop sequences
@@ -103,6 +103,9 @@ class Request:
             ``None``: a plain-text answer.
         images: the ``image_url`` URLs of every message, in order, each with the body field it
             came from (``messages[1].content[0]``); empty for text-only requests.
+        stream_steps: extension: stream every denoising step as a ``diffgen_step`` chunk (and
+            each committed canvas as a ``diffgen_canvas`` chunk), so a remote client can draw the
+            live view or write a trace; only with ``stream``.
     """
 
     kind: str
@@ -119,6 +122,7 @@ class Request:
     return_token_ids: bool
     schema: Optional[dict[str, Any]] = None
     images: tuple[tuple[str, str], ...] = ()
+    stream_steps: bool = False
 
     def choice_seed(self, index: int) -> int:
         return (self.seed + index) % SEED_LIMIT
@@ -274,6 +278,11 @@ def _common(body: dict[str, Any], kind: str, *, messages: tuple[dict[str, Any], 
             raise invalid("stream_options", "must be an object")
         include_usage = _bool(options, "include_usage", False, name="stream_options.include_usage")
     schema = _response_format(body.get("response_format"))
+    stream_steps = _bool(body, "stream_steps", False)
+    if stream_steps and not stream:
+        raise invalid("stream_steps", "needs stream: true (the steps are sent as server-sent events)")
+    if stream_steps and schema is not None:
+        raise invalid("stream_steps", "does not combine with response_format json_schema yet; drop one of them")
     if schema is not None:
         if think:
             raise invalid(None, "response_format json_schema does not combine with thinking mode yet; "
@@ -283,7 +292,8 @@ def _common(body: dict[str, Any], kind: str, *, messages: tuple[dict[str, Any], 
                                   "the JSON); drop stop")
     return Request(kind=kind, model=model, messages=messages, prompt=prompt, think=think, flags=flags, seed=seed,
                    n=n, stop=stop, stream=stream, include_usage=include_usage,
-                   return_token_ids=_bool(body, "return_token_ids", False), schema=schema)
+                   return_token_ids=_bool(body, "return_token_ids", False), schema=schema,
+                   stream_steps=stream_steps)
 
 
 def _response_format(value: Any) -> Optional[dict[str, Any]]:
@@ -347,6 +357,62 @@ def _stop(value: Any) -> tuple[str, ...]:
     return tuple(stops)
 
 
+# -- the request bodies as JSON Schema (the OpenAPI document) ------------------------------------------
+
+_BOOL = {"type": "boolean"}
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+# Body field -> its JSON Schema, for the fields both endpoints read (the parsers above check each).
+BODY_FIELDS: dict[str, dict[str, Any]] = {
+    "model": {"type": "string", "description": "The served model (GET /v1/models); default: that one."},
+    "max_tokens": {**FIELD_SCHEMAS["max_new_tokens"], "description": "Most tokens to return."},
+    "max_completion_tokens": {**FIELD_SCHEMAS["max_new_tokens"], "description": "Another name of max_tokens."},
+    **{flag.key: {**FIELD_SCHEMAS[flag.field], "description": f"diffgen's sampler setting (the CLI's {flag.flag})."}
+       for flag in SAMPLER_FLAGS},
+    "seed": {**FIELD_SCHEMAS["seed"], "description": "Seed of choice 0; choice i uses seed + i. Default: random."},
+    "n": {"type": "integer", "minimum": 1, "maximum": MAX_CHOICES, "description": "Choices to generate."},
+    "stop": {"description": "Strings that end the answer (not included).",
+             "anyOf": [{"type": "string", "minLength": 1},
+                       {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "minLength": 1}}]},
+    "stream": {**_BOOL, "description": "Answer as server-sent events, one delta per committed canvas."},
+    "stream_options": {"type": "object", "properties": {"include_usage": _BOOL}},
+    "stream_steps": {**_BOOL, "description": "diffgen extension, with stream: a diffgen_step chunk per "
+                                             "denoising step and a diffgen_canvas chunk per committed canvas."},
+    "return_token_ids": {**_BOOL, "description": "Each choice also carries its generated token_ids."},
+    "response_format": {"type": "object", "description": "text, or json_schema (answers valid by construction "
+                                                         "for a subset of JSON Schema).",
+                        "properties": {"type": {"enum": ["text", "json_schema", "json_object"]},
+                                       "json_schema": {"type": "object"}}},
+    "temperature": {"type": "number", "description": "Ignored: the sampler has its own schedule (t_min, t_max)."},
+    "top_p": {"type": "number", "description": "Ignored."},
+    "logprobs": {"description": "Not supported: only false or null."},
+    "echo": {"description": "Not supported: only false or null."},
+    "tools": {"description": "Not supported: only empty or null."},
+}
+CHAT_FIELDS: dict[str, dict[str, Any]] = {
+    "messages": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["role", "content"],
+        "properties": {"role": {"enum": list(ROLES)},
+                       "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}}},
+    "think": {**_BOOL, "description": "Thinking mode (the thoughts come in reasoning_content)."},
+    "chat_template_kwargs": {"type": "object", "properties": {"enable_thinking": _BOOL}},
+}
+TEXT_FIELDS: dict[str, dict[str, Any]] = {
+    "prompt": {"description": "The prompt, sent as is (no chat template).",
+               "anyOf": [{"type": "string", "minLength": 1},
+                         {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string", "minLength": 1}}]},
+}
+
+
+def body_schema(kind: str) -> dict[str, Any]:
+    """The JSON Schema of a ``chat`` or ``text`` request body, from the field tables above (the
+    OpenAPI document's ``requestBody``). Other fields are allowed and ignored, as OpenAI clients
+    send some this server has no use for."""
+    own = CHAT_FIELDS if kind == "chat" else TEXT_FIELDS
+    return {"type": "object", "required": ["messages"] if kind == "chat" else ["prompt"],
+            "properties": {**own, **BODY_FIELDS}, "additionalProperties": True}
+
+
 # -- answers ----------------------------------------------------------------------------------------
 
 
@@ -365,7 +431,9 @@ def finish_reason(reason: str, stopped: bool) -> str:
 class Choice:
     """One finished choice. Attributes: ``text`` the answer (cut at a stop string);
     ``thoughts`` the thought channel (``None``: none opened); ``finish_reason`` OpenAI's;
-    ``token_ids`` the generated ids; ``prompt_tokens``/``completion_tokens`` counts."""
+    ``token_ids`` the generated ids; ``prompt_tokens``/``completion_tokens`` counts;
+    ``stats`` the choice's :class:`~diffgen.denoise.loop.CompletionStats` as
+    ``dataclasses.asdict`` (sent as ``diffgen_stats``; ``None``: none, nothing sent)."""
 
     text: str
     thoughts: Optional[str]
@@ -373,6 +441,7 @@ class Choice:
     token_ids: tuple[int, ...]
     prompt_tokens: int
     completion_tokens: int
+    stats: Optional[dict[str, Any]] = None
 
 
 def new_id(kind: str) -> str:
@@ -398,6 +467,8 @@ def response(request: Request, model: str, choices: list[Choice], *, id: str, cr
                     "finish_reason": choice.finish_reason, "logprobs": None}
         if request.return_token_ids:
             item["token_ids"] = list(choice.token_ids)
+        if choice.stats is not None:
+            item["diffgen_stats"] = choice.stats
         out.append(item)
     return {"id": id, "object": "chat.completion" if request.kind == "chat" else "text_completion",
             "created": created, "model": model, "choices": out, "usage": usage(choices)}
@@ -405,8 +476,9 @@ def response(request: Request, model: str, choices: list[Choice], *, id: str, cr
 
 def chunk(request: Request, model: str, *, id: str, created: int, index: int, content: Optional[str] = None,
           reasoning: Optional[str] = None, role: bool = False, finish_reason: Optional[str] = None,
-          token_ids: Optional[list[int]] = None) -> dict[str, Any]:
-    """One streamed chunk: a delta of the answer and/or the thoughts, or the finish."""
+          token_ids: Optional[list[int]] = None, stats: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """One streamed chunk: a delta of the answer and/or the thoughts, or the finish (which carries
+    ``token_ids`` when asked and the choice's ``diffgen_stats`` when known)."""
     if request.kind == "chat":
         delta: dict[str, Any] = {"role": "assistant"} if role else {}
         if content is not None:
@@ -422,7 +494,43 @@ def chunk(request: Request, model: str, *, id: str, created: int, index: int, co
         kind = "text_completion"
     if token_ids is not None:
         item["token_ids"] = token_ids
+    if stats is not None:
+        item["diffgen_stats"] = stats
     return {"id": id, "object": kind, "created": created, "model": model, "choices": [item]}
+
+
+def extension_chunk(request: Request, model: str, *, id: str, created: int, index: int, name: str,
+                    payload: dict[str, Any], role: bool = False) -> dict[str, Any]:
+    """An ordinary chunk of choice ``index`` with nothing in its delta, carrying ``payload`` as
+    the top-level field ``name`` (``diffgen_step`` or ``diffgen_canvas``): OpenAI clients see an
+    empty delta (or only the role, in a chat's first chunk) and go on; diffgen's own clients draw
+    the denoising from it."""
+    out = chunk(request, model, id=id, created=created, index=index, role=role)
+    out[name] = {"index": index, **payload}
+    return out
+
+
+def step_payload(record: Any) -> dict[str, Any]:
+    """``diffgen_step``'s fields from a :class:`~diffgen.records.trace.StepRecord` (one choice's
+    step on the host): the contract's ``canvas``, ``canvases``, ``step``, ``max_steps``,
+    ``temperature``, ``elapsed``, ``draft``, ``canvas_tokens``, ``accepted`` (0/1),
+    ``token_entropy`` (nats, 4 decimals), ``mean_entropy``, ``finished``, ``fixed`` (0/1 or null),
+    plus ``texts``: the display text of each accepted position (``""`` for noise), so that a client
+    without the model's tokenizer draws exactly what a local run draws."""
+    return {"canvas": record.canvas, "canvases": record.canvases, "step": record.step,
+            "max_steps": record.max_steps, "temperature": record.temperature, "elapsed": record.elapsed,
+            "draft": record.draft, "canvas_tokens": record.tokens, "accepted": [int(a) for a in record.accepted],
+            "token_entropy": record.entropy, "mean_entropy": record.mean_entropy, "finished": record.finished,
+            "fixed": None if record.fixed is None else [int(f) for f in record.fixed], "texts": record.texts}
+
+
+def canvas_payload(record: Any) -> dict[str, Any]:
+    """``diffgen_canvas``'s fields from a :class:`~diffgen.records.trace.CanvasRecord`: the committed
+    canvas (``tokens``, their ``texts``), the ``steps`` it took, ``finished`` (an EOS met),
+    ``elapsed`` seconds, ``fixed`` (0/1 or null)."""
+    return {"canvas": record.canvas, "canvases": record.canvases, "tokens": record.tokens, "texts": record.texts,
+            "steps": record.steps, "finished": record.finished, "elapsed": record.elapsed,
+            "fixed": None if record.fixed is None else [int(f) for f in record.fixed]}
 
 
 def usage_chunk(request: Request, model: str, choices: list[Choice], *, id: str, created: int) -> dict[str, Any]:

@@ -44,17 +44,32 @@ def write_answer(completion: Completion, out: IO[str]) -> None:
 
 def stats_line(completion: Completion) -> str:
     """One line of numbers, e.g. ``42 tokens in 1.20 s (35.0 tok/s), 2 canvases, steps 14+12, ...``."""
-    s = completion.stats
-    steps = "+".join(str(n) for n in s.steps_per_canvas)
+    return stats_line_of(dataclasses.asdict(completion.stats), completion.finish_reason)
+
+
+def stats_line_of(stats: dict[str, Any], finish_reason: str) -> str:
+    """:func:`stats_line` from the stats' fields (as a server's ``diffgen_stats`` sends them)."""
+    s = stats
+    steps = "+".join(str(n) for n in s["steps_per_canvas"])
     parts = [
-        f"{s.new_tokens} tokens in {s.seconds:.2f} s ({s.tokens_per_second:.1f} tok/s)",
-        f"prompt {s.prompt_tokens} tokens",
-        f"{s.canvases} canvas{'es' if s.canvases != 1 else ''}, steps {steps}",
-        f"{s.tokens_per_forward:.2f} tokens/forward",
-        f"finish {completion.finish_reason}",
+        f"{s['new_tokens']} tokens in {s['seconds']:.2f} s ({s['tokens_per_second']:.1f} tok/s)",
+        f"prompt {s['prompt_tokens']} tokens",
+        f"{s['canvases']} canvas{'es' if s['canvases'] != 1 else ''}, steps {steps}",
+        f"{s['tokens_per_forward']:.2f} tokens/forward",
+        f"finish {finish_reason}",
     ]
-    if s.peak_memory_bytes is not None:
-        parts.append(f"peak {s.peak_memory_bytes / 2**30:.2f} GiB")
+    if s.get("peak_memory_bytes") is not None:
+        parts.append(f"peak {s['peak_memory_bytes'] / 2**30:.2f} GiB")
+    return ", ".join(parts)
+
+
+def usage_line(new_tokens: int | None, prompt_tokens: int | None, seconds: float, finish_reason: str) -> str:
+    """What :func:`stats_line` can say of an answer from a server that sends no diffgen stats: the
+    token counts of its usage and the request's wall time (measured by the client)."""
+    parts = [f"{new_tokens if new_tokens is not None else '?'} tokens in {seconds:.2f} s"
+             + (f" ({new_tokens / seconds:.1f} tok/s)" if new_tokens is not None and seconds > 0 else ""),
+             f"prompt {prompt_tokens if prompt_tokens is not None else '?'} tokens", f"finish {finish_reason}",
+             "no denoising stats (not a diffgen server)"]
     return ", ".join(parts)
 
 
