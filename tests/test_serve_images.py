@@ -161,3 +161,19 @@ def test_run_server_sends_its_images_and_prints_what_a_local_run_prints(vision_s
     mine, theirs = json.loads(local.stdout), json.loads(remote.stdout)
     assert theirs["tokens"] == mine["tokens"] and theirs["text"] == mine["text"]
     assert theirs["stats"]["prompt_tokens"] == mine["stats"]["prompt_tokens"]
+
+
+def test_batch_server_sends_each_records_images_from_beside_the_input(vision_server, vision_checkpoint, picture,
+                                                                      tmp_path):
+    source = tmp_path / "in.jsonl"
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "x.png").write_bytes(picture.read_bytes())
+    source.write_text(json.dumps({"id": "one", "prompt": QUESTION, "image": "pics/x.png", "seed": 5}) + "\n"
+                      + json.dumps({"id": "lost", "prompt": QUESTION, "image": "pics/gone.png"}) + "\n")
+    done = run_cli("batch", str(source), "--server", vision_server.url, "--max-new-tokens", "32", "-q")
+    out = {r["id"]: r for r in map(json.loads, done.stdout.decode().splitlines())}
+    assert done.returncode == 1 and "gone.png" in out["lost"]["error"]
+    answer = _client(vision_server).chat.completions.create(
+        model=str(vision_checkpoint), messages=image_message(data_url(picture)), seed=5, max_tokens=32,
+        extra_body={"return_token_ids": True})
+    assert out["one"]["tokens"] == answer.choices[0].model_dump()["token_ids"]

@@ -178,6 +178,7 @@ def batch(
             summary = _remote(ctx, batch_mod, items, server, output, console, model=model, resume=resume,
                               overwrite=overwrite, quiet=quiet, concurrency=concurrency, seed=seed, system=system,
                               raw=raw, think=think,
+                              images_dir=Path(input_path).parent if input_path != "-" else Path("."),
                               flags=sampler_flags(max_new_tokens, steps, entropy_bound, t_min, t_max, stability,
                                                   confidence))
             _report_failures(summary, output)
@@ -230,10 +231,10 @@ BUSY_PATIENCE = 600.0
 
 def _remote(ctx: typer.Context, batch_mod: Any, items: list, server: str, output: Optional[Path], console: Any, *,
             model: str, resume: bool, overwrite: bool, quiet: bool, concurrency: int, seed: int,
-            system: Optional[str], raw: bool, think: bool, flags: dict[str, Any]) -> Any:
+            system: Optional[str], raw: bool, think: bool, flags: dict[str, Any], images_dir: Path) -> Any:
     """``batch --server``: every record is one request to an OpenAI-compatible server, ``concurrency``
     of them in flight; the output, its settings file, ``--resume`` and error records are those of a
-    local batch."""
+    local batch. A record's images (paths relative to the input file) go as PNG data URLs."""
     from diffgen.cli.funnel import doing
     from diffgen.remote import requests as remote
     from diffgen.remote.client import Client, RemoteError, Retry
@@ -253,8 +254,14 @@ def _remote(ctx: typer.Context, batch_mod: Any, items: list, server: str, output
         def send(job: Any) -> dict[str, Any]:
             record_seed = batch_mod.seed_for(job, seed)
             record_flags = {**flags, **dict(job.overrides)}
+            image_urls: tuple[str, ...] = ()
+            if job.images:
+                from diffgen import images
+
+                image_urls = tuple(images.data_url(images.read_image_file(images_dir / path, flag="image"))
+                                   for path in job.images)
             body, chat = remote.body(served.id, job.prompt, system=job.system or system, think=job.think or think,
-                                     raw=job.raw or raw, flags=record_flags, seed=record_seed)
+                                     raw=job.raw or raw, flags=record_flags, seed=record_seed, image_urls=image_urls)
             waited = 0.0
             while True:
                 try:
