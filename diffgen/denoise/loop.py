@@ -443,16 +443,7 @@ class Generation:
         self._result = self._collect(batch, committed_canvases, row_steps, forwards, eos, start)
 
     def _encode(self, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache) -> None:
-        model = self.loaded.model
-        ids = ids.clone(memory_format=torch.contiguous_format)
-        mask = model.model.encoder.create_masks_for_generate(
-            config=model.config,
-            inputs_embeds=torch.empty((ids.shape[0], ids.shape[1], 0), dtype=model.dtype, device=ids.device),
-            attention_mask=attention_mask,
-            position_ids=positions,
-            **{self._cache_kw: cache},
-        )
-        model.model.encoder(input_ids=ids, attention_mask=mask, position_ids=positions, **{self._cache_kw: cache})
+        encode(self.loaded.model, ids, attention_mask, positions, cache, self._cache_kw)
 
     def _collect(self, batch: _Batch, canvases: list[torch.Tensor], row_steps: list[torch.Tensor],
                  forwards: torch.Tensor, eos: torch.Tensor, start: float) -> GenerationResult:
@@ -461,16 +452,11 @@ class Generation:
         generated = torch.cat(canvases, dim=-1).tolist()
         steps = torch.stack(row_steps, dim=-1).tolist()
         forwards_list = forwards.tolist()
-        eos_ids = set(settings.eos_token_ids)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         seconds = time.perf_counter() - start
         completions = []
         for row, tokens in enumerate(generated):
-            end = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
-            if end is not None and end <= settings.max_new_tokens:
-                tokens, reason = tokens[:end], "eos"
-            else:
-                tokens, reason = tokens[: settings.max_new_tokens], "length"
+            tokens, reason = cut_completion(tokens, settings)
             response = split_response(self.loaded.tokenizer, tokens)
             stats = CompletionStats(
                 prompt_tokens=batch.prompt_lengths[row],
@@ -484,6 +470,35 @@ class Generation:
             )
             completions.append(Completion(response.text, response.thoughts, tuple(tokens), reason, stats))
         return GenerationResult(tuple(completions), settings)
+
+
+def cut_completion(tokens: Sequence[int], settings: GenerationSettings) -> tuple[list[int], FinishReason]:
+    """Generated ids cut before the first EOS (``"eos"``) or else at ``max_new_tokens`` (``"length"``)."""
+    eos_ids = set(settings.eos_token_ids)
+    end = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+    if end is not None and end <= settings.max_new_tokens:
+        return list(tokens[:end]), "eos"
+    return list(tokens[: settings.max_new_tokens]), "length"
+
+
+def encode(model, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache,
+           cache_kw: str | None = None) -> None:
+    """Run the encoder over ``ids`` ``(B, L)``, appending their keys and values to ``cache``.
+
+    ``attention_mask`` ``(B, cached + L)`` bool marks real tokens (False: left padding);
+    ``positions`` ``(1 or B, L)`` are the tokens' position ids. Shared by the loop and the
+    continuous batcher (:mod:`diffgen.denoise.batcher`).
+    """
+    cache_kw = cache_kw or cache_keyword(model)
+    ids = ids.clone(memory_format=torch.contiguous_format)
+    mask = model.model.encoder.create_masks_for_generate(
+        config=model.config,
+        inputs_embeds=torch.empty((ids.shape[0], ids.shape[1], 0), dtype=model.dtype, device=ids.device),
+        attention_mask=attention_mask,
+        position_ids=positions,
+        **{cache_kw: cache},
+    )
+    model.model.encoder(input_ids=ids, attention_mask=mask, position_ids=positions, **{cache_kw: cache})
 
 
 def check_context(model, prompt_tokens: int, settings: GenerationSettings) -> None:
