@@ -51,8 +51,8 @@ How it batches (and why):
 
 ``hold`` is a test hook: while it returns true the scheduler waits at the next boundary (it
 still drops cancelled rows and admits waiting ones there), which makes queue states
-reproducible without timing. ``diffgen serve`` wires it to the ``DIFFGEN_SERVE_HOLD`` file
-(tests only).
+reproducible without timing. ``diffgen serve`` wires it to the file named by
+``DIFFGEN_SERVE_HOLD`` (:func:`file_hold`; tests only).
 """
 
 from __future__ import annotations
@@ -103,6 +103,26 @@ def _stop_all() -> None:
 
 #: How often a held scheduler looks at its ``hold`` hook again (seconds between looks, not a deadline).
 HOLD_POLL = 0.02
+
+
+def file_hold(path: str) -> Callable[[], bool]:
+    """A ``hold`` hook read from a file (tests): no file, run; a file holding a number ``N > 0``,
+    run one canvas and write ``N - 1``; any other content (``0``, empty), wait at the boundary."""
+    from pathlib import Path
+
+    file = Path(path)
+
+    def hold() -> bool:
+        try:
+            text = file.read_text().strip()
+        except FileNotFoundError:
+            return False
+        if not text.isdigit() or int(text) <= 0:
+            return True
+        file.write_text(str(int(text) - 1))
+        return False
+
+    return hold
 
 
 def batch_key(settings: GenerationSettings) -> tuple:
@@ -549,7 +569,7 @@ class Batcher:
             else:
                 cut, _ = cut_completion(row.tokens, row.settings)
                 response = split_response(self.loaded.tokenizer, cut)
-                row.ticket.put(("canvas", row.index, response.text, response.thoughts))
+                self._put(row.ticket, ("canvas", row.index, response.text, response.thoughts))
 
     def _deliver_steps(self, rows: list[_Row], observed: list[int], state: Any, step: int, n_steps: int,
                        temperature: float) -> None:
@@ -562,7 +582,7 @@ class Batcher:
                 canvas_tokens=state.canvas[part].clone(), token_entropy=state.entropy[part].clone(),
                 mean_entropy=state.mean_entropy[part].clone(), finished=state.stopped[part].clone(),
                 elapsed=time.perf_counter() - row.started)
-            row.ticket.put(("step", row.index, event))
+            self._put(row.ticket, ("step", row.index, event))
 
     def _row_done(self, row: _Row) -> None:
         tokens, reason = cut_completion(row.tokens, row.settings)
@@ -574,7 +594,7 @@ class Batcher:
             steps_per_canvas=tuple(row.steps), tokens_per_forward=len(tokens) / max(row.forwards, 1),
             seconds=seconds, tokens_per_second=len(tokens) / seconds if seconds > 0 else 0.0,
             peak_memory_bytes=peak)
-        row.ticket.put(("done", row.index, Completion(response.text, response.thoughts, tuple(tokens), reason,
+        self._put(row.ticket, ("done", row.index, Completion(response.text, response.thoughts, tuple(tokens), reason,
                                                       stats)))
         self._row_closed(row, served=True)
 
@@ -594,9 +614,17 @@ class Batcher:
         if last:
             self._end(ticket)
 
+    def _put(self, ticket: Ticket, item: tuple) -> None:
+        """Hand ``item`` to the ticket's consumer; a consumer that raises is treated as gone."""
+        try:
+            ticket.put(item)
+        except Exception:  # noqa: BLE001 - the consumer's failure must not stop the batch
+            with self._cond:
+                ticket.cancelled = True
+
     def _end(self, ticket: Ticket) -> None:
         try:
-            ticket.put(("end",))
+            self._put(ticket, ("end",))
         finally:
             ticket.ended.set()
 
@@ -612,7 +640,7 @@ class Batcher:
         if waiting is not None:
             ticket._notify_start()
         try:
-            ticket.put(("error", exc))
+            self._put(ticket, ("error", exc))
         finally:
             self._end(ticket)
 
