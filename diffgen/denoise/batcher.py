@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import atexit
 import inspect
+import logging
 import math
 import threading
 import time
@@ -619,6 +620,7 @@ class Batcher:
         try:
             ticket.put(item)
         except Exception:  # noqa: BLE001 - the consumer's failure must not stop the batch
+            logging.getLogger("diffgen.batcher").exception("diffgen: a request's consumer failed; request cancelled")
             with self._cond:
                 ticket.cancelled = True
 
