@@ -257,3 +257,35 @@ def test_cache_surgery_round_trips(tiny):
         assert all(layer.keys.shape[0] == 3 for layer in cache.layers)
         with pytest.raises(ValueError):
             cache_concat(cache, filled(1, length + 1))
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_adaptive_stopping_rows_and_the_graph_path_match_rows_alone(sharp, graphs):
+    from conftest import SHARP_SETTINGS
+
+    def eager_capture(body):  # replays by running the body: the CUDA-graph path's logic on the CPU
+        return body
+
+    batcher = Batcher(sharp, max_batch=4, graphs=graphs, capture=eager_capture if graphs else None)
+    try:
+        rows = [sharp.defaults.replace(max_denoising_steps=12, max_new_tokens=tokens, seed=seed, **SHARP_SETTINGS)
+                for seed, tokens in ((1, 48), (2, 32), (3, 64))]
+        prompts = [prompt_mod.encode(sharp.tokenizer, TEXTS[k], raw=True) for k in range(3)]
+        recorders = [Recorder() for _ in rows]
+        hold = threading.Event()
+        hold.set()
+        batcher.hold = hold.is_set
+        tickets = [batcher.submit(p, [row], recorder) for p, row, recorder in zip(prompts, rows, recorders)]
+        hold.clear()
+        for ticket in tickets:
+            ticket.wait()
+        steps = set()
+        for p, row, recorder in zip(prompts, rows, recorders):
+            expected = loop.generate(sharp, [p], row, exact=False).completions[0]
+            got = recorder.done()[0]
+            assert got.token_ids == expected.token_ids
+            assert got.stats.steps_per_canvas == expected.stats.steps_per_canvas
+            steps.update(got.stats.steps_per_canvas)
+        assert len(steps) > 1 and min(steps) < 12  # some canvases stopped early, not all at the same step
+    finally:
+        batcher.close(wait=True)
