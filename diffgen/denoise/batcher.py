@@ -45,9 +45,10 @@ How it batches (and why):
   same positions and masks, same sampler, same steps, so the same tokens.
 * **Cancellation** (:meth:`Ticket.cancel`): a waiting request leaves the queue at once; a
   running row is dropped at the next boundary and its slot goes to the next waiting row.
-* **One model, one lock.** Every model call (encoding, a canvas's steps) runs under ``lock``,
-  which the server shares with its serial path; it is released between canvases, so an exact
-  request waiting for the lock runs between two canvases of a batch.
+* **One model, one lock.** Every device operation (a boundary's cache work, a canvas's steps)
+  runs under ``lock``, which the server shares with its serial path (so no other thread touches
+  the device while a step is recorded as a CUDA graph); it is released between canvases, so an
+  exact request waiting for the lock runs between two canvases of a batch.
 
 ``hold`` is a test hook: while it returns true the scheduler waits at the next boundary (it
 still drops cancelled rows and admits waiting ones there), which makes queue states
@@ -357,7 +358,8 @@ class Batcher:
                 if self._closed:
                     return
             try:
-                run = self._boundary(run)
+                with self.lock:  # every device operation of the batcher runs under the model's lock
+                    run = self._boundary(run)
                 if run is None:
                     continue
                 if self.hold is not None and self.hold():
@@ -378,7 +380,8 @@ class Batcher:
             self._counters.rows_in_flight = rows
 
     def _boundary(self, run: _Running | None) -> _Running | None:
-        """Between two canvases: drop, encode, trim, admit (see the module's docstring)."""
+        """Between two canvases: drop, encode, trim, admit (see the module's docstring). Call it
+        holding ``lock``."""
         if run is not None:
             keep = [i for i, row in enumerate(run.rows) if not row.ended and not row.ticket.cancelled]
             dropped = [row for i, row in enumerate(run.rows) if i not in set(keep)]
@@ -448,10 +451,9 @@ class Batcher:
         if run is None and all(length == total for length in lengths):
             positions = positions[:1]  # the loop's (1, L) positions: a batch of one is stream() exactly
         cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-        with self.lock:
-            if run is None and self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
-            encode(model, ids, mask, positions, cache, self._cache_kw)
+        if run is None and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        encode(model, ids, mask, positions, cache, self._cache_kw)
         now = time.perf_counter()
         for row in rows:
             row.started = now
@@ -485,8 +487,7 @@ class Batcher:
         positions = self._positions(lengths, total, length)
         if len(run.rows) == 1 or len(set(lengths)) == 1:
             positions = positions[:1]
-        with self.lock:
-            encode(self.loaded.model, run.pending, mask, positions, run.cache, self._cache_kw)
+        encode(self.loaded.model, run.pending, mask, positions, run.cache, self._cache_kw)
         run.mask, run.lengths, run.pending = mask, lengths, None
         with self._cond:
             self._counters.encoder_forwards += 1
