@@ -37,25 +37,45 @@ def metrics(served) -> dict[str, float]:
     return parse(response.text)
 
 
-def wait_for(served, **expected: float) -> dict[str, float]:
-    """Read /metrics until every ``diffgen_<name>`` has its expected value (how often to look, not how long)."""
+def wait_for(served, since: dict[str, float] | None = None, **expected: float) -> dict[str, float]:
+    """Read /metrics until every ``diffgen_<name>`` has its expected value (counted from the values in
+    ``since`` when given); how often to look, not how long to wait."""
+    since = since or {}
     while True:
         now = metrics(served)
-        if all(now[f"diffgen_{name}"] == value for name, value in expected.items()):
+        if all(now[f"diffgen_{name}"] - since.get(f"diffgen_{name}", 0) == value for name, value in expected.items()):
             return now
         assert served.process.poll() is None, served.stderr()
         time.sleep(0.02)
 
 
-@pytest.fixture()
-def hold(tmp_path):
-    """The hold file's path (absent: the scheduler runs)."""
-    return tmp_path / "hold"
-
-
-def serve(checkpoint, tmp_path, hold, *args):
-    return start_server(checkpoint, tmp_path / f"stderr-{len(list(tmp_path.iterdir()))}.log", *args,
+def serve(checkpoint, directory, hold, *args):
+    return start_server(checkpoint, directory / f"stderr-{len(list(directory.iterdir()))}.log", *args,
                         env={"DIFFGEN_SERVE_HOLD": str(hold)})
+
+
+@pytest.fixture(scope="module")
+def held(tmp_path_factory):
+    """A directory for a module's servers, and its hold file's path (absent: the scheduler runs)."""
+    directory = tmp_path_factory.mktemp("held")
+    return directory, directory / "hold"
+
+
+@pytest.fixture(scope="module")
+def batched(tiny_checkpoint, held):
+    """``diffgen serve --max-batch 16`` with the module's hold file, shared (tests count from /metrics deltas)."""
+    directory, hold = held
+    served = serve(tiny_checkpoint, directory, hold, "--max-batch", "16")
+    yield served
+    stop_server(served)
+
+
+@pytest.fixture()
+def hold(held):
+    """The hold file, removed again after each test."""
+    path = held[1]
+    yield path
+    path.unlink(missing_ok=True)
 
 
 def ask_all(served, model: str, count: int, tokens: int) -> list:
@@ -66,25 +86,28 @@ def ask_all(served, model: str, count: int, tokens: int) -> list:
         return [future.result() for future in futures]
 
 
-def test_16_concurrent_clients_are_answered_in_fewer_decoder_passes_than_one_at_a_time(tiny_checkpoint, tmp_path,
-                                                                                    hold):
+def test_16_concurrent_clients_are_answered_in_fewer_decoder_passes_than_one_at_a_time(tiny_checkpoint, batched,
+                                                                                    held, hold):
     model = str(tiny_checkpoint)
     passes = {}
     answers = {}
-    for max_batch in (16, 1):
-        served = serve(tiny_checkpoint, tmp_path, hold, "--max-batch", str(max_batch))
-        try:
+    sequential = serve(tiny_checkpoint, held[0], hold, "--max-batch", "1")
+    try:
+        for max_batch, served in ((16, batched), (1, sequential)):
+            before = metrics(served)
             hold.write_text("0")  # every request waits at the first boundary: they arrive "together"
             with ThreadPoolExecutor(1) as pool:
                 pending = pool.submit(ask_all, served, model, 16, 32)
                 wait_for(served, rows_in_flight=min(max_batch, 16), queue_depth=16 - min(max_batch, 16))
                 hold.unlink()
                 answers[max_batch] = pending.result()
-            counts = wait_for(served, requests_served_total=16, rows_in_flight=0, queue_depth=0)
-            passes[max_batch] = counts["diffgen_decoder_forwards_total"], counts["diffgen_row_forwards_total"]
+            counts = wait_for(served, before, requests_served_total=16)
+            wait_for(served, rows_in_flight=0, queue_depth=0)
+            passes[max_batch] = tuple(counts[name] - before[name] for name in
+                                      ("diffgen_decoder_forwards_total", "diffgen_row_forwards_total"))
             assert counts["diffgen_requests_rejected_total"] == 0
-        finally:
-            stop_server(served)
+    finally:
+        stop_server(sequential)
     assert all(len(a.choices) == 1 and a.choices[0].finish_reason in ("stop", "length") for a in answers[16])
     (batched, rows), (sequential, same_rows) = passes[16], passes[1]
     assert rows == same_rows and sequential == rows  # the same work; one row per pass when sequential
@@ -93,63 +116,59 @@ def test_16_concurrent_clients_are_answered_in_fewer_decoder_passes_than_one_at_
     assert [a.choices[0].text for a in answers[16]] == [a.choices[0].text for a in answers[1]]
 
 
-def test_a_request_joins_a_running_batch_at_a_canvas_boundary(tiny_checkpoint, tmp_path, hold, tiny):
+def test_a_request_joins_a_running_batch_at_a_canvas_boundary(tiny_checkpoint, batched, hold, tiny):
     model = str(tiny_checkpoint)
-    served = serve(tiny_checkpoint, tmp_path, hold)
-    try:
-        api = client(served)
-        hold.write_text("0")
-        first_chunks: list = []
-        body = {"model": model, "prompt": PROMPTS[0], "seed": 3, "max_tokens": 96, "stream": True,
-                "extra_body": FIXED}
-        streaming = threading.Thread(target=lambda: first_chunks.extend(api.completions.create(**body)))
-        streaming.start()
-        wait_for(served, rows_in_flight=1)
-        hold.write_text("1")  # one canvas of the first request, then wait at the next boundary
-        wait_for(served, batch_canvases_total=1)
-        with ThreadPoolExecutor(1) as pool:
-            late = pool.submit(api.completions.create, model=model, prompt=PROMPTS[2], seed=4, max_tokens=32,
-                               extra_body={**FIXED, "return_token_ids": True})
-            wait_for(served, rows_in_flight=2, queue_depth=0)  # admitted at the boundary: it joined
-            hold.unlink()
-            joined = late.result()
-        streaming.join()
-        counts = wait_for(served, requests_served_total=2)
-        assert counts["diffgen_batches_total"] == 1
-        assert first_chunks[-1].choices[0].finish_reason in ("stop", "length")
-        ids = prompt_mod.encode(tiny.tokenizer, PROMPTS[2], raw=True)
-        settings = tiny.defaults.replace(max_new_tokens=32, max_denoising_steps=4, stability_threshold=0, seed=4)
-        expected = loop.generate(tiny, [ids], settings, exact=False).completions[0]
-        assert joined.choices[0].model_extra["token_ids"] == list(expected.token_ids)
-        assert joined.choices[0].text == expected.text
-    finally:
-        stop_server(served)
+    served = batched
+    before = metrics(served)
+    api = client(served)
+    hold.write_text("0")
+    first_chunks: list = []
+    body = {"model": model, "prompt": PROMPTS[0], "seed": 3, "max_tokens": 96, "stream": True,
+            "extra_body": FIXED}
+    streaming = threading.Thread(target=lambda: first_chunks.extend(api.completions.create(**body)))
+    streaming.start()
+    wait_for(served, rows_in_flight=1)
+    hold.write_text("1")  # one canvas of the first request, then wait at the next boundary
+    wait_for(served, before, batch_canvases_total=1)
+    with ThreadPoolExecutor(1) as pool:
+        late = pool.submit(api.completions.create, model=model, prompt=PROMPTS[2], seed=4, max_tokens=32,
+                           extra_body={**FIXED, "return_token_ids": True})
+        wait_for(served, rows_in_flight=2, queue_depth=0)  # admitted at the boundary: it joined
+        hold.unlink()
+        joined = late.result()
+    streaming.join()
+    counts = wait_for(served, before, requests_served_total=2)
+    assert counts["diffgen_batches_total"] - before["diffgen_batches_total"] == 1
+    assert first_chunks[-1].choices[0].finish_reason in ("stop", "length")
+    ids = prompt_mod.encode(tiny.tokenizer, PROMPTS[2], raw=True)
+    settings = tiny.defaults.replace(max_new_tokens=32, max_denoising_steps=4, stability_threshold=0, seed=4)
+    expected = loop.generate(tiny, [ids], settings, exact=False).completions[0]
+    assert joined.choices[0].model_extra["token_ids"] == list(expected.token_ids)
+    assert joined.choices[0].text == expected.text
 
 
-def test_a_seeded_request_has_the_same_tokens_alone_and_batched(tiny_checkpoint, tmp_path, hold):
+def test_a_seeded_request_has_the_same_tokens_alone_and_batched(tiny_checkpoint, batched, hold):
     model = str(tiny_checkpoint)
-    served = serve(tiny_checkpoint, tmp_path, hold)
-    try:
-        api = client(served)
-        request = {"model": model, "messages": [{"role": "user", "content": "Why is the sky blue?"}], "seed": 11,
-                   "max_tokens": 48, "extra_body": {**FIXED, "return_token_ids": True}}
-        alone = api.chat.completions.create(**request)
-        hold.write_text("0")
-        with ThreadPoolExecutor(4) as pool:
-            together = [pool.submit(api.chat.completions.create, **request)]
-            together += [pool.submit(api.completions.create, model=model, prompt=PROMPTS[k], seed=k, max_tokens=16 * k,
-                                     extra_body=FIXED) for k in (1, 2, 3)]
-            wait_for(served, rows_in_flight=4)
-            hold.unlink()
-            batched = together[0].result()
-            assert all(f.result().choices for f in together)
-        assert batched.choices[0].model_extra["token_ids"] == alone.choices[0].model_extra["token_ids"]
-        assert batched.choices[0].message.content == alone.choices[0].message.content
-        streamed = list(api.chat.completions.create(**request, stream=True))
-        assert "".join(c.choices[0].delta.content or "" for c in streamed) == alone.choices[0].message.content
-        assert metrics(served)["diffgen_batches_total"] == 3
-    finally:
-        stop_server(served)
+    served = batched
+    before = metrics(served)
+    api = client(served)
+    request = {"model": model, "messages": [{"role": "user", "content": "Why is the sky blue?"}], "seed": 11,
+               "max_tokens": 48, "extra_body": {**FIXED, "return_token_ids": True}}
+    alone = api.chat.completions.create(**request)
+    hold.write_text("0")
+    with ThreadPoolExecutor(4) as pool:
+        together = [pool.submit(api.chat.completions.create, **request)]
+        together += [pool.submit(api.completions.create, model=model, prompt=PROMPTS[k], seed=k, max_tokens=16 * k,
+                                 extra_body=FIXED) for k in (1, 2, 3)]
+        wait_for(served, rows_in_flight=4)
+        hold.unlink()
+        with_others = together[0].result()
+        assert all(f.result().choices for f in together)
+    assert with_others.choices[0].model_extra["token_ids"] == alone.choices[0].model_extra["token_ids"]
+    assert with_others.choices[0].message.content == alone.choices[0].message.content
+    streamed = list(api.chat.completions.create(**request, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == alone.choices[0].message.content
+    assert metrics(served)["diffgen_batches_total"] - before["diffgen_batches_total"] == 3
 
 
 def raw_request(served, body: dict) -> socket.socket:
@@ -162,9 +181,9 @@ def raw_request(served, body: dict) -> socket.socket:
     return sock
 
 
-def test_a_full_queue_gets_429_and_a_client_that_hangs_up_frees_its_place(tiny_checkpoint, tmp_path, hold):
+def test_a_full_queue_gets_429_and_a_client_that_hangs_up_frees_its_place(tiny_checkpoint, held, hold):
     model = str(tiny_checkpoint)
-    served = serve(tiny_checkpoint, tmp_path, hold, "--max-batch", "1", "--max-queue", "1")
+    served = serve(tiny_checkpoint, held[0], hold, "--max-batch", "1", "--max-queue", "1")
     try:
         hold.write_text("0")
         body = {"model": model, "prompt": "Hi", "seed": 1, "max_tokens": 64, **FIXED}
