@@ -169,6 +169,11 @@ def test_a_seeded_request_has_the_same_tokens_alone_and_batched(tiny_checkpoint,
     streamed = list(api.chat.completions.create(**request, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == alone.choices[0].message.content
     assert metrics(served)["diffgen_batches_total"] - before["diffgen_batches_total"] == 3
+    # n choices are n rows of one batch, choice i with seed + i, as separate requests would be.
+    base = {"model": model, "prompt": "Hi", "max_tokens": 32, "extra_body": FIXED}
+    both = api.completions.create(**base, seed=7, n=2)
+    assert [c.text for c in both.choices] == [api.completions.create(**base, seed=seed).choices[0].text
+                                              for seed in (7, 8)]
 
 
 def raw_request(served, body: dict) -> socket.socket:

@@ -59,9 +59,11 @@ reproducible without timing. ``diffgen serve`` wires it to the file named by
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import inspect
 import logging
 import math
+import secrets
 import threading
 import time
 import weakref
@@ -87,7 +89,7 @@ from diffgen.denoise.loop import (
 from diffgen.denoise.sampling import FastSampler, TemperatureSchedule, entropy_bound_acceptance
 from diffgen.denoise.step import Decoder, GraphedSteps, StepContext, clone_state, denoise_step, initial_state
 from diffgen.errors import UsageError
-from diffgen.settings import GenerationSettings
+from diffgen.settings import SEED_LIMIT, GenerationSettings
 
 if TYPE_CHECKING:
     from diffgen.loading.loader import LoadedModel
@@ -283,7 +285,8 @@ class Batcher:
 
     def submit(self, prompt: Sequence[int], settings: Sequence[GenerationSettings], put: Callable[[tuple], None],
                *, observe: bool = False, on_start: Callable[[], None] | None = None) -> Ticket:
-        """Queue one request: ``prompt`` token ids, one settings per row (each with its seed).
+        """Queue one request: ``prompt`` token ids, one settings per row (each with its seed; a
+        random one where it is ``None``).
 
         ``on_start`` is called once, on the scheduler thread, when the request leaves the queue
         (its first row starts, or it was cancelled or failed while waiting).
@@ -292,6 +295,9 @@ class Batcher:
             raise UsageError("every prompt needs at least one token")
         if not settings:
             raise UsageError("a request needs at least one row")
+        # A row without a seed gets a random one (as the loop does), never one shared with its neighbours.
+        settings = [row if row.seed is not None else dataclasses.replace(row, seed=secrets.randbelow(SEED_LIMIT))
+                    for row in settings]
         ticket = Ticket(self, prompt, settings, put, observe, on_start)
         rows = [_Row(ticket=ticket, index=index, settings=row, key=batch_key(row),
                      canvases=math.ceil(row.max_new_tokens / self.canvas_length))
@@ -508,8 +514,7 @@ class Batcher:
         observed = [r for r, row in enumerate(rows) if row.ticket.observe and not row.ticket.cancelled]
         schedule = TemperatureSchedule(settings.t_min, settings.t_max, n_steps)
         with self.lock:
-            seeds = torch.tensor([row.settings.seed if row.settings.seed is not None else 0 for row in rows],
-                                 dtype=torch.long, device=device)
+            seeds = torch.tensor([row.settings.seed for row in rows], dtype=torch.long, device=device)
             sampler = FastSampler(self.vocab_size, length, seeds, self.softcap)
             temperatures = schedule(torch.arange(n_steps, 0, -1, dtype=torch.int32, device=device))
             eos = torch.tensor(settings.eos_token_ids, device=device)
