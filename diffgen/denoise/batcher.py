@@ -42,7 +42,14 @@ How it batches (and why):
   arrival order and stops at the first one that needs another key, so that row is served as
   soon as the running batch drains, and nothing that arrived later overtakes it (no starvation).
 * **A batch of one is** :func:`~diffgen.denoise.loop.stream`: same encoder and decoder calls,
-  same positions and masks, same sampler, same steps, so the same tokens.
+  same positions and masks, same sampler, same steps, so the same tokens. A row batched with
+  others got the very tokens it gets alone in every case measured on the CPU (torch 2.13, one
+  and two threads, the tiny test checkpoint and a 256-wide random model, rows joining and
+  leaving, adaptive stopping); on a GPU the matmul kernels picked for another batch size may
+  round differently, so there it is expected but not promised (not measured here).
+* **Costs.** A joining row's prompt is encoded padded to the batch's length (the padded columns
+  cost encoder work, not attention: they are masked), and every row attends over the batch's
+  longest sequence; trimming keeps that at the longest row still in the batch.
 * **Cancellation** (:meth:`Ticket.cancel`): a waiting request leaves the queue at once; a
   running row is dropped at the next boundary and its slot goes to the next waiting row.
 * **One model, one lock.** Every device operation (a boundary's cache work, a canvas's steps)
