@@ -42,7 +42,7 @@ EPILOG = (
     "  DIFFGEN_API_KEY=secret diffgen serve --host 0.0.0.0 --port 8000   (other machines: a key is required)\n\n"
     "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
     "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"seed\": 1}'\n\n"
-    "Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions "
+    "Endpoints: GET /health, GET /metrics, GET /v1/models, POST /v1/chat/completions, POST /v1/completions "
     "(OpenAI wire format; stream: true answers as server-sent events, one delta per committed canvas). "
     "Thoughts come in reasoning_content, never in content. Sampler settings are extra body fields named "
     "as in batch records: steps, entropy_bound, t_min, t_max, stability, confidence; plus max_tokens, "
@@ -50,7 +50,7 @@ EPILOG = (
     "(--max-batch); a request arriving later joins at the next canvas boundary, and a client that "
     "disconnects frees its row there. When --max-queue requests wait, new ones get 429 with Retry-After. "
     "--exact answers token for token as 'diffgen run --exact --seed' does, one request at a time. "
-    "GET /metrics: Prometheus counters (requests, rows in flight, queue depth, batches, decoder passes, 429s). "
+    "/metrics has Prometheus counters (requests, rows in flight, queue depth, batches, decoder passes, 429s). "
     "SIGTERM or Ctrl-C lets the requests in flight finish, then stops."
 )
 
