@@ -219,3 +219,25 @@ def test_a_full_queue_gets_429_and_a_client_that_hangs_up_frees_its_place(tiny_c
         assert "Traceback" not in served.stderr()
     finally:
         stop_server(served)
+
+
+def test_a_serial_request_runs_between_two_canvases_of_a_batch(tiny_checkpoint, batched, hold):
+    """A json_schema request (the serial path) shares the model with a running batch: it takes the
+    lock between canvases, so it is answered while the batch is held at a boundary."""
+    model = str(tiny_checkpoint)
+    before = metrics(batched)
+    hold.write_text("0")
+    api = client(batched)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(api.completions.create, model=model, prompt="Hi", seed=1, max_tokens=48,
+                              extra_body=FIXED)
+        wait_for(batched, rows_in_flight=1)
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                  "additionalProperties": False}
+        answer = api.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Fine?"}], seed=2, extra_body={"steps": 2},
+            response_format={"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}})
+        assert json.loads(answer.choices[0].message.content)["ok"] in (True, False)
+        assert metrics(batched)["diffgen_batch_canvases_total"] == before["diffgen_batch_canvases_total"]
+        hold.unlink()
+        assert running.result().choices[0].finish_reason in ("stop", "length")
