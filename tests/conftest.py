@@ -164,7 +164,8 @@ def stop_server(served: Served) -> None:
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
-    """``diffgen serve`` on the tiny checkpoint, shared by a test module."""
-    served = start_server(tiny_checkpoint, tmp_path_factory.mktemp("serve") / "stderr.log")
+    """``diffgen serve --exact`` on the tiny checkpoint, shared by a test module: answers are token for
+    token those of ``diffgen run --exact`` (the batched fast path: tests/test_serve_batching.py)."""
+    served = start_server(tiny_checkpoint, tmp_path_factory.mktemp("serve") / "stderr.log", "--exact")
     yield served
     stop_server(served)

@@ -35,7 +35,7 @@ def picture(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vision_server(vision_checkpoint, tmp_path_factory):
     served = start_server(vision_checkpoint, tmp_path_factory.mktemp("serve") / "stderr.log",
-                          "--allow-local-images", "--allow-remote-images")
+                          "--exact", "--allow-local-images", "--allow-remote-images")
     yield served
     stop_server(served)
 

@@ -19,8 +19,6 @@ from diffgen.cli.funnel import doing
 from diffgen.cli.options import (
     DEFAULT_MODEL,
     DeviceOption,
-    ExactOption,
-    FastOption,
     MaxMemoryOption,
     ModelOption,
     NoColorOption,
@@ -28,13 +26,15 @@ from diffgen.cli.options import (
     OfflineOption,
     QuantOption,
     QuietOption,
-    sampler_choice,
 )
 from diffgen.errors import UsageError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 API_KEY_ENV = "DIFFGEN_API_KEY"
+# Test hook (not for users): while this file exists, batches wait at their next canvas boundary
+# (a number N in it lets N more canvases run first; see diffgen.denoise.batcher.file_hold).
+HOLD_ENV = "DIFFGEN_SERVE_HOLD"
 
 EPILOG = (
     "Examples:\n\n"
@@ -42,13 +42,17 @@ EPILOG = (
     "  DIFFGEN_API_KEY=secret diffgen serve --host 0.0.0.0 --port 8000   (other machines: a key is required)\n\n"
     "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
     "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"seed\": 1}'\n\n"
-    "Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions "
+    "Endpoints: GET /health, GET /metrics, GET /v1/models, POST /v1/chat/completions, POST /v1/completions "
     "(OpenAI wire format; stream: true answers as server-sent events, one delta per committed canvas). "
     "Thoughts come in reasoning_content, never in content. Sampler settings are extra body fields named "
     "as in batch records: steps, entropy_bound, t_min, t_max, stability, confidence; plus max_tokens, "
     "stop, seed and n. Extensions: stream_steps (with stream) sends every denoising step, which "
-    "`diffgen run --server URL --show-steps` draws; each choice carries diffgen_stats. One generation runs at a "
-    "time; others wait their turn. SIGTERM or Ctrl-C lets the requests in flight finish, then stops."
+    "`diffgen run --server URL --show-steps` draws; each choice carries diffgen_stats. Requests that arrive together are denoised together as rows of one batch "
+    "(--max-batch); a request arriving later joins at the next canvas boundary, and a client that "
+    "disconnects frees its row there. When --max-queue requests wait, new ones get 429 with Retry-After. "
+    "--exact answers token for token as 'diffgen run --exact --seed' does, one request at a time. "
+    "/metrics has Prometheus counters (requests, rows in flight, queue depth, batches, decoder passes, 429s). "
+    "SIGTERM or Ctrl-C lets the requests in flight finish, then stops."
 )
 
 
@@ -81,9 +85,28 @@ def serve(
         typer.Option("--allow-remote-images", help="Let image_url parts be http(s) URLs, which the server fetches "
                                                    "(data: URLs are always accepted)."),
     ] = False,
+    max_batch: Annotated[
+        int,
+        typer.Option("--max-batch", min=1, metavar="<rows>",
+                     help="Rows (choices) denoised together at most; 1 answers one at a time. Each row costs "
+                          "about 1.3 GiB of sampler memory on the released model."),
+    ] = 8,
+    max_queue: Annotated[
+        int,
+        typer.Option("--max-queue", min=1, metavar="<requests>",
+                     help="Requests that may wait to start; one more gets 429 with Retry-After."),
+    ] = 64,
     device: DeviceOption = "auto",
-    exact: ExactOption = False,
-    fast: FastOption = False,
+    exact: Annotated[
+        bool,
+        typer.Option("--exact", help="Sampler: reproduce transformers' generate() token for token, as "
+                                     "'diffgen run --exact --seed' does; requests run one at a time (no batching)."),
+    ] = False,
+    fast: Annotated[
+        bool,
+        typer.Option("--fast", show_default="on",
+                     help="Sampler: the fast one (Gumbel-max sampling), whose requests are batched together."),
+    ] = False,
     quant: QuantOption = "auto",
     max_memory: MaxMemoryOption = None,
     offload: OffloadOption = False,
@@ -92,8 +115,9 @@ def serve(
     no_color: NoColorOption = False,
 ) -> None:
     """Keep the model loaded and answer OpenAI-compatible requests (chat, completions, streaming)."""
-    exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
-    exact_loop = sampler_choice(exact, fast)
+    exact, fast = exclusive(ctx, "give one of them, or neither for the fast sampler", exact=exact, fast=fast)
+    # A server exists for throughput: the fast sampler (batched) on every device unless --exact.
+    exact_loop = bool(exact)
     api_key = api_key or None
     if not is_loopback(host) and not api_key:
         raise UsageError(f"--host {host} would let other machines use this server without a key",
@@ -113,7 +137,11 @@ def serve(
 
         from diffgen.server.app import Engine, create_app
 
+        from diffgen.denoise.batcher import file_hold
+
+        hold_file = os.environ.get(HOLD_ENV)
         engine = Engine(loaded=loaded, name=model, settings=prepared.settings, exact=exact_loop,
+                        max_batch=max_batch, max_queue=max_queue, hold=file_hold(hold_file) if hold_file else None,
                         allow_local_images=allow_local_images, allow_remote_images=allow_remote_images)
         app = create_app(engine, api_key=api_key, max_body=max_body_size)
         shown = f"[{host}]" if ":" in host else host

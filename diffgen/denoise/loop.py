@@ -448,21 +448,7 @@ class Generation:
 
     def _encode(self, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache,
                 vision: dict[str, torch.Tensor] | None = None) -> None:
-        """Encode ``ids`` into the cache. ``vision``: the prompt's image inputs (first encode only),
-        passed as transformers' ``generate()`` passes them to its first encoder call."""
-        model = self.loaded.model
-        ids = ids.clone(memory_format=torch.contiguous_format)
-        vision = vision or {}
-        mask = model.model.encoder.create_masks_for_generate(
-            config=model.config,
-            inputs_embeds=torch.empty((ids.shape[0], ids.shape[1], 0), dtype=model.dtype, device=ids.device),
-            attention_mask=attention_mask,
-            position_ids=positions,
-            **{self._cache_kw: cache},
-            **({"mm_token_type_ids": vision["mm_token_type_ids"]} if vision else {}),
-        )
-        model.model.encoder(input_ids=ids, attention_mask=mask, position_ids=positions, **{self._cache_kw: cache},
-                            **vision)
+        encode(self.loaded.model, ids, attention_mask, positions, cache, self._cache_kw, vision=vision)
 
     def _vision_inputs(self, device: torch.device) -> dict[str, torch.Tensor] | None:
         """The batch's image inputs for the encoder: every row's images in row order (the order
@@ -486,16 +472,11 @@ class Generation:
         generated = torch.cat(canvases, dim=-1).tolist()
         steps = torch.stack(row_steps, dim=-1).tolist()
         forwards_list = forwards.tolist()
-        eos_ids = set(settings.eos_token_ids)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         seconds = time.perf_counter() - start
         completions = []
         for row, tokens in enumerate(generated):
-            end = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
-            if end is not None and end <= settings.max_new_tokens:
-                tokens, reason = tokens[:end], "eos"
-            else:
-                tokens, reason = tokens[: settings.max_new_tokens], "length"
+            tokens, reason = cut_completion(tokens, settings)
             response = split_response(self.loaded.tokenizer, tokens)
             stats = CompletionStats(
                 prompt_tokens=batch.prompt_lengths[row],
@@ -522,6 +503,39 @@ def _check_vision(vision: Sequence[VisionInputs | None] | None, prompts: list[li
         if v is not None and len(v.token_types) != len(p):
             raise UsageError(f"prompt {row}: {len(v.token_types)} token types for {len(p)} tokens")
     return list(vision)
+
+
+def cut_completion(tokens: Sequence[int], settings: GenerationSettings) -> tuple[list[int], FinishReason]:
+    """Generated ids cut before the first EOS (``"eos"``) or else at ``max_new_tokens`` (``"length"``)."""
+    eos_ids = set(settings.eos_token_ids)
+    end = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+    if end is not None and end <= settings.max_new_tokens:
+        return list(tokens[:end]), "eos"
+    return list(tokens[: settings.max_new_tokens]), "length"
+
+
+def encode(model, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache,
+           cache_kw: str | None = None, *, vision: dict[str, torch.Tensor] | None = None) -> None:
+    """Run the encoder over ``ids`` ``(B, L)``, appending their keys and values to ``cache``.
+
+    ``attention_mask`` ``(B, cached + L)`` bool marks real tokens (False: left padding);
+    ``positions`` ``(1 or B, L)`` are the tokens' position ids. Shared by the loop and the
+    continuous batcher (:mod:`diffgen.denoise.batcher`). ``vision``: a prompt's image inputs
+    (first encode only: ``pixel_values``, ``image_position_ids``, ``mm_token_type_ids``), passed
+    as transformers' ``generate()`` passes them to its first encoder call.
+    """
+    cache_kw = cache_kw or cache_keyword(model)
+    ids = ids.clone(memory_format=torch.contiguous_format)
+    mask = model.model.encoder.create_masks_for_generate(
+        config=model.config,
+        inputs_embeds=torch.empty((ids.shape[0], ids.shape[1], 0), dtype=model.dtype, device=ids.device),
+        attention_mask=attention_mask,
+        position_ids=positions,
+        **{cache_kw: cache},
+        **({"mm_token_type_ids": vision["mm_token_type_ids"]} if vision else {}),
+    )
+    model.model.encoder(input_ids=ids, attention_mask=mask, position_ids=positions, **{cache_kw: cache},
+                        **(vision or {}))
 
 
 def check_context(model, prompt_tokens: int, settings: GenerationSettings) -> None:

@@ -9,14 +9,21 @@ that vLLM's and SGLang's OpenAI servers use, so clients' expectations are met by
 The bodies themselves are checked by :mod:`diffgen.server.wire` (not pydantic models) so that the
 sampler's fields get the very checks and messages of the CLI.
 
-Concurrency in this slice: one generation at a time. Every generation runs in a worker thread
-(the event loop stays free to answer ``/health``, ``/v1/models`` and refusals) under one lock,
-so requests that arrive together wait their turn; batching them into one denoising batch is
-future work (issue 12, item 2).
+Concurrency: requests under the fast sampler (``serve``'s default) go to a continuous batcher
+(:mod:`diffgen.denoise.batcher`): requests that arrive together are denoised as rows of one
+batch, a request arriving while a batch runs joins it at the next canvas boundary (up to
+``--max-batch`` rows), and a row whose client disconnects is dropped at the next boundary.
+Requests the batcher cannot take (the exact sampler, ``response_format`` json_schema) run one
+at a time through the serial path (:meth:`Engine.serial_complete`,
+:meth:`Engine.serial_streaming`), in a worker thread. One first-come-first-served lock guards
+the model: the serial path holds it for a whole request, the batcher for one canvas at a time.
+Requests waiting to start (for a slot in the batch or for the lock) form the queue; when
+``--max-queue`` of them wait, a new one gets 429 with ``Retry-After``. ``GET /metrics`` shows
+the counts in Prometheus' text format (:mod:`diffgen.server.metrics`).
 
 Errors: every refusal is an OpenAI-style error object with its status (400 malformed JSON or a
 prompt over the context, 401 a missing or wrong key, 404 unknown model or route, 413 a body over
-the limit, 422 bad parameters); an unexpected exception in a request becomes a 500 error object
+the limit, 422 bad parameters, 429 a full queue); an unexpected exception in a request becomes a 500 error object
 (its traceback goes to the server's log, never to the client) and the server goes on.
 """
 
@@ -27,14 +34,17 @@ import dataclasses
 import hmac
 import json
 import logging
+import math
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -42,7 +52,58 @@ from diffgen.errors import DiffgenError, PromptTooLongError
 from diffgen.server import wire
 
 DEFAULT_MAX_BODY = 4 * 1024 * 1024  # bytes: a full 8k-token context is well under 100 kB of JSON
+DEFAULT_MAX_BATCH = 8  # rows denoised together: each costs ~1.3 GiB of logits-sized memory on the real model
+DEFAULT_MAX_QUEUE = 64  # requests waiting to start before new ones get 429
 LOG = logging.getLogger("diffgen.server")
+
+
+class FairLock:
+    """A lock handed out in the order it was asked for (``threading.Lock`` is not fair: a batcher
+    that releases and re-takes it between canvases could starve a waiting exact request)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = 0
+        self._serving = 0
+        self._held = False
+
+    def acquire(self) -> bool:
+        with self._cond:
+            turn = self._next
+            self._next += 1
+            while turn != self._serving:
+                self._cond.wait()
+            self._held = True
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._serving += 1
+            self._cond.notify_all()
+
+    def locked(self) -> bool:
+        return self._held
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+class Reservation:
+    """A request's place in the queue, given back once (:meth:`release`) when its generation starts."""
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+        self._released = False
+
+    def release(self) -> None:
+        with self._engine._admission:
+            if not self._released:
+                self._released = True
+                self._engine.counts["queued"] -= 1
 
 
 @dataclass
@@ -54,11 +115,19 @@ class Engine:
         name: the model id clients send and ``/v1/models`` lists.
         settings: the checkpoint's :class:`~diffgen.settings.GenerationSettings`; a request's
             fields replace some of them.
-        exact: the loop's ``exact`` argument (``None``: the device's default sampler).
-        lock: held while a generation runs (one at a time).
+        exact: the loop's ``exact`` argument (``None``: the device's default sampler). Requests
+            under the fast sampler are batched; under the exact one they run one at a time.
+        lock: guards the model: held for a whole serial request, or for one canvas of a batch.
         vocab: the :class:`~diffgen.denoise.schema.Vocabulary` that ``response_format``
             json_schema requests restrict their value slots to, built at the first such request
             (it reads every token's text once) and kept (``None`` until then).
+        max_batch: rows denoised together at most (1: one row at a time, through the batcher).
+        max_queue: requests that may wait to start; one more gets 429.
+        hold: test hook passed to the batcher (see :mod:`diffgen.denoise.batcher`).
+        batcher: the :class:`~diffgen.denoise.batcher.Batcher`, made at the first batched request.
+        counts: the serial path's and the queue's counters (``queued`` requests waiting to
+            start, ``rejected`` 429s, ``serial_served``/``serial_failed`` requests,
+            ``serial_running`` rows, ``serial_forwards`` decoder passes).
         allow_local_images: ``image_url`` parts may name local files (``serve --allow-local-images``).
         allow_remote_images: ``image_url`` parts may be http(s) URLs, fetched by the server
             (``serve --allow-remote-images``).
@@ -70,11 +139,96 @@ class Engine:
     name: str
     settings: Any
     exact: Optional[bool] = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: FairLock = field(default_factory=FairLock)
     vocab: Any = field(default=None, repr=False)
     allow_local_images: bool = False
     allow_remote_images: bool = False
     processor: Any = field(default=None, repr=False)
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_queue: int = DEFAULT_MAX_QUEUE
+    hold: Optional[Callable[[], bool]] = field(default=None, repr=False)
+    batcher: Any = field(default=None, repr=False)
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("queued", "rejected", "serial_served", "serial_failed", "serial_running", "serial_forwards"), 0))
+    _admission: Any = field(default_factory=threading.Lock, repr=False)
+    _mean_seconds: float = field(default=1.0, repr=False)
+
+    # -- where a request goes ----------------------------------------------------------------
+
+    @property
+    def fast(self) -> bool:
+        """Whether generations use the fast sampler (``exact=None``: the loop's device default)."""
+        if self.exact is None:
+            return self.loaded.model.device.type != "cpu"
+        return not self.exact
+
+    def batches(self, request: wire.Request) -> bool:
+        """Whether ``request`` goes to the batcher (else the serial path)."""
+        return self.fast and request.schema is None and not request.images
+
+    def admit(self) -> Reservation:
+        """A place in the queue, or a 429 :class:`~wire.ApiError` when ``max_queue`` requests wait."""
+        with self._admission:
+            queued = self.counts["queued"]
+            if queued >= self.max_queue:
+                self.counts["rejected"] += 1
+                raise wire.queue_full(queued, max(1, math.ceil(self._mean_seconds)))
+            self.counts["queued"] += 1
+        return Reservation(self)
+
+    def _finished(self, seconds: float) -> None:
+        """Keep a running mean of request time (for ``Retry-After``)."""
+        self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * seconds
+
+    def _get_batcher(self) -> Any:
+        from diffgen.denoise.batcher import Batcher
+
+        with self._admission:
+            if self.batcher is None:
+                self.batcher = Batcher(self.loaded, max_batch=self.max_batch, lock=self.lock, hold=self.hold)
+            return self.batcher
+
+    def submit(self, request: wire.Request, ids: list[int], put: Callable[[tuple], None],
+               reservation: Optional[Reservation] = None) -> Any:
+        """Hand a batchable request to the batcher; returns its :class:`~diffgen.denoise.batcher.Ticket`
+        (``cancel()`` it when the client goes away). ``put`` receives the items of
+        :meth:`run_streaming`, from the batcher's thread."""
+        batcher = self._get_batcher()
+        settings = [self.settings_for(request, index) for index in range(request.n)]
+        started = time.perf_counter()
+
+        def relay(item: tuple) -> None:
+            if item[0] == "done":
+                item = ("done", item[1], self.choice(request, ids, item[2]))
+            elif item[0] == "end":
+                self._finished(time.perf_counter() - started)
+            put(item)
+
+        return batcher.submit(ids, settings, relay, observe=bool(getattr(request, "stream_steps", False)),
+                              on_start=reservation.release if reservation is not None else None)
+
+    @contextmanager
+    def _serial(self, reservation: Optional[Reservation]) -> Iterator[None]:
+        """The serial path's turn: the model lock, the reservation given back, the counts kept."""
+        started = time.perf_counter()
+        try:
+            with self.lock:
+                if reservation is not None:
+                    reservation.release()
+                self.counts["serial_running"] += 1
+                try:
+                    yield
+                except BaseException:
+                    self.counts["serial_failed"] += 1
+                    raise
+                else:
+                    self.counts["serial_served"] += 1
+                finally:
+                    self.counts["serial_running"] -= 1
+        finally:
+            if reservation is not None:
+                reservation.release()
+            self._finished(time.perf_counter() - started)
 
     def prompt_ids(self, request: wire.Request) -> list[int]:
         """The request's token ids (chat template for chat, the text as is for completions)."""
@@ -150,41 +304,79 @@ class Engine:
                            finish_reason=wire.finish_reason(completion.finish_reason, stopped),
                            token_ids=tuple(completion.token_ids), prompt_tokens=len(ids),
                            completion_tokens=len(completion.token_ids),
-                           stats=dataclasses.asdict(completion.stats))
+                           stats=dataclasses.asdict(completion.stats) if completion.stats is not None else None)
 
-    def complete(self, request: wire.Request, ids: list[int]) -> list[wire.Choice]:
-        """Every choice, one generation after the other (blocking; run it in a worker thread)."""
+    def complete(self, request: wire.Request, ids: list[int], reservation: Optional[Reservation] = None,
+                 vision: Any = None) -> list[wire.Choice]:
+        """Every choice (blocking; run it in a worker thread): batched when :meth:`batches` says so,
+        else through :meth:`serial_complete` (``vision``: image inputs, serial path only)."""
+        if not self.batches(request):
+            return self.serial_complete(request, ids, reservation, vision)
+        done: dict[int, wire.Choice] = {}
+        failure: list[BaseException] = []
+
+        def put(item: tuple) -> None:
+            if item[0] == "done":
+                done[item[1]] = item[2]
+            elif item[0] == "error":
+                failure.append(item[1])
+
+        self.submit(request, ids, put, reservation).wait()
+        if failure:
+            raise failure[0]
+        return [done[index] for index in range(request.n)]
+
+    def run_streaming(self, request: wire.Request, ids: list[int], put: Any, reservation: Optional[Reservation] = None,
+                      cancelled: Optional[threading.Event] = None, vision: Any = None) -> None:
+        """Generate every choice, calling ``put(item)`` after each committed canvas with
+        ``("canvas", index, text, thoughts)`` and at each choice's end with
+        ``("done", index, Choice)``; then ``("end",)``, or ``("error", exc)`` first if one is raised
+        (blocking; batched when :meth:`batches` says so, else :meth:`serial_streaming`)."""
+        if not self.batches(request):
+            self.serial_streaming(request, ids, put, reservation, cancelled, vision)
+            return
+        ticket = self.submit(request, ids, put, reservation)
+        while not ticket.wait(0.1 if cancelled is not None else None):
+            if cancelled is not None and cancelled.is_set():
+                ticket.cancel()
+
+    def serial_complete(self, request: wire.Request, ids: list[int], reservation: Optional[Reservation] = None,
+                        vision: Any = None) -> list[wire.Choice]:
+        """Every choice, one generation after the other, under the lock (the serial path);
+        ``vision``: the prompt's image inputs (:meth:`check_images`)."""
         from diffgen.denoise.loop import generate
 
         if request.schema is not None:
             self.vocabulary()
-        with self.lock:
+        with self._serial(reservation):
             choices = []
             for index in range(request.n):
                 if request.schema is not None:
                     choices.append(self.schema_choice(request, ids, index))
                     continue
-                result = generate(self.loaded, [ids], self.settings_for(request, index), exact=self.exact)
+                result = generate(self.loaded, [ids], self.settings_for(request, index), exact=self.exact,
+                                  vision=[vision] if vision is not None else None)
+                self.counts["serial_forwards"] += sum(result.completions[0].stats.steps_per_canvas)
                 choices.append(self.choice(request, ids, result.completions[0]))
             return choices
 
-    def run_streaming(self, request: wire.Request, ids: list[int], put: Any, vision: Any = None) -> None:
-        """Generate every choice, calling ``put(item)`` after each denoising step with
-        ``("step", index, StepEvent)`` (only with ``request.stream_steps``; batch dimension 1),
-        after each committed canvas with ``("canvas", index, text, thoughts)`` and at each
-        choice's end with ``("done", index, Choice)``; then ``("end",)``, or ``("error", exc)``
-        first if one is raised. ``vision``: the prompt's image inputs (:meth:`check_images`)."""
+    def serial_streaming(self, request: wire.Request, ids: list[int], put: Any,
+                         reservation: Optional[Reservation] = None, cancelled: Optional[threading.Event] = None,
+                         vision: Any = None) -> None:
+        """:meth:`run_streaming`'s serial path: one choice after the other, under the lock; stops
+        after the canvas in progress once ``cancelled`` is set (the client went away). ``vision``:
+        the prompt's image inputs (:meth:`check_images`)."""
         from diffgen.denoise.channels import split_response
         from diffgen.denoise.loop import CanvasEvent, StepEvent, stream
 
         try:
             if request.schema is not None:  # the JSON is sent whole, as one delta, once it is generated
                 self.vocabulary()
-                with self.lock:
+                with self._serial(reservation):
                     for index in range(request.n):
                         put(("done", index, self.schema_choice(request, ids, index)))
                 return
-            with self.lock:
+            with self._serial(reservation):
                 for index in range(request.n):
                     settings = self.settings_for(request, index)
                     generation = stream(self.loaded, [ids], settings, observe=request.stream_steps,
@@ -196,6 +388,9 @@ class Engine:
                             put(("step", index, event))
                         if not isinstance(event, CanvasEvent):
                             continue
+                        self.counts["serial_forwards"] += event.steps
+                        if cancelled is not None and cancelled.is_set():
+                            return
                         tokens.extend(event.tokens[0].tolist())
                         end = next((i for i, token in enumerate(tokens) if token in eos), len(tokens))
                         response = split_response(self.loaded.tokenizer, tokens[: min(end, settings.max_new_tokens)])
@@ -305,17 +500,6 @@ class Engine:
                                 code="remote_images_disabled")
         return fetch_image(url, where)
 
-    def complete_images(self, request: wire.Request, ids: list[int], vision: Any) -> list[wire.Choice]:
-        """Every choice of a request with images, one generation after the other under the lock
-        (the one-at-a-time path; blocking: run it in a worker thread)."""
-        from diffgen.denoise.loop import generate
-
-        with self.lock:
-            return [self.choice(request, ids, generate(self.loaded, [ids], self.settings_for(request, index),
-                                                       exact=self.exact, vision=[vision]).completions[0])
-                    for index in range(request.n)]
-
-
 MAX_IMAGE_BYTES = 32 * 1024 * 1024  # one image's file, read or fetched, at most
 FETCH_TIMEOUT = 15.0  # seconds a remote image may take to answer
 
@@ -337,6 +521,73 @@ def fetch_image(url: str, where: str) -> bytes:
     return data
 
 
+@dataclass
+class Work:
+    """A generation started for one HTTP request: its items arrive in ``queue``; ``cancel()`` stops it."""
+
+    queue: asyncio.Queue
+    cancel: Callable[[], None]
+
+
+def start_work(engine: Engine, request: wire.Request, ids: list[int], reservation: Optional[Reservation] = None,
+               vision: Any = None) -> Work:
+    """Start generating ``request`` (on the batcher's thread, or on a worker thread for the serial
+    path, which takes image inputs: ``vision``); its items are handed to this event loop's queue."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed (the server stopped): nobody is listening
+            pass
+
+    if engine.batches(request):
+        ticket = engine.submit(request, ids, put, reservation)
+        return Work(queue, ticket.cancel)
+    cancelled = threading.Event()
+    worker = threading.Thread(target=engine.run_streaming, args=(request, ids, put),
+                              kwargs={"reservation": reservation, "cancelled": cancelled, "vision": vision},
+                              name="diffgen-generation", daemon=True)
+    worker.start()
+    return Work(queue, cancelled.set)
+
+
+async def disconnected(request: Request) -> None:
+    """Return once the client has gone away (the body has been read: the next message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def collect(request: Request, work: Work, n: int) -> list[wire.Choice]:
+    """The choices of a non-streamed request; cancels the work if the client disconnects first."""
+    gone = asyncio.ensure_future(disconnected(request))
+    choices: dict[int, wire.Choice] = {}
+    failure: Optional[BaseException] = None
+    try:
+        while True:
+            get = asyncio.ensure_future(work.queue.get())
+            done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                work.cancel()
+                raise wire.ApiError(499, "the client closed the connection", code="client_closed")
+            item = get.result()
+            if item[0] == "done":
+                choices[item[1]] = item[2]
+            elif item[0] == "error":
+                failure = item[1]
+            elif item[0] == "end":
+                break
+    finally:
+        gone.cancel()
+    if failure is not None:
+        raise failure
+    return [choices[index] for index in range(n)]
+
+
 def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
     """The ASGI app serving ``engine``. ``api_key``: required as ``Authorization: Bearer KEY`` on
     every ``/v1`` route (``None``: no key); ``max_body``: the largest request body in bytes."""
@@ -346,8 +597,10 @@ def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body: int =
     key = api_key.encode() if api_key else None
 
     def fail(error: wire.ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+        headers = dict(error.headers or {})
+        if error.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse(error.body(), status_code=error.status, headers=headers or None)
 
     @app.exception_handler(wire.ApiError)
     async def _api_error(request: Request, exc: wire.ApiError) -> JSONResponse:
@@ -405,6 +658,14 @@ def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body: int =
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": engine.name}
 
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics(request: Request) -> PlainTextResponse:
+        """Prometheus text format: requests, rows in flight, queue depth, batches, decoder passes, 429s."""
+        from diffgen.server.metrics import CONTENT_TYPE, render
+
+        authorise(request)
+        return PlainTextResponse(render(engine), media_type=CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         authorise(request)
@@ -422,18 +683,20 @@ def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body: int =
         authorise(request)
         parsed = parse(await read_json(request))
         check_model(parsed)
-        if parsed.images:  # the one-at-a-time path, with the images' inputs
+        vision = None
+        if parsed.images:  # image inputs through the processor; such requests take the serial path
             ids, vision = await run_in_threadpool(engine.check_images, parsed)
-            if parsed.stream:
-                return StreamingResponse(stream_events(engine, parsed, ids, vision), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            choices = await run_in_threadpool(engine.complete_images, parsed, ids, vision)
-            return wire.response(parsed, engine.name, choices, id=wire.new_id(parsed.kind), created=wire.now())
-        ids, _ = await run_in_threadpool(engine.check, parsed)  # a schema's first layout reads the vocabulary
+        else:
+            ids, _ = await run_in_threadpool(engine.check, parsed)  # a schema's first layout reads the vocabulary
+        reservation = engine.admit()  # a 429 when the queue is full
         if parsed.stream:
-            return StreamingResponse(stream_events(engine, parsed, ids), media_type="text/event-stream",
+            work = start_work(engine, parsed, ids, reservation, vision)
+            return StreamingResponse(stream_events(engine, parsed, ids, work), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        choices = await run_in_threadpool(engine.complete, parsed, ids)
+        if engine.batches(parsed):
+            choices = await collect(request, start_work(engine, parsed, ids, reservation), parsed.n)
+        else:
+            choices = await run_in_threadpool(engine.complete, parsed, ids, reservation, vision)
         return wire.response(parsed, engine.name, choices, id=wire.new_id(parsed.kind), created=wire.now())
 
     @app.post("/v1/chat/completions", responses=ANSWERS)
@@ -504,25 +767,25 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def stream_events(engine: Engine, request: wire.Request, ids: list[int], vision: Any = None
-                        ) -> AsyncIterator[str]:
+async def stream_events(engine: Engine, request: wire.Request, ids: list[int],
+                        work: Optional[Work] = None) -> AsyncIterator[str]:
     """The server-sent events of one streamed request: a first chunk with the role, one chunk per
     committed canvas that added text (``content``) or thoughts (``reasoning_content``), a chunk
     with each choice's finish reason, the usage when asked, then ``data: [DONE]``.
 
-    The generation runs in its own thread and hands its items over through an asyncio queue."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+    The generation (``work``, started here when not given) runs on the batcher's thread or a
+    worker thread and hands its items over through an asyncio queue. When the client goes away
+    (Starlette cancels this generator), the generation is cancelled: its row leaves the batch at
+    the next canvas boundary."""
+    work = work if work is not None else start_work(engine, request, ids)
+    try:
+        async for event in _events(engine, request, work.queue):
+            yield event
+    finally:
+        work.cancel()  # nothing once it has ended
 
-    def put(item: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the event loop has closed (the server stopped): nobody is listening
-            pass
 
-    worker = threading.Thread(target=engine.run_streaming, args=(request, ids, put, vision),
-                              name="diffgen-generation", daemon=True)
-    worker.start()
+async def _events(engine: Engine, request: wire.Request, queue: asyncio.Queue) -> AsyncIterator[str]:
     id_, created, name = wire.new_id(request.kind), wire.now(), engine.name
     texts = [wire.Deltas(request.stop) for _ in range(request.n)]
     thoughts = [wire.Deltas(()) for _ in range(request.n)]

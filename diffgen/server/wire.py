@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 from diffgen.settings import FIELD_SCHEMAS, SAMPLER_FLAGS, SEED_LIMIT, field_problem
 
-MAX_CHOICES = 8  # ``n`` at most: each choice is one more generation in this one-request-at-a-time server
+MAX_CHOICES = 8  # ``n`` at most: each choice is one more row of a batch (or one more generation, serially)
 MAX_STOP = 4  # OpenAI's own limit on stop sequences
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 IMAGE_SCHEMES = ("data:", "file://", "http://", "https://", "/")
@@ -50,17 +50,19 @@ class ApiError(Exception):
 
     Attributes: ``status`` the HTTP status; ``message`` what is wrong and what to do; ``type``
     OpenAI's error type (``invalid_request_error``, ``authentication_error``, ``server_error``);
-    ``param`` the body field at fault (``None`` when none); ``code`` a short machine-readable code.
+    ``param`` the body field at fault (``None`` when none); ``code`` a short machine-readable code;
+    ``headers`` extra response headers (e.g. ``Retry-After``).
     """
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict[str, str]] = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
@@ -70,6 +72,13 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: Opti
                code: Optional[str] = None) -> dict[str, Any]:
     """The OpenAI error object."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def queue_full(queued: int, retry_after: int) -> ApiError:
+    """The 429 of a full queue, with ``Retry-After`` (seconds) and OpenAI's rate-limit error fields."""
+    return ApiError(429, f"the server is busy: {queued} requests are already waiting; retry after "
+                         f"{retry_after} s (serve --max-queue sets how many may wait)", type="requests",
+                    code="rate_limit_exceeded", headers={"Retry-After": str(retry_after)})
 
 
 def invalid(name: Optional[str], message: str, code: str = "invalid_value", *,

@@ -1,0 +1,291 @@
+"""The continuous batcher (diffgen.denoise.batcher) on the tiny checkpoint, without HTTP.
+
+Order of events is made deterministic by the items themselves (a request submitted from inside
+another's canvas callback is queued before the next boundary) or by the ``hold`` hook; nothing
+waits on the clock.
+
+Bitwise: on this CPU build a row's tokens batched with others are identical to the same seeded
+row generated alone (and to ``loop.generate(..., exact=False)``): per-row positions and
+counter-based noise make that hold by construction, and the float sums happened to agree here.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from diffgen import prompt as prompt_mod
+from diffgen.denoise import batcher as batcher_mod
+from diffgen.denoise import loop
+from diffgen.denoise.batcher import Batcher, cache_concat, cache_left_pad, cache_trim_left
+
+TEXTS = ["Once upon a time", "Hi", "The sky is blue because air scatters short wavelengths of sunlight", "def main():"]
+
+
+def settings(tiny, seed: int, tokens: int, **changes):
+    return tiny.defaults.replace(**{"max_denoising_steps": 4, "stability_threshold": 0, "seed": seed,
+                                    "max_new_tokens": tokens, **changes})
+
+
+def ids(tiny, index: int) -> list[int]:
+    return prompt_mod.encode(tiny.tokenizer, TEXTS[index], raw=True)
+
+
+def alone(tiny, index: int, seed: int, tokens: int, **changes) -> loop.Completion:
+    return loop.generate(tiny, [ids(tiny, index)], settings(tiny, seed, tokens, **changes), exact=False).completions[0]
+
+
+class Recorder:
+    """A ticket's consumer: keeps every item; ``then`` runs on a given item (on the scheduler thread)."""
+
+    def __init__(self, then=None):
+        self.items: list[tuple] = []
+        self.then = then
+
+    def __call__(self, item: tuple) -> None:
+        self.items.append(item)
+        if self.then is not None:
+            self.then(item)
+
+    def done(self) -> dict[int, loop.Completion]:
+        return {item[1]: item[2] for item in self.items if item[0] == "done"}
+
+    def kinds(self) -> list[str]:
+        return [item[0] for item in self.items]
+
+
+@pytest.fixture()
+def make(tiny):
+    made = []
+
+    def build(**kwargs) -> Batcher:
+        made.append(Batcher(tiny, **kwargs))
+        return made[-1]
+
+    yield build
+    for batcher in made:
+        batcher.close(wait=True)
+
+
+def test_a_batch_of_one_is_stream_with_the_fast_sampler(tiny, make):
+    batcher = make(max_batch=4)
+    recorder = Recorder()
+    batcher.submit(ids(tiny, 0), [settings(tiny, 7, 40)], recorder).wait()
+    generation = loop.stream(tiny, [ids(tiny, 0)], settings(tiny, 7, 40), observe=False, exact=False)
+    canvases = [event for event in generation if isinstance(event, loop.CanvasEvent)]
+    expected = generation.result.completions[0]
+    got = recorder.done()[0]
+    assert got.token_ids == expected.token_ids and got.text == expected.text
+    assert got.finish_reason == expected.finish_reason
+    assert got.stats.steps_per_canvas == expected.stats.steps_per_canvas
+    assert recorder.kinds()[-2:] == ["done", "end"]
+    assert recorder.kinds().count("canvas") == len(canvases) - 1  # the last canvas comes with "done"
+    counters = batcher.counters()
+    assert counters.decoder_forwards == sum(event.steps for event in canvases)
+    assert counters.requests_served == 1 and counters.batches == 1
+
+
+def test_rows_batched_together_get_the_tokens_they_get_alone(tiny, make):
+    jobs = [(0, 1, 40), (1, 2, 100), (2, 3, 16), (3, 4, 64), (0, 5, 200)]
+    batcher = make(max_batch=8)
+    recorders = [Recorder() for _ in jobs]
+    hold = threading.Event()
+    hold.set()
+    batcher.hold = hold.is_set  # every request is queued before the first canvas runs
+    tickets = [batcher.submit(ids(tiny, i), [settings(tiny, seed, tokens)], recorder)
+               for (i, seed, tokens), recorder in zip(jobs, recorders)]
+    hold.clear()
+    for ticket in tickets:
+        ticket.wait()
+    for (i, seed, tokens), recorder in zip(jobs, recorders):
+        assert recorder.done()[0].token_ids == alone(tiny, i, seed, tokens).token_ids
+    counters = batcher.counters()
+    assert counters.batches == 1 and counters.requests_served == len(jobs)
+    # One batched pass serves every row still in it: fewer passes than one row at a time.
+    assert counters.decoder_forwards < counters.row_forwards
+
+
+def test_a_row_joins_at_a_canvas_boundary_and_a_longer_prompt_grows_the_cache(tiny, make):
+    batcher = make(max_batch=4)
+    late = Recorder()
+    tickets = []
+
+    def join_after_first_canvas(item):
+        if item[0] == "canvas" and not tickets[1:]:
+            # Queued before the next boundary: it joins the running batch there. Its prompt is
+            # longer than the batch's cache (2 prompt tokens + one canvas), so the cache grows.
+            tickets.append(batcher.submit(ids(tiny, 2), [settings(tiny, 9, 48)], late))
+
+    first = Recorder(join_after_first_canvas)
+    assert len(ids(tiny, 1)) + 16 < len(ids(tiny, 2))
+    tickets.append(batcher.submit(ids(tiny, 1), [settings(tiny, 8, 96)], first))
+    tickets[0].wait()
+    tickets[1].wait()
+    assert batcher.counters().batches == 1  # the late row joined; no second batch
+    assert first.done()[0].token_ids == alone(tiny, 1, 8, 96).token_ids
+    assert late.done()[0].token_ids == alone(tiny, 2, 9, 48).token_ids
+
+
+def test_n_rows_of_one_request_and_rows_leaving_early(tiny, make):
+    batcher = make(max_batch=3)
+    recorder = Recorder()
+    rows = [settings(tiny, 20 + k, tokens) for k, tokens in enumerate((16, 80, 48, 32))]
+    batcher.submit(ids(tiny, 0), rows, recorder).wait()
+    done = recorder.done()
+    assert sorted(done) == [0, 1, 2, 3] and recorder.kinds().count("end") == 1
+    for k, row in enumerate(rows):
+        assert done[k].token_ids == alone(tiny, 0, row.seed, row.max_new_tokens).token_ids
+
+
+def test_other_settings_wait_for_their_own_batch_first_come_first_served(tiny, make):
+    batcher = make(max_batch=8)
+    order: list[str] = []
+    recorders = {name: Recorder(lambda item, name=name: order.append(name) if item[0] == "done" else None)
+                 for name in "ABC"}
+
+    def queue_b_then_c(item):
+        if item[0] in ("canvas", "done") and "B" not in queued:
+            queued["B"] = batcher.submit(ids(tiny, 1), [settings(tiny, 2, 16, max_denoising_steps=3)], recorders["B"])
+            # C could share A's batch, but B (another batch key) came first: C must not overtake it.
+            queued["C"] = batcher.submit(ids(tiny, 3), [settings(tiny, 3, 16)], recorders["C"])
+        recorders["A"].items.append(item)
+
+    queued: dict = {}
+    first = batcher.submit(ids(tiny, 0), [settings(tiny, 1, 64)], queue_b_then_c)
+    first.wait()
+    queued["B"].wait()
+    queued["C"].wait()
+    assert order == ["B", "C"] and batcher.counters().batches == 3
+    assert recorders["C"].done()[0].token_ids == alone(tiny, 3, 3, 16).token_ids
+
+
+def test_cancelling_frees_the_row_for_the_next_request(tiny, make):
+    batcher = make(max_batch=1)
+    waiting_then_cancelled = Recorder()
+    second = Recorder()
+    tickets: dict = {}
+
+    def cancel_after_first_canvas(item):
+        if item[0] == "canvas" and "second" not in tickets:
+            tickets["second"] = batcher.submit(ids(tiny, 1), [settings(tiny, 5, 16)], second)
+            tickets["gone"] = batcher.submit(ids(tiny, 2), [settings(tiny, 6, 16)], waiting_then_cancelled)
+            tickets["gone"].cancel()  # still waiting: it leaves the queue at once
+            tickets["first"].cancel()  # running: dropped at the next boundary
+
+    first = Recorder(cancel_after_first_canvas)
+    tickets["first"] = batcher.submit(ids(tiny, 0), [settings(tiny, 4, 256)], first)
+    for name in ("first", "second", "gone"):
+        tickets[name].wait()
+    assert "done" not in first.kinds() and first.kinds()[-1] == "end"
+    assert waiting_then_cancelled.kinds() == ["end"]
+    assert second.done()[0].token_ids == alone(tiny, 1, 5, 16).token_ids
+    counters = batcher.counters()
+    assert counters.requests_cancelled == 2 and counters.requests_served == 1
+    assert counters.canvases == 2  # the cancelled 16-canvas request ran one canvas
+    assert counters.rows_queued == 0 and counters.requests_queued == 0
+
+
+def test_step_items_only_when_observed_one_row_each(tiny, make):
+    batcher = make(max_batch=4)
+    watched, unwatched = Recorder(), Recorder()
+    hold = threading.Event()
+    hold.set()
+    batcher.hold = hold.is_set
+    tickets = [batcher.submit(ids(tiny, 0), [settings(tiny, 1, 32)], watched, observe=True),
+               batcher.submit(ids(tiny, 2), [settings(tiny, 2, 16)], unwatched)]
+    hold.clear()
+    for ticket in tickets:
+        ticket.wait()
+    steps = [item for item in watched.items if item[0] == "step"]
+    assert "step" not in unwatched.kinds()
+    assert [(event.canvas, event.step) for _, _, event in steps] == [(c, s) for c in range(2) for s in range(1, 5)]
+    assert all(event.draft.shape == (1, 16) and event.mean_entropy.shape == (1,) for _, _, event in steps)
+    generation = loop.stream(tiny, [ids(tiny, 0)], settings(tiny, 1, 32), exact=False)
+    reference = [event for event in generation if isinstance(event, loop.StepEvent)]
+    assert all(torch.equal(mine.draft, theirs.draft) for (_, _, mine), theirs in zip(steps, reference))
+
+
+def test_a_failing_batch_reports_to_every_row_and_the_scheduler_goes_on(tiny, make, monkeypatch):
+    batcher = make(max_batch=4)
+
+    def broken(state, context):
+        raise RuntimeError("the accelerator fell over")
+
+    monkeypatch.setattr(batcher_mod, "denoise_step", broken)
+    recorders = [Recorder(), Recorder()]
+    hold = threading.Event()
+    hold.set()
+    batcher.hold = hold.is_set
+    tickets = [batcher.submit(ids(tiny, k), [settings(tiny, k, 16)], recorder) for k, recorder in enumerate(recorders)]
+    hold.clear()
+    for ticket in tickets:
+        ticket.wait()
+    for recorder in recorders:
+        assert recorder.kinds() == ["error", "end"] and "fell over" in str(recorder.items[0][1])
+    monkeypatch.undo()
+    after = Recorder()
+    batcher.submit(ids(tiny, 0), [settings(tiny, 3, 16)], after).wait()
+    assert after.done()[0].token_ids == alone(tiny, 0, 3, 16).token_ids
+    assert batcher.counters().requests_failed == 2
+
+
+def test_cache_surgery_round_trips(tiny):
+    from transformers import DynamicCache
+
+    config = tiny.model.config.get_text_config(decoder=True)
+
+    def filled(batch: int, length: int) -> DynamicCache:
+        cache = DynamicCache(config=config)
+        for index, layer in enumerate(cache.layers):
+            keys = torch.randn(batch, 1, length, 16)
+            cache.layers[index].update(keys, keys + 1)
+        return cache
+
+    for length in (10, 70):  # below and beyond the sliding window (64)
+        cache = filled(2, length)
+        before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        cache_left_pad(cache, 7)
+        assert cache.get_seq_length() == length + 7
+        cache_trim_left(cache, 7)
+        assert cache.get_seq_length() == length
+        for (keys, values), layer in zip(before, cache.layers):
+            assert torch.equal(keys, layer.keys) and torch.equal(values, layer.values)
+        other = filled(1, length)
+        cache_concat(cache, other)
+        assert all(layer.keys.shape[0] == 3 for layer in cache.layers)
+        with pytest.raises(ValueError):
+            cache_concat(cache, filled(1, length + 1))
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_adaptive_stopping_rows_and_the_graph_path_match_rows_alone(sharp, graphs):
+    from conftest import SHARP_SETTINGS
+
+    def eager_capture(body):  # replays by running the body: the CUDA-graph path's logic on the CPU
+        return body
+
+    batcher = Batcher(sharp, max_batch=4, graphs=graphs, capture=eager_capture if graphs else None)
+    try:
+        rows = [sharp.defaults.replace(max_denoising_steps=12, max_new_tokens=tokens, seed=seed, **SHARP_SETTINGS)
+                for seed, tokens in ((1, 48), (2, 32), (3, 64))]
+        prompts = [prompt_mod.encode(sharp.tokenizer, TEXTS[k], raw=True) for k in range(3)]
+        recorders = [Recorder() for _ in rows]
+        hold = threading.Event()
+        hold.set()
+        batcher.hold = hold.is_set
+        tickets = [batcher.submit(p, [row], recorder) for p, row, recorder in zip(prompts, rows, recorders)]
+        hold.clear()
+        for ticket in tickets:
+            ticket.wait()
+        steps = set()
+        for p, row, recorder in zip(prompts, rows, recorders):
+            expected = loop.generate(sharp, [p], row, exact=False).completions[0]
+            got = recorder.done()[0]
+            assert got.token_ids == expected.token_ids
+            assert got.stats.steps_per_canvas == expected.stats.steps_per_canvas
+            steps.update(got.stats.steps_per_canvas)
+        assert len(steps) > 1 and min(steps) < 12  # some canvases stopped early, not all at the same step
+    finally:
+        batcher.close(wait=True)
