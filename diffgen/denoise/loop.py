@@ -54,6 +54,7 @@ from diffgen.settings import GenerationSettings
 
 if TYPE_CHECKING:
     from diffgen.images import VisionInputs
+    from diffgen.denoise.prompt_cache import PromptCache
     from diffgen.loading.loader import LoadedModel
 
 FinishReason = Literal["eos", "length"]
@@ -203,9 +204,14 @@ class Generation:
                  check_every: int | None = None, graphs: bool | None = None, capture: Any = None,
                  compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None,
                  init: tuple[torch.Tensor, torch.Tensor] | None = None, allowed: torch.Tensor | None = None,
-                 vision: Sequence[VisionInputs | None] | None = None):
+                 vision: Sequence[VisionInputs | None] | None = None, cache: PromptCache | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UsageError("every prompt needs at least one token")
+        if cache is not None and (len(prompts) != 1 or vision is not None and any(v is not None for v in vision)):
+            # (images: their placeholder tokens are the same ids whatever the picture, so the
+            # common-prefix rule cannot tell two images apart)
+            raise UsageError(f"a prompt cache serves one text prompt at a time, not {len(prompts)} or images")
+        self.prompt_cache = cache
         if seeds is not None and len(seeds) != len(prompts):
             raise UsageError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         self.seeds = list(seeds) if seeds is not None else None
@@ -321,7 +327,10 @@ class Generation:
         stability = settings.stability_threshold if settings.adaptive_stopping else None
         eos = torch.tensor(settings.eos_token_ids, device=device)
         embed_dtype = model.model.decoder.embed_tokens.weight.dtype
-        cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        if self.prompt_cache is not None:  # a conversation's cache: the prompt's common prefix is already encoded
+            cache, reused = self.prompt_cache.take(model, self._prompts[0])
+        else:
+            cache, reused = DynamicCache(config=model.config.get_text_config(decoder=True)), 0
         step_fn = compiled_step() if self.compile else denoise_step
         runner = None
         if self.graphs:
@@ -331,12 +340,12 @@ class Generation:
         self.runner = runner
 
         cur_len = prompt_len
-        encoder_positions = torch.arange(0, cur_len, dtype=torch.int32, device=device).unsqueeze(0)
+        encoder_positions = torch.arange(reused, cur_len, dtype=torch.int32, device=device).unsqueeze(0)
         decoder_positions = torch.arange(cur_len, cur_len + canvas_length, dtype=torch.int32, device=device)[None]
         decoder_attention_mask = torch.nn.functional.pad(attention_mask, (0, canvas_length), value=True)
         finished_rows = torch.zeros(batch_size, dtype=torch.bool, device=device)
         forwards = torch.zeros(batch_size, dtype=torch.int, device=device)
-        unencoded = input_ids
+        unencoded = input_ids[:, reused:]
         committed_canvases: list[torch.Tensor] = []
         row_steps: list[torch.Tensor] = []
 
@@ -449,6 +458,8 @@ class Generation:
     def _encode(self, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache,
                 vision: dict[str, torch.Tensor] | None = None) -> None:
         encode(self.loaded.model, ids, attention_mask, positions, cache, self._cache_kw, vision=vision)
+        if self.prompt_cache is not None:
+            self.prompt_cache.held(ids[0].tolist())
 
     def _vision_inputs(self, device: torch.device) -> dict[str, torch.Tensor] | None:
         """The batch's image inputs for the encoder: every row's images in row order (the order
@@ -596,7 +607,8 @@ def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: Gene
            check_every: int | None = None, graphs: bool | None = None, capture: Any = None,
            compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None,
            init: tuple[torch.Tensor, torch.Tensor] | None = None, allowed: torch.Tensor | None = None,
-           vision: Sequence[VisionInputs | None] | None = None) -> Generation:
+           vision: Sequence[VisionInputs | None] | None = None, cache: PromptCache | None = None
+           ) -> Generation:
     """Prepare a generation of ``prompts`` (token id lists; several are batched, left padded).
 
     ``exact`` picks the reference-identical sampler (default on the CPU) or the fast one
@@ -623,10 +635,13 @@ def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: Gene
     temperature and sampling (JSON by construction, :mod:`diffgen.denoise.schema`; see
     :class:`StepContext`). ``vision``, one :class:`~diffgen.images.VisionInputs` or ``None``
     per prompt: the prompts' images, encoded with the prompt as in transformers' ``generate()``.
+    ``cache``, a :class:`~diffgen.denoise.prompt_cache.PromptCache` (one text prompt only), keeps
+    the encoder's KV cache from one generation to the next: the prompt's longest common prefix
+    with what it holds is not encoded again (``diffgen chat``'s turns).
     """
     return Generation(loaded, prompts, settings, observe=observe, seeds=seeds, exact=exact, check_every=check_every,
                       graphs=graphs, capture=capture, compile=compile, clamp=clamp, init=init,
-                      allowed=allowed, vision=vision)
+                      allowed=allowed, vision=vision, cache=cache)
 
 
 def generate(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
