@@ -20,6 +20,7 @@ from typer.core import TyperCommand, TyperGroup
 from diffgen import __version__
 from diffgen.cli import batch
 from diffgen.cli import bench
+from diffgen.cli import chat
 from diffgen.cli import completion
 from diffgen.cli import edit
 from diffgen.cli import fill
@@ -92,6 +93,7 @@ app = typer.Typer(
         "  diffgen run --json --seed 7 -m ./my-checkpoint \"Write a haiku\"\n\n"
         "  diffgen batch prompts.txt -o answers.jsonl\n\n"
         "  diffgen serve   (an OpenAI-compatible server on http://127.0.0.1:8000/v1)\n\n"
+        "  diffgen chat    (a multi-turn conversation; /help inside lists its commands)\n\n"
         "Set DIFFGEN_DEBUG=1 to see tracebacks."
     ),
     no_args_is_help=True,
@@ -99,7 +101,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-for _module, _function in ((run, run.run), (fill, fill.fill), (edit, edit.edit), (batch, batch.batch),
+for _module, _function in ((run, run.run), (chat, chat.chat), (fill, fill.fill), (edit, edit.edit), (batch, batch.batch),
                            (replay, replay.replay), (info, info.info), (pull, pull.pull), (bench, bench.bench),
                            (serve, serve.serve), (completion, completion.completion)):
     app.command(cls=DiffgenCommand, epilog=_module.EPILOG)(_function)

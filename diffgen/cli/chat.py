@@ -1,0 +1,242 @@
+"""``diffgen chat``: a multi-turn conversation, in-process or against a server.
+
+In-process the model is loaded once, under the same plan and flags as ``diffgen run``, and the
+conversation's encoder KV cache is kept between turns (:class:`~diffgen.denoise.prompt_cache.PromptCache`):
+each turn encodes only what its prompt does not share with what the cache holds. With
+``--server`` the turns go to an OpenAI-compatible server (:mod:`diffgen.cli.chat_client`). The
+loop itself, its commands and streams are :mod:`diffgen.cli.chat_repl`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import time
+from collections.abc import Iterator
+from typing import Annotated, Any, Optional
+
+import typer
+
+from diffgen.cli.common import exclusive, load_model, parameter_source, prepare_generation
+from diffgen.cli.funnel import doing
+from diffgen.cli.options import (
+    DEFAULT_MODEL,
+    CompileOption,
+    ConfidenceOption,
+    DeviceOption,
+    EntropyBoundOption,
+    ExactOption,
+    FastOption,
+    MaxMemoryOption,
+    MaxNewTokensOption,
+    ModelOption,
+    NoColorOption,
+    OffloadOption,
+    OfflineOption,
+    QuantOption,
+    QuietOption,
+    StabilityOption,
+    StepsOption,
+    SystemOption,
+    TMaxOption,
+    TMinOption,
+    sampler_choice,
+    sampler_flags,
+)
+
+EPILOG = (
+    "Examples:\n\n"
+    "  diffgen chat                                     (loads the model once, then talk; /help lists the commands)\n\n"
+    '  diffgen chat --think -s "Answer briefly."        (thinking mode and a system prompt from the start)\n\n'
+    "  diffgen chat --server http://127.0.0.1:8000      (against `diffgen serve`, or set DIFFGEN_SERVER)\n\n"
+    "  printf 'Hi\\n/think\\nWhy?\\n/save chat.json\\n' | diffgen chat --seed 1   (scripted: reproducible with "
+    "--seed)\n\n"
+    "Commands: /think (toggle thinking mode), /system TEXT, /reset, /save PATH (the conversation as JSON "
+    "messages), /help, /exit (or Ctrl-D). Ctrl-C stops an answer and returns to the prompt. Answers go to "
+    "stdout as each canvas is committed; thoughts (dimmed), prompts and notices to stderr. On a terminal the "
+    "line editor keeps a history in $XDG_STATE_HOME/diffgen/chat_history. With --seed S the i-th turn (from 0) "
+    "uses the seed S+i. In-process, each turn encodes only the part of the conversation its KV cache does not "
+    "already hold; a server keeps no per-conversation cache, so with --server the whole conversation is sent "
+    "and encoded every turn."
+)
+
+def _check_seed(ctx: typer.Context, value: Any) -> Any:
+    from diffgen.settings import field_problem
+
+    problem = None if ctx.resilient_parsing else field_problem("seed", value)
+    if problem is not None:
+        raise typer.BadParameter(problem)
+    return value
+
+
+LOCAL_ONLY = ("device", "exact", "fast", "compile", "quant", "max_memory", "offload", "offline", "no_reuse")
+
+
+def chat(
+    ctx: typer.Context,
+    model: ModelOption = DEFAULT_MODEL,
+    server: Annotated[
+        Optional[str],
+        typer.Option("--server", envvar="DIFFGEN_SERVER", show_envvar=True, show_default="none: in-process",
+                     metavar="<url>",
+                     help="Talk to an OpenAI-compatible server (e.g. `diffgen serve`) instead of loading the model. "
+                          "The server keeps no per-conversation cache: every turn sends and encodes the whole "
+                          "conversation."),
+    ] = None,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option("--api-key", envvar="DIFFGEN_API_KEY", show_envvar=True, show_default="none",
+                     help="With --server: send 'Authorization: Bearer KEY' (prefer the environment variable)."),
+    ] = None,
+    system: SystemOption = None,
+    think: Annotated[
+        bool, typer.Option("--think", help="Start in thinking mode (/think toggles it); thoughts go dimmed to stderr.")
+    ] = False,
+    max_new_tokens: MaxNewTokensOption = None,
+    steps: StepsOption = None,
+    entropy_bound: EntropyBoundOption = None,
+    t_min: TMinOption = None,
+    t_max: TMaxOption = None,
+    stability: StabilityOption = None,
+    confidence: ConfidenceOption = None,
+    seed: Annotated[
+        Optional[int],
+        typer.Option("--seed", callback=_check_seed, show_default="random per turn",
+                     help="Seed of the first turn; turn i (from 0) uses SEED+i, so a scripted chat is reproducible."),
+    ] = None,
+    device: DeviceOption = "auto",
+    exact: ExactOption = False,
+    fast: FastOption = False,
+    compile: CompileOption = False,
+    quant: QuantOption = "auto",
+    max_memory: MaxMemoryOption = None,
+    offload: OffloadOption = False,
+    offline: OfflineOption = False,
+    no_reuse: Annotated[
+        bool,
+        typer.Option("--no-reuse", help="Encode the whole conversation every turn instead of reusing the KV cache "
+                                        "(for comparison; the answers are the same)."),
+    ] = False,
+    stats: Annotated[bool, typer.Option("--stats", help="After each answer, one line of timings on stderr.")] = False,
+    quiet: QuietOption = False,
+    no_color: NoColorOption = False,
+) -> None:
+    """Talk with the model, turn after turn (in-process, or with --server against a server)."""
+    from diffgen.cli import chat_repl
+    from diffgen.errors import UsageError
+
+    exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
+    exact_loop = sampler_choice(exact, fast, compile)
+    flags = sampler_flags(max_new_tokens, steps, entropy_bound, t_min, t_max, stability, confidence)
+    if server:
+        given = [name for name in LOCAL_ONLY
+                 if parameter_source(ctx, name) in ("COMMANDLINE", "ENVIRONMENT") and ctx.params.get(name)
+                 not in (None, False, "auto")]
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} applies to an in-process model, not to --server",
+                             "the server's own flags (`diffgen serve`) choose how it loads and samples")
+        backend = _remote(ctx, server, api_key, model, flags)
+        name = backend.describe()
+    else:
+        backend, name = _local(model, flags, seed=seed, device=device, quant=quant, max_memory=max_memory,
+                               offload=offload, offline=offline, exact=exact_loop, compile=compile,
+                               reuse=not no_reuse, quiet=quiet)
+    streams = chat_repl.default_streams(no_color)
+    if not quiet:
+        streams.notice(f"diffgen chat: {name} — /help lists the commands, Ctrl-D leaves")
+    state = chat_repl.Chat(system=system or None, think=think, seed=seed)
+    with doing("chatting"):
+        code = chat_repl.Repl(backend, state, streams, chat_repl.line_reader(sys.stdin, sys.stderr),
+                              stats=stats).run()
+    raise typer.Exit(code)
+
+
+def _remote(ctx: typer.Context, server: str, api_key: Optional[str], model: str, flags: dict[str, Any]) -> Any:
+    from diffgen.cli.chat_client import RemoteChat
+    from diffgen.settings import SAMPLER_FLAGS
+
+    fields: dict[str, Any] = {}
+    for flag in SAMPLER_FLAGS:
+        value = flags.get(flag.field)
+        if value is not None:
+            fields["max_tokens" if flag.field == "max_new_tokens" else flag.key] = value
+    if parameter_source(ctx, "model") in ("COMMANDLINE", "ENVIRONMENT"):
+        fields["model"] = model
+    return RemoteChat(server, api_key=api_key, fields=fields)
+
+
+def _local(model: str, flags: dict[str, Any], *, seed: Optional[int], exact: Optional[bool], compile: bool,
+           reuse: bool, quiet: bool, **load: Any) -> tuple[Any, str]:
+    from diffgen.errors import UsageError
+    from diffgen.loading import loader
+    from diffgen.ui import render
+
+    prepared = prepare_generation(model, seed=seed, flags=flags, **load)
+    with doing("loading the tokenizer"):
+        tokenizer = loader.load_tokenizer(prepared.checkpoint.path)
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError("this checkpoint's tokenizer has no chat template, and chat needs one",
+                         "use `diffgen run --raw` to send text as is")
+    loaded = load_model(prepared, render.error_console(), quiet=quiet, tokenizer=tokenizer)
+    return LocalChat(loaded, prepared.settings, exact=exact, compile=compile, reuse=reuse), prepared.checkpoint.name
+
+
+class LocalChat:
+    """A chat backend on an in-process model (see :mod:`diffgen.cli.chat_repl` for the protocol).
+
+    ``reuse``: keep the conversation's KV cache between turns (a
+    :class:`~diffgen.denoise.prompt_cache.PromptCache`); off, every turn encodes everything.
+    """
+
+    def __init__(self, loaded: Any, settings: Any, *, exact: Optional[bool] = None, compile: bool = False,
+                 reuse: bool = True):
+        from diffgen.denoise.prompt_cache import PromptCache
+
+        self.loaded, self.settings, self.exact, self.compile = loaded, settings, exact, compile
+        self.cache = PromptCache() if reuse else None
+
+    def reset(self) -> None:
+        if self.cache is not None:
+            self.cache.clear()
+
+    def reply(self, messages: list[dict[str, str]], *, think: bool, seed: Optional[int]) -> Iterator[tuple[str, Any]]:
+        from diffgen import prompt as prompt_mod
+        from diffgen.cli.chat_repl import Reply
+        from diffgen.denoise.channels import split_response
+        from diffgen.denoise.loop import CanvasEvent, check_context, stream
+        from diffgen.errors import PromptTooLongError
+        from diffgen.server.wire import Deltas
+
+        tokenizer = self.loaded.tokenizer
+        settings = self.settings.replace(seed=secrets.randbelow(2**31) if seed is None else seed)
+        ids = prompt_mod.encode_messages(tokenizer, messages, think=think)
+        try:
+            check_context(self.loaded.model, len(ids), settings)
+        except PromptTooLongError as exc:
+            raise PromptTooLongError(exc.message, "/reset starts a new conversation; or lower --max-new-tokens") \
+                from exc
+        start = time.perf_counter()
+        generation = stream(self.loaded, [ids], settings, observe=False, exact=self.exact, compile=self.compile,
+                            cache=self.cache)
+        eos, limit = set(settings.eos_token_ids), settings.max_new_tokens
+        answer, thoughts = Deltas(()), Deltas(())
+        tokens: list[int] = []
+        first = None
+        for event in generation:
+            if not isinstance(event, CanvasEvent):
+                continue
+            first = time.perf_counter() - start if first is None else first
+            tokens.extend(event.tokens[0].tolist())
+            end = next((i for i, token in enumerate(tokens) if token in eos), len(tokens))
+            response = split_response(tokenizer, tokens[: min(end, limit)])
+            yield "thought", thoughts.update(response.thoughts or "")
+            yield "answer", answer.update(response.text)
+        completion = generation.result.completions[0]
+        yield "thought", thoughts.update(completion.thoughts or "", final=True)
+        yield "answer", answer.update(completion.text, final=True)
+        reuse = self.cache.last if self.cache is not None else None
+        reused = f", {reuse.reused_tokens} reused from the cache" if reuse is not None else ""
+        stats = (f"{completion.stats.new_tokens} tokens in {completion.stats.seconds:.2f} s, first canvas after "
+                 f"{first or 0:.2f} s; prompt {len(ids)} tokens{reused}")
+        yield "done", Reply(text=completion.text, thoughts=completion.thoughts,
+                            finish_reason="stop" if completion.finish_reason == "eos" else "length", stats=stats)
