@@ -149,23 +149,26 @@ class Repl:
     def __init__(self, backend: Any, chat: Chat, streams: Streams, read: Callable[[str], str], *,
                  stats: bool = False):
         self.backend, self.chat, self.streams, self.read, self.stats = backend, chat, streams, read, stats
+        self._armed: Callable[[], Any] = contextlib.nullcontext
 
     def run(self) -> int:
-        while True:
-            try:
-                line = self.read(">>> ")
-            except KeyboardInterrupt:  # Ctrl-C at the prompt: the line is dropped, the chat goes on
-                continue
-            except EOFError:
-                return 0
-            text = line.strip()
-            if not text:
-                continue
-            if text.startswith("/") and not text.startswith("//"):
-                if self.command(text) == "exit":
+        with _sigint_only_during_answers() as armed:
+            self._armed = armed
+            while True:
+                try:
+                    line = self.read(">>> ")
+                except KeyboardInterrupt:  # Ctrl-C at the prompt (a key there): the line is dropped
+                    continue
+                except EOFError:
                     return 0
-                continue
-            self.turn(text[1:] if text.startswith("//") else line.rstrip("\r\n"))
+                text = line.strip()
+                if not text:
+                    continue
+                if text.startswith("/") and not text.startswith("//"):
+                    if self.command(text) == "exit":
+                        return 0
+                    continue
+                self.turn(text[1:] if text.startswith("//") else line.rstrip("\r\n"))
 
     def command(self, text: str) -> Optional[str]:
         name, _, argument = text.partition(" ")
@@ -205,6 +208,17 @@ class Repl:
         self.streams.notice(f"saved {len(self.chat.saved())} messages to {argument}")
 
     def turn(self, text: str) -> None:
+        """Send one user turn and stream its answer. Whatever stops it before the end (Ctrl-C, an
+        error, even a second Ctrl-C while the first is handled) leaves the conversation as it was."""
+        before = len(self.chat.messages)
+        done = False
+        try:
+            done = self._turn(text)
+        finally:
+            if not done:
+                del self.chat.messages[before:]
+
+    def _turn(self, text: str) -> bool:
         chat, streams = self.chat, self.streams
         chat.messages.append({"role": "user", "content": text})
         pieces: Optional[Iterator[Any]] = None
@@ -212,32 +226,31 @@ class Repl:
         try:
             pieces = self.backend.reply(chat.prompt_messages(), think=chat.think, seed=chat.next_seed())
             reply = None
-            for kind, value in pieces:
-                if kind == "thought" and value:
-                    if not thinking:
-                        streams.thought("thinking: ")
-                        thinking = True
-                    streams.thought(value)
-                elif kind == "answer" and value:
-                    if thinking:
-                        streams.notice("")
-                        thinking = False
-                    streams.answer(value)
-                    answered = True
-                elif kind == "done":
-                    reply = value
+            with self._armed():
+                for kind, value in pieces:
+                    if kind == "thought" and value:
+                        if not thinking:
+                            streams.thought("thinking: ")
+                            thinking = True
+                        streams.thought(value)
+                    elif kind == "answer" and value:
+                        if thinking:
+                            streams.notice("")
+                            thinking = False
+                        streams.answer(value)
+                        answered = True
+                    elif kind == "done":
+                        reply = value
         except KeyboardInterrupt:
             self._close(pieces)
             self._end_lines(answered, thinking)
-            chat.messages.pop()
             streams.notice("diffgen: interrupted; this turn was dropped (the conversation before it is kept)")
-            return
+            return False
         except DiffgenError as exc:
             self._close(pieces)
             self._end_lines(answered, thinking)
-            chat.messages.pop()
             streams.error(exc.message + (f" — {exc.hint}" if exc.hint else ""))
-            return
+            return False
         if thinking:
             streams.notice("")
         streams.answer("\n")
@@ -250,6 +263,7 @@ class Repl:
             streams.notice("diffgen: the answer was cut at the token limit (--max-new-tokens)")
         if self.stats and reply.stats:
             streams.notice(reply.stats)
+        return True
 
     def _end_lines(self, answered: bool, thinking: bool) -> None:
         if thinking:
@@ -265,6 +279,42 @@ class Repl:
                 close()
             except KeyboardInterrupt:  # a second Ctrl-C while closing: the turn is dropped anyway
                 pass
+
+
+@contextlib.contextmanager
+def _sigint_only_during_answers() -> Iterator[Callable[[], Any]]:
+    """While the REPL runs, SIGINT (Ctrl-C outside prompt_toolkit's raw mode) raises
+    ``KeyboardInterrupt`` only inside the context the yielded function opens (an answer streaming).
+
+    Elsewhere (between an answer and the next prompt) a Ctrl-C has nothing to stop, and raising
+    there could land outside any handler and end the chat; prompt_toolkit reads Ctrl-C at the
+    prompt as a key, not a signal. Yields a no-op context where signals cannot be set (not the
+    main thread)."""
+    import signal
+    import threading
+
+    state = {"armed": False}
+
+    @contextlib.contextmanager
+    def armed() -> Iterator[None]:
+        state["armed"] = True
+        try:
+            yield
+        finally:
+            state["armed"] = False
+
+    def handler(signum: int, frame: Any) -> None:
+        if state["armed"]:
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield contextlib.nullcontext
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield armed
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # -- reading lines --------------------------------------------------------------------------------
