@@ -309,6 +309,7 @@ def test_chat_through_a_pipe_in_process(tiny_checkpoint, tmp_path):
         run.stdout.decode()
     again, saved_again = _chat("-m", str(tiny_checkpoint), "--seed", "7", *FLAGS, script=SCRIPT, tmp_path=tmp_path,
                                name="b")
+    assert again.returncode == 0, again.stderr.decode()
     assert again.stdout == done.stdout and saved_again == saved
 
 

@@ -115,7 +115,8 @@ def chat(
     no_reuse: Annotated[
         bool,
         typer.Option("--no-reuse", help="Encode the whole conversation every turn instead of reusing the KV cache "
-                                        "(for comparison; the answers are the same)."),
+                                        "(for comparison: the same arithmetic, but encoding in pieces rounds floats "
+                                        "differently, so a rare token may differ)."),
     ] = False,
     stats: Annotated[bool, typer.Option("--stats", help="After each answer, one line of timings on stderr.")] = False,
     quiet: QuietOption = False,
