@@ -344,6 +344,26 @@ def test_server_errors_are_one_line_per_turn_and_the_repl_goes_on(server, tiny_c
 
     local_flag = run_cli("chat", "--server", server.url, "--device", "cpu", input=b"")
     assert local_flag.returncode == 2 and "--device applies to an in-process model" in local_flag.stderr.decode()
+    key_alone = run_cli("chat", "-m", str(tiny_checkpoint), "--api-key", "k", input=b"")
+    assert key_alone.returncode == 2 and "--api-key is sent to a server: it needs --server" in key_alone.stderr.decode()
+
+
+def test_chat_help_has_examples_and_imports_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from typer.testing import CliRunner\n"
+            "from diffgen.cli.app import app\n"
+            "result = CliRunner().invoke(app, ['chat', '--help'])\n"
+            "assert result.exit_code == 0, result.output\n"
+            "assert 'Examples' in result.output and '/think' in result.output and 'no per-conversation cache' in "
+            "' '.join(result.output.split()), result.output\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'prompt_toolkit', 'httpx', 'platformdirs') "
+            "if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_a_real_sigint_stops_an_answer_but_not_the_chat_between_turns():

@@ -139,6 +139,8 @@ def chat(
         backend = _remote(ctx, server, api_key, model, flags)
         name = backend.describe()
     else:
+        if api_key and parameter_source(ctx, "api_key") == "COMMANDLINE":
+            raise UsageError("--api-key is sent to a server: it needs --server", "add --server URL or drop --api-key")
         backend, name = _local(model, flags, seed=seed, device=device, quant=quant, max_memory=max_memory,
                                offload=offload, offline=offline, exact=exact_loop, compile=compile,
                                reuse=not no_reuse, quiet=quiet)
