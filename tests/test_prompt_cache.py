@@ -187,5 +187,5 @@ def test_clear_forgets_and_other_models_do_not_share(tiny, sharp):
 
 def test_a_prompt_cache_serves_one_prompt(tiny):
     ids = prompt_mod.encode(tiny.tokenizer, "Hello")
-    with pytest.raises(UsageError, match="one prompt"):
+    with pytest.raises(UsageError, match="one text prompt"):
         stream(tiny, [ids, ids], tiny.defaults, cache=PromptCache())
