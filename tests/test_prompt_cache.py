@@ -189,3 +189,29 @@ def test_a_prompt_cache_serves_one_prompt(tiny):
     ids = prompt_mod.encode(tiny.tokenizer, "Hello")
     with pytest.raises(UsageError, match="one text prompt"):
         stream(tiny, [ids, ids], tiny.defaults, cache=PromptCache())
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_reuse_on_the_gpu_path_dry_run_on_the_cpu(one_layer, graphs):
+    """The fast sampler, and its CUDA-graph step replayed eagerly (the GPU path's logic on the
+    CPU): with a reused cache every turn's tokens equal a fresh generation's."""
+
+    def eager_capture(body):
+        return body
+
+    settings = one_layer.defaults.replace(max_new_tokens=32, max_denoising_steps=4)
+    cache = PromptCache()
+    messages = [{"role": "system", "content": SYSTEM}]
+    for turn, question in enumerate(QUESTIONS[:3]):
+        messages.append({"role": "user", "content": question})
+        ids = prompt_mod.encode_messages(one_layer.tokenizer, messages)
+        kwargs = dict(exact=False, graphs=graphs, capture=eager_capture if graphs else None, observe=False)
+        with_reuse = stream(one_layer, [ids], settings.replace(seed=turn), cache=cache, **kwargs)
+        without = stream(one_layer, [ids], settings.replace(seed=turn), **kwargs)
+        for generation in (with_reuse, without):
+            for _ in generation:
+                pass
+        got, expected = with_reuse.result.completions[0], without.result.completions[0]
+        assert got.token_ids == expected.token_ids, f"turn {turn}"
+        assert turn == 0 or cache.last.reused_tokens > 0
+        messages.append({"role": "assistant", "content": got.text})
