@@ -184,6 +184,16 @@ def test_a_failed_turn_gets_one_line_and_the_repl_goes_on():
     assert err.rstrip().endswith("stats line")
 
 
+def test_an_unexpected_failure_in_a_turn_is_one_line_and_the_repl_goes_on(capsys, monkeypatch):
+    monkeypatch.delenv("DIFFGEN_DEBUG", raising=False)
+    backend = Scripted(RuntimeError("CUDA out of memory"))
+    code, out, err, chat = play(["one", "two"], backend)
+    assert code == 0 and out == "partial\nanswer 2\n"
+    assert [m["content"] for m in chat.messages] == ["two", "answer 2"]
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("diffgen: error: answering: RuntimeError: CUDA out of memory") and "\n" not in line
+
+
 def test_the_terminal_reader_edits_lines_and_keeps_a_history(tmp_path):
     from prompt_toolkit.input import create_pipe_input
     from prompt_toolkit.output import DummyOutput
@@ -196,6 +206,7 @@ def test_the_terminal_reader_edits_lines_and_keeps_a_history(tmp_path):
         pipe.send_text("\x1b[A\r")  # up arrow: the previous line from the history
         assert read(">>> ") == "hello world"
     assert "+hello world" in history.read_text()
+    assert history.stat().st_mode & 0o077 == 0  # readable by its owner only
 
 
 def test_the_history_lives_in_the_users_state_directory(monkeypatch, tmp_path):

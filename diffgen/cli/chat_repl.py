@@ -251,6 +251,14 @@ class Repl:
             self._end_lines(answered, thinking)
             streams.error(exc.message + (f" — {exc.hint}" if exc.hint else ""))
             return False
+        except Exception as exc:  # one turn failing unexpectedly does not end the conversation
+            from diffgen.cli import funnel
+
+            self._close(pieces)
+            self._end_lines(answered, thinking)
+            if funnel.report(exc, doing="answering") is None:  # DIFFGEN_DEBUG=1: the traceback
+                raise
+            return False
         if thinking:
             streams.notice("")
         streams.answer("\n")
@@ -357,6 +365,7 @@ def terminal_reader(err: IO[str], *, input: Any = None, output: Any = None,
     path = history if history is not None else history_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)  # what was typed is the user's alone to read
         store: Any = FileHistory(str(path))
     except OSError:
         store = InMemoryHistory()
