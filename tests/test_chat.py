@@ -343,7 +343,7 @@ def test_server_errors_are_one_line_per_turn_and_the_repl_goes_on(server, tiny_c
                        tmp_path=tmp_path, name="refused")
     assert refused.returncode == 0 and refused.stdout == b""
     errors = [line for line in refused.stderr.decode().splitlines() if line.startswith("diffgen: error:")]
-    assert len(errors) == 2 and "the server answered 404" in errors[0] and "no-such-model" in errors[0]
+    assert len(errors) == 2 and "HTTP 404" in errors[0] and "no-such-model" in errors[0]
 
     from conftest import free_port
 

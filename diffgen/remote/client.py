@@ -115,14 +115,16 @@ class Client:
     ``Authorization: Bearer`` (default: ``DIFFGEN_API_KEY``); ``timeout``: seconds to wait for
     an answer (``None``: as long as the generation takes)."""
 
-    def __init__(self, url: str, *, api_key: Optional[str] = None, timeout: Optional[float] = None):
+    def __init__(self, url: str, *, api_key: Optional[str] = None, timeout: Optional[float] = None,
+                 http: Any = None):
         import httpx
 
         self.url = base_url(url)
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers,
-                                 timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT))
+        # ``http``: an httpx.Client to send through instead (tests pass Starlette's TestClient).
+        self.http = http if http is not None else httpx.Client(
+            headers=headers, timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT))
 
     def close(self) -> None:
         self.http.close()
@@ -189,7 +191,7 @@ class Client:
 
         path = "/chat/completions" if chat else "/completions"
         try:
-            with self.http.stream("POST", path, json={**body, "stream": True}) as response:
+            with self.http.stream("POST", self.url + path, json={**body, "stream": True}) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise self._refusal(response, path)
@@ -217,7 +219,7 @@ class Client:
         import httpx
 
         try:
-            response = self.http.request(method, path, **kwargs)
+            response = self.http.request(method, self.url + path, **kwargs)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
         if response.status_code >= 400:
