@@ -156,13 +156,9 @@ def chat(
 
 def _remote(ctx: typer.Context, server: str, api_key: Optional[str], model: str, flags: dict[str, Any]) -> Any:
     from diffgen.cli.chat_client import RemoteChat
-    from diffgen.settings import SAMPLER_FLAGS
+    from diffgen.remote.requests import sampler_fields
 
-    fields: dict[str, Any] = {}
-    for flag in SAMPLER_FLAGS:
-        value = flags.get(flag.field)
-        if value is not None:
-            fields["max_tokens" if flag.field == "max_new_tokens" else flag.key] = value
+    fields = sampler_fields(flags)
     if parameter_source(ctx, "model") in ("COMMANDLINE", "ENVIRONMENT"):
         fields["model"] = model
     return RemoteChat(server, api_key=api_key, fields=fields)

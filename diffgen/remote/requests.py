@@ -22,11 +22,7 @@ def body(model: str, text: str, *, system: Optional[str], think: bool, raw: bool
     """The request body for one prompt and whether it goes to the chat endpoint. ``flags``: the
     sampler settings given, by :class:`~diffgen.settings.GenerationSettings` field name;
     ``image_urls``: ``image_url`` parts put before the text, where a local run puts the images."""
-    out: dict[str, Any] = {"model": model, "seed": seed, "return_token_ids": True}
-    for flag in SAMPLER_FLAGS:
-        value = flags.get(flag.field)
-        if value is not None:
-            out["max_tokens" if flag.field == "max_new_tokens" else flag.key] = value
+    out: dict[str, Any] = {"model": model, "seed": seed, "return_token_ids": True, **sampler_fields(flags)}
     if raw:
         return {**out, "prompt": text}, False
     content: Any = text
@@ -38,6 +34,13 @@ def body(model: str, text: str, *, system: Optional[str], think: bool, raw: bool
     if think:
         out["chat_template_kwargs"] = {"enable_thinking": True}
     return out, True
+
+
+def sampler_fields(flags: dict[str, Any]) -> dict[str, Any]:
+    """The sampler flags given (by :class:`~diffgen.settings.GenerationSettings` field name) as
+    body fields: ``max_tokens`` and the extra fields under their batch-record names."""
+    return {"max_tokens" if flag.field == "max_new_tokens" else flag.key: flags[flag.field]
+            for flag in SAMPLER_FLAGS if flags.get(flag.field) is not None}
 
 
 def settings(model: ServerModel, flags: dict[str, Any], seed: int) -> dict[str, Any]:
