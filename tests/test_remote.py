@@ -172,7 +172,10 @@ class Plain:
                     gate = plain.gate if len(plain.requests) <= (plain.gate.parties if plain.gate else 0) else None
                 try:
                     if gate is not None:
-                        gate.wait(timeout=120)  # a failure's safety net only: all parties arrive at once
+                        try:
+                            gate.wait(timeout=120)  # a failure's safety net only: all parties arrive at once
+                        except threading.BrokenBarrierError:  # the test gave up on this request
+                            return
                     self.answer(body)
                 finally:
                     with plain.lock:
@@ -257,6 +260,28 @@ def test_batch_server_keeps_n_in_flight_and_a_failure_is_an_error_record_that_re
 # -- a server killed mid-batch ----------------------------------------------------------------------------
 
 
+def test_ctrl_c_during_a_batch_with_requests_in_flight_exits_at_once(plain, tmp_path):
+    """Regression: the request threads were a ThreadPoolExecutor's, which Python joins at exit, so
+    Ctrl-C waited for every generation in flight (forever against a server that never answers)."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "prompt": f"q{i}"}) + "\n" for i in range(6)))
+    plain.gate = threading.Barrier(3)  # the first requests are held: only 2 are ever in flight
+    process = subprocess.Popen([sys.executable, "-m", "diffgen", "batch", str(source), "--server", plain.url,
+                                "--concurrency", "2", "-o", str(tmp_path / "out.jsonl")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "NO_COLOR": "1"})
+    try:
+        while plain.gate.n_waiting < 2 and process.poll() is None:  # both requests are in flight
+            threading.Event().wait(0.05)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)  # a hang's safety net; the exit itself is immediate
+    finally:
+        plain.gate.abort()
+        process.kill()
+    assert process.returncode == 130, err.decode()
+    assert "Traceback" not in err.decode()
+    assert read_records(tmp_path / "out.jsonl") == []  # nothing answered, nothing written: --resume does all
+
+
 def test_a_server_killed_mid_batch_then_restarted_and_resumed_holds_every_id_once(tiny_checkpoint, tmp_path):
     count = 200
     jobs = tmp_path / "jobs.txt"
@@ -298,3 +323,43 @@ def test_the_server_url_is_the_api_root_however_it_is_typed(given, root):
     from diffgen.remote.client import base_url
 
     assert base_url(given) == root
+
+
+def test_a_stream_cut_before_done_is_an_error_not_a_short_answer():
+    """A server that dies mid-answer closes the stream without ``data: [DONE]``: the client says so
+    instead of handing on the truncated text as if it were the whole answer (chat would keep it)."""
+    from diffgen.remote.client import Client, RemoteError
+
+    class Cut(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            chunk = {"choices": [{"index": 0, "delta": {"content": "half an ans"}, "finish_reason": None}]}
+            data = f"data: {json.dumps(chunk)}\n\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Cut)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        with Client(f"http://127.0.0.1:{http.server_address[1]}") as client:
+            chunks = []
+            with pytest.raises(RemoteError, match="closed the stream before the answer ended"):
+                for chunk in client.stream({"messages": [{"role": "user", "content": "hi"}]}, chat=True):
+                    chunks.append(chunk)
+            assert len(chunks) == 1
+    finally:
+        http.shutdown()
+        http.server_close()
+
+
+@pytest.mark.parametrize("header, seconds", [("nan", 1.0), ("inf", 1.0), ("-3", 0.1), ("2.5", 2.5), ("soon", 1.0)])
+def test_retry_after_is_a_finite_wait_whatever_the_server_sends(header, seconds):
+    from diffgen.remote.client import _retry_after
+
+    assert _retry_after(header) == seconds

@@ -493,7 +493,8 @@ def run_concurrent(items: Sequence[Job | InputError], *, send: Callable[[Job], d
     flight are written as they arrive, and the exception is raised, so that the records not
     done are simply absent and ``--resume`` does them.
     """
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    import queue
+    import threading
 
     summary = Summary(total=len(items))
     todo: list[Job] = []
@@ -507,39 +508,46 @@ def run_concurrent(items: Sequence[Job | InputError], *, send: Callable[[Job], d
     progress(summary, 0)
     stop: BaseException | None = None
     pending = iter(todo)
-    executor = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="diffgen-request")
-    drained = False  # every request sent has been answered (or failed): nothing left to wait for
-    try:
-        flying = {}
-        for job in pending:
-            flying[executor.submit(send, job)] = job
-            if len(flying) >= concurrency:
-                break
-        while flying:
-            done, _ = wait(flying, return_when=FIRST_COMPLETED)
-            for future in done:
-                job = flying.pop(future)
-                exc = future.exception()
-                if exc is None:
-                    result = future.result()
-                    output.write({"id": job.id, "line": job.line, **result})
-                    summary.ok += 1
-                    tokens = len(result.get("tokens") or ())
-                    summary.tokens += tokens
-                    progress(summary, tokens)
-                elif fatal(exc):
-                    stop = stop or exc
-                else:
-                    _fail(summary, output, job, _describe(exc))
-                    progress(summary, 0)
-                if stop is None:
-                    following = next(pending, None)
-                    if following is not None:
-                        flying[executor.submit(send, following)] = following
-        drained = True
-    finally:
-        # Interrupted (Ctrl-C): do not wait for the requests in flight; the caller closes their connections.
-        executor.shutdown(wait=drained, cancel_futures=True)
+    answers: queue.Queue = queue.Queue()
+
+    def launch(job: Job) -> None:
+        # Daemon threads, not a ThreadPoolExecutor: on Ctrl-C the process must not wait at exit for
+        # requests still in flight (a pool's workers are joined at interpreter shutdown, and a
+        # generation may take minutes); their connections close with the process, which tells
+        # the server to drop their rows.
+        def work() -> None:
+            try:
+                answers.put((job, send(job), None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the writer below
+                answers.put((job, None, exc))
+
+        threading.Thread(target=work, name="diffgen-request", daemon=True).start()
+
+    in_flight = 0
+    for job in pending:
+        launch(job)
+        in_flight += 1
+        if in_flight >= concurrency:
+            break
+    while in_flight:
+        job, result, exc = answers.get()
+        in_flight -= 1
+        if exc is None:
+            output.write({"id": job.id, "line": job.line, **result})
+            summary.ok += 1
+            tokens = len(result.get("tokens") or ())
+            summary.tokens += tokens
+            progress(summary, tokens)
+        elif fatal(exc):
+            stop = stop or exc
+        else:
+            _fail(summary, output, job, _describe(exc))
+            progress(summary, 0)
+        if stop is None:
+            following = next(pending, None)
+            if following is not None:
+                launch(following)
+                in_flight += 1
     if stop is not None:
         raise stop
     return summary

@@ -21,6 +21,7 @@ that is busy (429/503 with ``Retry-After``), which batch jobs wait out.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -210,6 +211,9 @@ class Client:
                         raise RemoteError(f"the server failed while answering: {_message(chunk)}",
                                           "see the server's log", status=500, retryable=True)
                     yield chunk
+                # No [DONE]: the connection closed mid-answer (a server that died or was stopped).
+                raise RemoteError(f"the server at {self.url} closed the stream before the answer ended",
+                                  "see the server's log; ask again", retryable=True)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
 
@@ -279,9 +283,10 @@ def _message(data: Any) -> str:
 
 def _retry_after(value: Optional[str]) -> float:
     try:
-        return min(max(float(value), 0.1), 60.0) if value else 1.0
+        after = float(value) if value else 1.0
     except ValueError:
         return 1.0
+    return min(max(after, 0.1), 60.0) if math.isfinite(after) else 1.0
 
 
 def _ids(value: Any) -> Optional[tuple[int, ...]]:
