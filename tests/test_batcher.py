@@ -289,3 +289,28 @@ def test_adaptive_stopping_rows_and_the_graph_path_match_rows_alone(sharp, graph
         assert len(steps) > 1 and min(steps) < 12  # some canvases stopped early, not all at the same step
     finally:
         batcher.close(wait=True)
+
+
+def test_cancelling_a_request_with_rows_running_and_rows_queued_ends_it(tiny, make):
+    batcher = make(max_batch=1)
+    at_boundary, released = threading.Event(), threading.Event()
+
+    def hold() -> bool:
+        at_boundary.set()
+        return not released.is_set()
+
+    batcher.hold = hold
+    started = threading.Event()
+    recorder = Recorder()
+    ticket = batcher.submit(ids(tiny, 0), [settings(tiny, 1, 64), settings(tiny, 2, 64)], recorder,
+                            on_start=started.set)
+    at_boundary.wait()  # row 0 is in the batch, held before its first canvas; row 1 waits for its slot
+    assert started.is_set()
+    ticket.cancel()
+    ticket.wait()  # the held scheduler still drops cancelled rows at its boundary
+    released.set()
+    assert recorder.kinds() == ["end"]
+    counters = batcher.counters()
+    assert counters.requests_cancelled == 1 and counters.requests_served == 0
+    assert counters.rows_queued == 0 and counters.requests_queued == 0
+    assert counters.canvases == 0  # the hold kept the first canvas from starting; the cancel dropped it

@@ -326,24 +326,26 @@ class Batcher:
             if ticket.cancelled or ticket.ended.is_set():
                 return
             ticket.cancelled = True
-            waiting = self._unqueue(ticket)
+            waiting, starting = self._unqueue(ticket)
             self._cond.notify_all()
-        if waiting is not None:
+        if starting:
             ticket._notify_start()
-        for row in waiting or ():
+        # Rows taken out of the queue end here; rows already running end at the next boundary.
+        for row in waiting:
             self._row_closed(row, served=False)
 
-    def _unqueue(self, ticket: Ticket) -> list[_Row] | None:
-        """Take a ticket's waiting rows out of the queue (hold ``_cond``); ``None`` if it had started."""
+    def _unqueue(self, ticket: Ticket) -> tuple[list[_Row], bool]:
+        """Take a ticket's waiting rows out of the queue (hold ``_cond``): the rows removed, and
+        whether this left the ticket's queue (none of its rows had started; it counts as started now)."""
         waiting = [row for row in self._queue if row.ticket is ticket]
         if waiting:
             self._queue = deque(row for row in self._queue if row.ticket is not ticket)
             self._counters.rows_queued -= len(waiting)
         if ticket._started:
-            return None
+            return waiting, False
         ticket._started = True
         self._counters.requests_queued -= 1
-        return waiting
+        return waiting, True
 
     def counters(self) -> Counters:
         """A snapshot of the running totals."""
@@ -649,10 +651,10 @@ class Batcher:
                 return
             ticket._failed = True
             ticket.cancelled = True  # its other rows stop too
-            waiting = self._unqueue(ticket)
+            _, starting = self._unqueue(ticket)
             ticket._open = 0
             self._counters.requests_failed += 1
-        if waiting is not None:
+        if starting:
             ticket._notify_start()
         try:
             self._put(ticket, ("error", exc))
