@@ -314,3 +314,35 @@ def test_cancelling_a_request_with_rows_running_and_rows_queued_ends_it(tiny, ma
     assert counters.requests_cancelled == 1 and counters.requests_served == 0
     assert counters.rows_queued == 0 and counters.requests_queued == 0
     assert counters.canvases == 0  # the hold kept the first canvas from starting; the cancel dropped it
+
+
+def test_a_canvas_whose_every_row_is_cancelled_stops_early(tiny, make):
+    batcher = make(max_batch=4)
+    tickets = {}
+
+    def cancel_on_second_step(item):
+        if item[0] == "step" and item[2].step == 2:
+            tickets["long"].cancel()
+
+    recorder = Recorder(cancel_on_second_step)
+    tickets["long"] = batcher.submit(ids(tiny, 0), [settings(tiny, 1, 16, max_denoising_steps=10_000)], recorder,
+                                     observe=True)
+    tickets["long"].wait()
+    assert recorder.kinds() == ["step", "step", "end"]  # no steps delivered once cancelled, no "done"
+    counters = batcher.counters()
+    # The canvas stopped at the first check after the cancel, not after its 10 000 steps.
+    assert counters.decoder_forwards == loop.FAST_CHECK_EVERY and counters.requests_cancelled == 1
+    # A canvas with one row still wanted runs on.
+    kept, dropped = Recorder(), Recorder()
+    hold = threading.Event()
+    hold.set()
+    batcher.hold = hold.is_set
+    wanted = batcher.submit(ids(tiny, 1), [settings(tiny, 2, 16, max_denoising_steps=12)], kept)
+    dropped.then = lambda item: gone.cancel() if item[0] == "step" else None
+    gone = batcher.submit(ids(tiny, 2), [settings(tiny, 3, 16, max_denoising_steps=12)], dropped, observe=True)
+    hold.clear()
+    wanted.wait()
+    gone.wait()
+    assert batcher.counters().decoder_forwards == loop.FAST_CHECK_EVERY + 12
+    assert kept.done()[0].token_ids == alone(tiny, 1, 2, 16, max_denoising_steps=12).token_ids
+    assert dropped.kinds() == ["step", "end"]

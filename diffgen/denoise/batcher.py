@@ -50,8 +50,12 @@ How it batches (and why):
 * **Costs.** A joining row's prompt is encoded padded to the batch's length (the padded columns
   cost encoder work, not attention: they are masked), and every row attends over the batch's
   longest sequence; trimming keeps that at the longest row still in the batch.
-* **Cancellation** (:meth:`Ticket.cancel`): a waiting request leaves the queue at once; a
-  running row is dropped at the next boundary and its slot goes to the next waiting row.
+* **Cancellation** (:meth:`Ticket.cancel`, or a consumer whose ``put`` raises): waiting rows
+  leave the queue at once (a request with ``n`` rows may have some running, some waiting); a
+  running row is dropped at the next boundary and its slot goes to the next waiting row. A
+  canvas whose every row is cancelled stops early: the step loop looks at the (host-side)
+  cancel flags every ``FAST_CHECK_EVERY`` steps, so a request with many steps per canvas does
+  not hold the model after its client left.
 * **One model, one lock.** Every device operation (a boundary's cache work, a canvas's steps)
   runs under ``lock``, which the server shares with its serial path (so no other thread touches
   the device while a step is recorded as a CUDA graph); it is released between canvases, so an
@@ -557,6 +561,8 @@ class Batcher:
                     if observed:
                         shown = clone_state(state) if runner is not None else state
                         self._deliver_steps(rows, observed, shown, steps, n_steps, schedule.value(remaining))
+                    if steps % FAST_CHECK_EVERY == 0 and all(row.ticket.cancelled for row in rows):
+                        break  # nobody wants this canvas any more (host-side flags: no device sync)
                     if (steps % FAST_CHECK_EVERY == 0 or remaining == 1) and bool(state.stopped.all()):
                         break
                 committed, ended_now = _commit(state.argmax, finished, eos, settings.pad_token_id)
@@ -591,6 +597,8 @@ class Batcher:
                        temperature: float) -> None:
         for r in observed:
             row = rows[r]
+            if row.ticket.cancelled:
+                continue
             part = slice(r, r + 1)
             event = StepEvent(
                 canvas=row.done_canvases, canvases=row.canvases, step=step, max_steps=n_steps,
