@@ -346,3 +346,34 @@ def test_a_canvas_whose_every_row_is_cancelled_stops_early(tiny, make):
     assert batcher.counters().decoder_forwards == loop.FAST_CHECK_EVERY + 12
     assert kept.done()[0].token_ids == alone(tiny, 1, 2, 16, max_denoising_steps=12).token_ids
     assert dropped.kinds() == ["step", "end"]
+
+
+def test_a_request_failing_to_join_leaves_the_running_batch_alone(tiny, make, monkeypatch):
+    batcher = make(max_batch=4)
+    poison = ids(tiny, 2)
+    real_encode = batcher_mod.encode
+
+    def encode(model, input_ids, *args, **kwargs):
+        if any(row[-len(poison):] == poison for row in input_ids.tolist()):
+            raise RuntimeError("out of memory for this prompt")
+        return real_encode(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(batcher_mod, "encode", encode)
+    joining = Recorder()
+    tickets = []
+
+    def submit_after_first_canvas(item):
+        if item[0] == "canvas" and not tickets[1:]:
+            tickets.append(batcher.submit(poison, [settings(tiny, 9, 32)], joining))
+
+    running = Recorder(submit_after_first_canvas)
+    # The newcomer's prompt is longer than the batch's cache: admitting it would grow that cache.
+    assert len(ids(tiny, 1)) + 16 < len(poison)
+    tickets.append(batcher.submit(ids(tiny, 1), [settings(tiny, 8, 64)], running))
+    tickets[0].wait()
+    tickets[1].wait()
+    assert joining.kinds() == ["error", "end"] and "out of memory" in str(joining.items[0][1])
+    assert "error" not in running.kinds()
+    assert running.done()[0].token_ids == alone(tiny, 1, 8, 64).token_ids
+    counters = batcher.counters()
+    assert counters.requests_failed == 1 and counters.requests_served == 1 and counters.batches == 1
