@@ -337,9 +337,14 @@ def test_a_canvas_whose_every_row_is_cancelled_stops_early(tiny, make):
     hold = threading.Event()
     hold.set()
     batcher.hold = hold.is_set
-    wanted = batcher.submit(ids(tiny, 1), [settings(tiny, 2, 16, max_denoising_steps=12)], kept)
+    started = [threading.Event(), threading.Event()]
+    wanted = batcher.submit(ids(tiny, 1), [settings(tiny, 2, 16, max_denoising_steps=12)], kept,
+                            on_start=started[0].set)
     dropped.then = lambda item: gone.cancel() if item[0] == "step" else None
-    gone = batcher.submit(ids(tiny, 2), [settings(tiny, 3, 16, max_denoising_steps=12)], dropped, observe=True)
+    gone = batcher.submit(ids(tiny, 2), [settings(tiny, 3, 16, max_denoising_steps=12)], dropped, observe=True,
+                          on_start=started[1].set)
+    for event in started:  # both admitted (the held scheduler admits at its boundary): one batch
+        event.wait()
     hold.clear()
     wanted.wait()
     gone.wait()
