@@ -382,3 +382,19 @@ def test_a_request_failing_to_join_leaves_the_running_batch_alone(tiny, make, mo
     assert running.done()[0].token_ids == alone(tiny, 1, 8, 64).token_ids
     counters = batcher.counters()
     assert counters.requests_failed == 1 and counters.requests_served == 1 and counters.batches == 1
+
+
+def test_a_consumer_that_raises_takes_its_queued_rows_out_of_the_queue(tiny, make):
+    batcher = make(max_batch=1)
+
+    def broken(item):
+        if item[0] == "canvas":
+            raise BrokenPipeError("the client went away")
+
+    recorder = Recorder(broken)
+    ticket = batcher.submit(ids(tiny, 0), [settings(tiny, 1, 64), settings(tiny, 2, 64)], recorder)
+    ticket.wait()
+    assert recorder.kinds() == ["canvas", "end"]
+    counters = batcher.counters()
+    assert counters.canvases == 1  # row 1 never ran: it left the queue when row 0's consumer failed
+    assert counters.requests_cancelled == 1 and counters.rows_queued == 0 and counters.requests_queued == 0

@@ -679,8 +679,7 @@ class Batcher:
             ticket.put(item)
         except Exception:  # noqa: BLE001 - the consumer's failure must not stop the batch
             logging.getLogger("diffgen.batcher").exception("diffgen: a request's consumer failed; request cancelled")
-            with self._cond:
-                ticket.cancelled = True
+            self.cancel(ticket)  # its waiting rows leave the queue too, as on any cancel
 
     def _end(self, ticket: Ticket) -> None:
         try:
