@@ -398,3 +398,35 @@ def test_a_consumer_that_raises_takes_its_queued_rows_out_of_the_queue(tiny, mak
     counters = batcher.counters()
     assert counters.canvases == 1  # row 1 never ran: it left the queue when row 0's consumer failed
     assert counters.requests_cancelled == 1 and counters.rows_queued == 0 and counters.requests_queued == 0
+
+
+def test_a_cancelled_request_hit_by_a_batch_failure_counts_as_cancelled(tiny, make, monkeypatch):
+    batcher = make(max_batch=4)
+    real_step = batcher_mod.denoise_step
+    calls = []
+
+    def fails_on_second_step(state, context):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the accelerator fell over")
+        return real_step(state, context)
+
+    monkeypatch.setattr(batcher_mod, "denoise_step", fails_on_second_step)
+    hold = threading.Event()
+    hold.set()
+    batcher.hold = hold.is_set
+    tickets = {}
+    cancelled = Recorder(lambda item: tickets["cancelled"].cancel() if item[0] == "step" else None)
+    other = Recorder()
+    started = [threading.Event(), threading.Event()]
+    tickets["cancelled"] = batcher.submit(ids(tiny, 0), [settings(tiny, 1, 16)], cancelled, observe=True,
+                                          on_start=started[0].set)
+    tickets["other"] = batcher.submit(ids(tiny, 1), [settings(tiny, 2, 16)], other, on_start=started[1].set)
+    for event in started:  # both admitted before the first canvas: one batch
+        event.wait()
+    hold.clear()
+    for ticket in tickets.values():
+        ticket.wait()
+    assert other.kinds() == ["error", "end"] and cancelled.kinds()[-1] == "end"
+    counters = batcher.counters()
+    assert counters.requests_failed == 1 and counters.requests_cancelled == 1

@@ -692,10 +692,14 @@ class Batcher:
             if ticket.ended.is_set() or ticket._failed:
                 return
             ticket._failed = True
+            # A request its consumer had cancelled already ends as cancelled, not as failed.
+            if ticket.cancelled:
+                self._counters.requests_cancelled += 1
+            else:
+                self._counters.requests_failed += 1
             ticket.cancelled = True  # its other rows stop too
             _, starting = self._unqueue(ticket)
             ticket._open = 0
-            self._counters.requests_failed += 1
         if starting:
             ticket._notify_start()
         try:
