@@ -289,3 +289,144 @@ def test_adaptive_stopping_rows_and_the_graph_path_match_rows_alone(sharp, graph
         assert len(steps) > 1 and min(steps) < 12  # some canvases stopped early, not all at the same step
     finally:
         batcher.close(wait=True)
+
+
+def test_cancelling_a_request_with_rows_running_and_rows_queued_ends_it(tiny, make):
+    batcher = make(max_batch=1)
+    at_boundary, released = threading.Event(), threading.Event()
+
+    def hold() -> bool:
+        at_boundary.set()
+        return not released.is_set()
+
+    batcher.hold = hold
+    started = threading.Event()
+    recorder = Recorder()
+    ticket = batcher.submit(ids(tiny, 0), [settings(tiny, 1, 64), settings(tiny, 2, 64)], recorder,
+                            on_start=started.set)
+    at_boundary.wait()  # row 0 is in the batch, held before its first canvas; row 1 waits for its slot
+    assert started.is_set()
+    ticket.cancel()
+    ticket.wait()  # the held scheduler still drops cancelled rows at its boundary
+    released.set()
+    assert recorder.kinds() == ["end"]
+    counters = batcher.counters()
+    assert counters.requests_cancelled == 1 and counters.requests_served == 0
+    assert counters.rows_queued == 0 and counters.requests_queued == 0
+    assert counters.canvases == 0  # the hold kept the first canvas from starting; the cancel dropped it
+
+
+def test_a_canvas_whose_every_row_is_cancelled_stops_early(tiny, make):
+    batcher = make(max_batch=4)
+    tickets = {}
+
+    def cancel_on_second_step(item):
+        if item[0] == "step" and item[2].step == 2:
+            tickets["long"].cancel()
+
+    recorder = Recorder(cancel_on_second_step)
+    tickets["long"] = batcher.submit(ids(tiny, 0), [settings(tiny, 1, 16, max_denoising_steps=10_000)], recorder,
+                                     observe=True)
+    tickets["long"].wait()
+    assert recorder.kinds() == ["step", "step", "end"]  # no steps delivered once cancelled, no "done"
+    counters = batcher.counters()
+    # The canvas stopped at the first check after the cancel, not after its 10 000 steps.
+    assert counters.decoder_forwards == loop.FAST_CHECK_EVERY and counters.requests_cancelled == 1
+    # A canvas with one row still wanted runs on.
+    kept, dropped = Recorder(), Recorder()
+    hold = threading.Event()
+    hold.set()
+    batcher.hold = hold.is_set
+    started = [threading.Event(), threading.Event()]
+    wanted = batcher.submit(ids(tiny, 1), [settings(tiny, 2, 16, max_denoising_steps=12)], kept,
+                            on_start=started[0].set)
+    dropped.then = lambda item: gone.cancel() if item[0] == "step" else None
+    gone = batcher.submit(ids(tiny, 2), [settings(tiny, 3, 16, max_denoising_steps=12)], dropped, observe=True,
+                          on_start=started[1].set)
+    for event in started:  # both admitted (the held scheduler admits at its boundary): one batch
+        event.wait()
+    hold.clear()
+    wanted.wait()
+    gone.wait()
+    assert batcher.counters().decoder_forwards == loop.FAST_CHECK_EVERY + 12
+    assert kept.done()[0].token_ids == alone(tiny, 1, 2, 16, max_denoising_steps=12).token_ids
+    assert dropped.kinds() == ["step", "end"]
+
+
+def test_a_request_failing_to_join_leaves_the_running_batch_alone(tiny, make, monkeypatch):
+    batcher = make(max_batch=4)
+    poison = ids(tiny, 2)
+    real_encode = batcher_mod.encode
+
+    def encode(model, input_ids, *args, **kwargs):
+        if any(row[-len(poison):] == poison for row in input_ids.tolist()):
+            raise RuntimeError("out of memory for this prompt")
+        return real_encode(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(batcher_mod, "encode", encode)
+    joining = Recorder()
+    tickets = []
+
+    def submit_after_first_canvas(item):
+        if item[0] == "canvas" and not tickets[1:]:
+            tickets.append(batcher.submit(poison, [settings(tiny, 9, 32)], joining))
+
+    running = Recorder(submit_after_first_canvas)
+    # The newcomer's prompt is longer than the batch's cache: admitting it would grow that cache.
+    assert len(ids(tiny, 1)) + 16 < len(poison)
+    tickets.append(batcher.submit(ids(tiny, 1), [settings(tiny, 8, 64)], running))
+    tickets[0].wait()
+    tickets[1].wait()
+    assert joining.kinds() == ["error", "end"] and "out of memory" in str(joining.items[0][1])
+    assert "error" not in running.kinds()
+    assert running.done()[0].token_ids == alone(tiny, 1, 8, 64).token_ids
+    counters = batcher.counters()
+    assert counters.requests_failed == 1 and counters.requests_served == 1 and counters.batches == 1
+
+
+def test_a_consumer_that_raises_takes_its_queued_rows_out_of_the_queue(tiny, make):
+    batcher = make(max_batch=1)
+
+    def broken(item):
+        if item[0] == "canvas":
+            raise BrokenPipeError("the client went away")
+
+    recorder = Recorder(broken)
+    ticket = batcher.submit(ids(tiny, 0), [settings(tiny, 1, 64), settings(tiny, 2, 64)], recorder)
+    ticket.wait()
+    assert recorder.kinds() == ["canvas", "end"]
+    counters = batcher.counters()
+    assert counters.canvases == 1  # row 1 never ran: it left the queue when row 0's consumer failed
+    assert counters.requests_cancelled == 1 and counters.rows_queued == 0 and counters.requests_queued == 0
+
+
+def test_a_cancelled_request_hit_by_a_batch_failure_counts_as_cancelled(tiny, make, monkeypatch):
+    batcher = make(max_batch=4)
+    real_step = batcher_mod.denoise_step
+    calls = []
+
+    def fails_on_second_step(state, context):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the accelerator fell over")
+        return real_step(state, context)
+
+    monkeypatch.setattr(batcher_mod, "denoise_step", fails_on_second_step)
+    hold = threading.Event()
+    hold.set()
+    batcher.hold = hold.is_set
+    tickets = {}
+    cancelled = Recorder(lambda item: tickets["cancelled"].cancel() if item[0] == "step" else None)
+    other = Recorder()
+    started = [threading.Event(), threading.Event()]
+    tickets["cancelled"] = batcher.submit(ids(tiny, 0), [settings(tiny, 1, 16)], cancelled, observe=True,
+                                          on_start=started[0].set)
+    tickets["other"] = batcher.submit(ids(tiny, 1), [settings(tiny, 2, 16)], other, on_start=started[1].set)
+    for event in started:  # both admitted before the first canvas: one batch
+        event.wait()
+    hold.clear()
+    for ticket in tickets.values():
+        ticket.wait()
+    assert other.kinds() == ["error", "end"] and cancelled.kinds()[-1] == "end"
+    counters = batcher.counters()
+    assert counters.requests_failed == 1 and counters.requests_cancelled == 1

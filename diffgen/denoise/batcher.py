@@ -9,7 +9,8 @@ rows) and returns a :class:`Ticket`; the scheduler hands the request's items to 
   ``observe=True`` (the event is this row's alone: every tensor has batch dimension 1);
 * ``("canvas", index, text, thoughts)`` after each committed canvas of row ``index``;
 * ``("done", index, Completion)`` when row ``index`` ends (its stats are its own);
-* ``("error", exception)`` if the batch failed, then, always last, ``("end",)``.
+* ``("error", exception)`` if the batch failed or the request could not join it, then, always
+  last, ``("end",)``.
 
 No HTTP here: :mod:`diffgen.server.app` is one user; a test or a batch job could be another.
 
@@ -50,8 +51,15 @@ How it batches (and why):
 * **Costs.** A joining row's prompt is encoded padded to the batch's length (the padded columns
   cost encoder work, not attention: they are masked), and every row attends over the batch's
   longest sequence; trimming keeps that at the longest row still in the batch.
-* **Cancellation** (:meth:`Ticket.cancel`): a waiting request leaves the queue at once; a
-  running row is dropped at the next boundary and its slot goes to the next waiting row.
+* **Cancellation** (:meth:`Ticket.cancel`, or a consumer whose ``put`` raises): waiting rows
+  leave the queue at once (a request with ``n`` rows may have some running, some waiting); a
+  running row is dropped at the next boundary and its slot goes to the next waiting row. A
+  canvas whose every row is cancelled stops early: the step loop looks at the (host-side)
+  cancel flags every ``FAST_CHECK_EVERY`` steps, so a request with many steps per canvas does
+  not hold the model after its client left.
+* **Failures.** A failure while denoising fails every row of the batch (each request gets
+  ``("error", exception)``); a failure while encoding newcomers' prompts fails the newcomers'
+  requests only: they are encoded into a cache of their own before the batch's is touched.
 * **One model, one lock.** Every device operation (a boundary's cache work, a canvas's steps)
   runs under ``lock``, which the server shares with its serial path (so no other thread touches
   the device while a step is recorded as a CUDA graph); it is released between canvases, so an
@@ -245,6 +253,21 @@ class _Running:
     pending: torch.Tensor | None = None  # (B, C) committed canvas not encoded yet
 
 
+@dataclass
+class _Joining:
+    """Rows about to join a batch, encoded on their own (see :meth:`Batcher._encode_new`).
+
+    Attributes:
+        cache: their KV cache, left-padded to the joined batch's length.
+        mask: ``(B, L)`` bool, their real tokens in ``cache``.
+        lengths: real tokens per row (their prompt lengths).
+    """
+
+    cache: Any
+    mask: torch.Tensor
+    lengths: list[int]
+
+
 class Batcher:
     """Continuous batching over one loaded model (see the module's docstring).
 
@@ -326,24 +349,26 @@ class Batcher:
             if ticket.cancelled or ticket.ended.is_set():
                 return
             ticket.cancelled = True
-            waiting = self._unqueue(ticket)
+            waiting, starting = self._unqueue(ticket)
             self._cond.notify_all()
-        if waiting is not None:
+        if starting:
             ticket._notify_start()
-        for row in waiting or ():
+        # Rows taken out of the queue end here; rows already running end at the next boundary.
+        for row in waiting:
             self._row_closed(row, served=False)
 
-    def _unqueue(self, ticket: Ticket) -> list[_Row] | None:
-        """Take a ticket's waiting rows out of the queue (hold ``_cond``); ``None`` if it had started."""
+    def _unqueue(self, ticket: Ticket) -> tuple[list[_Row], bool]:
+        """Take a ticket's waiting rows out of the queue (hold ``_cond``): the rows removed, and
+        whether this left the ticket's queue (none of its rows had started; it counts as started now)."""
         waiting = [row for row in self._queue if row.ticket is ticket]
         if waiting:
             self._queue = deque(row for row in self._queue if row.ticket is not ticket)
             self._counters.rows_queued -= len(waiting)
         if ticket._started:
-            return None
+            return waiting, False
         ticket._started = True
         self._counters.requests_queued -= 1
-        return waiting
+        return waiting, True
 
     def counters(self) -> Counters:
         """A snapshot of the running totals."""
@@ -412,9 +437,19 @@ class Batcher:
         free = self.max_batch - (len(run.rows) if run is not None else 0)
         taken = self._take(run.key if run is not None else None, free) if free > 0 else []
         if taken:
+            # The newcomers' prompts are encoded into a cache of their own first: if that fails
+            # (a prompt too long for the memory left, say), only their requests fail and the
+            # running batch goes on untouched. The batch's cache changes only after it succeeded.
             self._admitting = taken
-            run = self._admit(run, taken)
-            self._admitting = []
+            try:
+                joining = self._encode_new(run, taken)
+            except Exception as exc:  # noqa: BLE001 - reported to the admitting requests alone
+                self._admitting = []
+                for ticket in dict.fromkeys(row.ticket for row in taken):
+                    self._fail(ticket, exc)
+            else:
+                run = self._join(run, taken, joining)
+                self._admitting = []
         self._set_in_flight(len(run.rows) if run is not None else 0)
         return run
 
@@ -444,16 +479,14 @@ class Batcher:
         columns = torch.arange(total - width, total, dtype=torch.int32, device=self.device)
         return (first[:, None] + columns[None]).clamp_(min=0)
 
-    def _admit(self, run: _Running | None, rows: list[_Row]) -> _Running:
+    def _encode_new(self, run: _Running | None, rows: list[_Row]) -> _Joining:
+        """Encode ``rows``' prompts, left-padded to the length the batch will have, into a fresh
+        cache. ``run`` is only read."""
         from transformers import DynamicCache
 
         model = self.loaded.model
         longest = max(len(row.ticket.prompt) for row in rows)
         total = longest if run is None else max(run.mask.shape[1], longest)
-        if run is not None and total > run.mask.shape[1]:
-            grow = total - run.mask.shape[1]
-            cache_left_pad(run.cache, grow)
-            run.mask = torch.nn.functional.pad(run.mask, (grow, 0), value=False)
         pad = rows[0].settings.pad_token_id
         prompts = [row.ticket.prompt for row in rows]
         ids = torch.tensor([[pad] * (total - len(p)) + p for p in prompts], dtype=torch.long, device=self.device)
@@ -467,20 +500,28 @@ class Batcher:
         if run is None and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         encode(model, ids, mask, positions, cache, self._cache_kw)
+        with self._cond:
+            self._counters.encoder_forwards += 1
+        return _Joining(cache=cache, mask=mask, lengths=lengths)
+
+    def _join(self, run: _Running | None, rows: list[_Row], joining: _Joining) -> _Running:
+        """Make ``rows`` (encoded by :meth:`_encode_new`) a batch, or add them to ``run``."""
         now = time.perf_counter()
         for row in rows:
             row.started = now
-        with self._cond:
-            self._counters.encoder_forwards += 1
-            if run is None:
-                self._counters.batches += 1
         if run is None:
-            return _Running(rows=list(rows), key=rows[0].key, settings=rows[0].settings, cache=cache, mask=mask,
-                            lengths=lengths)
-        cache_concat(run.cache, cache)
+            with self._cond:
+                self._counters.batches += 1
+            return _Running(rows=list(rows), key=rows[0].key, settings=rows[0].settings, cache=joining.cache,
+                            mask=joining.mask, lengths=joining.lengths)
+        grow = joining.mask.shape[1] - run.mask.shape[1]
+        if grow > 0:  # a prompt longer than the batch's cache: grow it on the left with masked columns
+            cache_left_pad(run.cache, grow)
+            run.mask = torch.nn.functional.pad(run.mask, (grow, 0), value=False)
+        cache_concat(run.cache, joining.cache)
         run.rows.extend(rows)
-        run.mask = torch.cat([run.mask, mask], dim=0)
-        run.lengths.extend(lengths)
+        run.mask = torch.cat([run.mask, joining.mask], dim=0)
+        run.lengths.extend(joining.lengths)
         return run
 
     def _select(self, run: _Running, keep: list[int]) -> None:
@@ -555,6 +596,8 @@ class Batcher:
                     if observed:
                         shown = clone_state(state) if runner is not None else state
                         self._deliver_steps(rows, observed, shown, steps, n_steps, schedule.value(remaining))
+                    if steps % FAST_CHECK_EVERY == 0 and all(row.ticket.cancelled for row in rows):
+                        break  # nobody wants this canvas any more (host-side flags: no device sync)
                     if (steps % FAST_CHECK_EVERY == 0 or remaining == 1) and bool(state.stopped.all()):
                         break
                 committed, ended_now = _commit(state.argmax, finished, eos, settings.pad_token_id)
@@ -589,6 +632,8 @@ class Batcher:
                        temperature: float) -> None:
         for r in observed:
             row = rows[r]
+            if row.ticket.cancelled:
+                continue
             part = slice(r, r + 1)
             event = StepEvent(
                 canvas=row.done_canvases, canvases=row.canvases, step=step, max_steps=n_steps,
@@ -634,8 +679,7 @@ class Batcher:
             ticket.put(item)
         except Exception:  # noqa: BLE001 - the consumer's failure must not stop the batch
             logging.getLogger("diffgen.batcher").exception("diffgen: a request's consumer failed; request cancelled")
-            with self._cond:
-                ticket.cancelled = True
+            self.cancel(ticket)  # its waiting rows leave the queue too, as on any cancel
 
     def _end(self, ticket: Ticket) -> None:
         try:
@@ -648,11 +692,15 @@ class Batcher:
             if ticket.ended.is_set() or ticket._failed:
                 return
             ticket._failed = True
+            # A request its consumer had cancelled already ends as cancelled, not as failed.
+            if ticket.cancelled:
+                self._counters.requests_cancelled += 1
+            else:
+                self._counters.requests_failed += 1
             ticket.cancelled = True  # its other rows stop too
-            waiting = self._unqueue(ticket)
+            _, starting = self._unqueue(ticket)
             ticket._open = 0
-            self._counters.requests_failed += 1
-        if waiting is not None:
+        if starting:
             ticket._notify_start()
         try:
             self._put(ticket, ("error", exc))
