@@ -205,6 +205,19 @@ class PlaceholderProcessor:
         return out
 
 
+def check_takes_images(path: str | Path, config: dict[str, Any] | None = None) -> None:
+    """An :class:`~diffgen.errors.ImageError` unless the checkpoint at ``path`` (its parsed
+    ``config``, when given) can take images: a vision tower, and the image processor's config
+    beside it. Reads no image and builds nothing (a server answers a text-only model's image
+    request with it before decoding any)."""
+    path = Path(path)
+    if config is not None and not has_vision(config):
+        raise ImageError(f"{path.name} has no vision tower, so it takes no images", "drop --image")
+    if not (path / "processor_config.json").is_file() and not (path / "preprocessor_config.json").is_file():
+        raise ImageError(f"{path.name} has no image processor (processor_config.json or preprocessor_config.json)",
+                         "use a checkpoint that ships its processor, as the released one does")
+
+
 def load_processor(path: str | Path, tokenizer: Any, config: dict[str, Any] | None = None, *,
                    by_hand: bool | None = None) -> Any:
     """transformers' ``Gemma4Processor`` for the checkpoint at ``path``, without a video processor.
@@ -217,11 +230,7 @@ def load_processor(path: str | Path, tokenizer: Any, config: dict[str, Any] | No
     """
     require_pillow()
     path = Path(path)
-    if config is not None and not has_vision(config):
-        raise ImageError(f"{path.name} has no vision tower, so it takes no images", "drop --image")
-    if not (path / "processor_config.json").is_file() and not (path / "preprocessor_config.json").is_file():
-        raise ImageError(f"{path.name} has no image processor (processor_config.json or preprocessor_config.json)",
-                         "use a checkpoint that ships its processor, as the released one does")
+    check_takes_images(path, config)
     try:
         if by_hand:
             raise ImportError("asked for the processor by hand")

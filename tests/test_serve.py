@@ -7,6 +7,7 @@ Exactness: with a seed and the exact sampler a server answer has the same tokens
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import signal
@@ -299,6 +300,7 @@ def test_a_failing_request_is_a_500_error_object_and_the_server_goes_on(app_clie
         raise RuntimeError("the accelerator fell over")
 
     monkeypatch.setattr(loop, "generate", broken)
+    monkeypatch.setattr(loop, "stream", broken)  # the serial path streams, sent whole or not
     failed = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4})
     assert failed.status_code == 500
     assert failed.json()["error"]["type"] == "server_error" and "Traceback" not in failed.text
@@ -384,6 +386,7 @@ def test_chat_template_gets_the_whole_conversation(app_client, tiny):
     ({"messages": USER, "max_tokens": 4, "max_new_tokens": 4}, "max_tokens"),
     ({"messages": USER, "logprobs": True}, "logprobs"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": [], "content": "x"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
     ({"messages": USER, "stream": "yes"}, "stream"),
 ])
@@ -526,3 +529,102 @@ def test_the_model_card_tells_diffgen_clients_the_defaults(app_client, tiny):
     card = http.get("/v1/models").json()["data"][0]
     assert card["diffgen_settings"] == tiny.defaults.to_dict()
     assert card["diffgen_channel_ids"] == [100, 101]
+
+
+# -- the server's bounds and its queue -----------------------------------------------------------------
+
+
+def test_steps_over_max_steps_is_a_422_naming_the_limit_and_the_schema_says_so(tiny):
+    from starlette.testclient import TestClient
+
+    engine = Engine(loaded=tiny, name="tiny", settings=tiny.defaults, exact=True, max_steps=3)
+    with TestClient(create_app(engine), raise_server_exceptions=False) as http:
+        refused = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "steps": 100000000})
+        # A stability of 10**9 once allocated a (10**9, rows, canvas) history: bounded the same way.
+        unstable = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "stability": 10**9})
+        answered = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "steps": 3})
+        document = http.get("/openapi.json").json()
+    error = refused.json()["error"]
+    assert refused.status_code == 422 and error["param"] == "steps"
+    assert "at most 3" in error["message"] and "--max-steps" in error["message"]
+    assert unstable.status_code == 422 and unstable.json()["error"]["param"] == "stability"
+    assert answered.status_code == 200 and engine.counts["queued"] == 0
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body["properties"]["steps"]["maximum"] == body["properties"]["stability"]["maximum"] == 3
+    assert wire.body_schema("chat")["properties"]["steps"]["maximum"] == wire.DEFAULT_MAX_STEPS == Engine(
+        loaded=tiny, name="t", settings=tiny.defaults).max_steps
+
+
+def _hang_up_post(app, path: str, body: dict):
+    """POST ``body`` straight through the ASGI interface from a client that has gone the moment its
+    body is sent. Returns the coroutine and the list the response's messages go to."""
+    sent: list[dict] = []
+    state = {"body": False}
+
+    async def receive() -> dict:
+        if not state["body"]:
+            state["body"] = True
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
+             "client": ("127.0.0.1", 1), "server": ("test", 80)}
+    return app(scope, receive, send), sent
+
+
+def test_serial_requests_beyond_the_thread_pool_queue_and_the_next_gets_429(tiny):
+    """More serial requests wait for the model than anyio has worker threads (40), and the queue,
+    not the pool, bounds them: every one is admitted, the one over --max-queue gets 429 at once, and
+    all the admitted ones are answered once the model is free."""
+    import httpx
+
+    engine = Engine(loaded=tiny, name="tiny", settings=tiny.defaults, exact=True, max_queue=48)
+    app = create_app(engine)
+    body = {"prompt": "Hi", "max_tokens": 4, "steps": 1}
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=None) as http:
+            engine.lock.acquire()  # a long generation holds the model
+            try:
+                waiting = [asyncio.create_task(http.post("/v1/completions", json=body)) for _ in range(48)]
+                while engine.counts["queued"] < 48:  # every one admitted, its checks done in the pool
+                    await asyncio.sleep(0.01)
+                over = await http.post("/v1/completions", json=body)
+                models = await http.get("/v1/models")
+            finally:
+                engine.lock.release()
+            answers = await asyncio.gather(*waiting)
+        return over, models, answers
+
+    over, models, answers = asyncio.run(scenario())
+    assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "retry-after" in over.headers and models.status_code == 200
+    assert [a.status_code for a in answers] == [200] * 48
+    assert engine.counts["queued"] == 0 and engine.counts["rejected"] == 1 and engine.counts["serial_served"] == 48
+
+
+def test_a_serial_request_whose_client_hangs_up_while_it_waits_never_runs(tiny):
+    engine = Engine(loaded=tiny, name="tiny", settings=tiny.defaults, exact=True)
+    app = create_app(engine)
+
+    async def scenario():
+        engine.lock.acquire()  # the model is busy: the request waits for it
+        try:
+            call, sent = _hang_up_post(app, "/v1/completions", {"prompt": "Hi", "max_tokens": 4, "steps": 1})
+            await call  # answered (499) as soon as the hang-up is seen, while the generation still waits
+        finally:
+            engine.lock.release()
+        while engine.counts["serial_served"] + engine.counts["serial_failed"] < 1 or engine.lock.locked():
+            await asyncio.sleep(0.01)  # the worker takes the model, sees the hang-up and gives it back
+        return sent
+
+    sent = asyncio.run(scenario())
+    assert sent[0]["status"] == 499
+    assert engine.counts["serial_forwards"] == 0 and engine.counts["queued"] == 0

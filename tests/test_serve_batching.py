@@ -21,6 +21,7 @@ import pytest
 from conftest import start_server, stop_server
 from diffgen import prompt as prompt_mod
 from diffgen.denoise import loop
+from diffgen.server.app import Engine, create_app
 from diffgen.server.metrics import parse
 
 PROMPTS = ["Once upon a time", "Hi", "The sky is blue because", "def main():"]
@@ -241,3 +242,19 @@ def test_a_serial_request_runs_between_two_canvases_of_a_batch(tiny_checkpoint, 
         assert metrics(batched)["diffgen_batch_canvases_total"] == before["diffgen_batch_canvases_total"]
         hold.unlink()
         assert running.result().choices[0].finish_reason in ("stop", "length")
+
+
+def test_metrics_write_large_counters_in_full(tiny):
+    """A counter past 10**6 keeps every digit (``:g`` once wrote 1234567 as 1.23457e+06)."""
+    from starlette.testclient import TestClient
+
+    from diffgen.server.metrics import sample
+
+    engine = Engine(loaded=tiny, name="tiny", settings=tiny.defaults, exact=True)
+    engine.counts["rejected"] = 1234567
+    engine.counts["serial_forwards"] = 2**53 + 1
+    text = TestClient(create_app(engine)).get("/metrics").text
+    assert "\ndiffgen_requests_rejected_total 1234567\n" in text
+    assert f"\ndiffgen_decoder_forwards_total {2**53 + 1}\n" in text
+    assert parse(text)["diffgen_requests_rejected_total"] == 1234567
+    assert sample(0.1) == "0.1" and sample(1e-7) == "1e-07" and float(sample(1 / 3)) == 1 / 3

@@ -134,10 +134,15 @@ def test_image_parts_are_checked_before_anything_runs(strict, picture):
     assert answer.status_code == 422 and "does not combine with images" in answer.json()["error"]["message"]
 
 
-def test_more_images_than_the_context_holds_is_a_400(strict, picture):
+def test_more_images_than_the_context_holds_is_a_400(vision, picture):
+    from starlette.testclient import TestClient
+
     content = [{"type": "image_url", "image_url": {"url": data_url(picture)}}] * 80 + [{"type": "text", "text": "?"}]
-    answer = strict.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
-                                                       "max_tokens": 4})
+    # --max-images raised past the 80 so that the context is what refuses them.
+    with TestClient(create_app(Engine(loaded=vision, name="v", settings=vision.defaults, exact=True, max_images=80)),
+                    raise_server_exceptions=False) as http:
+        answer = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
+                                                         "max_tokens": 4})
     assert answer.status_code == 400
     assert answer.json()["error"]["code"] == "context_length_exceeded"
 
@@ -177,3 +182,78 @@ def test_batch_server_sends_each_records_images_from_beside_the_input(vision_ser
         model=str(vision_checkpoint), messages=image_message(data_url(picture)), seed=5, max_tokens=32,
         extra_body={"return_token_ids": True})
     assert out["one"]["tokens"] == answer.choices[0].model_dump()["token_ids"]
+
+
+NOT_BASE64 = "data:image/png;base64,%%%"  # an image part that fails as soon as anything decodes it
+
+
+def test_a_text_only_model_refuses_images_before_reading_any(tiny):
+    from starlette.testclient import TestClient
+
+    engine = Engine(loaded=tiny, name="t", settings=tiny.defaults)
+    with TestClient(create_app(engine), raise_server_exceptions=False) as http:
+        answer = http.post("/v1/chat/completions", json={"messages": image_message(NOT_BASE64), "max_tokens": 4})
+    assert answer.status_code == 422 and answer.json()["error"]["code"] == "images_unsupported"
+    assert "takes no images" in answer.json()["error"]["message"]
+    assert engine.processor is None and engine.counts["queued"] == 0
+
+
+def test_more_images_than_max_images_is_a_422_before_any_is_read(strict):
+    content = [{"type": "image_url", "image_url": {"url": NOT_BASE64}}] * 9 + [{"type": "text", "text": "?"}]
+    answer = strict.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
+                                                       "max_tokens": 4})
+    assert answer.status_code == 422
+    error = answer.json()["error"]
+    assert error["code"] == "too_many_images" and "at most 8" in error["message"] and "--max-images" in error["message"]
+
+
+def test_images_are_read_only_once_the_request_has_a_place_in_the_queue(vision):
+    from starlette.testclient import TestClient
+
+    engine = Engine(loaded=vision, name="v", settings=vision.defaults, exact=True, max_queue=1)
+    waiting = engine.admit()  # the queue is full
+    with TestClient(create_app(engine), raise_server_exceptions=False) as http:
+        full = http.post("/v1/chat/completions", json={"messages": image_message(NOT_BASE64), "max_tokens": 4})
+        waiting.release()
+        bad = http.post("/v1/chat/completions", json={"messages": image_message(NOT_BASE64), "max_tokens": 4})
+    assert full.status_code == 429  # not the 422 that reading the image gives
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_value"
+    assert engine.counts["queued"] == 0  # the refused request gave its place back
+
+
+def test_local_images_must_be_regular_files(vision, tmp_path):
+    import os
+
+    from starlette.testclient import TestClient
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # opening it would wait for a writer forever
+    engine = Engine(loaded=vision, name="v", settings=vision.defaults, exact=True, allow_local_images=True)
+    with TestClient(create_app(engine), raise_server_exceptions=False) as http:
+        for path in (fifo, tmp_path):
+            answer = http.post("/v1/chat/completions", json={"messages": image_message(str(path)), "max_tokens": 4})
+            assert answer.status_code == 422, answer.text
+            assert "is not a regular file" in answer.json()["error"]["message"]
+    assert engine.counts["queued"] == 0
+
+
+def test_a_remote_image_has_an_overall_deadline(remote, picture):
+    from diffgen.server import app, wire
+
+    (picture.parent / "big.bin").write_bytes(bytes(5 * app.FETCH_CHUNK))
+    now = [0.0]
+
+    def clock() -> float:  # four seconds pass on every look: the third read is past a 10 s deadline
+        now[0] += 4.0
+        return now[0]
+
+    with pytest.raises(wire.ApiError) as caught:
+        app.fetch_image(remote + "/big.bin", "messages[0].content[0]", deadline=10, clock=clock)
+    assert caught.value.status == 422 and "took over 10 seconds" in caught.value.message
+    assert app.fetch_image(remote + "/big.bin", "w") == bytes(5 * app.FETCH_CHUNK)
+
+
+def test_serve_help_warns_what_remote_images_allow():
+    done = run_cli("serve", "--help")
+    text = " ".join(done.stdout.decode().replace("│", " ").split())  # Rich's box, its lines joined
+    assert "any URL it can reach" in text and "--max-images" in text and "--max-steps" in text

@@ -83,7 +83,9 @@ def serve(
     allow_remote_images: Annotated[
         bool,
         typer.Option("--allow-remote-images", help="Let image_url parts be http(s) URLs, which the server fetches "
-                                                   "(data: URLs are always accepted)."),
+                                                   "(data: URLs are always accepted). This lets any client make the "
+                                                   "server fetch any URL it can reach, addresses inside its own "
+                                                   "network included: use it only with clients you trust."),
     ] = False,
     max_batch: Annotated[
         int,
@@ -96,6 +98,19 @@ def serve(
         typer.Option("--max-queue", min=1, metavar="<requests>",
                      help="Requests that may wait to start; one more gets 429 with Retry-After."),
     ] = 64,
+    max_steps: Annotated[
+        int,
+        typer.Option("--max-steps", min=1, metavar="<steps>",
+                     help="Largest 'steps' (and 'stability') a request may ask for; more gets 422. Each step "
+                          "is a decoder pass per canvas, and a request holds the model (and the queue behind it) "
+                          "until it ends."),
+    ] = 256,
+    max_images: Annotated[
+        int,
+        typer.Option("--max-images", min=1, metavar="<images>",
+                     help="Images one request may carry; more gets 422. Each is decoded in memory and takes up to "
+                          "~280 tokens of the context."),
+    ] = 8,
     device: DeviceOption = "auto",
     exact: Annotated[
         bool,
@@ -141,7 +156,8 @@ def serve(
 
         hold_file = os.environ.get(HOLD_ENV)
         engine = Engine(loaded=loaded, name=model, settings=prepared.settings, exact=exact_loop,
-                        max_batch=max_batch, max_queue=max_queue, hold=file_hold(hold_file) if hold_file else None,
+                        max_batch=max_batch, max_queue=max_queue, max_steps=max_steps, max_images=max_images,
+                        hold=file_hold(hold_file) if hold_file else None,
                         allow_local_images=allow_local_images, allow_remote_images=allow_remote_images)
         app = create_app(engine, api_key=api_key, max_body=max_body_size)
         shown = f"[{host}]" if ":" in host else host

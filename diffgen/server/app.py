@@ -14,11 +14,14 @@ Concurrency: requests under the fast sampler (``serve``'s default) go to a conti
 batch, a request arriving while a batch runs joins it at the next canvas boundary (up to
 ``--max-batch`` rows), and a row whose client disconnects is dropped at the next boundary.
 Requests the batcher cannot take (the exact sampler, ``response_format`` json_schema) run one
-at a time through the serial path (:meth:`Engine.serial_complete`,
-:meth:`Engine.serial_streaming`), in a worker thread. One first-come-first-served lock guards
-the model: the serial path holds it for a whole request, the batcher for one canvas at a time.
+at a time through the serial path (:meth:`Engine.serial_streaming`, streamed or not), each on a
+thread of its own (not the event loop's pool, whose 40 threads waiting requests would use up). One
+first-come-first-served lock guards the model: the serial path holds it for a whole request, the
+batcher for one canvas at a time. A request takes its place in the queue (:meth:`Engine.admit`)
+before anything of it runs in a thread: its prompt and images are read only once admitted.
 Requests waiting to start (for a slot in the batch or for the lock) form the queue; when
-``--max-queue`` of them wait, a new one gets 429 with ``Retry-After``. ``GET /metrics`` shows
+``--max-queue`` of them wait, a new one gets 429 with ``Retry-After``. A request's ``steps`` and
+images are bounded (``--max-steps``, ``--max-images``: 422 beyond). ``GET /metrics`` shows
 the counts in Prometheus' text format (:mod:`diffgen.server.metrics`).
 
 Errors: every refusal is an OpenAI-style error object with its status (400 malformed JSON or a
@@ -35,6 +38,8 @@ import hmac
 import json
 import logging
 import math
+import os
+import stat
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -54,6 +59,9 @@ from diffgen.server import wire
 DEFAULT_MAX_BODY = 4 * 1024 * 1024  # bytes: a full 8k-token context is well under 100 kB of JSON
 DEFAULT_MAX_BATCH = 8  # rows denoised together: each costs ~1.3 GiB of logits-sized memory on the real model
 DEFAULT_MAX_QUEUE = 64  # requests waiting to start before new ones get 429
+# Images one request may carry: each takes up to ~280 soft tokens of the prompt, so the released
+# model's context holds a few dozen at most, and each is decoded in memory (up to 40 MP, ~120 MB).
+DEFAULT_MAX_IMAGES = 8
 LOG = logging.getLogger("diffgen.server")
 
 
@@ -133,6 +141,8 @@ class Engine:
             (``serve --allow-remote-images``).
         processor: transformers' processor for image requests, built at the first one (``None``
             until then).
+        max_steps: the largest ``steps`` a request may ask for (``serve --max-steps``); more is a 422.
+        max_images: images one request may carry at most (``serve --max-images``); more is a 422.
     """
 
     loaded: Any
@@ -146,11 +156,14 @@ class Engine:
     processor: Any = field(default=None, repr=False)
     max_batch: int = DEFAULT_MAX_BATCH
     max_queue: int = DEFAULT_MAX_QUEUE
+    max_steps: int = wire.DEFAULT_MAX_STEPS
+    max_images: int = DEFAULT_MAX_IMAGES
     hold: Optional[Callable[[], bool]] = field(default=None, repr=False)
     batcher: Any = field(default=None, repr=False)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("queued", "rejected", "serial_served", "serial_failed", "serial_running", "serial_forwards"), 0))
     _admission: Any = field(default_factory=threading.Lock, repr=False)
+    _building: Any = field(default_factory=threading.Lock, repr=False)  # vocab and processor, built once
     _mean_seconds: float = field(default=1.0, repr=False)
 
     # -- where a request goes ----------------------------------------------------------------
@@ -165,6 +178,34 @@ class Engine:
     def batches(self, request: wire.Request) -> bool:
         """Whether ``request`` goes to the batcher (else the serial path)."""
         return self.fast and request.schema is None and not request.images
+
+    def screen(self, request: wire.Request) -> None:
+        """The checks that need neither the model nor a worker thread, made on the event loop before
+        the request takes a place in the queue: the server's bounds on ``steps`` (and ``stability``)
+        and on images, and
+        whether the model takes images at all (a vision tower and an image processor's config:
+        before any image is read or decoded)."""
+        # stability too: the sampler keeps that many steps of history per row (a huge value once
+        # allocated gigabytes), and a canvas never runs more than max_steps steps anyway.
+        for key, name in (("steps", "max_denoising_steps"), ("stability", "stability_threshold")):
+            value = request.flags.get(name)
+            if value is not None and value > self.max_steps:
+                raise wire.invalid(key, f"must be at most {self.max_steps} on this server (got {value}; "
+                                        "serve --max-steps sets the bound)")
+        if not request.images:
+            return
+        from diffgen import images
+
+        if self.processor is None:  # built: it takes images
+            try:
+                images.check_takes_images(self.loaded.checkpoint.path, self.loaded.model.config.to_dict())
+            except DiffgenError as exc:
+                raise wire.ApiError(422, f"the model {self.name!r} takes no images: {exc.message}",
+                                    param="messages", code="images_unsupported") from exc
+        if len(request.images) > self.max_images:
+            raise wire.ApiError(422, f"at most {self.max_images} images per request on this server (got "
+                                     f"{len(request.images)}; serve --max-images sets the bound)",
+                                param="messages", code="too_many_images")
 
     def admit(self) -> Reservation:
         """A place in the queue, or a 429 :class:`~wire.ApiError` when ``max_queue`` requests wait."""
@@ -270,7 +311,9 @@ class Engine:
     def vocabulary(self) -> Any:
         from diffgen.denoise import schema as schema_mod
 
-        with self.lock:  # built once, even when two schema requests arrive together
+        if self.vocab is not None:  # built: no lock (the model's would wait for a whole generation)
+            return self.vocab
+        with self._building:  # built once, even when two schema requests arrive together
             if self.vocab is None:
                 vocab_size = int(self.loaded.model.config.get_text_config().vocab_size)
                 self.vocab = schema_mod.vocabulary(self.loaded.tokenizer, vocab_size, self.settings.pad_token_id)
@@ -327,13 +370,14 @@ class Engine:
         return [done[index] for index in range(request.n)]
 
     def run_streaming(self, request: wire.Request, ids: list[int], put: Any, reservation: Optional[Reservation] = None,
-                      cancelled: Optional[threading.Event] = None, vision: Any = None) -> None:
+                      cancelled: Optional[threading.Event] = None, vision: Any = None, canvases: bool = True) -> None:
         """Generate every choice, calling ``put(item)`` after each committed canvas with
         ``("canvas", index, text, thoughts)`` and at each choice's end with
         ``("done", index, Choice)``; then ``("end",)``, or ``("error", exc)`` first if one is raised
-        (blocking; batched when :meth:`batches` says so, else :meth:`serial_streaming`)."""
+        (blocking; batched when :meth:`batches` says so, else :meth:`serial_streaming`, which
+        sends no canvas items when ``canvases`` is false: a non-streamed request's)."""
         if not self.batches(request):
-            self.serial_streaming(request, ids, put, reservation, cancelled, vision)
+            self.serial_streaming(request, ids, put, reservation, cancelled, vision, canvases)
             return
         ticket = self.submit(request, ids, put, reservation)
         while not ticket.wait(0.1 if cancelled is not None else None):
@@ -362,10 +406,11 @@ class Engine:
 
     def serial_streaming(self, request: wire.Request, ids: list[int], put: Any,
                          reservation: Optional[Reservation] = None, cancelled: Optional[threading.Event] = None,
-                         vision: Any = None) -> None:
+                         vision: Any = None, canvases: bool = True) -> None:
         """:meth:`run_streaming`'s serial path: one choice after the other, under the lock; stops
-        after the canvas in progress once ``cancelled`` is set (the client went away). ``vision``:
-        the prompt's image inputs (:meth:`check_images`)."""
+        after the canvas in progress once ``cancelled`` is set (the client went away), or as soon
+        as it gets the lock when that happened while it waited. ``vision``: the prompt's image
+        inputs (:meth:`check_images`); ``canvases``: send the ``canvas`` items (text so far)."""
         from diffgen.denoise.channels import split_response
         from diffgen.denoise.loop import CanvasEvent, StepEvent, stream
 
@@ -374,10 +419,14 @@ class Engine:
                 self.vocabulary()
                 with self._serial(reservation):
                     for index in range(request.n):
+                        if cancelled is not None and cancelled.is_set():
+                            return
                         put(("done", index, self.schema_choice(request, ids, index)))
                 return
             with self._serial(reservation):
                 for index in range(request.n):
+                    if cancelled is not None and cancelled.is_set():  # gone while it waited for the lock
+                        return
                     settings = self.settings_for(request, index)
                     generation = stream(self.loaded, [ids], settings, observe=request.stream_steps,
                                         exact=self.exact, vision=[vision] if vision is not None else None)
@@ -391,6 +440,8 @@ class Engine:
                         self.counts["serial_forwards"] += event.steps
                         if cancelled is not None and cancelled.is_set():
                             return
+                        if not canvases:
+                            continue
                         tokens.extend(event.tokens[0].tolist())
                         end = next((i for i, token in enumerate(tokens) if token in eos), len(tokens))
                         response = split_response(self.loaded.tokenizer, tokens[: min(end, settings.max_new_tokens)])
@@ -436,7 +487,9 @@ class Engine:
         from diffgen import images
         from diffgen.errors import MissingExtraError
 
-        with self.lock:
+        if self.processor is not None:  # built: no lock (the model's would wait for a whole generation)
+            return self.processor
+        with self._building:
             if self.processor is None:
                 try:
                     self.processor = images.load_processor(self.loaded.checkpoint.path, self.loaded.tokenizer,
@@ -487,7 +540,13 @@ class Engine:
                                     code="local_images_disabled")
             path = urllib.parse.unquote(urllib.parse.urlparse(url).path) if url.startswith("file://") else url
             try:
+                # Only a regular file: opening a FIFO (or /dev/stdin, a terminal) would wait for a
+                # writer forever, and a directory or device is no image.
+                if not stat.S_ISREG(os.stat(path).st_mode):
+                    raise wire.invalid(where, f"{path} is not a regular file")
                 with open(path, "rb") as handle:
+                    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):  # replaced since the stat
+                        raise wire.invalid(where, f"{path} is not a regular file")
                     data = handle.read(MAX_IMAGE_BYTES + 1)
             except OSError as exc:
                 raise wire.invalid(where, f"cannot read {path}: {exc.strerror or exc}") from exc
@@ -501,24 +560,38 @@ class Engine:
         return fetch_image(url, where)
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024  # one image's file, read or fetched, at most
-FETCH_TIMEOUT = 15.0  # seconds a remote image may take to answer
+FETCH_TIMEOUT = 15.0  # seconds a remote image may take to connect, or between two reads
+FETCH_DEADLINE = 30.0  # seconds a remote image may take in all (a server trickling bytes meets this one)
+FETCH_CHUNK = 64 * 1024  # bytes per read of a remote image (the deadline is checked between reads)
 
 
-def fetch_image(url: str, where: str) -> bytes:
+def fetch_image(url: str, where: str, *, deadline: float = FETCH_DEADLINE,
+                clock: Callable[[], float] = time.monotonic) -> bytes:
     """GET an http(s) image URL (``serve --allow-remote-images``): at most :data:`MAX_IMAGE_BYTES`,
-    redirects followed by urllib, any failure a 422 naming the part."""
+    redirects followed by urllib, any failure a 422 naming the part. Each connect or read may take
+    :data:`FETCH_TIMEOUT` seconds, and the whole fetch ``deadline`` seconds (by ``clock``), checked
+    between reads of :data:`FETCH_CHUNK` bytes: urllib's timeout is per socket operation, so a
+    server sending a byte every few seconds would otherwise hold the request for hours."""
     import urllib.error
     import urllib.request
 
+    end = clock() + deadline
+    data = bytearray()
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "diffgen"}),
                                     timeout=FETCH_TIMEOUT) as response:
-            data = response.read(MAX_IMAGE_BYTES + 1)
+            while len(data) <= MAX_IMAGE_BYTES:
+                if clock() > end:
+                    raise wire.invalid(where, f"fetching {url} took over {deadline:g} seconds")
+                part = response.read(min(FETCH_CHUNK, MAX_IMAGE_BYTES + 1 - len(data)))
+                if not part:
+                    break
+                data += part
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise wire.invalid(where, f"cannot fetch {url}: {getattr(exc, 'reason', None) or exc}") from exc
     if len(data) > MAX_IMAGE_BYTES:
         raise wire.invalid(where, f"the image at {url} is over {MAX_IMAGE_BYTES // (1024 * 1024)} MiB")
-    return data
+    return bytes(data)
 
 
 @dataclass
@@ -531,8 +604,12 @@ class Work:
 
 def start_work(engine: Engine, request: wire.Request, ids: list[int], reservation: Optional[Reservation] = None,
                vision: Any = None) -> Work:
-    """Start generating ``request`` (on the batcher's thread, or on a worker thread for the serial
-    path, which takes image inputs: ``vision``); its items are handed to this event loop's queue."""
+    """Start generating ``request`` (on the batcher's thread, or on a thread of its own for the
+    serial path, which takes image inputs: ``vision``); its items are handed to this event loop's
+    queue. Why a thread of its own rather than the event loop's pool (``run_in_threadpool``): a
+    serial request waits for the model's lock for as long as the requests before it run, and
+    anyio's pool has 40 threads, so 40 waiting requests would leave none for anything else (the
+    queue, not the pool, bounds the waiting requests: ``--max-queue``)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -547,7 +624,8 @@ def start_work(engine: Engine, request: wire.Request, ids: list[int], reservatio
         return Work(queue, ticket.cancel)
     cancelled = threading.Event()
     worker = threading.Thread(target=engine.run_streaming, args=(request, ids, put),
-                              kwargs={"reservation": reservation, "cancelled": cancelled, "vision": vision},
+                              kwargs={"reservation": reservation, "cancelled": cancelled, "vision": vision,
+                                      "canvases": request.stream},
                               name="diffgen-generation", daemon=True)
     worker.start()
     return Work(queue, cancelled.set)
@@ -683,20 +761,24 @@ def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body: int =
         authorise(request)
         parsed = parse(await read_json(request))
         check_model(parsed)
-        vision = None
-        if parsed.images:  # image inputs through the processor; such requests take the serial path
-            ids, vision = await run_in_threadpool(engine.check_images, parsed)
-        else:
-            ids, _ = await run_in_threadpool(engine.check, parsed)  # a schema's first layout reads the vocabulary
-        reservation = engine.admit()  # a 429 when the queue is full
+        engine.screen(parsed)  # the server's bounds, and no images for a text-only model, before the queue
+        # A place in the queue (a 429 when it is full) before anything runs in the thread pool: a
+        # request that waited for the pool would be in no queue, and nothing would bound the wait.
+        reservation = engine.admit()
+        try:
+            vision = None
+            if parsed.images:  # images read and decoded only now, admitted; such requests take the serial path
+                ids, vision = await run_in_threadpool(engine.check_images, parsed)
+            else:  # a schema's first layout reads the vocabulary
+                ids, _ = await run_in_threadpool(engine.check, parsed)
+        except BaseException:  # refused (or the client left): its place goes back
+            reservation.release()
+            raise
+        work = start_work(engine, parsed, ids, reservation, vision)
         if parsed.stream:
-            work = start_work(engine, parsed, ids, reservation, vision)
             return StreamingResponse(stream_events(engine, parsed, ids, work), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        if engine.batches(parsed):
-            choices = await collect(request, start_work(engine, parsed, ids, reservation), parsed.n)
-        else:
-            choices = await run_in_threadpool(engine.complete, parsed, ids, reservation, vision)
+        choices = await collect(request, work, parsed.n)
         return wire.response(parsed, engine.name, choices, id=wire.new_id(parsed.kind), created=wire.now())
 
     @app.post("/v1/chat/completions", responses=ANSWERS)
@@ -715,7 +797,7 @@ def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body: int =
         if app.openapi_schema is None:
             document = generated()
             for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "text")):
-                document["paths"][path]["post"].update(request_body(kind))
+                document["paths"][path]["post"].update(request_body(kind, engine.max_steps))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -723,11 +805,12 @@ def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body: int =
     return app
 
 
-def request_body(kind: str) -> dict[str, Any]:
+def request_body(kind: str, max_steps: int = wire.DEFAULT_MAX_STEPS) -> dict[str, Any]:
     """The OpenAPI ``requestBody`` of an endpoint whose handler reads the raw body (the checks are
     :mod:`~diffgen.server.wire`'s, so FastAPI cannot infer it): the schema from wire's field tables,
-    so the document cannot drift from them."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": wire.body_schema(kind)}}}}
+    so the document cannot drift from them (``max_steps``: the server's bound on ``steps``)."""
+    schema = wire.body_schema(kind, max_steps=max_steps)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 ERROR_OBJECT = {"type": "object", "required": ["error"], "properties": {"error": {

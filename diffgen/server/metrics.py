@@ -8,6 +8,7 @@ adds a dependency for what ``render`` does in twenty lines).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -54,8 +55,21 @@ def render(engine: Any) -> str:
     """The exposition text: ``# HELP``, ``# TYPE`` and one sample per metric."""
     lines = []
     for name, kind, help_, value in values(engine):
-        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value:g}"]
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {sample(value)}"]
     return "\n".join(lines) + "\n"
+
+
+def sample(value: float) -> str:
+    """One sample's value, exact: an int in full (``:g`` would round a counter past 10**6 to six
+    digits, e.g. 1234567 -> 1.23457e+06), a float as ``repr`` (the shortest text that reads back
+    as the same float; ``inf``/``nan`` in Prometheus' spelling)."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(int(value))
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
 
 
 def parse(text: str) -> dict[str, float]:

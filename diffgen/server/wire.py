@@ -39,6 +39,12 @@ from typing import Any, Optional
 
 from diffgen.settings import FIELD_SCHEMAS, SAMPLER_FLAGS, SEED_LIMIT, field_problem
 
+# ``steps`` a request may ask for unless ``serve --max-steps`` says otherwise. A canvas costs one
+# decoder pass per step, and the loop keeps an n_steps-sized schedule, so an unbounded value would
+# hold the model (and every request queued behind it) for as long as the client likes. The released
+# checkpoint's default is 48 and the sampler's adaptive stop rarely lets more than that matter;
+# 256 leaves room to experiment (over 5x the default) while keeping one canvas to minutes, not hours.
+DEFAULT_MAX_STEPS = 256
 MAX_CHOICES = 8  # ``n`` at most: each choice is one more row of a batch (or one more generation, serially)
 MAX_STOP = 4  # OpenAI's own limit on stop sequences
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -187,7 +193,7 @@ def _message(index: int, message: Any) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise invalid(where, "must be an object with role and content")
     role = message.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:  # a list or object is unhashable: no dict lookup
         raise invalid(f"{where}.role", f"must be one of {', '.join(ROLES)} (got {role!r})")
     content = message.get("content")
     if isinstance(content, list):
@@ -413,13 +419,15 @@ TEXT_FIELDS: dict[str, dict[str, Any]] = {
 }
 
 
-def body_schema(kind: str) -> dict[str, Any]:
+def body_schema(kind: str, max_steps: int = DEFAULT_MAX_STEPS) -> dict[str, Any]:
     """The JSON Schema of a ``chat`` or ``text`` request body, from the field tables above (the
-    OpenAPI document's ``requestBody``). Other fields are allowed and ignored, as OpenAI clients
-    send some this server has no use for."""
+    OpenAPI document's ``requestBody``), with the server's bound (``max_steps``: ``serve
+    --max-steps``) as the maximum of ``steps`` and ``stability``. Other fields are allowed and
+    ignored, as OpenAI clients send some this server has no use for."""
     own = CHAT_FIELDS if kind == "chat" else TEXT_FIELDS
+    bounded = {key: {**BODY_FIELDS[key], "maximum": max_steps} for key in ("steps", "stability")}
     return {"type": "object", "required": ["messages"] if kind == "chat" else ["prompt"],
-            "properties": {**own, **BODY_FIELDS}, "additionalProperties": True}
+            "properties": {**own, **BODY_FIELDS, **bounded}, "additionalProperties": True}
 
 
 # -- answers ----------------------------------------------------------------------------------------
