@@ -168,6 +168,15 @@ class GenerationSettings:
         """Whether the stable-and-confident stop can end a canvas before N steps."""
         return self.stability_threshold is not None and self.confidence_threshold is not None
 
+    @property
+    def stability_window(self) -> int | None:
+        """The drafts the adaptive stop compares (``None``: stopping is off). A threshold of N
+        steps or more can never be met within N steps, and neither can N itself, so it is capped
+        at N: the same stops, without a history tensor sized by whatever number was typed."""
+        if not self.adaptive_stopping:
+            return None
+        return min(int(self.stability_threshold), int(self.max_denoising_steps))
+
     def replace(self, **changes: Any) -> GenerationSettings:
         """A copy with ``changes`` applied; ``None`` values mean "keep the current value"."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

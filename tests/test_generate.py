@@ -75,3 +75,16 @@ def test_prompt_longer_than_the_context_is_refused_before_any_work(tiny):
 def test_empty_prompt_is_refused(tiny):
     with pytest.raises(UsageError):
         stream(tiny, [[]], tiny.defaults)
+
+
+def test_a_stability_threshold_beyond_the_steps_stops_as_the_steps_do_without_a_history_that_size(tiny):
+    """A threshold of N steps or more is never met within N steps: capped at N, the run is the same
+    and the history tensor stays N drafts long (a typed 10**12 used to ask for terabytes)."""
+    ids = [_ids(tiny)]
+    base = tiny.defaults.replace(max_new_tokens=32, max_denoising_steps=4, seed=5, confidence_threshold=1e9)
+    huge = generate(tiny, ids, base.replace(stability_threshold=10**12)).completions[0]
+    capped = generate(tiny, ids, base.replace(stability_threshold=4)).completions[0]
+    assert huge.token_ids == capped.token_ids and huge.stats.steps_per_canvas == capped.stats.steps_per_canvas
+    assert set(huge.stats.steps_per_canvas) == {4}  # never stable within 4 steps: every canvas ran them all
+    assert base.replace(stability_threshold=10**12).stability_window == 4
+    assert base.replace(stability_threshold=2).stability_window == 2

@@ -579,7 +579,7 @@ class Batcher:
             context = StepContext(
                 decoder=Decoder(model, run.cache, decoder_mask, positions), sampler=sampler,
                 temperatures=temperatures, accept=entropy_bound_acceptance(settings.entropy_bound),
-                stability=settings.stability_threshold if settings.adaptive_stopping else None,
+                stability=settings.stability_window,
                 confidence=settings.confidence_threshold, finished=finished, canvas_index=canvas_index,
                 embed_dtype=self.embed_dtype)
             state = initial_state(context, canvas, torch.zeros(batch, dtype=torch.int, device=device))

@@ -324,7 +324,7 @@ class Generation:
         schedule = TemperatureSchedule(settings.t_min, settings.t_max, n_steps)
         temperatures = schedule(torch.arange(n_steps, 0, -1, dtype=torch.int32, device=device))
         accept = entropy_bound_acceptance(settings.entropy_bound)
-        stability = settings.stability_threshold if settings.adaptive_stopping else None
+        stability = settings.stability_window
         eos = torch.tensor(settings.eos_token_ids, device=device)
         embed_dtype = model.model.decoder.embed_tokens.weight.dtype
         if self.prompt_cache is not None:  # a conversation's cache: the prompt's common prefix is already encoded
