@@ -233,7 +233,7 @@ class Engine:
                reservation: Optional[Reservation] = None) -> Any:
         """Hand a batchable request to the batcher; returns its :class:`~diffgen.denoise.batcher.Ticket`
         (``cancel()`` it when the client goes away). ``put`` receives the items of
-        :meth:`run_streaming`, from the batcher's thread."""
+        :meth:`serial_streaming`, from the batcher's thread."""
         batcher = self._get_batcher()
         settings = [self.settings_for(request, index) for index in range(request.n)]
         started = time.perf_counter()
@@ -349,65 +349,13 @@ class Engine:
                            completion_tokens=len(completion.token_ids),
                            stats=dataclasses.asdict(completion.stats) if completion.stats is not None else None)
 
-    def complete(self, request: wire.Request, ids: list[int], reservation: Optional[Reservation] = None,
-                 vision: Any = None) -> list[wire.Choice]:
-        """Every choice (blocking; run it in a worker thread): batched when :meth:`batches` says so,
-        else through :meth:`serial_complete` (``vision``: image inputs, serial path only)."""
-        if not self.batches(request):
-            return self.serial_complete(request, ids, reservation, vision)
-        done: dict[int, wire.Choice] = {}
-        failure: list[BaseException] = []
-
-        def put(item: tuple) -> None:
-            if item[0] == "done":
-                done[item[1]] = item[2]
-            elif item[0] == "error":
-                failure.append(item[1])
-
-        self.submit(request, ids, put, reservation).wait()
-        if failure:
-            raise failure[0]
-        return [done[index] for index in range(request.n)]
-
-    def run_streaming(self, request: wire.Request, ids: list[int], put: Any, reservation: Optional[Reservation] = None,
-                      cancelled: Optional[threading.Event] = None, vision: Any = None, canvases: bool = True) -> None:
-        """Generate every choice, calling ``put(item)`` after each committed canvas with
-        ``("canvas", index, text, thoughts)`` and at each choice's end with
-        ``("done", index, Choice)``; then ``("end",)``, or ``("error", exc)`` first if one is raised
-        (blocking; batched when :meth:`batches` says so, else :meth:`serial_streaming`, which
-        sends no canvas items when ``canvases`` is false: a non-streamed request's)."""
-        if not self.batches(request):
-            self.serial_streaming(request, ids, put, reservation, cancelled, vision, canvases)
-            return
-        ticket = self.submit(request, ids, put, reservation)
-        while not ticket.wait(0.1 if cancelled is not None else None):
-            if cancelled is not None and cancelled.is_set():
-                ticket.cancel()
-
-    def serial_complete(self, request: wire.Request, ids: list[int], reservation: Optional[Reservation] = None,
-                        vision: Any = None) -> list[wire.Choice]:
-        """Every choice, one generation after the other, under the lock (the serial path);
-        ``vision``: the prompt's image inputs (:meth:`check_images`)."""
-        from diffgen.denoise.loop import generate
-
-        if request.schema is not None:
-            self.vocabulary()
-        with self._serial(reservation):
-            choices = []
-            for index in range(request.n):
-                if request.schema is not None:
-                    choices.append(self.schema_choice(request, ids, index))
-                    continue
-                result = generate(self.loaded, [ids], self.settings_for(request, index), exact=self.exact,
-                                  vision=[vision] if vision is not None else None)
-                self.counts["serial_forwards"] += sum(result.completions[0].stats.steps_per_canvas)
-                choices.append(self.choice(request, ids, result.completions[0]))
-            return choices
-
     def serial_streaming(self, request: wire.Request, ids: list[int], put: Any,
                          reservation: Optional[Reservation] = None, cancelled: Optional[threading.Event] = None,
                          vision: Any = None, canvases: bool = True) -> None:
-        """:meth:`run_streaming`'s serial path: one choice after the other, under the lock; stops
+        """Generate every choice one after the other under the lock (the serial path: ``--exact``,
+        json_schema and image requests), calling ``put(item)`` after each committed canvas with
+        ``("canvas", index, text, thoughts)`` and at each choice's end with ``("done", index,
+        Choice)``; then ``("end",)``, or ``("error", exc)`` first if one is raised. Stops
         after the canvas in progress once ``cancelled`` is set (the client went away), or as soon
         as it gets the lock when that happened while it waited. ``vision``: the prompt's image
         inputs (:meth:`check_images`); ``canvases``: send the ``canvas`` items (text so far)."""
@@ -623,7 +571,7 @@ def start_work(engine: Engine, request: wire.Request, ids: list[int], reservatio
         ticket = engine.submit(request, ids, put, reservation)
         return Work(queue, ticket.cancel)
     cancelled = threading.Event()
-    worker = threading.Thread(target=engine.run_streaming, args=(request, ids, put),
+    worker = threading.Thread(target=engine.serial_streaming, args=(request, ids, put),
                               kwargs={"reservation": reservation, "cancelled": cancelled, "vision": vision,
                                       "canvases": request.stream},
                               name="diffgen-generation", daemon=True)
