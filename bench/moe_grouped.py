@@ -1,40 +1,41 @@
-"""One MoE layer's experts forward per scheme: time, weight-read bandwidth, error, graph capture.
+"""One MoE layer's experts forward per variant: time, weight-read bandwidth, error, graph capture.
 
-Schemes (one random layer, the same routing for all):
+One random layer (DiffusionGemma's: 128 experts, hidden 2816, width 704; 256 tokens x top-8, so
+~16 rows per expert) and the same routing for every variant. Variants (``VARIANTS``):
 
-* ``bf16`` — transformers' own ``grouped_mm`` experts (the unquantised baseline);
-* ``fp8`` — diffgen's default for fp8: ``torch._scaled_grouped_mm`` (fp8 x fp8, activations
-  quantised per row) where the card has it, else the weight-only kernel; ``fp8-wo`` forces the
-  weight-only path (the Triton kernel where it runs);
-* ``int8``, ``nf4`` — diffgen's weight-only Triton kernel (torch fallback where it cannot run);
-* ``<s>-torch`` — dequantise all experts, then torch's grouped matmul (the torch fallback; also
-  what torchao 0.18 does for weight-only formats in grouped products);
-* ``<s>-loop`` — the per-expert Python loop diffgen used before (host syncs, not capturable).
+* ``bf16-torch`` — transformers' ``grouped_mm`` experts (torch's ``_grouped_mm``; off compute
+  capability 9.x/10.x that is its host-syncing fallback); ``bf16-triton-*`` — the same module
+  through diffgen's Triton kernel (``DIFFGEN_BF16_EXPERTS=triton``), as on consumer cards;
+* ``<fmt>-tuned-fused`` (the default for int8 / fp8 / nf4 and for bf16 on consumer cards): the
+  tuned kernel (weights on the MMA's M side, persistent grid) with the gather + activation fused
+  into gate_up and the routing weight + unpermute into down's epilogue; ``-tuned-unfused`` the
+  same kernel with separate torch ops; ``-legacy`` the first kernel (``DIFFGEN_MOE_CONFIG=legacy``);
+* ``fp8-scaled`` — ``torch._scaled_grouped_mm`` fp8 x fp8 (``DIFFGEN_FP8_SCALED=1``, where the
+  card has it; else it reports the weight-only path it fell to);
+* ``int8-torch`` — dequantise every expert, then torch's grouped matmul (the torch fallback).
 
-No library candidate runs here: as of 2026-11 no well-kept library ships a grouped weight-only
-int8/nf4/int4 GEMM (bitsandbytes 0.50.2 loops over experts, its grouped work is an open pull
-request; gemlite 0.6.0.post2 has dense kernels only; torchao 0.18.0's grouped kernels are
-fp8/mxfp8/nvfp4 and it dequantises weight-only formats before a bf16 grouped matmul — the
-``-torch`` rows measure that approach).
+Per variant: the median of ``reps`` eager calls after warm-up (CUDA events on a GPU), the first
+call (Triton compiles there), the median replay of a CUDA graph of the call (captured only if it
+makes no host sync; a failure is reported), whether the call passes
+``torch.cuda.set_sync_debug_mode("error")``, the kernels it launched, achieved GB/s (stored
+weights and scales over the graph time, else the eager time) and the error relative to per-expert
+fp32 products with the same (dequantised) weights.
 
-Per scheme: the median of ``reps`` eager calls after warm-up (synchronised; CUDA events on a
-GPU), the first call (Triton compiles there), the median replay of a CUDA graph of the call
-(captured only if the call makes no host sync; a capture failure is reported), whether the call
-passes ``torch.cuda.set_sync_debug_mode("error")``, achieved GB/s of weight reads (bytes of the
-stored weights and scales over the graph time, else the eager time), and the error relative
-to the dequantised reference (per-expert products in fp32). ``sweep=True`` also times a few
-Triton tile configurations per projection.
+Imports only torch, triton, transformers and diffgen's kernels / loading.quant, so it runs on a
+GPU machine without pytest, typer or rich. One JSON line per variant:
 
-Imports only torch, triton, transformers and diffgen's loading.quant / kernels, so it runs on
-a GPU machine without typer or rich:
+    python bench/moe_grouped.py                         # cuda, bf16, the real layer
+    python bench/moe_grouped.py --device cpu --tiny     # CPU dry run under the Triton interpreter, seconds
+    python bench/moe_grouped.py --sweep                 # also tile overrides of the tuned kernel
 
-    python bench/moe_grouped.py                               # cuda, bf16, real layer
-    python bench/moe_grouped.py --device cpu --small          # CPU dry run
+From a script: ``import moe_grouped; rows = moe_grouped.run("cuda", tiny=False)``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import time
@@ -44,24 +45,51 @@ from typing import Any, Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SCHEMES = ("bf16", "fp8", "fp8-wo", "int8", "nf4", "int8-torch", "nf4-torch", "int8-loop", "nf4-loop")
-SWEEP = (  # alternatives to moe.kernel_config's defaults (LUT applies to nf4 only)
-    {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
-    {"BLOCK_M": 16},
-    {"LUT": 0},
-)
+REAL = {"tokens": 256, "top_k": 8, "experts": 128, "hidden": 2816, "inter": 704}
+TINY = {"tokens": 8, "top_k": 2, "experts": 4, "hidden": 64, "inter": 32}
+ENV = ("DIFFGEN_MOE_CONFIG", "DIFFGEN_MOE_EPILOGUE", "DIFFGEN_BF16_EXPERTS", "DIFFGEN_FP8_SCALED", "DIFFGEN_MOE_TUNE")
+# name -> (scheme, environment at call time, backend of the quantised stacks)
+VARIANTS = {
+    "bf16-torch": ("bf16", {"DIFFGEN_BF16_EXPERTS": "torch"}, "auto"),
+    "bf16-triton-tuned-fused": ("bf16", {"DIFFGEN_BF16_EXPERTS": "triton"}, "auto"),
+    "bf16-triton-tuned-unfused": ("bf16", {"DIFFGEN_BF16_EXPERTS": "triton", "DIFFGEN_MOE_EPILOGUE": "unfused"}, "auto"),
+    "bf16-triton-legacy": ("bf16", {"DIFFGEN_BF16_EXPERTS": "triton", "DIFFGEN_MOE_CONFIG": "legacy"}, "auto"),
+    "fp8-tuned-fused": ("fp8", {}, "auto"),
+    "fp8-tuned-unfused": ("fp8", {"DIFFGEN_MOE_EPILOGUE": "unfused"}, "auto"),
+    "fp8-legacy": ("fp8", {"DIFFGEN_MOE_CONFIG": "legacy"}, "auto"),
+    "fp8-scaled": ("fp8", {"DIFFGEN_FP8_SCALED": "1"}, "auto"),
+    "int8-tuned-fused": ("int8", {}, "auto"),
+    "int8-tuned-unfused": ("int8", {"DIFFGEN_MOE_EPILOGUE": "unfused"}, "auto"),
+    "int8-legacy": ("int8", {"DIFFGEN_MOE_CONFIG": "legacy"}, "auto"),
+    "nf4-tuned-fused": ("nf4", {}, "auto"),
+    "nf4-legacy": ("nf4", {"DIFFGEN_MOE_CONFIG": "legacy"}, "auto"),
+    "int8-torch": ("int8", {}, "torch"),
+}
+# --sweep: the tuned fused kernel with tile overrides (DIFFGEN_MOE_TUNE), for fp8 and bf16.
+SWEEP = ({"BLOCK_M": 16}, {"BLOCK_M": 64}, {"num_stages": 2}, {"num_stages": 3}, {"num_warps": 8},
+         {"PROGRAMS": 1 << 20}, {"BLOCK_N": 64}, {"BLOCK_K": 64})
+for _scheme, _env in (("fp8", {}), ("bf16", {"DIFFGEN_BF16_EXPERTS": "triton"})):
+    for _tune in SWEEP:
+        _name = f"{_scheme}-sweep-" + "-".join(f"{k}{v}" for k, v in _tune.items())
+        VARIANTS[_name] = (_scheme, {**_env, "DIFFGEN_MOE_TUNE": json.dumps(_tune)}, "auto")
+DEFAULT_VARIANTS = tuple(name for name in VARIANTS if "-sweep-" not in name)
+# Old scheme names (bench/gpu_check.py passes them): the variant each one means today.
+SCHEMES = {"bf16": "bf16-torch", "fp8": "fp8-tuned-fused", "fp8-wo": "fp8-tuned-fused", "int8": "int8-tuned-fused",
+           "nf4": "nf4-tuned-fused", "int8-torch": "int8-torch", "fp8-scaled": "fp8-scaled"}
 
 
 def bf16_experts(experts: int, hidden: int, inter: int, dtype: Any, device: Any, seed: int = 0) -> Any:
-    """transformers' Gemma 4 experts module (DiffusionGemma's), random weights, ``grouped_mm`` forward."""
+    """transformers' DiffusionGemma experts module, random weights, diffgen's experts forward
+    (transformers' grouped_mm or diffgen's Triton kernel, per ``DIFFGEN_BF16_EXPERTS``)."""
     import torch
-    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextExperts
+    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaTextExperts
+
+    from diffgen.kernels.moe import register_experts_implementation
 
     config = SimpleNamespace(num_experts=experts, hidden_size=hidden, moe_intermediate_size=inter,
-                             hidden_activation="gelu_pytorch_tanh", _experts_implementation="grouped_mm")
-    module = Gemma4TextExperts(config)
+                             hidden_activation="gelu_pytorch_tanh",
+                             _experts_implementation=register_experts_implementation())
+    module = DiffusionGemmaTextExperts(config)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         module.gate_up_proj = torch.nn.Parameter(
@@ -89,20 +117,6 @@ def routing(tokens: int, top_k: int, experts: int, hidden: int, dtype: Any, devi
     weights, index = torch.topk(logits.softmax(dim=-1), top_k, dim=-1)
     hidden_states = torch.randn(tokens, hidden, device=device, generator=generator).to(dtype)
     return hidden_states, index, weights / weights.sum(dim=-1, keepdim=True)
-
-
-def looped_forward(module: Any, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
-    """diffgen's experts forward before grouping: dequantise and run one expert at a time."""
-    import torch
-
-    final = torch.zeros_like(hidden_states)
-    mask = torch.nn.functional.one_hot(top_k_index, num_classes=module.num_experts).permute(2, 1, 0)
-    for expert in mask.sum(dim=(-1, -2)).nonzero().flatten().tolist():
-        slot, token = torch.where(mask[expert])
-        gate, up = torch.nn.functional.linear(hidden_states[token], module.gate_up_proj.weight(expert)).chunk(2, -1)
-        out = torch.nn.functional.linear(module.act_fn(gate) * up, module.down_proj.weight(expert))
-        final.index_add_(0, token, (out * top_k_weights[token, slot, None]).to(final.dtype))
-    return final
 
 
 def reference(weights: Callable[[int], tuple[Any, Any]], act_fn: Any, experts: int, hidden_states: Any,
@@ -165,7 +179,7 @@ def graph_ms(fn: Callable[[], Any], reps: int) -> tuple[Optional[float], str]:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-    except Exception as error:  # noqa: BLE001 - report, keep measuring the other schemes
+    except Exception as error:  # noqa: BLE001 - report, keep measuring the other variants
         torch.cuda.synchronize()
         return None, f"capture failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
     return median_ms(graph.replay, "cuda", reps, warmup=2), "captured"
@@ -190,27 +204,66 @@ def weight_bytes(module: Any) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def run(device: Any = "cuda", dtype: Any = None, schemes: Any = SCHEMES, tokens: int = 256, top_k: int = 8,
-        experts: int = 128, hidden: int = 2816, inter: int = 704, reps: int = 20, sweep: bool = False) -> list[dict]:
-    """Time one layer's experts forward per scheme; one dict per scheme (and per sweep point).
+class _Env:
+    """The variant's environment (read by diffgen at call time), restored afterwards."""
 
-    Keys: ``scheme``, ``path`` (the kernels that ran), ``first_ms``, ``eager_ms``, ``graph_ms``,
-    ``graph`` (captured / why not), ``sync_free``, ``weight_mb``, ``gb_s``, ``rel_error``, the
-    shape, device and versions. ``dtype`` defaults to bf16 on CUDA, fp32 elsewhere.
+    def __init__(self, values: dict[str, str]):
+        self.values = values
+
+    def __enter__(self):
+        self.saved = {name: os.environ.get(name) for name in ENV}
+        for name in ENV:
+            os.environ.pop(name, None)
+        os.environ.update(self.values)
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def run(device: Any = "cuda", tiny: Any = False, variants: Any = None, *, dtype: Any = None, reps: Optional[int] = None,
+        **sizes: Any) -> list[dict]:
+    """Time one layer's experts forward per variant; one dict per variant.
+
+    ``tiny``: a small layer (``TINY``; on the CPU under the Triton interpreter, so the GPU's code
+    paths run in seconds). ``variants``: names in :data:`VARIANTS` (or old scheme names, see
+    :data:`SCHEMES`), default :data:`DEFAULT_VARIANTS` (all but the sweep; ``"sweep"`` adds it).
+    ``sizes``: tokens / top_k / experts / hidden / inter overrides.
+    For bench/gpu_check.py, ``run(device, dtype, schemes, ...)`` (a dtype in ``tiny``'s place)
+    still works. Keys: ``variant``, ``scheme``, ``env``, ``path`` (kernels launched per call),
+    ``first_ms``, ``eager_ms``, ``graph_ms``, ``graph``, ``sync_free``, ``weight_mb``, ``gb_s``,
+    ``rel_error``, the shape, device and versions.
     """
+    if not isinstance(tiny, bool):  # the old positional form: run(device, dtype, schemes, ...)
+        dtype, tiny = tiny, False
     import torch
-
-    from diffgen.kernels import moe
 
     device = torch.device(device)
     cuda = device.type == "cuda"
-    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
+    if device.type == "cpu" and tiny and "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton paths, interpreted
+    from diffgen.kernels import launches, moe
+
+    shape = {**(TINY if tiny else REAL), **sizes}
+    dtype = dtype or (torch.bfloat16 if cuda or tiny else torch.float32)
+    reps = reps or (20 if cuda else 1)
+    warmup = 3 if cuda else 0
+    names = []
+    for name in (variants or DEFAULT_VARIANTS):
+        names += [v for v in VARIANTS if "-sweep-" in v] if name == "sweep" else [SCHEMES.get(name, name)]
+    names = list(dict.fromkeys(names))
+    tokens, top_k, experts, hidden, inter = (shape[key] for key in ("tokens", "top_k", "experts", "hidden", "inter"))
     torch.manual_seed(0)
     original = bf16_experts(experts, hidden, inter, dtype, device)
     inputs = routing(tokens, top_k, experts, hidden, dtype, device)
     meta = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": str(dtype).split(".")[-1],
-            "tokens": tokens, "top_k": top_k, "experts": experts, "hidden": hidden, "inter": inter,
-            "torch": torch.__version__}
+            **shape, "torch": torch.__version__, "interpreted": os.environ.get("TRITON_INTERPRET") == "1"}
+    if cuda:
+        meta["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        meta["torch_grouped_mm_fast"] = moe.torch_grouped_mm_is_fast(device, dtype)
     try:
         import triton
 
@@ -222,126 +275,82 @@ def run(device: Any = "cuda", dtype: Any = None, schemes: Any = SCHEMES, tokens:
     meta["transformers"] = transformers.__version__
     rows: list[dict] = []
     built: dict[str, Any] = {}
+    refs: dict[str, Any] = {}
     with torch.no_grad():
-        bf16_ref = reference(lambda e: (original.gate_up_proj[e], original.down_proj[e]), original.act_fn, experts,
-                             *inputs)
-        for scheme in schemes:
-            base, _, variant = scheme.partition("-")
-            if base == "bf16":
-                module, ref = original, bf16_ref
-                call = lambda m=original: m(*inputs)  # noqa: E731
+        refs["bf16"] = reference(lambda e: (original.gate_up_proj[e], original.down_proj[e]), original.act_fn, experts,
+                                 *inputs)
+        for name in names:
+            scheme, env, backend = VARIANTS[name]
+            if scheme == "bf16":
+                module = original
             else:
-                if base not in built:
-                    built[base] = quantised_experts(original, base, dtype, device)
-                module = built[base]
+                if scheme not in built:
+                    built[scheme] = quantised_experts(original, scheme, dtype, device)
+                    quantised = built[scheme]
+                    refs[scheme] = reference(lambda e, m=quantised: (m.gate_up_proj.weight(e), m.down_proj.weight(e)),
+                                             quantised.act_fn, experts, *inputs)
+                module = built[scheme]
                 for stack in (module.gate_up_proj, module.down_proj):
-                    stack.backend = "torch" if variant == "torch" else "auto"
-                    stack.fp8_activations = variant != "wo"
-                ref = reference(lambda e, m=module: (m.gate_up_proj.weight(e), m.down_proj.weight(e)), module.act_fn,
-                                experts, *inputs)
-                call = (lambda m=module: looped_forward(m, *inputs)) if variant == "loop" else \
-                    (lambda m=module: m(*inputs))  # noqa: E731
-            before = dict(moe.LAUNCHES)
-            _sync(device)
-            begin = time.perf_counter()
-            out = call()
-            _sync(device)
-            first = (time.perf_counter() - begin) * 1e3
-            ran = {key: moe.LAUNCHES[key] - before.get(key, 0) for key in moe.LAUNCHES if moe.LAUNCHES[key] != before.get(key, 0)}
-            path = "per-expert loop" if variant == "loop" else "transformers grouped_mm" if base == "bf16" else \
-                "+".join(f"{key}x{count}" for key, count in sorted(ran.items()))
-            error = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-            eager = median_ms(call, device, reps)
-            graph, captured, synced = None, "n/a (cpu)", "n/a (cpu)"
-            if cuda:
-                synced = sync_free(call)
-                graph, captured = graph_ms(call, reps) if variant != "loop" else (None, "skipped (syncs)")
-            mb = weight_bytes(module) / 1e6
-            rows.append({**meta, "scheme": scheme, "path": path, "first_ms": first, "eager_ms": eager,
-                         "graph_ms": graph, "graph": captured, "sync_free": synced, "weight_mb": mb,
-                         "gb_s": mb / 1e3 / ((graph or eager) / 1e3), "rel_error": error})
-        if sweep and cuda:
-            rows += _sweep(built, inputs, meta, reps)
+                    stack.backend, stack.fp8_activations = backend, None
+            call = lambda m=module: m(*inputs)  # noqa: E731
+            row = {**meta, "variant": name, "scheme": scheme, "env": env, "backend": backend}
+            try:
+                with _Env(env):
+                    before, before_torch = dict(launches.COUNTS), dict(moe.LAUNCHES)
+                    _sync(device)
+                    begin = time.perf_counter()
+                    out = call()
+                    _sync(device)
+                    row["first_ms"] = (time.perf_counter() - begin) * 1e3
+                    ran = {k: v - before.get(k, 0) for k, v in launches.COUNTS.items() if v != before.get(k, 0)}
+                    for key in ("torch", "fp8_scaled"):
+                        if moe.LAUNCHES[key] != before_torch.get(key, 0):
+                            ran[key] = moe.LAUNCHES[key] - before_torch.get(key, 0)
+                    row["path"] = "+".join(f"{k}x{v}" for k, v in sorted(ran.items())) or "transformers grouped_mm"
+                    ref = refs[scheme]
+                    row["rel_error"] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+                    row["eager_ms"] = median_ms(call, device, reps, warmup)
+                    row["graph_ms"], row["graph"], row["sync_free"] = None, "n/a (cpu)", "n/a (cpu)"
+                    if cuda:
+                        row["sync_free"] = sync_free(call)
+                        row["graph_ms"], row["graph"] = graph_ms(call, reps)
+            except Exception as error:  # noqa: BLE001 - one variant failing must not lose the others
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+                _sync(device)
+            row["weight_mb"] = weight_bytes(module) / 1e6
+            if row.get("eager_ms"):
+                row["gb_s"] = row["weight_mb"] / 1e3 / ((row["graph_ms"] or row["eager_ms"]) / 1e3)
+            rows.append(row)
     return rows
-
-
-def _sweep(built: dict, inputs: tuple, meta: dict, reps: int) -> list[dict]:
-    """Time the Triton kernel alone per projection for a few tile configurations."""
-    import torch
-
-    from diffgen.kernels import moe
-
-    hidden_states, index, _ = inputs
-    perm, ends = moe.route(index, next(iter(built.values())).num_experts)
-    rows = []
-    for scheme, module in built.items():
-        x = hidden_states[perm // index.shape[-1]].contiguous()
-        h = torch.empty(x.shape[0], module.down_proj.shape[1], device=x.device, dtype=x.dtype).normal_()
-        for name, stack, a in (("gate_up", module.gate_up_proj, x), ("down", module.down_proj, h)):
-            n, k = stack.shape
-            default = moe.kernel_config(a.shape[0], ends.numel(), n, k, scheme)
-            for config in (default, *(c for c in SWEEP if scheme == "nf4" or "LUT" not in c)):
-                fn = lambda c=config: moe.grouped_mm_triton(a, stack.q, stack.scale, stack.code, ends, scheme, n, k,  # noqa: E731
-                                                            config=c)
-                try:
-                    ms = median_ms(fn, "cuda", reps)
-                except Exception as error:  # noqa: BLE001 - a config that does not compile/fit
-                    rows.append({**meta, "scheme": f"{scheme}/{name}", "config": config, "error": str(error)[:120]})
-                    continue
-                mb = sum(t.numel() * t.element_size() for t in (stack.q, stack.scale)) / 1e6
-                rows.append({**meta, "scheme": f"{scheme}/{name}", "config": config, "eager_ms": ms,
-                             "gb_s": mb / 1e3 / (ms / 1e3), "default": config is default})
-    return rows
-
-
-def table(rows: list[dict]) -> str:
-    head = f"{'scheme':<12} {'path':<26} {'first ms':>9} {'eager ms':>9} {'graph ms':>9} {'GB/s':>7} {'rel err':>8}  sync-free / graph"
-    lines = [head, "-" * len(head)]
-    for row in rows:
-        if "config" in row:
-            continue
-        graph = f"{row['graph_ms']:9.3f}" if row["graph_ms"] is not None else f"{'-':>9}"
-        lines.append(f"{row['scheme']:<12} {row['path'][:26]:<26} {row['first_ms']:9.1f} {row['eager_ms']:9.3f} "
-                     f"{graph} {row['gb_s']:7.1f} {row['rel_error']:8.1e}  {row['sync_free']} / {row['graph']}")
-    sweep = [row for row in rows if "config" in row]
-    if sweep:
-        lines += ["", "Triton tile sweep (kernel alone, eager median):"]
-        for row in sweep:
-            config = " ".join(f"{key}={value}" for key, value in row["config"].items())
-            timing = f"{row['eager_ms']:8.3f} ms {row['gb_s']:6.0f} GB/s" if "eager_ms" in row else row["error"]
-            lines.append(f"  {row['scheme']:<14} {timing}  {config}{'  (default)' if row.get('default') else ''}")
-    if rows:
-        first = rows[0]
-        lines.append(f"\n{first['device']}, {first['dtype']}, {first['tokens']} tokens x top-{first['top_k']} over "
-                     f"{first['experts']} experts, hidden {first['hidden']}, inter {first['inter']}; torch "
-                     f"{first['torch']}, triton {first['triton']}, transformers {first['transformers']}")
-    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES))
-    parser.add_argument("--small", action="store_true", help="small layer (CPU dry run): 64 tokens, 16 experts, 256/64")
+    parser.add_argument("--variants", nargs="+", help=f"default: {', '.join(DEFAULT_VARIANTS)}")
+    parser.add_argument("--sweep", action="store_true", help="also the tuned kernel with tile overrides (fp8, bf16)")
+    parser.add_argument("--tiny", action="store_true", help="tiny layer; on the CPU under the Triton interpreter")
+    parser.add_argument("--small", action="store_true", help="alias of --tiny")
     parser.add_argument("--tokens", type=int)
     parser.add_argument("--experts", type=int)
     parser.add_argument("--hidden", type=int)
     parser.add_argument("--inter", type=int)
-    parser.add_argument("--top-k", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--reps", type=int)
     args = parser.parse_args()
-
+    tiny = args.tiny or args.small
+    if args.device == "cpu" and tiny:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     import torch
 
-    sizes = {"tokens": 64, "experts": 16, "hidden": 256, "inter": 64} if args.small else {}
-    for key in ("tokens", "experts", "hidden", "inter"):
-        if getattr(args, key) is not None:
-            sizes[key] = getattr(args, key)
-    rows = run(args.device, getattr(torch, args.dtype) if args.dtype else None, args.schemes, top_k=args.top_k,
-               reps=args.reps, sweep=args.sweep, **sizes)
-    print(table(rows))
+    sizes = {key: getattr(args, key) for key in ("tokens", "experts", "hidden", "inter", "top_k")
+             if getattr(args, key) is not None}
+    variants = list(args.variants or DEFAULT_VARIANTS) + (["sweep"] if args.sweep else [])
+    rows = run(args.device, tiny, variants, dtype=getattr(torch, args.dtype) if args.dtype else None,
+               reps=args.reps, **sizes)
+    for row in rows:
+        print(json.dumps(row, default=str), flush=True)
 
 
 if __name__ == "__main__":

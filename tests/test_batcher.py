@@ -19,7 +19,7 @@ import torch
 from diffgen import prompt as prompt_mod
 from diffgen.denoise import batcher as batcher_mod
 from diffgen.denoise import loop
-from diffgen.denoise.batcher import Batcher, cache_concat, cache_left_pad, cache_trim_left
+from diffgen.denoise.batcher import Batcher
 
 TEXTS = ["Once upon a time", "Hi", "The sky is blue because air scatters short wavelengths of sunlight", "def main():"]
 
@@ -213,7 +213,9 @@ def test_a_failing_batch_reports_to_every_row_and_the_scheduler_goes_on(tiny, ma
     def broken(state, context):
         raise RuntimeError("the accelerator fell over")
 
-    monkeypatch.setattr(batcher_mod, "denoise_step", broken)
+    from diffgen.denoise import runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "denoise_step", broken)
     recorders = [Recorder(), Recorder()]
     hold = threading.Event()
     hold.set()
@@ -229,34 +231,6 @@ def test_a_failing_batch_reports_to_every_row_and_the_scheduler_goes_on(tiny, ma
     batcher.submit(ids(tiny, 0), [settings(tiny, 3, 16)], after).wait()
     assert after.done()[0].token_ids == alone(tiny, 0, 3, 16).token_ids
     assert batcher.counters().requests_failed == 2
-
-
-def test_cache_surgery_round_trips(tiny):
-    from transformers import DynamicCache
-
-    config = tiny.model.config.get_text_config(decoder=True)
-
-    def filled(batch: int, length: int) -> DynamicCache:
-        cache = DynamicCache(config=config)
-        for index, layer in enumerate(cache.layers):
-            keys = torch.randn(batch, 1, length, 16)
-            cache.layers[index].update(keys, keys + 1)
-        return cache
-
-    for length in (10, 70):  # below and beyond the sliding window (64)
-        cache = filled(2, length)
-        before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
-        cache_left_pad(cache, 7)
-        assert cache.get_seq_length() == length + 7
-        cache_trim_left(cache, 7)
-        assert cache.get_seq_length() == length
-        for (keys, values), layer in zip(before, cache.layers):
-            assert torch.equal(keys, layer.keys) and torch.equal(values, layer.values)
-        other = filled(1, length)
-        cache_concat(cache, other)
-        assert all(layer.keys.shape[0] == 3 for layer in cache.layers)
-        with pytest.raises(ValueError):
-            cache_concat(cache, filled(1, length + 1))
 
 
 @pytest.mark.parametrize("graphs", [False, True])
@@ -356,14 +330,16 @@ def test_a_canvas_whose_every_row_is_cancelled_stops_early(tiny, make):
 def test_a_request_failing_to_join_leaves_the_running_batch_alone(tiny, make, monkeypatch):
     batcher = make(max_batch=4)
     poison = ids(tiny, 2)
-    real_encode = batcher_mod.encode
+    from diffgen.denoise import backends
+
+    real_encode = backends.encode
 
     def encode(model, input_ids, *args, **kwargs):
         if any(row[-len(poison):] == poison for row in input_ids.tolist()):
             raise RuntimeError("out of memory for this prompt")
         return real_encode(model, input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(batcher_mod, "encode", encode)
+    monkeypatch.setattr(backends, "encode", encode)
     joining = Recorder()
     tickets = []
 
@@ -402,7 +378,9 @@ def test_a_consumer_that_raises_takes_its_queued_rows_out_of_the_queue(tiny, mak
 
 def test_a_cancelled_request_hit_by_a_batch_failure_counts_as_cancelled(tiny, make, monkeypatch):
     batcher = make(max_batch=4)
-    real_step = batcher_mod.denoise_step
+    from diffgen.denoise import runner as runner_mod
+
+    real_step = runner_mod.denoise_step
     calls = []
 
     def fails_on_second_step(state, context):
@@ -411,7 +389,7 @@ def test_a_cancelled_request_hit_by_a_batch_failure_counts_as_cancelled(tiny, ma
             raise RuntimeError("the accelerator fell over")
         return real_step(state, context)
 
-    monkeypatch.setattr(batcher_mod, "denoise_step", fails_on_second_step)
+    monkeypatch.setattr(runner_mod, "denoise_step", fails_on_second_step)
     hold = threading.Event()
     hold.set()
     batcher.hold = hold.is_set

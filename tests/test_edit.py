@@ -113,13 +113,15 @@ def test_the_spans_start_from_their_old_tokens_not_noise(tiny, monkeypatch, exac
     (start, end), (old,) = plan.spans[0], olds
     assert len(old) > 1 and init[start:end] == old + (tiny.defaults.pad_token_id,) * (end - start - len(old))
     first: dict[int, torch.Tensor] = {}
-    real_step = loop.denoise_step
+    from diffgen.denoise import runner
+
+    real_step = runner.denoise_step
 
     def spy(state, context):
-        first.setdefault(int(context.canvas_index), state.canvas[0].clone())
+        first.setdefault(int(context.canvas_index[0]), state.canvas[0].clone())
         return real_step(state, context)
 
-    monkeypatch.setattr(loop, "denoise_step", spy)
+    monkeypatch.setattr(runner, "denoise_step", spy)
     result = edit(tiny, encode(tiny.tokenizer, "Shorter"), document,
                   tiny.defaults.replace(seed=3, max_denoising_steps=3), exact=exact)
     # The span covers canvases 0 and 1; canvas 2 is fixed text only and takes no decoder pass.

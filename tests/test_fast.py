@@ -89,43 +89,58 @@ def eager_capture(body):
 eager_capture.recorded = 0
 
 
-def test_replayed_steps_give_the_tokens_of_eager_steps(sharp):
+class CountingCapture:
+    """A graph recorder that replays by running the body, counting recordings and replays."""
+
+    def __init__(self):
+        self.recorded = 0
+        self.replays = 0
+
+    def __call__(self, body):
+        self.recorded += 1
+
+        def replay():
+            self.replays += 1
+            body()
+        return replay
+
+
+def test_graphs_are_recorded_once_per_process_and_replay_every_later_canvas(sharp):
     settings = sharp.defaults.replace(max_new_tokens=48, seed=5, **SHARP_SETTINGS)
     eager = generate(sharp, _ids(sharp), settings, exact=False)
-    before = eager_capture.recorded
-    generation = stream(sharp, _ids(sharp), settings, exact=False, graphs=True, capture=eager_capture, observe=True)
+    capture = CountingCapture()
+    generation = stream(sharp, _ids(sharp), settings, exact=False, graphs=True, capture=capture, observe=True)
     events = list(generation)
     assert [c.token_ids for c in generation.result.completions] == [c.token_ids for c in eager.completions]
     canvases = sum(1 for e in events if type(e).__name__ == "CanvasEvent")
-    assert eager_capture.recorded - before == generation.runner.captures == canvases > 1
-    # once warm, a canvas's first step replays the graph too (masked self-conditioning): same tokens
-    again = stream(sharp, _ids(sharp), settings, exact=False, graphs=True, capture=eager_capture, observe=False)
-    calls = []
-    from diffgen.denoise import step as step_module
-
-    original = step_module.denoise_step
-
-    def counting(*args, **kwargs):
-        calls.append(args[0].self_conditioning is None)  # an eager first step of a canvas
-        return original(*args, **kwargs)
-
-    again.graphs, again._capture = True, eager_capture
-    import diffgen.denoise.loop as loop_module
-
-    loop_module_step = loop_module.denoise_step
-    loop_module.denoise_step = counting
-    step_module.denoise_step = counting
-    try:
-        list(again)
-    finally:
-        loop_module.denoise_step = loop_module_step
-        step_module.denoise_step = original
+    assert canvases == 3
+    # one graph for the step and one for the committed canvas's encoder pass, not one per canvas
+    assert capture.recorded == generation.runner.captures == 2
+    # a later generation records nothing: every step, each canvas's first too (masked
+    # self-conditioning), and every encoder pass is a replay of the graphs recorded above
+    replays = capture.replays
+    again = stream(sharp, _ids(sharp), settings, exact=False, graphs=True, capture=capture, observe=True)
+    steps_again = sum(1 for e in again if type(e).__name__ == "StepEvent")
+    assert capture.recorded == 2 and again.runner is generation.runner
+    assert capture.replays - replays == steps_again + canvases - 1
     assert [c.token_ids for c in again.result.completions] == [c.token_ids for c in eager.completions]
-    assert calls and not any(calls)  # every step, each canvas's first too, ran inside the recorded graph
     # events of replayed steps are copies: a later step never rewrites what a consumer kept
     steps = [e for e in events if type(e).__name__ == "StepEvent"]
     assert len({id(e.canvas_tokens) for e in steps}) == len(steps)
     assert any(not torch.equal(a.canvas_tokens, b.canvas_tokens) for a, b in zip(steps, steps[1:]))
+
+
+def test_graphs_per_canvas_still_give_the_same_tokens(sharp, monkeypatch):
+    """``DIFFGEN_GRAPHS_PER_CANVAS=1`` (the A/B switch of bench/gpu_session.py) records anew per canvas."""
+    monkeypatch.setenv("DIFFGEN_GRAPHS_PER_CANVAS", "1")
+    settings = sharp.defaults.replace(max_new_tokens=48, seed=5, **SHARP_SETTINGS)
+    eager = generate(sharp, _ids(sharp), settings, exact=False)
+    capture = CountingCapture()
+    generation = stream(sharp, _ids(sharp), settings, exact=False, graphs=True, capture=capture, observe=False)
+    events = list(generation)
+    canvases = sum(1 for e in events if type(e).__name__ == "CanvasEvent")
+    assert [c.token_ids for c in generation.result.completions] == [c.token_ids for c in eager.completions]
+    assert capture.recorded == canvases
 
 
 def test_a_row_draws_the_same_tokens_alone_or_in_a_batch(sharp):
@@ -138,29 +153,16 @@ def test_a_row_draws_the_same_tokens_alone_or_in_a_batch(sharp):
 
 
 def test_the_step_has_no_data_dependent_host_sync(sharp):
-    """Tracing the whole step (decoder, sampler, acceptance, stop) with dynamo in fullgraph mode
-    fails on any .item(), bool(), nonzero() or other data-dependent break: what a CUDA graph
-    could not replay."""
-    from transformers import DynamicCache
+    """Tracing the whole fused step (decoder over the static cache, sampler, acceptance, stop) with
+    dynamo in fullgraph mode fails on any .item(), bool(), nonzero() or other data-dependent
+    break: what a CUDA graph could not replay."""
+    from diffgen.denoise.step import denoise_step, initial_state
 
-    from diffgen.denoise.loop import stream as _stream
-    from diffgen.denoise.step import Decoder, StepContext, denoise_step, initial_state
-
-    generation = _stream(sharp, _ids(sharp)[:2], sharp.defaults.replace(max_new_tokens=16, seed=1), exact=False)
-    model = sharp.model
-    ids = torch.tensor([p[:3] for p in _ids(sharp)[:2]])
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    generation._encode(ids, torch.ones_like(ids, dtype=torch.bool), torch.arange(3)[None], cache)
+    settings = sharp.defaults.replace(max_new_tokens=16, seed=1)
+    generation = stream(sharp, _ids(sharp)[:2], settings, exact=False, observe=False)
+    list(generation)
+    (context, _), = generation.runner._contexts.values()
     canvas = torch.zeros(2, generation.canvas_length, dtype=torch.long)
-    sampler = generation._sampler(2, torch.device("cpu"))
-    from diffgen.denoise.sampling import TemperatureSchedule, entropy_bound_acceptance
-
-    context = StepContext(
-        decoder=Decoder(model, cache, {"full_attention": None, "sliding_attention": None},
-                        torch.arange(3, 3 + generation.canvas_length)[None]),
-        sampler=sampler, temperatures=TemperatureSchedule(0.4, 0.8, 8)(torch.arange(8, 0, -1, dtype=torch.int32)),
-        accept=entropy_bound_acceptance(0.1), stability=1, confidence=0.005,
-        finished=torch.zeros(2, dtype=torch.bool), canvas_index=torch.tensor(0), embed_dtype=torch.float32)
     state = denoise_step(initial_state(context, canvas, torch.zeros(2, dtype=torch.int)), context)
     compiled = torch.compile(lambda s: denoise_step(s, context), fullgraph=True, backend="eager")
     out = compiled(state)

@@ -374,3 +374,130 @@ def test_the_triton_kernel_on_cuda_matches_the_torch_backend_and_captures_in_a_g
         eager = sampler.sample_tail(raw, softcap=30.0, temperature=temperature,
                                     keys=step_keys(seeds, 0, value, STREAM_GUMBEL))
         assert all(torch.equal(a, b) for a, b in zip(captured, eager))
+
+
+# -- keys derived in the kernels (the fast sampler's path: no torch ops for the keys) -----------
+
+DERIVED_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from diffgen.kernels import launches, noise, sampler
+    from diffgen.kernels.noise import STREAM_CANVAS, STREAM_GUMBEL, STREAM_RENOISE, step_keys, uniform_tokens
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not launches.inside() and not func.is_view:
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    generator = torch.Generator().manual_seed(3)
+    seeds = torch.tensor([5, -(2**62) + 7, 2**40 + 3])
+    results = {}
+    raw = torch.randn(3, 4, 300, generator=generator)
+    temperature = torch.tensor(0.7)
+    for name, canvas in (("0-d", torch.tensor(2)), ("per-row", torch.tensor([0, 3, 2**33 + 1]))):
+        step = torch.tensor(5)
+        derived = sampler.sample_tail(raw, softcap=30.0, temperature=temperature, seeds=seeds, canvas=canvas,
+                                      step=step, backend="triton")
+        keyed = sampler.sample_tail(raw, softcap=30.0, temperature=temperature,
+                                    keys=step_keys(seeds, canvas, step, STREAM_GUMBEL), backend="triton")
+        torch_side = sampler.sample_tail(raw, softcap=30.0, temperature=temperature, seeds=seeds, canvas=canvas,
+                                         step=step, backend="torch")
+        accepted = torch.rand(3, 37, generator=generator) < 0.5
+        keep = torch.randint(0, 1000, (3, 37), generator=generator)
+        tokens = {backend: sampler.noise_tokens(seeds, canvas, step, STREAM_RENOISE, 37, 262144, keep=keep,
+                                                accepted=accepted, backend=backend) for backend in ("triton", "torch")}
+        fresh = {backend: sampler.noise_tokens(seeds, canvas, 0, STREAM_CANVAS, 37, 1000, backend=backend)
+                 for backend in ("triton", "torch")}
+        reference = torch.where(accepted, keep, uniform_tokens(step_keys(seeds, canvas, step, STREAM_RENOISE), 37,
+                                                                262144))
+        results[name] = dict(derived=derived, keyed=keyed, torch=torch_side, tokens=tokens, reference=reference,
+                             fresh=fresh, fresh_reference=uniform_tokens(step_keys(seeds, canvas, 0, STREAM_CANVAS),
+                                                                         37, 1000))
+    # Ops outside launches for a step's draw and renoise: the keys cost none.
+    canvas, step = torch.tensor(1), torch.tensor(2)
+    before = launches.COUNTS.copy()
+    with Count() as counter:
+        sampler.noise_tokens(seeds, canvas, step, STREAM_RENOISE, 37, 262144, keep=keep, accepted=accepted)
+        sampler.sample_tail(raw, softcap=30.0, temperature=temperature, seeds=seeds, canvas=canvas, step=step)
+    results["ops"] = [op for op in counter.ops if "empty" not in op]
+    results["launches"] = dict(launches.COUNTS - before)
+    torch.save(results, sys.argv[1])
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def derived(tmp_path_factory):
+    if not TRITON_PLATFORM:
+        pytest.skip("triton ships wheels for Linux x86_64 only (the dev extra installs it there)")
+    result_file = tmp_path_factory.mktemp("derived") / "results.pt"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-c", DERIVED_SCRIPT, str(result_file)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return torch.load(result_file)
+
+
+@pytest.mark.parametrize("canvas", ["0-d", "per-row"])
+def test_keys_derived_in_the_kernel_are_step_keys(derived, canvas):
+    case = derived[canvas]
+    assert all(torch.equal(a, b) for a, b in zip(case["derived"], case["keyed"]))
+    assert torch.equal(case["derived"][0], case["torch"][0]) and torch.equal(case["derived"][1], case["torch"][1])
+
+
+@pytest.mark.parametrize("canvas", ["0-d", "per-row"])
+def test_noise_tokens_kernel_draws_uniform_tokens_bit_for_bit(derived, canvas):
+    case = derived[canvas]
+    assert torch.equal(case["tokens"]["triton"], case["reference"])
+    assert torch.equal(case["tokens"]["torch"], case["reference"])
+    assert torch.equal(case["fresh"]["triton"], case["fresh_reference"])
+    assert torch.equal(case["fresh"]["torch"], case["fresh_reference"])
+
+
+def test_a_fast_steps_draw_and_renoise_take_two_launches_and_no_key_ops(derived):
+    assert derived["launches"] == {"noise_tokens": 1, "sample_tail": 1}
+    assert derived["ops"] == [], derived["ops"]
+
+
+def test_noise_tokens_on_the_torch_backend_are_the_old_formulas():
+    seeds, canvas, step = torch.tensor([1, 2]), torch.tensor([0, 4]), torch.tensor(3)
+    keep, accepted = torch.zeros(2, 9, dtype=torch.long), torch.tensor([[True, False] * 4 + [True]] * 2)
+    got = sampler.noise_tokens(seeds, canvas, step, STREAM_RENOISE, 9, 50, keep=keep, accepted=accepted,
+                               backend="torch")
+    tokens = uniform_tokens(step_keys(seeds, canvas, step, STREAM_RENOISE), 9, 50)
+    assert torch.equal(got, torch.where(accepted, keep, tokens))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_derived_keys_on_cuda_replay_from_a_graph_with_the_step_counter():
+    raw, _, temperature = _inputs(batch=2, canvas=64, vocab=70_000, dtype=torch.bfloat16)
+    raw, temperature = raw.cuda(), temperature.cuda()
+    seeds, canvas, step = torch.tensor([1, -2], device="cuda"), torch.tensor([0, 5], device="cuda"), \
+        torch.tensor(1, device="cuda")
+    keep = torch.zeros(2, 64, dtype=torch.long, device="cuda")
+    accepted = torch.rand(2, 64, device="cuda") < 0.5
+
+    def step_draws():
+        tail = sampler.sample_tail(raw, softcap=30.0, temperature=temperature, seeds=seeds, canvas=canvas, step=step)
+        tokens = sampler.noise_tokens(seeds, canvas, step, STREAM_RENOISE, 64, 262144, keep=keep, accepted=accepted)
+        return (*tail, tokens)
+
+    step_draws()  # compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step_draws()
+    for value in (3, 4):
+        step.fill_(value)
+        graph.replay()
+        keyed = sampler.sample_tail(raw, softcap=30.0, temperature=temperature,
+                                    keys=step_keys(seeds, canvas, value, STREAM_GUMBEL))
+        fresh = uniform_tokens(step_keys(seeds, canvas, value, STREAM_RENOISE), 64, 262144)
+        tokens = torch.where(accepted, keep, fresh)
+        assert all(torch.equal(a, b) for a, b in zip(captured[:3], keyed))
+        assert torch.equal(captured[3], tokens)

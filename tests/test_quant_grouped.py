@@ -268,9 +268,27 @@ def emulated_scaled_grouped_mm(mat_a, mat_b, scale_a, scale_b, offs=None, out_dt
     return out.to(out_dtype)
 
 
+def test_fp8_defaults_to_the_weight_only_path(monkeypatch):
+    """fp8 x fp8 (torch._scaled_grouped_mm) measured slower and 7x less accurate than the
+    weight-only kernel: even where the card has it, fp8 stacks take the weight-only path unless
+    DIFFGEN_FP8_SCALED=1."""
+    monkeypatch.delenv("DIFFGEN_FP8_SCALED", raising=False)
+    monkeypatch.setattr(torch, "_scaled_grouped_mm", emulated_scaled_grouped_mm, raising=False)
+    monkeypatch.setattr(moe, "fp8_scaled_runs", lambda *args: True)
+    module = make_experts("fp8", dtype=torch.bfloat16)
+    hidden, index, weights = make_routing(tokens=37, experts=8, top_k=3, dtype=torch.bfloat16)
+    before = dict(moe.LAUNCHES)
+    out = module(hidden, index, weights)
+    assert moe.LAUNCHES["fp8_scaled"] == before.get("fp8_scaled", 0)
+    assert moe.LAUNCHES["torch"] == before.get("torch", 0) + 2
+    assert relative_error(out, reference(module, hidden, index, weights)) < TOLERANCE[torch.bfloat16]
+
+
 def test_fp8_scaled_path_quantises_activations_per_row(monkeypatch):
-    """The fp8 x fp8 path hands torch._scaled_grouped_mm what its 2D x 3D form wants (emulated
-    here; the GPU test below runs the real one) and stays within fp8 activation rounding."""
+    """Behind DIFFGEN_FP8_SCALED=1, the fp8 x fp8 path hands torch._scaled_grouped_mm what its 2D
+    x 3D form wants (emulated here; the GPU test below runs the real one) and stays within fp8
+    activation rounding."""
+    monkeypatch.setenv("DIFFGEN_FP8_SCALED", "1")
     monkeypatch.setattr(torch, "_scaled_grouped_mm", emulated_scaled_grouped_mm, raising=False)
     monkeypatch.setattr(moe, "fp8_scaled_runs", lambda *args: True)
     module = make_experts("fp8", dtype=torch.bfloat16)
@@ -287,7 +305,8 @@ def test_grouped_forward_on_the_gpu(scheme):
     module = make_experts(scheme, dtype=torch.bfloat16).cuda()
     hidden, index, weights = make_routing(tokens=37, experts=8, top_k=3, dtype=torch.bfloat16)
     out = module(hidden.cuda(), index.cuda(), weights.cuda()).cpu()
-    bound = 0.08 if scheme == "fp8" and moe.fp8_scaled_runs("cuda", torch.bfloat16, 48, 64) else 2e-2
+    scaled = moe.fp8_scaled_enabled() and moe.fp8_scaled_runs("cuda", torch.bfloat16, 48, 64)
+    bound = 0.08 if scheme == "fp8" and scaled else 2e-2
     assert relative_error(out, reference(module.cpu(), hidden, index, weights)) < bound
 
 
@@ -312,7 +331,7 @@ COMPILE_SM90 = textwrap.dedent("""
                          "pairs_ptr": "*i64", "ends_ptr": "*i32", "out_ptr": "*bf16", "N": "i32", "K": "i32", "M_SPLIT": "i32"}
             names = list(signature)
             constexprs = {"FMT": kind, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
-                          "F32_DOT": False, "EVEN_K": k % cfg["BLOCK_K"] == 0, "LUT": cfg["LUT"]}
+                          "F32_DOT": False, "EVEN_K": k % cfg["BLOCK_K"] == 0, "LUT": cfg["LUT"], "RNE": False}
             signature.update({name: "constexpr" for name in constexprs})
             # what triton's launcher specialises at run time: 16-divisible sizes, 16-aligned pointers
             attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in names if name != "M_SPLIT"}
@@ -346,3 +365,290 @@ def test_triton_kernel_compiles_for_hopper_without_spills():
         warps = moe.kernel_config(2048, 128, row["n"], row["k"], row["fmt"])["num_warps"]
         assert row["spills"] == 0 and row["tensor_core_ops"] > 0, row
         assert row["registers"] * 32 * warps * 2 <= 65536, row
+
+
+COMPILE_SWAP = textwrap.dedent("""
+    import json, re, subprocess, sys, tempfile
+    from pathlib import Path
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from diffgen.kernels.moe import WEIGHT_BYTES, kernel_format, tuned_config
+    from diffgen.kernels.moe_triton import grouped_mm_swap_kernel
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    # (capability, multiprocessors, shared memory a block may use): H100, RTX 5090 / DGX Spark class
+    cards = {90: (132, 232448), 120: (170, 101376)}
+    report = []
+    for cc, fmt in [(90, "fp8"), (90, "int8"), (90, "nf4"), (90, "bf16"), (120, "fp8"), (120, "bf16")]:
+        storage = {"int8": "i8", "fp8": "fp8e4nv", "nf4": "u8", "bf16": "bf16"}[fmt]
+        # The real layer (256 tokens x top-8 over 128 experts): gate_up (1408, 2816) with the gather and
+        # GELU*up fused, down (2816, 704) with the routing weight and unpermute fused.
+        for n, k, act, gather, scatter in [(1408, 2816, 1, True, False), (2816, 704, 0, False, True)]:
+            cfg = tuned_config(2048, 128, n, k, fmt, 2, WEIGHT_BYTES.get(fmt, 2), cards[cc], act=bool(act))
+            signature = {"x_ptr": "*bf16", "rows_ptr": "*i64", "q_ptr": f"*{storage}",
+                         "s_ptr": "*bf16" if fmt == "bf16" else "*fp32", "code_ptr": "*fp32", "pairs_ptr": "*i64",
+                         "ends_ptr": "*i32", "rw_ptr": "*fp32", "out_ptr": "*fp32" if scatter else "*bf16",
+                         "N": "i32", "K": "i32", "N_ROWS": "i32", "TILES_N": "i32", "WORK": "i32", "NUM_PROGRAMS": "i32"}
+            names = list(signature)
+            constexprs = {"FMT": kernel_format(fmt, k), "BLOCK_N": cfg["BLOCK_N"], "BLOCK_M": cfg["BLOCK_M"],
+                          "BLOCK_K": cfg["BLOCK_K"], "F32_DOT": False, "EVEN_K": k % cfg["BLOCK_K"] == 0, "LUT": cfg["LUT"],
+                          "GATHER": gather, "TOP_K": 8, "ACT": act, "SCATTER": scatter, "RNE": False}
+            signature.update({name: "constexpr" for name in constexprs})
+            attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in names
+                     if name not in ("TILES_N", "WORK", "NUM_PROGRAMS")}
+            compiled = triton.compile(ASTSource(fn=grouped_mm_swap_kernel, signature=signature, constexprs=constexprs,
+                                                attrs=attrs), target=GPUTarget("cuda", cc, 32),
+                                      options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+                cubin.write(compiled.asm["cubin"])
+                cubin.flush()
+                usage = subprocess.run([str(tools / "cuobjdump"), "--dump-resource-usage", cubin.name],
+                                       capture_output=True, text=True, check=True).stdout
+                sass = subprocess.run([str(tools / "nvdisasm"), cubin.name], capture_output=True, text=True,
+                                      check=True).stdout
+            report.append({"cc": cc, "fmt": fmt, "n": n, "k": k, "config": cfg, "shared": compiled.metadata.shared,
+                           "shared_limit": cards[cc][1], "registers": int(re.search(r"REG:(\\d+)", usage).group(1)),
+                           "spills": sass.count("STL"), "tensor_core_ops": sass.count("HMMA") + sass.count("HGMMA")})
+    # the combine's last kernel (sum over k and cast) builds too
+    from diffgen.kernels.moe_triton import sum_pairs_kernel
+    triton.compile(ASTSource(fn=sum_pairs_kernel, signature={"pairs_ptr": "*fp32", "out_ptr": "*bf16", "H": "i32",
+                                                             "TOP_K": "constexpr", "BLOCK_H": "constexpr", "RNE": "constexpr"},
+                             constexprs={"TOP_K": 8, "BLOCK_H": 1024, "RNE": False}), target=GPUTarget("cuda", 90, 32))
+    print(json.dumps(report))
+""")
+
+
+def test_tuned_kernel_compiles_for_hopper_and_consumer_cards_within_their_limits():
+    """The tuned kernel with both fused epilogues, at the real layer's shapes and the tiles
+    tuned_config picks for each card: sm_90 (H100/H200, 227 KiB of shared memory a block) and
+    sm_120 (RTX 50xx, DGX Spark: 99 KiB) — no spills, tensor-core products, shared memory within
+    the card's limit (else the launch fails there), registers for two programs a multiprocessor."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_DEFAULT_FP_FUSION": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-c", COMPILE_SWAP], capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in json.loads(result.stdout.strip().splitlines()[-1]):
+        assert row["spills"] == 0 and row["tensor_core_ops"] > 0, row
+        assert row["shared"] <= row["shared_limit"], row
+        assert row["registers"] * 32 * row["config"]["num_warps"] * 2 <= 65536, row
+
+
+# -- the tuned kernel, its fused epilogues and bf16 experts, under the interpreter ------------------------
+
+INTERPRETED_TUNED = textwrap.dedent("""
+    import collections, json, os, sys
+    from types import SimpleNamespace
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    sys.path.insert(0, {tests!r})
+    from test_quant_grouped import make_experts, make_routing, reference, relative_error
+    from diffgen.kernels import launches, moe
+
+    class Kernels(TorchDispatchMode):  # non-view aten ops (diffgen's custom ops wrap one Triton launch each)
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name
+            if not launches.inside() and not func.is_view and not name.startswith("diffgen::"):
+                self.ops[name.replace("aten::", "")] += 1
+            return func(*args, **(kwargs or {{}}))
+
+    def run(fn):
+        before = dict(launches.COUNTS)
+        with Kernels() as mode:
+            out = fn()
+        ran = {{k: v - before.get(k, 0) for k, v in launches.COUNTS.items() if v != before.get(k, 0)}}
+        return out, dict(mode.ops), ran
+
+    def refuse(name):
+        def call(*args, **kwargs):
+            raise AssertionError(f"host sync: {{name}}")
+        return call
+
+    class NoHostSync:
+        names = ("item", "tolist", "__bool__", "nonzero")
+
+        def __enter__(self):
+            self.saved = {{name: getattr(torch.Tensor, name) for name in self.names}}
+            for name in self.names:
+                setattr(torch.Tensor, name, refuse(name))
+
+        def __exit__(self, *exc):
+            for name, fn in self.saved.items():
+                setattr(torch.Tensor, name, fn)
+
+    MODES = [("legacy", "unfused"), ("tuned", "unfused"), ("tuned", "fused")]
+    quantised = []
+    for scheme, dtype in [("int8", torch.float32), ("fp8", torch.float32), ("nf4", torch.float32),
+                          ("fp8", torch.bfloat16), ("nf4", torch.bfloat16)]:
+        module = make_experts(scheme, dtype=dtype)
+        inputs = make_routing(tokens=37, experts=8, top_k=3, dtype=dtype)
+        expected = reference(module, *inputs)
+        outs, row = {{}}, {{"scheme": scheme, "dtype": str(dtype)}}
+        for config, epilogue in MODES:
+            os.environ["DIFFGEN_MOE_CONFIG"], os.environ["DIFFGEN_MOE_EPILOGUE"] = config, epilogue
+            with NoHostSync():
+                out, ops, ran = run(lambda: module(*inputs))
+            outs[config, epilogue] = out
+            row[f"{{config}}-{{epilogue}}"] = {{"error": relative_error(out, expected), "ops": ops, "launches": ran}}
+        row["fused_vs_unfused"] = relative_error(outs["tuned", "fused"], outs["tuned", "unfused"].float())
+        row["tuned_vs_legacy"] = relative_error(outs["tuned", "unfused"], outs["legacy", "unfused"].float())
+        quantised.append(row)
+    os.environ["DIFFGEN_MOE_CONFIG"], os.environ["DIFFGEN_MOE_EPILOGUE"] = "tuned", "fused"
+
+    # bf16 experts: transformers' own module, its grouped_mm forward against diffgen's forward with
+    # torch's grouped_mm declared slow (as on compute capability 8.x / 12.x): the Triton path.
+    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaTextExperts
+    moe.torch_grouped_mm_is_fast = lambda *args, **kwargs: False
+    name = moe.register_experts_implementation()
+    dense = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        config = SimpleNamespace(num_experts=8, hidden_size=64, moe_intermediate_size=24,
+                                 hidden_activation="gelu_pytorch_tanh", _experts_implementation="grouped_mm")
+        experts = DiffusionGemmaTextExperts(config)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            experts.gate_up_proj.copy_(torch.randn(8, 48, 64) / 8)
+            experts.down_proj.copy_(torch.randn(8, 64, 24) / 24 ** 0.5)
+        experts = experts.to(dtype)
+        hidden, index, weights = make_routing(tokens=37, experts=8, top_k=3, dtype=dtype)
+        with torch.no_grad():
+            expected, _, _ = run(lambda: experts(hidden, index, weights))
+            config._experts_implementation = name
+            with NoHostSync():
+                out, ops, ran = run(lambda: experts(hidden, index, weights))
+        dense.append({{"dtype": str(dtype), "error": relative_error(out, expected.float()), "out_dtype": str(out.dtype),
+                       "ops": ops, "launches": ran}})
+    print(json.dumps({{"quantised": quantised, "dense": dense}}))
+""")
+
+
+def test_tuned_kernel_and_fused_epilogues_under_the_interpreter():
+    """The tuned kernel (persistent grid, weights on the MMA's M side) and its fused epilogues give
+    the legacy kernel's products; the fused forward is three Triton kernels (gate_up, down, the
+    sum over k) and two torch ops (sort, searchsorted); bf16 experts forced onto the
+    Triton path (torch's grouped_mm declared slow, as on cc 8.x / 12.x) match transformers' own
+    grouped_mm experts forward, with no host sync."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    for name in ("DIFFGEN_MOE_CONFIG", "DIFFGEN_MOE_EPILOGUE", "DIFFGEN_BF16_EXPERTS", "DIFFGEN_FP8_SCALED"):
+        env.pop(name, None)
+    script = INTERPRETED_TUNED.format(tests=str(ROOT / "tests"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for row in report["quantised"]:
+        tolerance = TOLERANCE[getattr(torch, row["dtype"].split(".")[1])]
+        for mode in ("legacy-unfused", "tuned-unfused", "tuned-fused"):
+            assert row[mode]["error"] < tolerance, row
+        assert row["tuned_vs_legacy"] < 1e-5 and row["fused_vs_unfused"] < tolerance, row
+        assert row["legacy-unfused"]["launches"] == {"grouped_wo_mm": 2}, row
+        assert row["tuned-unfused"]["launches"] == {"grouped_mm": 2}, row
+        assert row["tuned-fused"]["launches"] == {"moe_gate_up": 1, "moe_down": 1, "moe_sum_pairs": 1}, row
+        assert row["tuned-fused"]["ops"] == {"sort": 1, "searchsorted": 1}, row  # five kernels a layer
+        assert sum(row["tuned-unfused"]["ops"].values()) >= 9, row
+    for row in report["dense"]:
+        assert row["launches"] == {"moe_gate_up": 1, "moe_down": 1, "moe_sum_pairs": 1}, row
+        assert row["out_dtype"] == row["dtype"], row
+        assert row["error"] < TOLERANCE.get(getattr(torch, row["dtype"].split(".")[1]), 2e-2), row
+
+
+# -- where torch's grouped_mm is fast (from its source) and where bf16 experts go ---------------------------
+
+
+@pytest.mark.parametrize("capability, fast", [((9, 0), True), ((10, 0), True), ((10, 3), True), ((8, 0), False),
+                                              ((8, 6), False), ((8, 9), False), ((11, 0), False), ((12, 0), False),
+                                              ((12, 1), False)])
+def test_torch_grouped_mm_is_fast_only_on_compute_capability_9_and_10(monkeypatch, capability, fast):
+    """torch 2.9-2.13 (GroupedBlas.cpp): the grouped kernel for bf16 on majors 9 and 10 only; else
+    the fallback that copies the offsets to the host (RTX 30xx/40xx, RTX 50xx, DGX Spark). There
+    bf16 experts must take diffgen's Triton kernel (they take it wherever Triton runs: fewer kernels
+    a layer; ``DIFFGEN_BF16_EXPERTS=torch`` is the A/B on 9.x/10.x); fp16/fp32 fall back everywhere."""
+    monkeypatch.setattr(moe, "_capability", lambda index: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.delenv("DIFFGEN_BF16_EXPERTS", raising=False)
+    assert moe.torch_grouped_mm_is_fast("cuda:0") is fast
+    assert moe.torch_grouped_mm_is_fast("cuda:0", torch.float16) is False
+    if moe.triton_runs("cuda"):
+        assert moe.bf16_experts_backend("cuda:0", torch.bfloat16) == "triton"
+        assert moe.bf16_experts_backend("cuda:0", torch.float16) == "triton"
+        monkeypatch.setenv("DIFFGEN_BF16_EXPERTS", "torch")
+        assert moe.bf16_experts_backend("cuda:0", torch.bfloat16) == "torch"
+        monkeypatch.setenv("DIFFGEN_BF16_EXPERTS", "triton")
+        assert moe.bf16_experts_backend("cuda:0", torch.bfloat16) == "triton"
+
+
+def test_cpu_bf16_experts_keep_transformers_forward(monkeypatch):
+    """On the CPU (no interpreter) torch's grouped_mm has no device to sync with: unquantised
+    experts stay on transformers' grouped_mm forward (identical results)."""
+    monkeypatch.delenv("DIFFGEN_BF16_EXPERTS", raising=False)
+    assert moe.torch_grouped_mm_is_fast("cpu") == moe._grouped_mm_runs("cpu", torch.bfloat16)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        assert moe.bf16_experts_backend("cpu", torch.bfloat16) == "torch"
+
+
+def test_unquantised_load_registers_diffgen_experts(tiny):
+    """The unquantised loader selects diffgen's experts forward (transformers' grouped_mm where
+    torch's kernel is fast, as here; the Triton kernel where torch would sync)."""
+    for layer in (*tiny.model.model.decoder.layers, *tiny.model.model.encoder.language_model.layers):
+        assert layer.experts.config._experts_implementation == moe.EXPERTS_IMPLEMENTATION
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter tests above cover the logic)")
+def test_tuned_fused_and_bf16_triton_paths_on_the_gpu():
+    """On the card: every config / epilogue of every format, and bf16 experts through the Triton
+    kernel, within tolerance of the reference; the fused forward captured in a CUDA graph (no host
+    sync) and replayed to the eager result. No fixtures: runs without pytest too."""
+    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaTextExperts
+
+    saved = {name: os.environ.get(name) for name in ("DIFFGEN_MOE_CONFIG", "DIFFGEN_MOE_EPILOGUE", "DIFFGEN_BF16_EXPERTS")}
+    try:
+        for scheme in ("int8", "fp8", "nf4"):
+            module = make_experts(scheme, dtype=torch.bfloat16)
+            hidden, index, weights = make_routing(tokens=37, experts=8, top_k=3, dtype=torch.bfloat16)
+            expected = reference(module, hidden, index, weights)
+            module = module.cuda()
+            inputs = (hidden.cuda(), index.cuda(), weights.cuda())
+            for config, epilogue in (("legacy", "unfused"), ("tuned", "unfused"), ("tuned", "fused")):
+                os.environ["DIFFGEN_MOE_CONFIG"], os.environ["DIFFGEN_MOE_EPILOGUE"] = config, epilogue
+                out = module(*inputs)
+                assert relative_error(out.cpu(), expected) < 2e-2, (scheme, config, epilogue)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = module(*inputs)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(captured, module(*inputs)), scheme
+        os.environ["DIFFGEN_MOE_CONFIG"], os.environ["DIFFGEN_MOE_EPILOGUE"] = "tuned", "fused"
+        config = SimpleNamespace(num_experts=8, hidden_size=64, moe_intermediate_size=24,
+                                 hidden_activation="gelu_pytorch_tanh", _experts_implementation=moe.register_experts_implementation())
+        experts = DiffusionGemmaTextExperts(config)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            experts.gate_up_proj.copy_(torch.randn(8, 48, 64) / 8)
+            experts.down_proj.copy_(torch.randn(8, 64, 24) / 24 ** 0.5)
+        experts = experts.to("cuda", torch.bfloat16)
+        hidden, index, weights = make_routing(tokens=37, experts=8, top_k=3, dtype=torch.bfloat16)
+        inputs = (hidden.cuda(), index.cuda(), weights.cuda())
+        with torch.no_grad():
+            os.environ["DIFFGEN_BF16_EXPERTS"] = "torch"
+            expected = experts(*inputs)
+            os.environ["DIFFGEN_BF16_EXPERTS"] = "triton"
+            out = experts(*inputs)
+            assert relative_error(out, expected.float()) < 2e-2
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = experts(*inputs)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(captured, experts(*inputs))
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -18,17 +18,14 @@ How it batches (and why):
 
 * **Canvas boundaries.** All rows of a batch start a canvas together and step together; the
   batch only changes between canvases. There the scheduler (1) drops rows that ended (EOS or
-  their own ``max_new_tokens``) or were cancelled, with ``index_select`` on the KV cache's batch
-  dimension; (2) encodes the last committed canvas of the rows that stay (one encoder pass);
-  (3) trims cache columns that are padding for every row left; (4) admits waiting rows, up to
-  ``max_batch``. A row that joins is left-padded to the batch's cache length and encoded into a
-  fresh cache, which is concatenated to the batch's along the batch dimension; a prompt longer
-  than the batch's cache grows the batch's cache on the left with masked columns instead of
-  waiting for the batch to drain, so no prompt waits for a length reason. (The cache surgery
-  below reads the tensors of transformers' ``DynamicLayer`` / ``DynamicSlidingWindowLayer``:
-  transformers offers ``batch_select_indices`` but no concatenation or left padding; sliding
-  layers keep the last ``window - 1`` columns, and padding is always on the left, so every row
-  of a batch has the same stored length and the same ``cumulative_length``.)
+  their own ``max_new_tokens``) or were cancelled, which frees their slots; (2) encodes the last
+  committed canvas of the rows that stay (one encoder pass, recorded once as a CUDA graph);
+  (3) admits waiting rows into free slots, up to ``max_batch``: their prompts are prefilled by
+  transformers' encoder, left-padded together, and copied into their slots of the runner's
+  static KV cache (:class:`~diffgen.denoise.kv.StaticKV`). Slots are allocated up front, so rows
+  joining and leaving never move another row and never need a new graph; a row needing more
+  positions than the cache's context bucket moves the batch to a larger bucket (rows carried
+  over), so no prompt waits for a length reason.
 * **Per-row positions.** Each row's position ids count its own tokens from 0 (padding does not
   move them), so a row's rotary angles are those it would have alone, whichever batch it joins.
 * **Only the fast sampler batches.** :class:`~diffgen.denoise.sampling.FastSampler` draws from
@@ -48,9 +45,8 @@ How it batches (and why):
   and two threads, the tiny test checkpoint and a 256-wide random model, rows joining and
   leaving, adaptive stopping); on a GPU the matmul kernels picked for another batch size may
   round differently, so there it is expected but not promised (not measured here).
-* **Costs.** A joining row's prompt is encoded padded to the batch's length (the padded columns
-  cost encoder work, not attention: they are masked), and every row attends over the batch's
-  longest sequence; trimming keeps that at the longest row still in the batch.
+* **Costs.** Every step runs all ``max_batch`` slots (empty ones draw nothing and are masked),
+  and every row attends over the whole context bucket (columns it does not hold are masked).
 * **Cancellation** (:meth:`Ticket.cancel`, or a consumer whose ``put`` raises): waiting rows
   leave the queue at once (a request with ``n`` rows may have some running, some waiting); a
   running row is dropped at the next boundary and its slot goes to the next waiting row. A
@@ -75,7 +71,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import inspect
 import logging
 import math
 import secrets
@@ -90,19 +85,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from diffgen.denoise.channels import split_response
-from diffgen.denoise.loop import (
-    FAST_CHECK_EVERY,
-    CompletionStats,
-    Completion,
-    StepEvent,
-    _commit,
-    _graphs_enabled,
-    cache_keyword,
-    cut_completion,
-    encode,
-)
-from diffgen.denoise.sampling import FastSampler, TemperatureSchedule, entropy_bound_acceptance
-from diffgen.denoise.step import Decoder, GraphedSteps, StepContext, clone_state, denoise_step, initial_state
+from diffgen.denoise.backends import StaticBackend
+from diffgen.denoise.kv import bucket
+from diffgen.denoise.loop import CompletionStats, Completion, StepEvent, cut_completion
+from diffgen.denoise.runner import FAST_CHECK_EVERY, CanvasRunner, commit_canvas, graphs_enabled
+from diffgen.denoise.sampling import TemperatureSchedule
+from diffgen.denoise.step import clone_state
 from diffgen.errors import UsageError
 from diffgen.settings import SEED_LIMIT, GenerationSettings
 
@@ -240,6 +228,7 @@ class _Row:
     forwards: int = 0
     started: float = 0.0
     ended: bool = False
+    slot: int = -1
 
 
 @dataclass
@@ -247,25 +236,7 @@ class _Running:
     rows: list[_Row]
     key: tuple
     settings: GenerationSettings
-    cache: Any
-    mask: torch.Tensor  # (B, L) bool: real tokens in the cache
-    lengths: list[int]  # real tokens per row in the cache
-    pending: torch.Tensor | None = None  # (B, C) committed canvas not encoded yet
-
-
-@dataclass
-class _Joining:
-    """Rows about to join a batch, encoded on their own (see :meth:`Batcher._encode_new`).
-
-    Attributes:
-        cache: their KV cache, left-padded to the joined batch's length.
-        mask: ``(B, L)`` bool, their real tokens in ``cache``.
-        lengths: real tokens per row (their prompt lengths).
-    """
-
-    cache: Any
-    mask: torch.Tensor
-    lengths: list[int]
+    pending: torch.Tensor | None = None  # (slots, C) committed canvas not encoded yet
 
 
 class Batcher:
@@ -292,17 +263,12 @@ class Batcher:
         self.hold = hold
         model = loaded.model
         self.device = model.device
-        self.graphs = (self.device.type == "cuda" and _graphs_enabled()) if graphs is None else graphs
+        self.graphs = (self.device.type == "cuda" and graphs_enabled()) if graphs is None else graphs
         if self.graphs and self.device.type != "cuda" and capture is None:
             raise UsageError("CUDA graphs need a CUDA device")
         self.capture = capture
         self.canvas_length = int(model.config.canvas_length)
-        self.vocab_size = int(model.config.get_text_config().vocab_size)
-        self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-        self.embed_dtype = model.model.decoder.embed_tokens.weight.dtype
-        self._cache_kw = cache_keyword(model)
-        self._masked_first_step = "self_conditioning_mask" in inspect.signature(
-            type(model.model.decoder).forward).parameters
+        self.runner: CanvasRunner | None = None  # built at the first batch (see _runner_for)
         self._cond = threading.Condition()
         self._queue: deque[_Row] = deque()
         self._counters = Counters()
@@ -418,37 +384,33 @@ class Batcher:
             self._counters.rows_in_flight = rows
 
     def _boundary(self, run: _Running | None) -> _Running | None:
-        """Between two canvases: drop, encode, trim, admit (see the module's docstring). Call it
+        """Between two canvases: drop, encode, admit (see the module's docstring). Call it
         holding ``lock``."""
         if run is not None:
-            keep = [i for i, row in enumerate(run.rows) if not row.ended and not row.ticket.cancelled]
-            dropped = [row for i, row in enumerate(run.rows) if i not in set(keep)]
-            for row in dropped:
-                if not row.ended:  # cancelled while running
+            keep = [row for row in run.rows if not row.ended and not row.ticket.cancelled]
+            for row in run.rows:
+                if not row.ended and row.ticket.cancelled:  # cancelled while running
                     self._row_closed(row, served=False)
+            if keep and run.pending is not None:
+                self._encode_pending(run, keep)
+            run.rows, run.pending = keep, None
             if not keep:
                 run = None
-            elif len(keep) < len(run.rows):
-                self._select(run, keep)
-        if run is not None and run.pending is not None:
-            self._encode_pending(run)
-        if run is not None:
-            self._trim(run)
         free = self.max_batch - (len(run.rows) if run is not None else 0)
         taken = self._take(run.key if run is not None else None, free) if free > 0 else []
         if taken:
-            # The newcomers' prompts are encoded into a cache of their own first: if that fails
-            # (a prompt too long for the memory left, say), only their requests fail and the
-            # running batch goes on untouched. The batch's cache changes only after it succeeded.
+            # The newcomers' prompts are encoded on their own first (into transformers' dynamic
+            # cache): if that fails (a prompt too long for the memory left, say), only their
+            # requests fail and the running batch goes on untouched.
             self._admitting = taken
             try:
-                joining = self._encode_new(run, taken)
+                self._admit(run, taken)
             except Exception as exc:  # noqa: BLE001 - reported to the admitting requests alone
                 self._admitting = []
                 for ticket in dict.fromkeys(row.ticket for row in taken):
                     self._fail(ticket, exc)
             else:
-                run = self._join(run, taken, joining)
+                run = self._join(run, taken)
                 self._admitting = []
         self._set_in_flight(len(run.rows) if run is not None else 0)
         return run
@@ -472,155 +434,111 @@ class Batcher:
             ticket._notify_start()
         return taken
 
-    def _positions(self, lengths: Sequence[int], total: int, width: int) -> torch.Tensor:
-        """Per-row position ids ``(B, width)`` int32 of the last ``width`` columns of a ``total``-column
-        left-padded sequence whose row ``r`` holds ``lengths[r]`` real tokens (padding gets 0)."""
-        first = torch.tensor([length - total for length in lengths], dtype=torch.int32, device=self.device)
-        columns = torch.arange(total - width, total, dtype=torch.int32, device=self.device)
-        return (first[:, None] + columns[None]).clamp_(min=0)
+    def _needed(self, row: _Row) -> int:
+        """Positions ``row`` will hold at most: its prompt and every canvas it may commit."""
+        return len(row.ticket.prompt) + row.canvases * self.canvas_length
 
-    def _encode_new(self, run: _Running | None, rows: list[_Row]) -> _Joining:
-        """Encode ``rows``' prompts, left-padded to the length the batch will have, into a fresh
-        cache. ``run`` is only read."""
-        from transformers import DynamicCache
+    def _runner_for(self, rows: list[_Row]) -> CanvasRunner:
+        """The runner, with room for ``rows`` (built at the first batch; a larger context bucket
+        when a row needs more, its rows' keys and values carried over)."""
+        capacity = bucket(max(self._needed(row) for row in rows))
+        runner = self.runner
+        if runner is not None and capacity <= runner.backend.capacity:
+            return runner
+        if runner is not None:
+            capacity = max(capacity, runner.backend.capacity)
+        backend = StaticBackend(self.loaded, self.max_batch, capacity)
+        new = CanvasRunner(self.loaded, backend, graphs=self.graphs, capture=self.capture)
+        if runner is not None:
+            backend.kv.take_rows(runner.backend.kv)
+            new.seeds.copy_(runner.seeds)
+        self.runner = new
+        return new
 
-        model = self.loaded.model
-        longest = max(len(row.ticket.prompt) for row in rows)
-        total = longest if run is None else max(run.mask.shape[1], longest)
-        pad = rows[0].settings.pad_token_id
-        prompts = [row.ticket.prompt for row in rows]
-        ids = torch.tensor([[pad] * (total - len(p)) + p for p in prompts], dtype=torch.long, device=self.device)
-        mask = torch.tensor([[False] * (total - len(p)) + [True] * len(p) for p in prompts], dtype=torch.bool,
-                            device=self.device)
-        lengths = [len(p) for p in prompts]
-        positions = self._positions(lengths, total, total)
-        if run is None and all(length == total for length in lengths):
-            positions = positions[:1]  # the loop's (1, L) positions: a batch of one is stream() exactly
-        cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-        if run is None and self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        encode(model, ids, mask, positions, cache, self._cache_kw)
+    def _admit(self, run: _Running | None, rows: list[_Row]) -> None:
+        """Prefill ``rows``' prompts into free slots (``run`` is only read)."""
+        used = {row.slot for row in run.rows} if run is not None else set()
+        free = [slot for slot in range(self.max_batch) if slot not in used]
+        runner = self._runner_for(rows + (run.rows if run is not None else []))
+        slots = free[:len(rows)]
+        if run is None:  # a new batch: nothing of an earlier one stays in the slots
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            for slot in free[len(rows):]:
+                runner.backend.clear(slot)
+        runner.backend.load([row.ticket.prompt for row in rows], slots, rows[0].settings.pad_token_id)
+        runner.set_seeds([row.settings.seed for row in rows], slots)
+        for row, slot in zip(rows, slots):
+            row.slot = slot
         with self._cond:
             self._counters.encoder_forwards += 1
-        return _Joining(cache=cache, mask=mask, lengths=lengths)
 
-    def _join(self, run: _Running | None, rows: list[_Row], joining: _Joining) -> _Running:
-        """Make ``rows`` (encoded by :meth:`_encode_new`) a batch, or add them to ``run``."""
+    def _join(self, run: _Running | None, rows: list[_Row]) -> _Running:
+        """Make ``rows`` (prefilled by :meth:`_admit`) a batch, or add them to ``run``."""
         now = time.perf_counter()
         for row in rows:
             row.started = now
         if run is None:
             with self._cond:
                 self._counters.batches += 1
-            return _Running(rows=list(rows), key=rows[0].key, settings=rows[0].settings, cache=joining.cache,
-                            mask=joining.mask, lengths=joining.lengths)
-        grow = joining.mask.shape[1] - run.mask.shape[1]
-        if grow > 0:  # a prompt longer than the batch's cache: grow it on the left with masked columns
-            cache_left_pad(run.cache, grow)
-            run.mask = torch.nn.functional.pad(run.mask, (grow, 0), value=False)
-        cache_concat(run.cache, joining.cache)
+            return _Running(rows=list(rows), key=rows[0].key, settings=rows[0].settings)
         run.rows.extend(rows)
-        run.mask = torch.cat([run.mask, joining.mask], dim=0)
-        run.lengths.extend(joining.lengths)
         return run
 
-    def _select(self, run: _Running, keep: list[int]) -> None:
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        run.cache.batch_select_indices(index)
-        run.rows = [run.rows[i] for i in keep]
-        run.mask = run.mask.index_select(0, index)
-        run.lengths = [run.lengths[i] for i in keep]
-        if run.pending is not None:
-            run.pending = run.pending.index_select(0, index)
-
-    def _encode_pending(self, run: _Running) -> None:
-        length = self.canvas_length
-        mask = torch.nn.functional.pad(run.mask, (0, length), value=True)
-        total = mask.shape[1]
-        lengths = [n + length for n in run.lengths]
-        positions = self._positions(lengths, total, length)
-        if len(run.rows) == 1 or len(set(lengths)) == 1:
-            positions = positions[:1]
-        encode(self.loaded.model, run.pending, mask, positions, run.cache, self._cache_kw)
-        run.mask, run.lengths, run.pending = mask, lengths, None
+    def _encode_pending(self, run: _Running, keep: list[_Row]) -> None:
+        """Encode the last committed canvas of every slot; slots whose row left are emptied."""
+        runner = self.runner
+        runner.encode(run.pending)
+        kept = {row.slot for row in keep}
+        for slot in range(self.max_batch):
+            if slot not in kept:
+                runner.backend.clear(slot)
         with self._cond:
             self._counters.encoder_forwards += 1
 
-    def _trim(self, run: _Running) -> None:
-        columns = run.mask.shape[1] - max(run.lengths)
-        if columns > 0:
-            cache_trim_left(run.cache, columns)
-            run.mask = run.mask[:, columns:]
-
     def _denoise(self, run: _Running) -> None:
         """One canvas of every row of ``run``: steps, commit, deliveries."""
-        model = self.loaded.model
         settings = run.settings
         rows = run.rows
-        batch, length, device = len(rows), self.canvas_length, self.device
+        runner = self.runner
+        slots, device = self.max_batch, self.device
         n_steps = settings.max_denoising_steps
-        observed = [r for r, row in enumerate(rows) if row.ticket.observe and not row.ticket.cancelled]
+        observed = [row for row in rows if row.ticket.observe and not row.ticket.cancelled]
         schedule = TemperatureSchedule(settings.t_min, settings.t_max, n_steps)
         with self.lock:
-            seeds = torch.tensor([row.settings.seed for row in rows], dtype=torch.long, device=device)
-            sampler = FastSampler(self.vocab_size, length, seeds, self.softcap)
-            temperatures = schedule(torch.arange(n_steps, 0, -1, dtype=torch.int32, device=device))
             eos = torch.tensor(settings.eos_token_ids, device=device)
-            finished = torch.zeros(batch, dtype=torch.bool, device=device)
-            canvas_index = torch.tensor([row.done_canvases for row in rows], dtype=torch.long, device=device)
-            canvas = sampler.initial_canvas(batch, ~finished, canvas_index)
-            total = run.mask.shape[1] + length
-            decoder_attention_mask = torch.nn.functional.pad(run.mask, (0, length), value=True)
-            positions = self._positions([n + length for n in run.lengths], total, length)
-            if batch == 1 or len(set(run.lengths)) == 1:
-                positions = positions[:1]
-            decoder_mask = model.model.decoder.create_diffusion_decoder_attention_mask(
-                model.config, canvas.unsqueeze(-1), run.cache, decoder_attention_mask)
-            context = StepContext(
-                decoder=Decoder(model, run.cache, decoder_mask, positions), sampler=sampler,
-                temperatures=temperatures, accept=entropy_bound_acceptance(settings.entropy_bound),
-                stability=settings.stability_window,
-                confidence=settings.confidence_threshold, finished=finished, canvas_index=canvas_index,
-                embed_dtype=self.embed_dtype)
-            state = initial_state(context, canvas, torch.zeros(batch, dtype=torch.int, device=device))
-            runner = None
-            if self.graphs:
-                runner = GraphedSteps(warmup_key=(str(device), batch, id(model)), capture=self.capture,
-                                      masked_first_step=self._masked_first_step)
-                runner.begin_canvas()
-            steps = 0
-            try:
-                for remaining in range(n_steps, 0, -1):
-                    steps += 1
-                    state = runner.step(state, context) if runner is not None else denoise_step(state, context)
-                    if observed:
-                        shown = clone_state(state) if runner is not None else state
-                        self._deliver_steps(rows, observed, shown, steps, n_steps, schedule.value(remaining))
-                    if steps % FAST_CHECK_EVERY == 0 and all(row.ticket.cancelled for row in rows):
-                        break  # nobody wants this canvas any more (host-side flags: no device sync)
-                    if (steps % FAST_CHECK_EVERY == 0 or remaining == 1) and bool(state.stopped.all()):
-                        break
-                committed, ended_now = _commit(state.argmax, finished, eos, settings.pad_token_id)
-                tokens, ended, forwards = committed.tolist(), ended_now.tolist(), state.forwards.tolist()
-            finally:
-                if runner is not None:
-                    runner.begin_canvas()
+            active = torch.tensor([row.slot for row in rows], dtype=torch.long, device=device)
+            finished = torch.ones(slots, dtype=torch.bool, device=device)  # empty slots draw nothing
+            finished[active] = False
+            canvas_index = torch.zeros(slots, dtype=torch.long, device=device)
+            canvas_index[active] = torch.tensor([row.done_canvases for row in rows], dtype=torch.long, device=device)
+            canvas = runner.sampler.initial_canvas(slots, ~finished, canvas_index)
+            steps, state = 0, None
+            for steps, state in runner.denoise(settings, canvas, finished, canvas_index,
+                                               torch.zeros(slots, dtype=torch.int, device=device)):
+                if observed:
+                    shown = clone_state(state) if runner.graphs else state
+                    self._deliver_steps(observed, shown, steps, n_steps, schedule.value(n_steps - steps + 1))
+                if steps % FAST_CHECK_EVERY == 0 and all(row.ticket.cancelled for row in rows):
+                    break  # nobody wants this canvas any more (host-side flags: no device sync)
+            committed, ended_now = commit_canvas(state.argmax, finished, eos, settings.pad_token_id)
+            tokens, ended, forwards = committed.tolist(), ended_now.tolist(), state.forwards.tolist()
         with self._cond:
             self._counters.canvases += 1
             self._counters.decoder_forwards += steps
-            self._counters.row_forwards += sum(forwards)
+            self._counters.row_forwards += sum(forwards[row.slot] for row in rows)
         run.pending = committed
-        still = sum(1 for r, row in enumerate(rows) if not (ended[r] or row.done_canvases + 1 >= row.canvases
-                                                            or row.ticket.cancelled))
+        still = sum(1 for row in rows if not (ended[row.slot] or row.done_canvases + 1 >= row.canvases
+                                              or row.ticket.cancelled))
         self._set_in_flight(still)
-        for r, row in enumerate(rows):
-            row.tokens.extend(tokens[r])
-            row.steps.append(forwards[r])
-            row.forwards += forwards[r]
+        for row in rows:
+            row.tokens.extend(tokens[row.slot])
+            row.steps.append(forwards[row.slot])
+            row.forwards += forwards[row.slot]
             row.done_canvases += 1
             if row.ticket.cancelled:
                 continue
-            if ended[r] or row.done_canvases >= row.canvases:
+            if ended[row.slot] or row.done_canvases >= row.canvases:
                 row.ended = True
                 self._row_done(row)
             else:
@@ -628,13 +546,11 @@ class Batcher:
                 response = split_response(self.loaded.tokenizer, cut)
                 self._put(row.ticket, ("canvas", row.index, response.text, response.thoughts))
 
-    def _deliver_steps(self, rows: list[_Row], observed: list[int], state: Any, step: int, n_steps: int,
-                       temperature: float) -> None:
-        for r in observed:
-            row = rows[r]
+    def _deliver_steps(self, observed: list[_Row], state: Any, step: int, n_steps: int, temperature: float) -> None:
+        for row in observed:
             if row.ticket.cancelled:
                 continue
-            part = slice(r, r + 1)
+            part = slice(row.slot, row.slot + 1)
             event = StepEvent(
                 canvas=row.done_canvases, canvases=row.canvases, step=step, max_steps=n_steps,
                 temperature=temperature, accepted=state.accepted[part].clone(), draft=state.argmax[part].clone(),
@@ -706,66 +622,3 @@ class Batcher:
             self._put(ticket, ("error", exc))
         finally:
             self._end(ticket)
-
-
-# -- KV cache surgery on transformers' dynamic caches ------------------------------------------------
-
-
-def _layers(cache: Any) -> list[Any]:
-    from transformers.cache_utils import DynamicLayer
-
-    layers = list(cache.layers)
-    for layer in layers:
-        if not isinstance(layer, DynamicLayer) or getattr(layer, "record_past", False):
-            raise TypeError(f"continuous batching needs transformers' dynamic cache layers, got "
-                            f"{type(layer).__name__}")
-    return layers
-
-
-def _sliding(layer: Any) -> bool:
-    return hasattr(layer, "cumulative_length") and hasattr(layer, "sliding_window")
-
-
-def cache_concat(cache: Any, other: Any) -> None:
-    """Append ``other``'s rows to ``cache`` (in place). Both hold the same sequence length."""
-    for mine, theirs in zip(_layers(cache), _layers(other), strict=True):
-        if not theirs.is_initialized:
-            continue
-        if mine.keys.shape[-2] != theirs.keys.shape[-2] or (
-                _sliding(mine) and mine.cumulative_length != theirs.cumulative_length):
-            raise ValueError("caches of different lengths cannot be concatenated")
-        mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
-        mine.values = torch.cat([mine.values, theirs.values], dim=0)
-
-
-def cache_left_pad(cache: Any, columns: int) -> None:
-    """Prepend ``columns`` zero (to be masked) columns to every row's sequence (in place)."""
-    for layer in _layers(cache):
-        if not layer.is_initialized:
-            continue
-        stored = layer.keys.shape[-2]
-        if _sliding(layer):
-            layer.cumulative_length += columns
-            add = min(layer.cumulative_length, layer.sliding_window - 1) - stored
-        else:
-            add = columns
-        if add > 0:
-            shape = (*layer.keys.shape[:2], add, layer.keys.shape[-1])
-            layer.keys = torch.cat([layer.keys.new_zeros(shape), layer.keys], dim=-2)
-            layer.values = torch.cat([layer.values.new_zeros(shape), layer.values], dim=-2)
-
-
-def cache_trim_left(cache: Any, columns: int) -> None:
-    """Drop the first ``columns`` columns of every row's sequence (in place; padding only)."""
-    for layer in _layers(cache):
-        if not layer.is_initialized:
-            continue
-        stored = layer.keys.shape[-2]
-        if _sliding(layer):
-            drop = max(0, columns - (layer.cumulative_length - stored))
-            layer.cumulative_length -= columns
-        else:
-            drop = columns
-        if drop > 0:
-            layer.keys = layer.keys[:, :, drop:]
-            layer.values = layer.values[:, :, drop:]

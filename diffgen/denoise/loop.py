@@ -33,23 +33,12 @@ import torch
 
 from diffgen.denoise.channels import split_response
 from diffgen.errors import PromptTooLongError, UsageError
-from diffgen.denoise.sampling import (
-    ExactSampler,
-    FastSampler,
-    GlobalNoise,
-    PerRowNoise,
-    TemperatureSchedule,
-    entropy_bound_acceptance,
-)
-from diffgen.denoise.step import (
-    Decoder,
-    GraphedSteps,
-    StepContext,
-    clone_state,
-    compiled_step,
-    denoise_step,
-    initial_state,
-)
+from diffgen.denoise.backends import DynamicBackend, cache_keyword, encode
+from diffgen.denoise.fused import fused_enabled
+from diffgen.denoise.kv import bucket
+from diffgen.denoise.runner import FAST_CHECK_EVERY, CanvasRunner, commit_canvas, graphs_enabled, runner_for
+from diffgen.denoise.sampling import ExactSampler, GlobalNoise, PerRowNoise, TemperatureSchedule
+from diffgen.denoise.step import clone_state, compiled_step
 from diffgen.settings import GenerationSettings
 
 if TYPE_CHECKING:
@@ -58,7 +47,7 @@ if TYPE_CHECKING:
     from diffgen.loading.loader import LoadedModel
 
 FinishReason = Literal["eos", "length"]
-FAST_CHECK_EVERY = 4
+__all__ = ["FAST_CHECK_EVERY", "cache_keyword", "encode", "stream", "generate"]  # (re-exported: one import for callers)
 
 
 @dataclass(frozen=True)
@@ -189,13 +178,6 @@ class GenerationResult:
     settings: GenerationSettings
 
 
-@dataclass
-class _Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    prompt_lengths: list[int] = field(default_factory=list)
-
-
 class Generation:
     """A generation ready to run: iterate it for events; :attr:`result` afterwards."""
 
@@ -219,7 +201,7 @@ class Generation:
         # The exact loop is the default on the CPU; elsewhere the fast one.
         self.exact = device.type == "cpu" if exact is None else exact
         # CUDA graphs replay the fast step (the exact one draws from the global generator, eagerly).
-        self.graphs = (not self.exact and device.type == "cuda" and _graphs_enabled()) if graphs is None else graphs
+        self.graphs = (not self.exact and device.type == "cuda" and graphs_enabled()) if graphs is None else graphs
         if self.graphs and (self.exact or (device.type != "cuda" and capture is None)):
             raise UsageError("CUDA graphs need the fast sampler on a CUDA device")
         self._capture = capture
@@ -229,7 +211,7 @@ class Generation:
         self.compile = compile
         # How often the loop asks the device whether every row has stopped (each ask is a host sync).
         self.check_every = check_every or (1 if self.exact else FAST_CHECK_EVERY)
-        self.runner: GraphedSteps | None = None
+        self.runner: CanvasRunner | None = None
         self.loaded = loaded
         self.settings = settings
         self.observe = observe
@@ -249,7 +231,6 @@ class Generation:
                                  f"{tuple(allowed.shape)}")
         self._prompts = [list(p) for p in prompts]
         self._vision = _check_vision(vision, self._prompts)
-        self._cache_kw = cache_keyword(loaded.model)
         self._check_context()
         self._result: GenerationResult | None = None
         self._started = False
@@ -272,87 +253,68 @@ class Generation:
     def _check_context(self) -> None:
         check_context(self.loaded.model, max(len(p) for p in self._prompts), self.settings)
 
-    def _left_pad(self, device: torch.device) -> _Batch:
-        longest = max(len(p) for p in self._prompts)
-        pad = self.settings.pad_token_id
-        ids = [[pad] * (longest - len(p)) + p for p in self._prompts]
-        mask = [[False] * (longest - len(p)) + [True] * len(p) for p in self._prompts]
-        return _Batch(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-            attention_mask=torch.tensor(mask, dtype=torch.bool, device=device),
-            prompt_lengths=[len(p) for p in self._prompts],
-        )
+    def _row_seeds(self, batch_size: int) -> list[int]:
+        """One seed per row: the given ones, else derived from ``settings.seed`` (row 0 keeps it)."""
+        if self.seeds is not None:
+            return [int(seed) for seed in self.seeds]
+        base = self.settings.seed if self.settings.seed is not None else secrets.randbits(62)
+        return [base] + [(base * 1_000_003 + row * 7_919) % 2**62 for row in range(1, batch_size)]
 
-    def _sampler(self, batch_size: int, device: torch.device) -> Any:
+    def _fused(self) -> bool:
+        """Whether this generation runs diffgen's fused passes over the static cache."""
+        return not self.exact and fused_enabled()
+
+    def _runner(self, device: torch.device) -> CanvasRunner:
+        """The canvas runner, its prompts prefilled (pooled for the fused passes: graphs once a process)."""
+        step_fn = compiled_step() if self.compile else None
+        batch = len(self._prompts)
+        pad = self.settings.pad_token_id
+        if self._fused():
+            needed = max(len(p) for p in self._prompts) + self.canvases * self.canvas_length
+            runner = runner_for(self.loaded, batch, bucket(needed), graphs=self.graphs, capture=self._capture,
+                                step_fn=step_fn)
+            runner.backend.load(self._prompts, range(batch), pad, self._vision_inputs(device), self.prompt_cache)
+        else:
+            backend = DynamicBackend(self.loaded, self._prompts, pad, self.prompt_cache)
+            runner = CanvasRunner(self.loaded, backend, graphs=self.graphs, capture=self._capture, step_fn=step_fn)
+            backend.prefill(self._vision_inputs(device))
+        runner.set_seeds(self._row_seeds(batch))
+        return runner
+
+    def _exact_sampler(self, device: torch.device) -> ExactSampler:
         model = self.loaded.model
         vocab_size = model.config.text_config.vocab_size
         softcap = getattr(model.config.text_config, "final_logit_softcapping", None)
-        if self.exact:
-            if self.seeds is None:
-                return ExactSampler(GlobalNoise(vocab_size, self.canvas_length, device), softcap)
-            return ExactSampler(PerRowNoise(vocab_size, self.canvas_length, device, self.seeds), softcap)
-        return FastSampler(vocab_size, self.canvas_length, self._row_seeds(batch_size, device), softcap)
-
-    def _row_seeds(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        """One seed per row: the given ones, else derived from ``settings.seed`` (row 0 keeps it)."""
-        if self.seeds is not None:
-            seeds = [int(seed) for seed in self.seeds]
-        else:
-            base = self.settings.seed if self.settings.seed is not None else secrets.randbits(62)
-            seeds = [base] + [(base * 1_000_003 + row * 7_919) % 2**62 for row in range(1, batch_size)]
-        return torch.tensor(seeds, dtype=torch.long, device=device)
+        if self.seeds is None:
+            return ExactSampler(GlobalNoise(vocab_size, self.canvas_length, device), softcap)
+        return ExactSampler(PerRowNoise(vocab_size, self.canvas_length, device, self.seeds), softcap)
 
     def _run(self) -> Iterator[Event]:
-        from transformers import DynamicCache
-
         settings = self.settings
-        model = self.loaded.model
-        device = model.device
+        device = self.loaded.model.device
         start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if settings.seed is not None and self.exact:
             torch.manual_seed(settings.seed)
-
-        batch = self._left_pad(device)
-        input_ids, attention_mask = batch.input_ids, batch.attention_mask
-        batch_size, prompt_len = input_ids.shape
+        batch_size = len(self._prompts)
         canvas_length = self.canvas_length
         n_steps = settings.max_denoising_steps
-
-        sampler = self._sampler(batch_size, device)
         schedule = TemperatureSchedule(settings.t_min, settings.t_max, n_steps)
-        temperatures = schedule(torch.arange(n_steps, 0, -1, dtype=torch.int32, device=device))
-        accept = entropy_bound_acceptance(settings.entropy_bound)
-        stability = settings.stability_window
         eos = torch.tensor(settings.eos_token_ids, device=device)
-        embed_dtype = model.model.decoder.embed_tokens.weight.dtype
-        if self.prompt_cache is not None:  # a conversation's cache: the prompt's common prefix is already encoded
-            cache, reused = self.prompt_cache.take(model, self._prompts[0])
-        else:
-            cache, reused = DynamicCache(config=model.config.get_text_config(decoder=True)), 0
-        step_fn = compiled_step() if self.compile else denoise_step
-        runner = None
-        if self.graphs:
-            decoder_params = inspect.signature(type(model.model.decoder).forward).parameters
-            runner = GraphedSteps(warmup_key=(str(device), batch_size, id(model)), capture=self._capture,
-                                  step_fn=step_fn, masked_first_step="self_conditioning_mask" in decoder_params)
-        self.runner = runner
-
-        cur_len = prompt_len
-        encoder_positions = torch.arange(reused, cur_len, dtype=torch.int32, device=device).unsqueeze(0)
-        decoder_positions = torch.arange(cur_len, cur_len + canvas_length, dtype=torch.int32, device=device)[None]
-        decoder_attention_mask = torch.nn.functional.pad(attention_mask, (0, canvas_length), value=True)
+        runner = self.runner = self._runner(device)
+        sampler = self._exact_sampler(device) if self.exact else runner.sampler
+        # The reference keeps denoising rows that ended in an earlier canvas until every row
+        # stops; with per-row noise those rows are done and draw nothing.
+        stop_finished = sampler.per_row or not self.exact
         finished_rows = torch.zeros(batch_size, dtype=torch.bool, device=device)
         forwards = torch.zeros(batch_size, dtype=torch.int, device=device)
-        unencoded = input_ids[:, reused:]
         committed_canvases: list[torch.Tensor] = []
         row_steps: list[torch.Tensor] = []
 
         for canvas_index in range(self.canvases):
-            # Encode what the cache has not seen yet: the prompt, then each committed canvas.
-            self._encode(unencoded, attention_mask, encoder_positions, cache,
-                         self._vision_inputs(device) if canvas_index == 0 else None)
+            if canvas_index > 0:  # the committed canvas joins the cache (the prompt was prefilled)
+                runner.encode(committed_canvases[-1])
             canvas_tensor = torch.tensor(canvas_index, dtype=torch.long, device=device)
             canvas = sampler.initial_canvas(batch_size, ~finished_rows, canvas_tensor)
             # This canvas's slice of the per-position constraints (fill, edit, schema), if any.
@@ -361,105 +323,49 @@ class Generation:
                 # Seeded positions start from their token instead of noise; the noise is still drawn
                 # (and discarded there), so the random draws keep their order.
                 canvas = torch.where(self.init[1][:, window].to(device), self.init[0][:, window].to(device), canvas)
-            clamp_tokens = clamp_mask = allowed = None
+            clamp = allowed = None
             if self.allowed is not None:
                 allowed = self.allowed[:, window].to(device)
             if self.clamp is not None:
-                clamp_tokens = self.clamp[0][:, window].to(device)
-                clamp_mask = self.clamp[1][:, window].to(device)
-                if bool(clamp_mask.all()):
+                clamp = (self.clamp[0][:, window].to(device), self.clamp[1][:, window].to(device))
+                if bool(clamp[1].all()):
                     # Nothing to denoise: the canvas is fixed text, committed as context as is.
-                    committed_canvases.append(clamp_tokens.clone())
+                    committed_canvases.append(clamp[0].clone())
                     row_steps.append(torch.zeros_like(forwards))
-                    yield CanvasEvent(canvas=canvas_index, canvases=self.canvases, tokens=clamp_tokens.clone(),
+                    yield CanvasEvent(canvas=canvas_index, canvases=self.canvases, tokens=clamp[0].clone(),
                                       steps=0, finished=finished_rows, elapsed=time.perf_counter() - start,
-                                      fixed=clamp_mask)
-                    unencoded = clamp_tokens
-                    cur_len += canvas_length
-                    attention_mask = torch.nn.functional.pad(attention_mask, (0, canvas_length), value=True)
-                    decoder_attention_mask = torch.nn.functional.pad(decoder_attention_mask, (0, canvas_length),
-                                                                     value=True)
-                    encoder_positions = decoder_positions
-                    decoder_positions = torch.arange(cur_len, cur_len + canvas_length, dtype=torch.int32,
-                                                     device=device)[None]
+                                      fixed=clamp[1])
                     continue
-            decoder_mask = model.model.decoder.create_diffusion_decoder_attention_mask(
-                model.config, canvas.unsqueeze(-1), cache, decoder_attention_mask
-            )
-            context = StepContext(
-                decoder=Decoder(model, cache, decoder_mask, decoder_positions), sampler=sampler,
-                temperatures=temperatures, accept=accept, stability=stability,
-                confidence=settings.confidence_threshold, finished=finished_rows, canvas_index=canvas_tensor,
-                embed_dtype=embed_dtype, clamp_tokens=clamp_tokens, clamp_mask=clamp_mask, allowed=allowed,
-            )
-            state = initial_state(context, canvas, forwards)
-            if runner is not None:
-                runner.begin_canvas()
+            clamp_mask = None if clamp is None else clamp[1]
             forwards_before = forwards
-            steps = 0
-            for remaining in range(n_steps, 0, -1):
-                steps += 1
-                state = runner.step(state, context) if runner is not None else step_fn(state, context)
+            steps, state = 0, None
+            for steps, state in runner.denoise(settings, canvas, finished_rows, canvas_tensor, forwards,
+                                               sampler=sampler, clamp=clamp, allowed=allowed,
+                                               check_every=self.check_every, stop_finished=stop_finished):
                 if self.observe:
-                    shown = clone_state(state) if runner is not None else state
+                    shown = clone_state(state) if runner.graphs else state
                     yield StepEvent(
-                        canvas=canvas_index,
-                        canvases=self.canvases,
-                        step=steps,
-                        max_steps=n_steps,
-                        temperature=schedule.value(remaining),
-                        accepted=shown.accepted,
-                        draft=shown.argmax,
-                        canvas_tokens=shown.canvas,
-                        token_entropy=shown.entropy,
-                        mean_entropy=shown.mean_entropy,
-                        finished=shown.stopped | finished_rows,
-                        elapsed=time.perf_counter() - start,
-                        fixed=clamp_mask,
+                        canvas=canvas_index, canvases=self.canvases, step=steps, max_steps=n_steps,
+                        temperature=schedule.value(n_steps - steps + 1), accepted=shown.accepted,
+                        draft=shown.argmax, canvas_tokens=shown.canvas, token_entropy=shown.entropy,
+                        mean_entropy=shown.mean_entropy, finished=shown.stopped | finished_rows,
+                        elapsed=time.perf_counter() - start, fixed=clamp_mask,
                     )
-                # The reference keeps denoising rows that ended in an earlier canvas until every row
-                # stops; with per-row noise those rows are done and draw nothing.
-                stopped = state.stopped
-                done = stopped | finished_rows if sampler.per_row or not self.exact else stopped
-                if (steps % self.check_every == 0 or remaining == 1) and bool(done.all()):
-                    break
-
             forwards = state.forwards.clone()
             if self.clamp is None:
-                committed, finished_rows = _commit(state.argmax, finished_rows, eos, settings.pad_token_id)
+                committed, finished_rows = commit_canvas(state.argmax, finished_rows, eos, settings.pad_token_id)
             else:
                 # A template's layout is fixed: an EOS inside a hole ends that hole, not the generation.
                 committed = state.argmax.clone()
             committed_canvases.append(committed)
             row_steps.append(forwards - forwards_before)
-            yield CanvasEvent(
-                canvas=canvas_index,
-                canvases=self.canvases,
-                tokens=committed,
-                steps=steps,
-                finished=finished_rows,
-                elapsed=time.perf_counter() - start,
-                fixed=clamp_mask,
-            )
+            yield CanvasEvent(canvas=canvas_index, canvases=self.canvases, tokens=committed, steps=steps,
+                              finished=finished_rows, elapsed=time.perf_counter() - start, fixed=clamp_mask)
             if bool(finished_rows.all()):
                 break
-            # Prepare the next canvas: the committed one is encoded into the cache next.
-            unencoded = committed
-            cur_len += canvas_length
-            attention_mask = torch.nn.functional.pad(attention_mask, (0, canvas_length), value=True)
-            decoder_attention_mask = torch.nn.functional.pad(decoder_attention_mask, (0, canvas_length), value=True)
-            encoder_positions = decoder_positions
-            decoder_positions = torch.arange(cur_len, cur_len + canvas_length, dtype=torch.int32, device=device)[None]
 
-        if runner is not None:
-            runner.begin_canvas()
-        self._result = self._collect(batch, committed_canvases, row_steps, forwards, eos, start)
+        self._result = self._collect(committed_canvases, row_steps, forwards, start)
 
-    def _encode(self, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache,
-                vision: dict[str, torch.Tensor] | None = None) -> None:
-        encode(self.loaded.model, ids, attention_mask, positions, cache, self._cache_kw, vision=vision)
-        if self.prompt_cache is not None:
-            self.prompt_cache.held(ids[0].tolist())
 
     def _vision_inputs(self, device: torch.device) -> dict[str, torch.Tensor] | None:
         """The batch's image inputs for the encoder: every row's images in row order (the order
@@ -476,10 +382,10 @@ class Generation:
             "mm_token_type_ids": torch.tensor(types, dtype=torch.long, device=device),
         }
 
-    def _collect(self, batch: _Batch, canvases: list[torch.Tensor], row_steps: list[torch.Tensor],
-                 forwards: torch.Tensor, eos: torch.Tensor, start: float) -> GenerationResult:
+    def _collect(self, canvases: list[torch.Tensor], row_steps: list[torch.Tensor], forwards: torch.Tensor,
+                 start: float) -> GenerationResult:
         settings = self.settings
-        device = batch.input_ids.device
+        device = forwards.device
         generated = torch.cat(canvases, dim=-1).tolist()
         steps = torch.stack(row_steps, dim=-1).tolist()
         forwards_list = forwards.tolist()
@@ -490,7 +396,7 @@ class Generation:
             tokens, reason = cut_completion(tokens, settings)
             response = split_response(self.loaded.tokenizer, tokens)
             stats = CompletionStats(
-                prompt_tokens=batch.prompt_lengths[row],
+                prompt_tokens=len(self._prompts[row]),
                 new_tokens=len(tokens),
                 canvases=len(canvases),
                 steps_per_canvas=tuple(steps[row]),
@@ -525,30 +431,6 @@ def cut_completion(tokens: Sequence[int], settings: GenerationSettings) -> tuple
     return list(tokens[: settings.max_new_tokens]), "length"
 
 
-def encode(model, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache,
-           cache_kw: str | None = None, *, vision: dict[str, torch.Tensor] | None = None) -> None:
-    """Run the encoder over ``ids`` ``(B, L)``, appending their keys and values to ``cache``.
-
-    ``attention_mask`` ``(B, cached + L)`` bool marks real tokens (False: left padding);
-    ``positions`` ``(1 or B, L)`` are the tokens' position ids. Shared by the loop and the
-    continuous batcher (:mod:`diffgen.denoise.batcher`). ``vision``: a prompt's image inputs
-    (first encode only: ``pixel_values``, ``image_position_ids``, ``mm_token_type_ids``), passed
-    as transformers' ``generate()`` passes them to its first encoder call.
-    """
-    cache_kw = cache_kw or cache_keyword(model)
-    ids = ids.clone(memory_format=torch.contiguous_format)
-    mask = model.model.encoder.create_masks_for_generate(
-        config=model.config,
-        inputs_embeds=torch.empty((ids.shape[0], ids.shape[1], 0), dtype=model.dtype, device=ids.device),
-        attention_mask=attention_mask,
-        position_ids=positions,
-        **{cache_kw: cache},
-        **({"mm_token_type_ids": vision["mm_token_type_ids"]} if vision else {}),
-    )
-    model.model.encoder(input_ids=ids, attention_mask=mask, position_ids=positions, **{cache_kw: cache},
-                        **(vision or {}))
-
-
 def check_context(model, prompt_tokens: int, settings: GenerationSettings) -> None:
     """Raise :class:`PromptTooLongError` when the prompt plus its canvases exceed the context."""
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
@@ -571,35 +453,6 @@ def _check_context(canvas_length: int, limit: int | None, prompt_tokens: int, se
             f"tokens needs {needed} positions, more than the model's context of {limit}",
             "shorten the prompt or lower --max-new-tokens",
         )
-
-
-def _graphs_enabled() -> bool:
-    import os
-
-    return os.environ.get("DIFFGEN_CUDA_GRAPHS", "1").strip() not in {"0", "false", "no"}
-
-
-def cache_keyword(model) -> str:
-    """The name under which this transformers release passes the KV cache to the model.
-
-    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name is deprecated
-    until 5.40); diffgen supports releases on both sides of the rename.
-    """
-    # The class's forward: an instance's may be wrapped (accelerate hooks, tests) as (*args, **kwargs).
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
-def _commit(argmax_canvas: torch.Tensor, finished_rows: torch.Tensor, eos: torch.Tensor,
-            pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Commit a canvas: rows ended earlier become all pad, pad follows a row's first EOS."""
-    committed = argmax_canvas.clone()
-    is_eos = torch.isin(committed, eos)
-    ended_now = is_eos.any(dim=-1)
-    committed[finished_rows] = pad_token_id
-    is_eos = torch.isin(committed, eos)
-    seen = is_eos.cumsum(dim=-1)
-    committed[(seen > 0) & ~((seen == 1) & is_eos)] = pad_token_id
-    return committed, finished_rows | ended_now
 
 
 def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,

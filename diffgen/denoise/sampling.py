@@ -244,25 +244,29 @@ class FastSampler:
         self.backend = backend
 
     def initial_canvas(self, batch_size: int, active: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
-        from diffgen.kernels.noise import STREAM_CANVAS, step_keys, uniform_tokens
+        from diffgen.kernels.noise import STREAM_CANVAS
+        from diffgen.kernels.sampler import noise_tokens
 
-        keys = step_keys(self.row_seeds, canvas, 0, STREAM_CANVAS)
-        return uniform_tokens(keys, self.canvas_length, self.vocab_size)
+        return noise_tokens(self.row_seeds, canvas, 0, STREAM_CANVAS, self.canvas_length, self.vocab_size,
+                            backend=self.backend)
 
     def draw(self, raw: torch.Tensor, temperature: torch.Tensor, *, active: torch.Tensor, canvas: torch.Tensor,
              step: torch.Tensor, out_dtype: torch.dtype, capped: bool = False) -> tuple[torch.Tensor, ...]:
-        from diffgen.kernels.noise import STREAM_GUMBEL, step_keys
         from diffgen.kernels.sampler import sample_tail
 
-        keys = step_keys(self.row_seeds, canvas, step, STREAM_GUMBEL)
+        # The Gumbel keys, step_keys(row_seeds, canvas, step, STREAM_GUMBEL), are derived inside the
+        # Triton kernel (no torch ops); the torch backend computes them with step_keys.
         scaled = torch.empty(raw.shape, dtype=out_dtype, device=raw.device)
-        sampled, argmax, entropy = sample_tail(raw, softcap=None if capped else self.softcap, temperature=temperature, keys=keys,
+        sampled, argmax, entropy = sample_tail(raw, softcap=None if capped else self.softcap, temperature=temperature,
+                                               seeds=self.row_seeds, canvas=canvas, step=step,
                                                self_conditioning_out=scaled, backend=self.backend)
         return sampled, argmax, entropy, scaled
 
     def renoise(self, accepted_canvas: torch.Tensor, accepted: torch.Tensor, *, active: torch.Tensor,
                 canvas: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        from diffgen.kernels.noise import STREAM_RENOISE, step_keys, uniform_tokens
+        from diffgen.kernels.noise import STREAM_RENOISE
+        from diffgen.kernels.sampler import noise_tokens
 
-        keys = step_keys(self.row_seeds, canvas, step, STREAM_RENOISE)
-        return torch.where(accepted, accepted_canvas, uniform_tokens(keys, self.canvas_length, self.vocab_size))
+        # One Triton launch (keys, tokens and the selection); torch: step_keys, uniform_tokens, where.
+        return noise_tokens(self.row_seeds, canvas, step, STREAM_RENOISE, self.canvas_length, self.vocab_size,
+                            keep=accepted_canvas, accepted=accepted, backend=self.backend)

@@ -1,8 +1,8 @@
 """One denoising step as a pure function of tensors: ``denoise_step(state, context) -> state``.
 
-The loop (:mod:`diffgen.denoise.loop`) owns everything that needs the host: when a canvas
-starts, when to ask whether every row has stopped, events and results. The step owns the
-arithmetic of one decoder pass and nothing else:
+The canvas runner (:mod:`diffgen.denoise.runner`) owns everything that needs the host: when a
+canvas starts, when to ask whether every row has stopped, recording and replaying graphs. The
+step owns the arithmetic of one decoder pass and nothing else:
 
 1. the decoder reads the canvas (and the previous step's scaled logits for self-conditioning)
    and the lm_head gives raw logits;
@@ -14,7 +14,7 @@ arithmetic of one decoder pass and nothing else:
 Every tensor in :class:`StepState` has a shape fixed for the whole canvas and every input the
 step reads lives on the device (the temperature schedule is a device vector indexed by a
 device step counter), so on CUDA one step can be recorded once as a CUDA graph and replayed
-(:class:`GraphedSteps`). The exact sampler draws from torch's global generator in the
+(:class:`~diffgen.denoise.runner.StepGraph`). The exact sampler draws from torch's global generator in the
 reference's order and stays eager; the fast sampler's noise is counter-based, a pure function
 of (row seed, canvas, step), so replays need no re-seeding and a row's draws never depend on
 its neighbours.
@@ -22,7 +22,6 @@ its neighbours.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -221,167 +220,6 @@ def denoise_step(state: StepState, context: StepContext, *, self_conditioning_ma
     return StepState(canvas=canvas, argmax=argmax, self_conditioning=scaled, stopped=stopped, history=history,
                      step=step, forwards=state.forwards + active, accepted=accepted, entropy=entropy,
                      mean_entropy=mean_entropy)
-
-
-def decoder_cache_keyword(model: Any) -> str:
-    """The name under which this transformers release passes the KV cache to the decoder.
-
-    transformers 5.24 renamed ``past_key_values`` to ``cache``; diffgen supports both sides.
-    """
-    decoder = type(model.model.decoder)
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-
-
-class Decoder:
-    """The decoder pass of one canvas: canvas tokens (+ self-conditioning) -> raw logits.
-
-    Calls the decoder and the lm_head directly (what ``model(...)`` does, minus the fp32
-    soft-capped logits it would materialise: the sampler soft-caps on the way), with the
-    cache, mask and positions of the canvas bound once.
-    """
-
-    def __init__(self, model: Any, cache: Any, mask: Any, positions: torch.Tensor):
-        self.model = model
-        self.kwargs = {decoder_cache_keyword(model): cache, "decoder_attention_mask": mask,
-                       "decoder_position_ids": positions}
-
-    def __call__(self, canvas: torch.Tensor, self_conditioning: torch.Tensor | None,
-                 self_conditioning_mask: torch.Tensor | None = None) -> torch.Tensor:
-        extra = {} if self_conditioning_mask is None else {"self_conditioning_mask": self_conditioning_mask}
-        hidden = self.model.model.decoder(decoder_input_ids=canvas, self_conditioning_logits=self_conditioning,
-                                          **extra, **self.kwargs)
-        return self.model.lm_head(hidden.last_hidden_state)
-
-
-class CudaGraphCapture:
-    """Records a function once into a CUDA graph; calling the result replays it.
-
-    One graph lives at a time, in its own memory pool: recording the next canvas's graph
-    releases the last one first. (Sharing one pool across graphs while resetting the old ones
-    trips an internal assertion of torch's caching allocator, seen on torch 2.11.)
-    """
-
-    def __init__(self):
-        self.graph: Any = None
-
-    def __call__(self, body: Callable[[], None]) -> Callable[[], None]:
-        self.release()
-        graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph):
-            body()
-        self.graph = graph
-        return graph.replay
-
-    def release(self) -> None:
-        if self.graph is not None:
-            self.graph.reset()
-            self.graph = None
-
-
-# Warm-up keys already served in this process: (device, batch size, model id). The first
-# recording for a key waits for one eager step with self-conditioning, so that lazy work (cuBLAS
-# workspaces, Triton compilation and autotuning) never happens inside a capture.
-_WARM: set[Any] = set()
-
-
-class GraphedSteps:
-    """Denoising steps replayed from one recorded graph per canvas.
-
-    At the start of a canvas the step is recorded once into a graph that writes its result
-    back into a static copy of the state, and every step of the canvas is then one replay:
-    no Python, no kernel launches, no host syncs. The first step of a canvas, which the
-    reference runs without self-conditioning, replays the same graph with a per-row
-    ``self_conditioning_mask`` of False over a zero buffer (the decoder multiplies the soft
-    embeddings by it: exactly the zeros the reference uses); the graph itself sets the mask
-    for the following replays. A canvas's graph is released when the next canvas starts (the
-    encoder's cache grew, so the decoder's inputs moved).
-
-    The first canvas of a ``warmup_key`` in a process runs its first two steps eagerly before
-    recording (see ``_WARM``). ``masked_first_step=False`` (a transformers release whose
-    decoder takes no mask) runs every canvas's first step eagerly instead. ``capture`` records
-    a body and returns its replay (:class:`CudaGraphCapture`; tests pass one that replays by
-    calling the body eagerly). A step that cannot be recorded (a kernel that syncs with the
-    host, say) warns once and runs eagerly from then on.
-
-    Attributes:
-        captures: graphs recorded so far.
-        capture_seconds: host time spent recording them.
-        failed: why recording failed, or ``None``.
-    """
-
-    def __init__(self, warmup_key: Any = None,
-                 capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None,
-                 step_fn: Callable[..., StepState] | None = None, masked_first_step: bool = True):
-        self.warmup_key = warmup_key
-        self.capture = capture or CudaGraphCapture()
-        self.step_fn = step_fn or denoise_step
-        self.masked_first_step = masked_first_step
-        self.replay: Callable[[], None] | None = None
-        self.static: StepState | None = None
-        self.captures = 0
-        self.capture_seconds = 0.0
-        self.failed: str | None = None
-
-    def begin_canvas(self) -> None:
-        """Forget the last canvas's graph (call before each canvas and at the end)."""
-        release = getattr(self.capture, "release", None)
-        if release is not None:
-            release()
-        self.replay, self.static = None, None
-
-    def step(self, state: StepState, context: StepContext) -> StepState:
-        if self.replay is None:
-            first = state.self_conditioning is None
-            if self.failed or (first and (not self.masked_first_step or self.warmup_key not in _WARM)):
-                return self.step_fn(state, context)
-            if self.warmup_key not in _WARM:
-                _WARM.add(self.warmup_key)
-                return self.step_fn(state, context)
-            try:
-                self._record(state, context)
-            except Exception as exc:  # noqa: BLE001 - a step that cannot be captured still runs eagerly
-                self.failed = f"{type(exc).__name__}: {exc}"
-                self._warn()
-                return self.step_fn(state, context)
-        self.replay()
-        return self.static
-
-    def _warn(self) -> None:
-        import sys
-
-        print(f"diffgen: warning: the denoising step could not be recorded as a CUDA graph ({self.failed}); "
-              "running it eagerly (slower)", file=sys.stderr)
-
-    def _record(self, state: StepState, context: StepContext) -> None:
-        import time
-
-        start = time.perf_counter()
-        # Own the static buffers (the eager state may alias tensors the loop still reads).
-        static = StepState(**{f.name: (None if getattr(state, f.name) is None else getattr(state, f.name).clone())
-                              for f in fields(StepState)})
-        mask = None
-        if static.self_conditioning is None:
-            batch, length = static.canvas.shape
-            static = replace(static, self_conditioning=torch.zeros(
-                (batch, length, int(context.sampler.vocab_size)), dtype=context.embed_dtype,
-                device=static.canvas.device))
-            mask = torch.zeros(batch, dtype=torch.bool, device=static.canvas.device)
-
-        def body() -> None:
-            out = self.step_fn(static, context) if mask is None else \
-                self.step_fn(static, context, self_conditioning_mask=mask)
-            for name in STATE_FIELDS_OUT:
-                target = getattr(static, name)
-                if target is not None:
-                    target.copy_(getattr(out, name))
-            if mask is not None:
-                mask.fill_(True)
-
-        self.replay = self.capture(body)
-        self.static = static
-        self.captures += 1
-        self.capture_seconds += time.perf_counter() - start
 
 
 _COMPILED: dict[str, Callable[[StepState, StepContext], StepState]] = {}

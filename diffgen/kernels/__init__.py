@@ -5,8 +5,15 @@
   own seed, canvas and step.
 * :mod:`diffgen.kernels.sampler` — the fused sampler tail: soft-cap, temperature, entropy, argmax,
   Gumbel-max sampling and the self-conditioning write in one read of the logits.
-* :mod:`diffgen.kernels.moe` — grouped quantised expert products (int8 / fp8 / nf4 weight-only in
-  Triton, fp8 x fp8 through ``torch._scaled_grouped_mm``, torch fallbacks), no host sync.
+* :mod:`diffgen.kernels.moe` — grouped expert products (bf16, and int8 / fp8 / nf4 weight-only, in
+  one Triton kernel tiled for ~16 rows per expert, GELU x up and the routing weight in its
+  epilogues; fp8 x fp8 through ``torch._scaled_grouped_mm`` behind ``DIFFGEN_FP8_SCALED=1``; torch
+  fallbacks), no host sync.
+* :mod:`diffgen.kernels.fused` — the fused row-wise ops of diffgen's own layer forward (RMSNorm,
+  q/k/v norms + RoPE into the KV cache, residual + norms, GELU x up, router top-k, the FFN
+  combine).
+* :mod:`diffgen.kernels.launches` — the counter every Triton launch reports to
+  (``bench/kernel_count.py`` counts a step's kernels on the CPU with it).
 
 Sits between :mod:`diffgen.loading` (which builds the modules that call these) and
 :mod:`diffgen.planning`. Nothing here imports triton at package import time: the Triton kernels

@@ -11,8 +11,9 @@ as 1, 2, 3", SC'11; the Random123 library). Why this one:
   depend on its neighbours or on how many steps ran before);
 * one evaluation yields four 32-bit words, which amortises its ten rounds over four draws.
 
-The Triton kernel (:mod:`diffgen.kernels.sampler`) calls ``tl.philox`` itself; this module is the
-torch implementation of the same function, bit for bit, in 32-bit unsigned arithmetic emulated on
+The Triton kernels (:mod:`diffgen.kernels.sampler`) call Philox themselves, and derive the keys
+of :func:`step_keys` in the kernel from ``(row seed, canvas, step)`` (device tensors: nothing to
+recompute per step in torch); this module is the torch implementation of the same function, bit for bit, in 32-bit unsigned arithmetic emulated on
 int64 tensors (``& 0xFFFFFFFF``; a 32 x 32-bit product is formed in int64, whose wrap-around keeps
 its low 64 bits, i.e. the exact product). ``tests/test_kernels_sampler.py`` checks it against
 Random123's published known-answer vectors and against the kernel.

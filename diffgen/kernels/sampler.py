@@ -9,7 +9,8 @@ Per canvas position, the step needs the soft-capped, temperature-scaled logits
 * the entropy of ``softmax(scaled)`` in nats (for entropy-bound acceptance and adaptive stop);
 * optionally ``scaled`` itself, cast into the next step's self-conditioning buffer.
 
-:func:`sample_tail` does this with one of two backends:
+:func:`sample_tail` does this with one of two backends (and :func:`noise_tokens` draws the
+initial and renoising tokens the same way, one launch):
 
 ``"triton"``
     One Triton program per (row, position) streams the vocabulary in blocks, reading each logit
@@ -17,6 +18,10 @@ Per canvas position, the step needs the soft-capped, temperature-scaled logits
     ``s = sum e^(x-m)``, ``t = sum e^(x-m) (x-m)``, so ``H = log s - t / s``), the running argmax,
     the Gumbel-max draw (``tl.philox`` in the kernel) and the self-conditioning store.
     Accumulates in float32. Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (tests).
+    Given ``seeds``, ``canvas`` and ``step`` instead of ``keys``, each program derives its row's
+    key (:func:`~diffgen.kernels.noise.step_keys`, the same bits) with one Philox evaluation:
+    the fast step then spends no torch ops on keys (it spent ~460 a step: 157 for the Gumbel
+    keys, 304 for the renoising keys, tokens and selection).
 ``"torch"``
     The reference formulas in a few passes over chunks of positions, so temporaries stay
     bounded (a few times ``chunk_elements`` floats) on the CPU; no host sync and no branching on
@@ -39,7 +44,19 @@ import os
 
 import torch
 
-from diffgen.kernels.noise import PURPOSE_GUMBEL, UNIFORM_SCALE, UNIFORM_SHIFT, gumbel_rows, split_keys
+from diffgen.kernels import launches
+from diffgen.kernels.noise import (
+    _KEY_DOMAIN,
+    PURPOSE_GUMBEL,
+    PURPOSE_TOKENS,
+    STREAM_GUMBEL,
+    UNIFORM_SCALE,
+    UNIFORM_SHIFT,
+    gumbel_rows,
+    split_keys,
+    step_keys,
+    uniform_tokens,
+)
 
 Tensor = torch.Tensor
 
@@ -52,8 +69,9 @@ CPU_CHUNK_ELEMENTS = 1 << 18  # ~1 MiB float32 temporaries: they stay in the cac
 CUDA_CHUNK_ELEMENTS = 1 << 26
 
 
-def sample_tail(raw_logits: Tensor, *, softcap: float | None, temperature: Tensor | float, keys: Tensor,
-                self_conditioning_out: Tensor | None = None, backend: str = "auto",
+def sample_tail(raw_logits: Tensor, *, softcap: float | None, temperature: Tensor | float, keys: Tensor | None = None,
+                self_conditioning_out: Tensor | None = None, backend: str = "auto", seeds: Tensor | None = None,
+                canvas: Tensor | int | None = None, step: Tensor | int | None = None,
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sample, argmax and entropy of one denoising step from the lm_head's raw logits.
 
@@ -66,12 +84,18 @@ def sample_tail(raw_logits: Tensor, *, softcap: float | None, temperature: Tenso
         temperature: float32 tensor on the logits' device, 0-d (one temperature) or ``[B]``
             (per row); a Python float is accepted too. ``scaled = capped / temperature``.
         keys: int64 ``[B]`` on the device, from
-            ``step_keys(row_seeds, canvas, step, STREAM_GUMBEL)``.
+            ``step_keys(row_seeds, canvas, step, STREAM_GUMBEL)``; or ``None`` with ``seeds``,
+            ``canvas`` and ``step`` given instead: the same keys, derived inside the kernel on the
+            triton backend (no torch ops: the 157 of :func:`step_keys` vanish from the step), and
+            with :func:`step_keys` on the torch backend.
+        seeds, canvas, step: with ``keys=None``: int64 ``[B]`` row seeds; the canvas index (0-d or
+            ``[B]`` integer tensor on the device, or an int); the step (0-d integer tensor or int).
         self_conditioning_out: optional contiguous ``[B, C, V]`` tensor (bfloat16 on a GPU; any
             float dtype) on the logits' device that receives ``scaled`` cast to its dtype (rounded
             to nearest): the next step's self-conditioning logits.
-        backend: ``"triton"``, ``"torch"`` or ``"auto"`` (triton for CUDA tensors when triton
-            imports, torch otherwise).
+        backend: ``"triton"``, ``"torch"`` or ``"auto"`` (:func:`diffgen.kernels.fused.backend`:
+            triton for CUDA tensors when triton imports, or anywhere under ``TRITON_INTERPRET=1``;
+            ``DIFFGEN_FUSED_BACKEND`` overrides; torch otherwise).
 
     Returns:
         ``(sampled, argmax, entropy)``: int64 ``[B, C]`` Gumbel-max draws ``argmax(scaled + G)``
@@ -81,8 +105,13 @@ def sample_tail(raw_logits: Tensor, *, softcap: float | None, temperature: Tenso
     """
     if raw_logits.dim() != 3:
         raise ValueError(f"raw_logits must be [B, C, V], got shape {tuple(raw_logits.shape)}")
-    batch, canvas, vocab = raw_logits.shape
-    if keys.shape != (batch,):
+    batch, length, vocab = raw_logits.shape
+    if keys is None:
+        if seeds is None or canvas is None or step is None:
+            raise ValueError("sample_tail needs keys, or seeds, canvas and step to derive them")
+        if seeds.shape != (batch,):
+            raise ValueError(f"seeds must be [B] = [{batch}], got shape {tuple(seeds.shape)}")
+    elif keys.shape != (batch,):
         raise ValueError(f"keys must be [B] = [{batch}], got shape {tuple(keys.shape)}")
     out = self_conditioning_out
     if out is not None and (out.shape != raw_logits.shape or not out.is_contiguous()):
@@ -94,10 +123,37 @@ def sample_tail(raw_logits: Tensor, *, softcap: float | None, temperature: Tenso
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "triton" if raw_logits.device.type == "cuda" and triton_available() else "torch"
+        from diffgen.kernels.fused import backend as fused_backend
+
+        backend = fused_backend(raw_logits)
     if backend == "triton":
+        if keys is None:
+            return _triton_tail(raw_logits, softcap, temperature, None, self_conditioning_out,
+                                derive=_key_parts(seeds, canvas, step, raw_logits.device))
         return _triton_tail(raw_logits, softcap, temperature, keys, self_conditioning_out)
+    if keys is None:
+        keys = step_keys(seeds, canvas, step, STREAM_GUMBEL)
     return torch_tail(raw_logits, softcap, temperature, keys, self_conditioning_out)
+
+
+def _key_parts(seeds: Tensor, canvas: Tensor | int, step: Tensor | int, device: torch.device
+               ) -> tuple[Tensor, Tensor, int, Tensor]:
+    """``(seeds, canvas, canvas row stride, step)`` as int64 device tensors for a kernel that
+    derives its keys (no copies for the loop's tensors; a Python int becomes a small tensor)."""
+    seeds = seeds.to(torch.int64)
+    if not seeds.is_contiguous():
+        seeds = seeds.contiguous()
+    # torch.full, not torch.tensor: a fill kernel, no host-to-device copy (capturable).
+    if not isinstance(canvas, Tensor):
+        canvas = torch.full((), int(canvas), dtype=torch.int64, device=device)
+    if not isinstance(step, Tensor):
+        step = torch.full((), int(step), dtype=torch.int64, device=device)
+    if canvas.dim() > 1 or (canvas.dim() == 1 and canvas.shape != seeds.shape):
+        raise ValueError(f"canvas must be 0-d or [B] = [{seeds.shape[0]}], got shape {tuple(canvas.shape)}")
+    if step.numel() != 1:
+        raise ValueError(f"step must have one element, got shape {tuple(step.shape)}")
+    canvas = canvas.to(torch.int64)
+    return seeds, canvas, (canvas.stride(0) if canvas.dim() == 1 else 0), step.to(torch.int64).reshape(())
 
 
 def _temperatures(temperature: Tensor | float, batch: int, device: torch.device) -> Tensor:
@@ -120,6 +176,48 @@ def triton_available() -> bool:
     except Exception:  # ImportError, or a broken install raising at import
         return False
     return True
+
+
+def noise_tokens(seeds: Tensor, canvas: Tensor | int, step: Tensor | int, stream: int, length: int, vocab_size: int,
+                 *, keep: Tensor | None = None, accepted: Tensor | None = None, backend: str = "auto") -> Tensor:
+    """Uniform noise tokens of each row, int64 ``[B, length]``; with ``keep`` and ``accepted``
+    (``[B, length]``), ``torch.where(accepted, keep, tokens)`` (renoising the rejected positions).
+
+    The tokens are ``uniform_tokens(step_keys(seeds, canvas, step, stream), length, vocab_size)``
+    bit for bit on both backends. Triton (see :func:`sample_tail` for the choice): one launch that
+    derives the keys, draws and selects, instead of ~240 torch ops; torch: those formulas.
+    ``canvas``: 0-d or ``[B]`` integer tensor (or int); ``step``: 0-d integer tensor (or int).
+    """
+    if (keep is None) != (accepted is None):
+        raise ValueError("keep and accepted go together")
+    if not 0 < vocab_size < 2**31:
+        raise ValueError(f"vocab_size must be in [1, 2**31), got {vocab_size}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        from diffgen.kernels.fused import backend as fused_backend
+
+        backend = fused_backend(seeds)
+    if backend == "torch":
+        tokens = uniform_tokens(step_keys(seeds, canvas, step, stream), length, vocab_size)
+        return tokens if keep is None else torch.where(accepted, keep, tokens)
+    if not triton_available():
+        raise RuntimeError("the triton backend needs triton (pip install triton), or use backend='torch'")
+    seeds, canvas, canvas_stride, step = _key_parts(seeds, canvas, step, seeds.device)
+    batch = seeds.shape[0]
+    if keep is not None:
+        keep = keep.to(torch.int64)
+        keep = keep if keep.is_contiguous() else keep.contiguous()
+        accepted = accepted if accepted.is_contiguous() else accepted.contiguous()
+    block = min(1024, 1 << max(length - 1, 1).bit_length())
+    kernel = _noise_kernel()
+    with launches.launch("noise_tokens"):
+        out = torch.empty((batch, length), dtype=torch.int64, device=seeds.device)
+        kernel[(batch, -(-length // block))](
+            seeds, canvas, step, keep if keep is not None else out, accepted if accepted is not None else out, out,
+            length, vocab_size, canvas_stride, STREAM=int(stream) & 0xFFFFFFFF, KEEP=keep is not None, BLOCK=block,
+            num_warps=4)
+    return out
 
 
 # -- torch backend ---------------------------------------------------------------------------
@@ -171,10 +269,14 @@ def torch_tail(raw_logits: Tensor, softcap: float | None, temperature: Tensor, k
 # -- triton backend --------------------------------------------------------------------------
 
 
-def _triton_tail(raw_logits: Tensor, softcap: float | None, temperature: Tensor, keys: Tensor,
+def _triton_tail(raw_logits: Tensor, softcap: float | None, temperature: Tensor, keys: Tensor | None,
                  self_conditioning_out: Tensor | None, block_v: int = BLOCK_V, num_warps: int = NUM_WARPS,
-                 fast_log: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                 fast_log: bool | None = None, derive: tuple[Tensor, Tensor, int, Tensor] | None = None,
+                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the fused kernel (arguments as in :func:`sample_tail`; ``temperature`` ``[B]``).
+
+    ``derive``: ``(seeds, canvas, canvas stride, step)`` from :func:`_key_parts` when ``keys`` is
+    ``None``: each program derives its row's Gumbel key as :func:`step_keys` does.
 
     ``block_v``: vocabulary entries per loop iteration (a power of two); ``num_warps``: warps
     per program; ``fast_log``: the SFU's approximate log2 for the Gumbel noise, with a series
@@ -192,41 +294,88 @@ def _triton_tail(raw_logits: Tensor, softcap: float | None, temperature: Tensor,
         raw_logits = raw_logits.contiguous()
     out = self_conditioning_out
     device = raw_logits.device
-    sampled = torch.empty((batch, canvas), dtype=torch.int64, device=device)
-    argmax = torch.empty((batch, canvas), dtype=torch.int64, device=device)
-    entropy = torch.empty((batch, canvas), dtype=torch.float32, device=device)
-    keys = keys.to(torch.int64)
-    if not keys.is_contiguous():
-        keys = keys.contiguous()
+    if keys is not None:
+        keys = keys.to(torch.int64)
+        if not keys.is_contiguous():
+            keys = keys.contiguous()
+        seeds, canvas_index, canvas_stride, step = keys, keys, 0, keys
+    else:
+        seeds, canvas_index, canvas_stride, step = derive
+        keys = seeds
     if fast_log is None:
         fast_log = device.type == "cuda"
     kernel = _kernel()
-    kernel[(batch * canvas,)](
-        raw_logits, temperature, keys, out if out is not None else raw_logits, sampled, argmax, entropy,
-        canvas, vocab,
-        raw_logits.stride(0), raw_logits.stride(1), temperature.stride(0),
-        out.stride(0) if out is not None else 0, out.stride(1) if out is not None else 0,
-        float(softcap) if softcap is not None else 1.0, 1.0 / float(softcap) if softcap is not None else 1.0,
-        HAS_CAP=softcap is not None, WRITE_SC=out is not None, FAST_LOG=fast_log, BLOCK_V=block_v,
-        num_warps=num_warps,
-    )
+    with launches.launch("sample_tail"):
+        sampled = torch.empty((batch, canvas), dtype=torch.int64, device=device)
+        argmax = torch.empty((batch, canvas), dtype=torch.int64, device=device)
+        entropy = torch.empty((batch, canvas), dtype=torch.float32, device=device)
+        kernel[(batch * canvas,)](
+            raw_logits, temperature, keys, out if out is not None else raw_logits, sampled, argmax, entropy,
+            canvas, vocab,
+            raw_logits.stride(0), raw_logits.stride(1), temperature.stride(0),
+            out.stride(0) if out is not None else 0, out.stride(1) if out is not None else 0,
+            float(softcap) if softcap is not None else 1.0, 1.0 / float(softcap) if softcap is not None else 1.0,
+            canvas_index, canvas_stride, step,
+            HAS_CAP=softcap is not None, WRITE_SC=out is not None, FAST_LOG=fast_log, BLOCK_V=block_v,
+            DERIVE=derive is not None, num_warps=num_warps,
+        )
     return sampled, argmax, entropy
 
 
 # The kernel refers to these by value (literals below): the layout of the draws is noise.py's.
-assert (PURPOSE_GUMBEL, UNIFORM_SHIFT, UNIFORM_SCALE) == (0, 9, 2.0 ** -23)
+assert (PURPOSE_GUMBEL, PURPOSE_TOKENS, STREAM_GUMBEL, _KEY_DOMAIN, UNIFORM_SHIFT, UNIFORM_SCALE) == (
+    0, 1, 3, 0x6B657973, 9, 2.0 ** -23)
+
+
+def _kernel():
+    """The sample-tail Triton kernel (built on first use)."""
+    return _kernels()[0]
+
+
+def _noise_kernel():
+    """The noise-token Triton kernel (built on first use)."""
+    return _kernels()[1]
 
 
 @functools.cache
-def _kernel():
-    """Build the Triton kernel (triton is imported here, on first use, never at import time).
+def _kernels():
+    """Build the Triton kernels (triton is imported here, on first use, never at import time).
 
     ``tl`` and the helper are bound as module globals: Triton resolves the names a kernel uses
     in its module's globals (and its interpreter patches the ``tl`` it finds there).
     """
-    global tl, _tanh, _gumbel, _block
+    global tl, _tanh, _gumbel, _block, _philox, _derive_key
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _philox(c0, c1, c2, c3, k0, k1):
+        # Philox4x32-10 on uint32 words: triton.language.random.philox_impl's rounds, written out
+        # here because that one is a triton.language @jit (compiled, not interpreted, when triton
+        # was imported before TRITON_INTERPRET=1 was set).
+        for _ in tl.static_range(10):
+            _c0 = c0
+            _c2 = c2
+            c0 = tl.umulhi(0xCD9E8D57, _c2) ^ c1 ^ k0
+            c2 = tl.umulhi(0xD2511F53, _c0) ^ c3 ^ k1
+            c1 = _c2 * 0xCD9E8D57
+            c3 = _c0 * 0xD2511F53
+            k0 = k0 + 0x9E3779B9
+            k1 = k1 + 0xBB67AE85
+        return c0, c1, c2, c3
+
+    @triton.jit
+    def _derive_key(seed, canvas, step, STREAM: tl.constexpr):
+        # noise.step_keys for one row, from int64 scalars: the first two words of
+        # philox(counter=(step, canvas, stream, DOMAIN), key=seed's words), joined as (low, high).
+        k0 = seed.to(tl.uint32)
+        k1 = (seed >> 32).to(tl.uint32)
+        c0 = step.to(tl.uint32)
+        c1 = canvas.to(tl.uint32)
+        c2 = c0 * 0 + STREAM
+        c3 = c0 * 0 + 0x6B657973
+        w0, w1, _, _ = _philox(c0, c1, c2, c3, k0, k1)
+        return w0, w1
 
     @triton.jit
     def _tanh(y):
@@ -328,14 +477,21 @@ def _kernel():
     @triton.jit
     def sample_tail_kernel(
         logits_ptr, temp_ptr, keys_ptr, sc_ptr, sampled_ptr, argmax_ptr, entropy_ptr,
-        C, V, stride_lb, stride_lc, stride_t, stride_sb, stride_sc, cap, inv_cap,
+        C, V, stride_lb, stride_lc, stride_t, stride_sb, stride_sc, cap, inv_cap, canvas_ptr, stride_cv, step_ptr,
         HAS_CAP: tl.constexpr, WRITE_SC: tl.constexpr, FAST_LOG: tl.constexpr, BLOCK_V: tl.constexpr,
+        DERIVE: tl.constexpr,
     ):
         # One program per (row, position), streaming the vocabulary in blocks of BLOCK_V.
         pid = tl.program_id(0)
         row = pid // C
         pos = pid % C
-        key = tl.load(keys_ptr + row)
+        if DERIVE:
+            # keys_ptr holds the row seeds: the key is step_keys(seed, canvas, step, STREAM_GUMBEL).
+            w0, w1 = _derive_key(tl.load(keys_ptr + row), tl.load(canvas_ptr + row * stride_cv),
+                                 tl.load(step_ptr), 3)
+            key = (w1.to(tl.uint64) << 32) | w0.to(tl.uint64)
+        else:
+            key = tl.load(keys_ptr + row)
         inv_t = tl.math.div_rn(1.0, tl.load(temp_ptr + row * stride_t))
         logits = logits_ptr + row.to(tl.int64) * stride_lb + pos.to(tl.int64) * stride_lc
         sc = sc_ptr + row.to(tl.int64) * stride_sb + pos.to(tl.int64) * stride_sc
@@ -363,5 +519,28 @@ def _kernel():
         tl.store(sampled_ptr + pid, best_j.to(tl.int64))
         tl.store(entropy_ptr + pid, tl.log(s) - t / s)
 
-    return sample_tail_kernel
+    @triton.jit
+    def noise_tokens_kernel(seeds_ptr, canvas_ptr, step_ptr, keep_ptr, accepted_ptr, out_ptr, L, V, stride_cv,
+                            STREAM: tl.constexpr, KEEP: tl.constexpr, BLOCK: tl.constexpr):
+        # Program (row, block of positions): noise.uniform_tokens(step_keys(seed, canvas, step, STREAM))
+        # for positions n of the block (word n & 3 of philox(counter=(n >> 2, 0, PURPOSE_TOKENS, 0),
+        # key), times V >> 32), or keep[n] where accepted[n].
+        row = tl.program_id(0)
+        n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = n < L
+        k0, k1 = _derive_key(tl.load(seeds_ptr + row), tl.load(canvas_ptr + row * stride_cv), tl.load(step_ptr),
+                             STREAM)
+        q = (n >> 2).to(tl.uint32)
+        zero = q * 0
+        r0, r1, r2, r3 = _philox(q, zero, zero + 1, zero, k0, k1)
+        lane = n & 3
+        word = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+        token = tl.umulhi(word, (zero + V).to(tl.uint32)).to(tl.int64)
+        offs = row.to(tl.int64) * L + n
+        if KEEP:
+            accepted = tl.load(accepted_ptr + offs, mask=mask, other=0) != 0
+            token = tl.where(accepted, tl.load(keep_ptr + offs, mask=mask, other=0), token)
+        tl.store(out_ptr + offs, token, mask=mask)
+
+    return sample_tail_kernel, noise_tokens_kernel
 

@@ -107,7 +107,10 @@ def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = 
                     defaults: GenerationSettings | None = None) -> LoadedModel:
     """Check and load a resolved checkpoint directory; ``progress`` shows a progress bar.
 
-    Unquantised plans load through transformers' ``from_pretrained``; quantised ones through
+    Unquantised plans load through transformers' ``from_pretrained``, with diffgen's experts
+    forward (:func:`diffgen.kernels.moe.grouped_experts_forward`: transformers' ``grouped_mm``
+    experts where torch's grouped kernel runs, diffgen's Triton kernel where torch would take its
+    host-syncing fallback, e.g. compute capability 8.x and 12.x); quantised ones through
     :func:`diffgen.loading.streaming.load_quantized`, which quantises tensor by tensor from the shards.
     ``config`` and ``defaults``: a checkpoint already inspected (by ``prepare()``) is not read again.
     """
@@ -133,12 +136,16 @@ def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = 
 
             model = load_quantized(path, plan, progress=progress)
         else:
+            from diffgen.kernels.moe import register_experts_implementation
+
+            experts = register_experts_implementation()
             model = DiffusionGemmaForBlockDiffusion.from_pretrained(
                 path,
                 dtype=plan.torch_dtype,
                 device_map=_device_map(plan),
                 use_safetensors=True,
                 local_files_only=True,
+                **({"experts_implementation": experts} if experts else {}),
             )
     except SafetensorError as exc:  # damage the header check cannot see
         from diffgen.errors import DamagedCheckpointError

@@ -97,13 +97,15 @@ class QuantizedStack(nn.Module):
     :meth:`grouped` multiplies expert-sorted rows by all of them at once.
 
     ``backend`` (``"auto"``, ``"triton"``, ``"torch"``) and ``fp8_activations`` (fp8 only: use
-    fp8 x fp8 products where the card has them) choose the grouped path; benchmarks set them.
+    fp8 x fp8 products where the card has them; ``None``, the default, follows
+    ``DIFFGEN_FP8_SCALED``, off unless set: the weight-only kernel is faster and 7x more accurate)
+    choose the grouped path; benchmarks set them.
     """
 
     def __init__(self, scheme: str, count: int, out_dim: int, in_dim: int, dtype: torch.dtype, device: Any):
         super().__init__()
         self.scheme, self.shape, self.dtype = scheme, torch.Size((out_dim, in_dim)), dtype
-        self.backend, self.fp8_activations = "auto", True
+        self.backend, self.fp8_activations = "auto", None
         numel = out_dim * in_dim
         if scheme in ("int8", "fp8"):
             storage = torch.int8 if scheme == "int8" else torch.float8_e4m3fn
@@ -141,6 +143,11 @@ class QuantizedStack(nn.Module):
         return moe.dequantize(self.q[index:index + 1], self.scale[index:index + 1], self.code, self.scheme,
                               *self.shape, self.dtype)[0]
 
+    @property
+    def stack(self) -> moe.Stack:
+        """What the kernels need of this stack (:class:`diffgen.kernels.moe.Stack`)."""
+        return moe.Stack(self.q, self.scale, self.code, self.scheme, *self.shape)
+
     def grouped(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """Rows of ``x`` ``(S, in)`` sorted by matrix (``ends``: int32 cumulative row counts, one
         per matrix) times their matrix, transposed: ``(S, out)`` in ``x``'s dtype."""
@@ -159,6 +166,8 @@ class QuantizedExperts(nn.Module):
         self.act_fn = original.act_fn
         self.gate_up_proj = QuantizedStack(scheme, experts, two_inter, hidden, dtype, device)
         self.down_proj = QuantizedStack(scheme, experts, hidden, two_inter // 2, dtype, device)
+        # arange(experts) for the routing's searchsorted, kept so routing is two kernels, not three
+        self.register_buffer("boundaries", torch.arange(experts, device=device), persistent=False)
 
     @torch.no_grad()
     def store(self, name: str, tensor: torch.Tensor) -> None:
@@ -171,19 +180,15 @@ class QuantizedExperts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         """Every token through its top-k experts, weighted and summed (as transformers' experts).
 
-        Grouped: the (token, k) pairs are sorted by expert on the device, both projections run as
-        one grouped product each, and the results are weighted and summed per token in the
-        routing weights' dtype (fp32, as transformers' ``grouped_mm`` experts do;
-        :func:`diffgen.kernels.moe.combine`). No per-expert loop, no host sync.
+        Grouped (:func:`diffgen.kernels.moe.experts_forward`): the (token, k) pairs are sorted by
+        expert on the device and both projections run as one grouped product each; where the
+        Triton kernel runs, the gate_up kernel gathers the rows and applies the activation and the
+        down kernel applies the routing weights and unpermutes, leaving one sum over k (fp32, as
+        transformers' ``grouped_mm`` experts do). No per-expert loop, no host sync.
         """
-        shape = hidden_states.shape
-        flat = hidden_states.reshape(-1, shape[-1])
-        top_k = top_k_index.shape[-1]
-        perm, ends = moe.route(top_k_index, self.num_experts)
-        gate, up = self.gate_up_proj.grouped(flat[perm // top_k], ends).chunk(2, dim=-1)
-        out = self.down_proj.grouped(self.act_fn(gate) * up, ends)
-        out = moe.combine(out, top_k_weights, perm, accumulate=flat.device.type == "cpu")
-        return out.to(hidden_states.dtype).view(shape)
+        gate_up, down = self.gate_up_proj, self.down_proj
+        return moe.experts_forward(hidden_states, top_k_index, top_k_weights, gate_up.stack, down.stack, self.act_fn,
+                                   gate_up.backend, gate_up.fp8_activations, self.boundaries)
 
 
 class QuantizedLinear(nn.Module):
