@@ -86,6 +86,7 @@ import torch
 
 from diffgen.denoise.channels import split_response
 from diffgen.denoise.backends import StaticBackend
+from diffgen.denoise.fused import fusable
 from diffgen.denoise.kv import bucket
 from diffgen.denoise.loop import CompletionStats, Completion, StepEvent, cut_completion
 from diffgen.denoise.runner import FAST_CHECK_EVERY, CanvasRunner, commit_canvas, graphs_enabled
@@ -257,6 +258,9 @@ class Batcher:
                  hold: Callable[[], bool] | None = None, graphs: bool | None = None, capture: Any = None):
         if max_batch < 1:
             raise UsageError(f"max_batch must be at least 1, got {max_batch}")
+        if not fusable(loaded.model):
+            raise UsageError("continuous batching runs diffgen's fused passes, which need the whole model on one "
+                             "device", "run without --offload, or one request at a time")
         self.loaded = loaded
         self.max_batch = max_batch
         self.lock = lock if lock is not None else threading.Lock()

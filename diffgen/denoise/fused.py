@@ -42,6 +42,19 @@ def fused_enabled() -> bool:
     return os.environ.get("DIFFGEN_FUSED", "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
+def fusable(model: Any) -> bool:
+    """Whether the fused passes can run ``model``: every weight on one device, none offloaded
+    (accelerate's hooks move offloaded weights in a module's own forward, which the fused passes
+    do not call). Otherwise the fast path runs transformers' modules."""
+    cached = model.__dict__.get("_diffgen_fusable")
+    if cached is None:
+        devices = {p.device for p in model.model.decoder.parameters()}
+        cached = len(devices) == 1 and next(iter(devices)).type != "meta" and not any(
+            hasattr(module, "_hf_hook") for module in model.modules())
+        model.__dict__["_diffgen_fusable"] = cached
+    return cached
+
+
 def _f32(weight: torch.Tensor | None) -> torch.Tensor | None:
     return None if weight is None else weight.detach().float().contiguous()
 
@@ -172,7 +185,7 @@ def _rotary(fused: FusedModel, hidden: torch.Tensor, positions: torch.Tensor) ->
     return {kind: fused.rotary(hidden, positions, kind) for kind in set(fused.text_config.layer_types)}
 
 
-def _layer(fused: FusedModel, index: int, layer: FusedLayer, hidden: torch.Tensor, kv: StaticKV,
+def _layer(index: int, layer: FusedLayer, hidden: torch.Tensor, kv: StaticKV,
            masks: dict[str, torch.Tensor], rotary: dict[str, tuple], *, encoder: bool, last: bool) -> torch.Tensor:
     batch, length, width = hidden.shape
     eps = layer.eps
@@ -223,7 +236,7 @@ def decode(fused: FusedModel, kv: StaticKV, canvas: torch.Tensor, self_condition
     masks = kv.decoder_masks(hidden.dtype)
     rotary = _rotary(fused, hidden, positions)
     for index, layer in enumerate(fused.layers):
-        hidden = _layer(fused, index, layer, hidden, kv, masks, rotary, encoder=False, last=False)
+        hidden = _layer(index, layer, hidden, kv, masks, rotary, encoder=False, last=False)
     return fused.lm_head(ops.rms_norm(hidden, fused.final_norm, fused.eps))
 
 
@@ -235,5 +248,5 @@ def encode(fused: FusedModel, kv: StaticKV, tokens: torch.Tensor) -> None:
     rotary = _rotary(fused, hidden, positions)
     last = len(fused.layers) - 1
     for index, layer in enumerate(fused.layers):
-        hidden = _layer(fused, index, layer, hidden, kv, masks, rotary, encoder=True, last=index == last)
+        hidden = _layer(index, layer, hidden, kv, masks, rotary, encoder=True, last=index == last)
     kv.end_encode()

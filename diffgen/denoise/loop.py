@@ -34,7 +34,7 @@ import torch
 from diffgen.denoise.channels import split_response
 from diffgen.errors import PromptTooLongError, UsageError
 from diffgen.denoise.backends import DynamicBackend, cache_keyword, encode
-from diffgen.denoise.fused import fused_enabled
+from diffgen.denoise.fused import fusable, fused_enabled
 from diffgen.denoise.kv import bucket
 from diffgen.denoise.runner import FAST_CHECK_EVERY, CanvasRunner, commit_canvas, graphs_enabled, runner_for
 from diffgen.denoise.sampling import ExactSampler, GlobalNoise, PerRowNoise, TemperatureSchedule
@@ -262,7 +262,7 @@ class Generation:
 
     def _fused(self) -> bool:
         """Whether this generation runs diffgen's fused passes over the static cache."""
-        return not self.exact and fused_enabled()
+        return not self.exact and fused_enabled() and fusable(self.loaded.model)
 
     def _runner(self, device: torch.device) -> CanvasRunner:
         """The canvas runner, its prompts prefilled (pooled for the fused passes: graphs once a process)."""

@@ -176,8 +176,11 @@ class Engine:
         return not self.exact
 
     def batches(self, request: wire.Request) -> bool:
-        """Whether ``request`` goes to the batcher (else the serial path)."""
-        return self.fast and request.schema is None and not request.images
+        """Whether ``request`` goes to the batcher (else the serial path). The batcher runs
+        diffgen's fused passes, which need the whole model on one device (not offloaded)."""
+        from diffgen.denoise.fused import fusable
+
+        return self.fast and request.schema is None and not request.images and fusable(self.loaded.model)
 
     def screen(self, request: wire.Request) -> None:
         """The checks that need neither the model nor a worker thread, made on the event loop before
