@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -140,7 +141,8 @@ def batch(
     no_color: NoColorOption = False,
 ) -> None:
     """Generate an answer for every prompt in INPUT, writing one JSONL record per prompt."""
-    with error_funnel("interrupted; finished records are in the output — rerun with --resume to do the rest"):
+    with error_funnel("interrupted; finished records are in the output — rerun with --resume to do the rest"), \
+            contextlib.ExitStack() as held:
         from diffgen.errors import UsageError
         from diffgen.records import batch as batch_mod
         from diffgen import prompt as prompt_mod
@@ -155,7 +157,13 @@ def batch(
         size = _batch_size(batch_size)  # None: auto, decided from the memory plan once the checkpoint is known
         if input_format not in ("auto", "jsonl", "text"):
             raise UsageError(f"--format {input_format!r}: use auto, jsonl or text")
-        batch_mod.check_output(output, input_path, resume=resume, overwrite=overwrite)
+        batch_mod.check_output(output, input_path, resume=resume, overwrite=overwrite, inputs=(schema_file,))
+        if output is not None:
+            from diffgen import outputs
+
+            # One writer at a time: a second batch on the same output stops here, before it reads
+            # or writes anything (the lock goes with this process, however it ends).
+            held.enter_context(outputs.lock(output, "-o"))
         schema = None
         if schema_file is not None:
             from diffgen.denoise.schema import load_schema

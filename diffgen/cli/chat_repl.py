@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,23 +119,14 @@ class Streams:
         self.err.flush()
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename, so
-    that the file holds either the old content or all of the new one, never a part."""
-    path = Path(path).expanduser()
-    directory = path.parent if str(path.parent) else Path(".")
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False)
+def is_saved_chat(path: Path) -> bool:
+    """Whether ``path`` holds a conversation ``/save`` wrote (a JSON list of messages): a file
+    ``/save`` may replace."""
     try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(handle.name)
-        raise
+        data = json.loads(Path(path).read_bytes())
+    except ValueError:
+        return False
+    return isinstance(data, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in data)
 
 
 class Repl:
@@ -199,11 +189,16 @@ class Repl:
         if not argument:
             self.streams.error("/save needs a file name, e.g. /save chat.json")
             return
+        from diffgen import outputs
+
         data = json.dumps(self.chat.saved(), ensure_ascii=False, indent=2) + "\n"
         try:
-            atomic_write(Path(argument), data)
-        except OSError as exc:
-            self.streams.error(f"cannot save to {argument}: {exc.strerror or exc}")
+            # The one output policy: never a file that is not a saved conversation, written atomically.
+            outputs.check(Path(argument), "/save", ours=is_saved_chat, kind="a conversation /save wrote",
+                          override="remove it first to replace it")
+            outputs.write_text(Path(argument), data, "/save")
+        except DiffgenError as exc:
+            self.streams.error(str(exc))
             return
         self.streams.notice(f"saved {len(self.chat.saved())} messages to {argument}")
 

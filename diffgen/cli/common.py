@@ -46,22 +46,40 @@ def parameter_source(ctx: Any, name: str) -> Optional[str]:
         return None
 
 
-def check_output_path(path: Optional[Path], flag: str) -> None:
-    """Refuse, before anything is loaded, an output file that could not be written: its directory
-    must exist and be writable, and the path must not be a directory."""
-    if path is None or str(path) == "-":
+def check_output_path(path: Optional[Path], flag: str, *, inputs: Any = (), overwrite: bool = False,
+                      ours: Optional[Callable[[Path], bool]] = None, kind: str = "a file diffgen wrote") -> None:
+    """Refuse, before anything is loaded, an output file that could not be written or that would
+    destroy a user's file (:mod:`diffgen.outputs`: never an input, never an existing file that is not
+    ``kind`` unless ``overwrite``)."""
+    from diffgen import outputs
+
+    outputs.check(path, flag, inputs=_paths(inputs), ours=ours, kind=kind, overwrite=overwrite)
+
+
+def check_trace_path(path: Optional[Path], *, inputs: Any = (), overwrite: bool = False) -> None:
+    """``--trace``: a new file, an existing diffgen trace, or (with ``--overwrite``) any file that
+    is not an input of the command."""
+    if path is None:
         return
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise UsageError(f"{flag} {path} is a directory", "give a file name")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"{flag} {path}: the directory {parent} does not exist", f"create it first (mkdir -p {parent})")
-    if target.exists() and not os.access(target, os.W_OK):
-        raise UsageError(f"{flag} {path} is not writable", "check its permissions or choose another file")
-    if not target.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: the directory {parent} is not writable",
-                         "check its permissions or choose another directory")
+
+    def is_trace(candidate: Path) -> bool:
+        from diffgen.records.trace import is_trace as recognise
+
+        return recognise(candidate)
+
+    check_output_path(path, "--trace", inputs=inputs, overwrite=overwrite, ours=is_trace, kind="a diffgen trace")
+
+
+def _paths(inputs: Any) -> list[Any]:
+    out: list[Any] = []
+    for item in inputs or ():
+        if item is None:
+            continue
+        if isinstance(item, (list, tuple)):
+            out += [part for part in item if part is not None]
+        else:
+            out.append(item)
+    return out
 
 
 def load_model(prepared: Any, console: Any, *, quiet: bool = False, tokenizer: Any = None) -> Any:
@@ -113,6 +131,13 @@ class Observer:
 
     def __init__(self, sinks: list[Any], writer: Any, texts: Any):
         self.sinks, self.writer, self.texts = sinks, writer, texts
+        #: the trace's write error (a full disk), raised by :meth:`check` once the answer is out
+        self.failure: Optional[BaseException] = None
+
+    def check(self) -> None:
+        """Raise the trace's write error, if any (after the answer was printed: it is not lost)."""
+        if self.failure is not None:
+            raise self.failure
 
     def on_event(self, event: Any) -> None:
         from diffgen.records import trace
@@ -150,17 +175,22 @@ def observing(console: Any, tokenizer: Any, *, show_steps: bool, trace_file: Opt
         sinks: list[Any] = []
         writer = None
         if trace_file is not None:
-            try:
-                handle = stack.enter_context(open(trace_file, "w", encoding="utf-8"))
-            except OSError as exc:
-                raise UsageError(f"cannot write --trace {trace_file}: {exc.strerror or exc}") from exc
-            writer = trace.TraceWriter(handle)
+            from diffgen import outputs
+
+            # Written beside the file and renamed into place once complete; a write that fails
+            # (a full disk) stops the trace, not the run: the answer is still printed.
+            atomic = stack.enter_context(outputs.AtomicFile(trace_file, "--trace"))
+            writer = trace.TraceWriter(atomic.file)
             writer.header(model=model, prompt=prompt, settings=settings if isinstance(settings, dict) else
                           settings.to_dict(), canvas_length=canvas_length, channel_ids=channel_ids)
             sinks.append(writer)
         if show_steps:
             sinks.append(stack.enter_context(view.step_view(console, channel_ids, sys.stderr)))
-        yield Observer(sinks, writer, texts)
+        observer = Observer(sinks, writer, texts)
+        yield observer
+        if writer is not None and writer.failure is not None:
+            observer.failure = outputs.output_error(trace_file, writer.failure, "--trace")
+            atomic.discard()  # the old file (if any) stays as it was
 
 
 def read_images(paths: Optional[list[str]], prompt: Optional[str], what: str = "the prompt"
@@ -233,7 +263,8 @@ def denoise_laid_out(console: Any, tokenizer: Any, run: Callable[[Optional[Calla
                      phase: str, show_steps: bool, trace_file: Optional[Path], model: str, prompt: str,
                      settings: Any, canvas_length: int, quiet: bool) -> Any:
     """Run a laid-out generation (``fill``, ``edit``): ``run(on_event)`` returns its result, whose
-    events feed ``--show-steps`` / ``--trace`` when asked for."""
+    events feed ``--show-steps`` / ``--trace`` when asked for. Returns the result and the trace's
+    write error (``None`` when it was written), to raise once the answer is out."""
     with doing(phase):
         with observing(console, tokenizer, show_steps=show_steps, trace_file=trace_file, model=model,
                        prompt=prompt, settings=settings, canvas_length=canvas_length) as observer:
@@ -242,4 +273,4 @@ def denoise_laid_out(console: Any, tokenizer: Any, run: Callable[[Optional[Calla
             if observer is not None:
                 observer.finish(result.text, {"steps_per_canvas": list(result.steps_per_canvas),
                                               "seconds": result.seconds})
-    return result
+    return result, (observer.failure if observer is not None else None)

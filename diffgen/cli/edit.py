@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffgen.cli.common import check_output_path, denoise_laid_out, exclusive, load_model, prepare_generation
+from diffgen.cli.common import check_trace_path, denoise_laid_out, exclusive, load_model, prepare_generation
 from diffgen.cli.funnel import doing
 from diffgen.cli.options import (
     DEFAULT_MODEL,
@@ -23,6 +23,7 @@ from diffgen.cli.options import (
     MaxMemoryOption,
     ModelOption,
     NoColorOption,
+    OverwriteOption,
     OffloadOption,
     OfflineOption,
     QuantOption,
@@ -86,6 +87,7 @@ def edit(
     quiet: QuietOption = False,
     show_steps: ClampedShowStepsOption = False,
     trace_file: ClampedTraceOption = None,
+    overwrite: OverwriteOption = False,
     no_color: NoColorOption = False,
 ) -> None:
     """Revise the marked spans of FILE as INSTRUCTION says; print the revised file (or a diff) on stdout."""
@@ -97,7 +99,7 @@ def edit(
     raw, system = exclusive(ctx, "a system prompt needs the chat template; drop --raw", raw=raw, system=system)
     exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
     exact_loop = sampler_choice(exact, fast, compile)
-    check_output_path(trace_file, "--trace")
+    check_trace_path(trace_file, inputs=(file,), overwrite=overwrite)
     flags = sampler_flags(steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, stability=stability,
                           confidence=confidence)
 
@@ -137,7 +139,7 @@ def edit(
             f"grow, {len(plan.tokens)} positions in whole canvases) do not fit the model's context",
             "revise a shorter file or mark fewer spans") from exc
     loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
-    result = denoise_laid_out(
+    result, trace_failure = denoise_laid_out(
         console, tokenizer,
         lambda on_event: edit_mod.edit(loaded, prefix, document, settings, exact=exact_loop, compile=compile,
                                        on_event=on_event),
@@ -150,3 +152,5 @@ def edit(
         else:
             sys.stdout.write(result.text)
         sys.stdout.flush()
+    if trace_failure is not None:
+        raise trace_failure  # the answer is out; the trace could not be written

@@ -238,3 +238,8 @@ ClampedTraceOption = Annotated[
     typer.Option("--trace", dir_okay=False, show_default=False,
                  help="Write a JSONL trace of every step, clamped positions marked fixed, for `diffgen replay`."),
 ]
+OverwriteOption = Annotated[
+    bool,
+    typer.Option("--overwrite", help="Replace an existing --trace file even if it is not a diffgen trace (an input "
+                                     "of the command is never replaced)."),
+]

@@ -226,21 +226,27 @@ def changed_settings(stored: dict[str, Any], current: dict[str, Any]) -> dict[st
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    from diffgen import outputs
+
+    outputs.write_bytes(path, data)
+
+
+def is_settings_file(path: Path) -> bool:
+    """Whether ``path`` holds a settings file diffgen wrote (one that a new output may replace)."""
     try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        data = json.loads(Path(path).read_bytes())
+    except ValueError:
+        return False
+    return isinstance(data, dict) and isinstance(data.get("settings"), dict)
 
 
-def check_output(output: Path | None, input_path: str, *, resume: bool, overwrite: bool) -> None:
+def check_output(output: Path | None, input_path: str, *, resume: bool, overwrite: bool,
+                 inputs: Sequence[Any] = ()) -> None:
     """Everything about ``-o`` that can be refused before a model is read (usage errors, exit 2):
-    conflicting flags, a missing or read-only directory, a read-only output, the input itself."""
+    conflicting flags, a missing or read-only directory, a read-only output, the input itself (or
+    another input of the command, ``inputs``), a settings file beside it that diffgen did not write."""
+    from diffgen import outputs
+
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other",
                          "--resume continues OUTPUT, --overwrite replaces it: pass one")
@@ -248,9 +254,13 @@ def check_output(output: Path | None, input_path: str, *, resume: bool, overwrit
         if resume:
             raise UsageError("--resume needs -o OUTPUT (there is nothing to resume on stdout)")
         return
-    if input_path != "-" and _same_file(Path(input_path), output):
+    if input_path != "-" and outputs.same_file(Path(input_path), output):
         raise UsageError(f"-o {output} is the input file itself",
                          "write the records to another file; the prompts would be lost")
+    for other in inputs:
+        if other is not None and outputs.same_file(other, output):
+            raise UsageError(f"-o {output} is an input of this command ({other})",
+                             "write the records to another file; the input would be destroyed")
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"-o {output}: the directory {parent} does not exist", "create it first")
@@ -259,19 +269,18 @@ def check_output(output: Path | None, input_path: str, *, resume: bool, overwrit
     exists = output.exists() and output.stat().st_size > 0
     if exists and not (resume or overwrite):
         raise UsageError(f"{output} already exists", "pass --resume to continue it or --overwrite to replace it")
+    for other in (input_path, *inputs):
+        if other is not None and other != "-" and outputs.same_file(other, settings_path(output)):
+            raise UsageError(f"-o {output}: its settings file {settings_path(output)} would replace an input of "
+                             "this command", "write the records to another file")
+    outputs.check(settings_path(output), "-o", ours=is_settings_file, kind="a diffgen settings file",
+                  overwrite=overwrite, override="pass --overwrite to replace it (and the output)")
     if output.exists():
         try:  # the real test: os.access says yes to root even where the file system says no
             os.close(os.open(output, os.O_WRONLY | os.O_APPEND))
         except OSError as exc:
             raise UsageError(f"cannot write {output}: {exc.strerror or exc}",
                              "make it writable, or write to another file") from exc
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist: compare where they would be
-        return a.resolve() == b.resolve()
 
 
 class Output:

@@ -183,14 +183,24 @@ def _fixed(event: Any, row: int) -> list[bool] | None:
 
 
 class TraceWriter:
-    """Writes a trace as JSON Lines, one flushed line per record."""
+    """Writes a trace as JSON Lines, one flushed line per record.
+
+    A write that fails (a full disk) does not stop the run being traced: the writer keeps the
+    error in ``failure`` and writes nothing more; the command reports it once the answer is out.
+    """
 
     def __init__(self, out: IO[str]):
         self.out = out
+        self.failure: OSError | None = None
 
     def _line(self, kind: str, data: dict[str, Any]) -> None:
-        self.out.write(json.dumps({"type": kind, **data}, ensure_ascii=False) + "\n")
-        self.out.flush()
+        if self.failure is not None:
+            return
+        try:
+            self.out.write(json.dumps({"type": kind, **data}, ensure_ascii=False) + "\n")
+            self.out.flush()
+        except OSError as exc:
+            self.failure = exc
 
     def header(self, *, model: str, prompt: str, settings: dict[str, Any], canvas_length: int,
                channel_ids: Sequence[int] | None) -> None:
@@ -221,6 +231,18 @@ class Trace:
     def channel_ids(self) -> tuple[int, int] | None:
         ids = self.header.get("channel_ids")
         return tuple(ids) if ids else None
+
+
+def is_trace(path: Path) -> bool:
+    """Whether ``path`` holds a diffgen trace (its first line is a trace header): a file that
+    ``--trace`` may replace without ``--overwrite``."""
+    with open(path, "rb") as handle:
+        first = handle.readline(1 << 22)
+    try:
+        data = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("type") == "header" and "version" in data
 
 
 def read_trace(path: Path) -> Trace:
