@@ -146,7 +146,7 @@ def edit(
         phase="revising the file", show_steps=show_steps, trace_file=trace_file, model=model,
         prompt=instruction, settings=settings, canvas_length=canvas_length, quiet=quiet)
 
-    with doing("writing the answer"):
+    with doing("writing the answer to stdout"):
         if diff:
             sys.stdout.write(edit_mod.unified_diff(result.original, result.text, Path(file).name))
         else:

@@ -178,7 +178,7 @@ def fill(
         phase="filling the template", show_steps=show_steps, trace_file=trace_file, model=model,
         prompt=prompt or "", settings=settings, canvas_length=canvas_length, quiet=quiet)
 
-    with doing("writing the answer"):
+    with doing("writing the answer to stdout"):
         if json_output:
             render.write_json(fill_record(result, model=model), sys.stdout)
         else:

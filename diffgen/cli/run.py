@@ -213,7 +213,7 @@ def run(
                                            vision=[vision])
     completion = result.completions[0]
 
-    with doing("writing the answer"):
+    with doing("writing the answer to stdout"):
         if json_output:
             render.write_json(render.completion_record(completion, result, model=model), sys.stdout)
         else:
@@ -275,7 +275,7 @@ def _remote_run(server: str, text: str, console: Any, *, model: Optional[str], s
                 with status(console, "Denoising on the server", quiet=quiet):
                     answer = client.complete(body, chat=chat)
 
-    with doing("writing the answer"):
+    with doing("writing the answer to stdout"):
         if json_output:
             render.write_json(remote.record(answer, model=served.id, seed=seed, settings=settings), sys.stdout)
         else:
@@ -313,7 +313,7 @@ def _schema_run(prepared: Any, tokenizer: Any, ids: list[int], schema: dict, con
         with status(console, "Denoising", quiet=quiet):
             result = schema_mod.generate_json(loaded, ids, schema, settings, retries=retries, exact=exact,
                                               compile=compile, vocab=vocab)
-    with doing("writing the answer"):
+    with doing("writing the answer to stdout"):
         if json_output:
             render.write_json(schema_record(result, model=model), sys.stdout)
         else:
