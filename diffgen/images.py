@@ -315,6 +315,22 @@ def encode(processor: Any, text: str, pictures: Sequence[Picture], *, system: st
     return encode_turns(processor, turns, think=think)
 
 
+def check_positions(vision: VisionInputs | None, config: dict[str, Any], pictures: Sequence[Picture]) -> None:
+    """Refuse an image whose patch grid the vision tower cannot place (a very wide or tall one:
+    its patches' x or y index runs past the tower's position table) with one line naming it."""
+    size = (config.get("vision_config") or {}).get("position_embedding_size")
+    if vision is None or not size:
+        return
+    positions = vision.image_position_ids
+    for index, picture in enumerate(pictures[: int(positions.shape[0])]):
+        across, down = (int(v) + 1 for v in positions[index].reshape(-1, 2).max(dim=0).values.tolist())
+        if max(across, down) > int(size):
+            shape = "wide" if picture.width >= picture.height else "tall"
+            raise ImageError(f"{picture.name} ({picture.width} x {picture.height}) is too {shape} for this model's "
+                             f"vision tower ({max(across, down)} patches in a row, at most {size})",
+                             "crop it, or pad it toward a square")
+
+
 def check_image_context(vision: VisionInputs | None, prompt_tokens: int, limit: int | None, canvas_tokens: int
                         ) -> None:
     """A clearer error than the generic one when the images are what overflows the context."""

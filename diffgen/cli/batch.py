@@ -444,6 +444,7 @@ def _run(batch_mod: Any, items: list, loaded: Any, defaults: Any, base_seed: int
                                                    loaded.model.config.to_dict()))
         ids, vision = images.encode(processor[0], job.prompt, pictures, system=job.system or system,
                                     think=job.think or think)
+        images.check_positions(vision, loaded.model.config.to_dict(), pictures)
         canvas = int(loaded.model.config.canvas_length)
         images.check_image_context(vision, len(ids), loaded.model.config.get_text_config().max_position_embeddings,
                                    -(-settings.max_new_tokens // canvas) * canvas)

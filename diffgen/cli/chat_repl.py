@@ -336,14 +336,34 @@ def line_reader(stdin: IO[str], err: IO[str]) -> Callable[[str], str]:
     :func:`history_path`) when ``stdin`` is a terminal, else plain lines with no prompt."""
     if _isatty(stdin):
         return terminal_reader(err)
-    return plain_reader(stdin)
+    return plain_reader(stdin, err)
 
 
-def plain_reader(stdin: IO[str]) -> Callable[[str], str]:
+def plain_reader(stdin: IO[str], err: Optional[IO[str]] = None) -> Callable[[str], str]:
+    """Lines of a piped stdin, read as bytes: at most :data:`~diffgen.prompt.MAX_INPUT_BYTES` a line
+    (an endless line is one clear error, not all of the memory), bytes that are not UTF-8 replaced
+    by U+FFFD with a warning on ``err`` (as ``diffgen run`` does)."""
+    from diffgen import prompt as prompt_mod
+
+    buffer = getattr(stdin, "buffer", None)
+    number = 0
+
     def read(prompt: str) -> str:
-        line = stdin.readline()
+        nonlocal number
+        if buffer is None:  # a text stream (tests): already decoded
+            line = stdin.readline(prompt_mod.MAX_INPUT_BYTES + 1)
+        else:
+            data = buffer.readline(prompt_mod.MAX_INPUT_BYTES + 1)
+            number += 1
+            line, warning = prompt_mod.decode_input(data, f"line {number} of stdin")
+            if warning and err is not None:
+                err.write(f"diffgen: warning: {warning}\n")
         if not line:
             raise EOFError
+        if len(line) > prompt_mod.MAX_INPUT_BYTES:
+            raise prompt_mod.PromptTooLongError(
+                f"a line of stdin holds more than {prompt_mod.MAX_INPUT_BYTES >> 20} MiB of text, more than a "
+                "model's context can take", "give shorter messages")
         return line.rstrip("\n")
 
     return read

@@ -229,6 +229,7 @@ def encode_with_images(prepared: Any, tokenizer: Any, text: str, pictures: list[
     with doing("preprocessing the images"):
         processor = images.load_processor(prepared.checkpoint.path, tokenizer, prepared.config)
         ids, vision = images.encode(processor, text, pictures, system=system, think=think)
+        images.check_positions(vision, prepared.config, pictures)
     settings = settings or prepared.settings
     text_config = prepared.config.get("text_config", prepared.config)
     canvas = int(prepared.config.get("canvas_length", 256))

@@ -104,14 +104,15 @@ def edit(
                           confidence=confidence)
 
     with doing("reading the file"):
+        data = prompt_mod.read_file(file, "the file")
         try:
-            data = Path(file).read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read {file}: {exc.strerror or exc}",
-                             "give the path of a text file to revise") from exc
-        text, warning = prompt_mod.decode_input(data, str(file))
-        if warning and not quiet:
-            typer.echo(f"diffgen: warning: {warning}", err=True)
+            # Everything outside the spans is printed byte for byte, so bytes that are not UTF-8
+            # cannot go through text: refuse them rather than turn them into U+FFFD.
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{file} is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}), and edit keeps "
+                             "every byte outside the spans exactly", "convert it first, e.g. iconv -f latin1 -t utf-8"
+                             ) from exc
         document = edit_mod.parse_lines(text, lines) if lines else edit_mod.parse_marked(text)
 
     from diffgen.ui import render

@@ -192,6 +192,9 @@ def run(
     # Tokenise and check the context before the (long) weight load.
     with doing("loading the tokenizer"):
         tokenizer = loader.load_tokenizer(prepared.checkpoint.path)
+        # Refused by its size before it is tokenised (50 MB of text would take a minute and GBs).
+        prompt_mod.check_fits(composed.text, prepared.config.get("text_config", prepared.config)
+                              .get("max_position_embeddings"), tokenizer)
         ids = prompt_mod.encode(tokenizer, composed.text, system=system, think=think, raw=raw)
     vision = None
     if pictures:

@@ -415,13 +415,15 @@ class Engine:
         except DiffgenError as exc:
             param = next((key for key in ("t_min", "t_max") if key in request.flags), None)
             raise wire.invalid(None, exc.message, param=param) from exc
-        pictures = iter([self.request_image(url, where) for url, where in request.images])
+        read = [self.request_image(url, where) for url, where in request.images]
+        pictures = iter(read)
         turns = [turn if isinstance(turn["content"], str) else
                  {**turn, "content": [{"type": "image", "image": next(pictures).image} if part["type"] == "image"
                                       else part for part in turn["content"]]}
                  for turn in request.messages]
         try:
             ids, vision = images.encode_turns(self.image_processor(), turns, think=request.think)
+            images.check_positions(vision, self.loaded.model.config.to_dict(), read)
             check_context(self.loaded.model, len(ids), settings)
         except PromptTooLongError as exc:
             raise wire.ApiError(400, f"{exc.message}; send fewer images, shorten the prompt or lower max_tokens",
