@@ -27,6 +27,10 @@ LIBRARY_DEFAULTS: dict[str, Any] = {
 }
 RELEASED_MODEL = "google/diffusiongemma-26B-A4B-it"
 SEED_LIMIT = 2**63  # torch.manual_seed takes a 64-bit integer; seeds are 0 <= seed < 2**63
+#: Most denoising steps per canvas any front end takes (the checkpoint's default is 48; a server
+#: caps lower, ``serve --max-steps``): a canvas costs one decoder pass per step, so a typo such as
+#: ``--steps 1000000000`` would otherwise run for days.
+MAX_STEPS = 1024
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ _LABELS = {flag.field: flag.label for flag in SAMPLER_FLAGS} | {"seed": "seed"}
 # tests/test_settings.py checks the two agree at every bound).
 FIELD_SCHEMAS: dict[str, dict[str, Any]] = {
     "max_new_tokens": {"type": "integer", "minimum": 1},
-    "max_denoising_steps": {"type": "integer", "minimum": 1},
+    "max_denoising_steps": {"type": "integer", "minimum": 1, "maximum": MAX_STEPS},
     "stability_threshold": {"type": "integer", "minimum": 0},
     "entropy_bound": {"type": "number", "exclusiveMinimum": 0},
     "t_min": {"type": "number", "minimum": 0},
@@ -84,7 +88,11 @@ def field_problem(field: str, value: Any) -> str | None:
     """
     if value is None:
         return None
-    if field in ("max_new_tokens", "max_denoising_steps"):
+    if field == "max_denoising_steps":
+        if _is_int(value) and 0 < value <= MAX_STEPS:
+            return None
+        return f"must be an integer from 1 to {MAX_STEPS} (got {value})"
+    if field == "max_new_tokens":
         return None if _is_int(value) and value > 0 else f"must be a positive integer (got {value})"
     if field == "stability_threshold":
         return None if _is_int(value) and value >= 0 else f"must be an integer >= 0 (got {value})"

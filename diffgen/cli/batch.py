@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli.common import load_model, parameter_source, read_input, refuse_local_only
+from diffgen.cli.common import check_new_tokens, load_model, parameter_source, read_input, refuse_local_only
 from diffgen.cli.funnel import error_funnel
 from diffgen.cli.options import (
     DEFAULT_MODEL,
@@ -197,6 +197,7 @@ def batch(
             **sampler_flags(max_new_tokens, steps, entropy_bound, t_min, t_max, stability, confidence),
         )
         defaults = prepared.settings
+        check_new_tokens(prepared)
         if output is not None:
             kept = _kept_settings(prepared, model=model, seed=seed, system=system, raw=raw, think=think)
             kept["schema"] = schema

@@ -249,6 +249,20 @@ def refuse_local_only(ctx: Any, flags: dict[str, str], where: str = "--server") 
                              f"drop {flag} (the server decides how it runs the model), or drop {where} to run here")
 
 
+def check_new_tokens(prepared: Any, flag: str = "--max-new-tokens") -> None:
+    """Refuse, before the weights are read, a token budget that no prompt could fit: its whole
+    canvases alone run past the model's context (a prompt's own check comes once it is tokenised)."""
+    config = prepared.config
+    limit = config.get("text_config", config).get("max_position_embeddings")
+    canvas = int(config.get("canvas_length", 256))
+    wanted = prepared.settings.max_new_tokens
+    need = -(-wanted // canvas) * canvas
+    if limit and need >= int(limit):
+        most = (int(limit) - 1) // canvas * canvas
+        raise UsageError(f"{flag} {wanted} needs {need:,} positions in whole canvases of {canvas}, more than the "
+                         f"model's context of {int(limit):,}", f"lower {flag} (at most {most:,} leaves room for a prompt)")
+
+
 def prepare_generation(model: str, *, seed: Optional[int], flags: dict[str, Any], **load: Any) -> Any:
     """``prepare()`` with the sampler flags and a seed (a fresh random one when none was given),
     named for the error funnel."""
