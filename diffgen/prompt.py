@@ -8,12 +8,13 @@ prompt argument comes last.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from diffgen.errors import PromptTooLongError, UsageError
+from diffgen.errors import DiffgenError, PromptTooLongError, UsageError
 
 #: The most bytes of prompt text read from stdin and files together, whatever the model: more than
 #: any DiffusionGemma context holds (262,144 tokens of at most a few hundred bytes each would be
@@ -167,7 +168,29 @@ def encode_messages(tokenizer: Any, turns: Sequence[dict[str, str]], *, think: b
     user turn is this with :func:`messages`; the server's chat endpoint sends whole conversations."""
     if not getattr(tokenizer, "chat_template", None):
         raise UsageError("this checkpoint's tokenizer has no chat template", "use --raw to send the text as is")
-    rendered = tokenizer.apply_chat_template(
-        list(turns), add_generation_prompt=True, tokenize=False, enable_thinking=think
-    )
+    with template_errors(tokenizer):
+        rendered = tokenizer.apply_chat_template(
+            list(turns), add_generation_prompt=True, tokenize=False, enable_thinking=think
+        )
     return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+@contextlib.contextmanager
+def template_errors(tokenizer: Any) -> Iterator[None]:
+    """A chat template that does not compile (or raises while rendering) becomes a
+    :class:`DiffgenError` naming the file that holds it, instead of jinja2's exception."""
+    import jinja2
+
+    try:
+        yield
+    except jinja2.TemplateError as exc:
+        where = Path(str(getattr(tokenizer, "name_or_path", "") or "."))
+        source = where / "chat_template.jinja"
+        if not source.is_file():
+            source = where / "tokenizer_config.json"
+        line = getattr(exc, "lineno", None)
+        if isinstance(exc, jinja2.TemplateSyntaxError):
+            raise DiffgenError(f"the chat template in {source} has a syntax error{f' on line {line}' if line else ''}:"
+                               f" {exc.message}", "fix the template, or pass --raw to send the text as is") from exc
+        raise DiffgenError(f"the chat template in {source} refused the conversation: {exc}",
+                           "check the messages' roles and order, or pass --raw") from exc
