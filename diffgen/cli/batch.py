@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli.common import check_new_tokens, load_model, parameter_source, read_input, refuse_local_only
+from diffgen.cli.common import check_new_tokens, load_model, offload_note, parameter_source, read_input, refuse_local_only
 from diffgen.cli.funnel import error_funnel
 from diffgen.cli.options import (
     DEFAULT_MODEL,
@@ -198,6 +198,7 @@ def batch(
         )
         defaults = prepared.settings
         check_new_tokens(prepared)
+        offload_note(prepared, offload, quiet=quiet)
         if output is not None:
             kept = _kept_settings(prepared, model=model, seed=seed, system=system, raw=raw, think=think)
             kept["schema"] = schema

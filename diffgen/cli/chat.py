@@ -170,7 +170,7 @@ def _local(model: str, flags: dict[str, Any], *, seed: Optional[int], exact: Opt
     from diffgen.loading import loader
     from diffgen.ui import render
 
-    prepared = prepare_generation(model, seed=seed, flags=flags, **load)
+    prepared = prepare_generation(model, seed=seed, flags=flags, quiet=quiet, **load)
     check_new_tokens(prepared)
     with doing("loading the tokenizer"):
         tokenizer = loader.load_tokenizer(prepared.checkpoint.path)

@@ -263,7 +263,8 @@ def check_new_tokens(prepared: Any, flag: str = "--max-new-tokens") -> None:
                          f"model's context of {int(limit):,}", f"lower {flag} (at most {most:,} leaves room for a prompt)")
 
 
-def prepare_generation(model: str, *, seed: Optional[int], flags: dict[str, Any], **load: Any) -> Any:
+def prepare_generation(model: str, *, seed: Optional[int], flags: dict[str, Any], quiet: bool = False,
+                       **load: Any) -> Any:
     """``prepare()`` with the sampler flags and a seed (a fresh random one when none was given),
     named for the error funnel."""
     import secrets
@@ -271,7 +272,16 @@ def prepare_generation(model: str, *, seed: Optional[int], flags: dict[str, Any]
     from diffgen.loading.prepare import prepare
 
     with doing("planning the load"):
-        return prepare(model, **load, **flags, seed=seed if seed is not None else secrets.randbelow(2**31))
+        prepared = prepare(model, **load, **flags, seed=seed if seed is not None else secrets.randbelow(2**31))
+    offload_note(prepared, bool(load.get("offload")), quiet=quiet)
+    return prepared
+
+
+def offload_note(prepared: Any, offload: bool, *, quiet: bool = False) -> None:
+    """``--offload`` on the CPU moves nothing: say so rather than ignore the flag silently."""
+    if offload and prepared.plan.device == "cpu" and not quiet:
+        typer.echo("diffgen: warning: --offload has no effect: the model runs on the CPU, where every layer already "
+                   "is (it moves layers off a GPU)", err=True)
 
 
 def denoise_laid_out(console: Any, tokenizer: Any, run: Callable[[Optional[Callable[[Any], None]]], Any], *,

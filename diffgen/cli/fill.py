@@ -142,7 +142,7 @@ def fill(
     from diffgen.ui import render
 
     console = render.error_console()
-    prepared = prepare_generation(model, seed=seed, flags=flags, offline=offline, device=device, quant=quant,
+    prepared = prepare_generation(model, seed=seed, flags=flags, quiet=quiet, offline=offline, device=device, quant=quant,
                                   max_memory=max_memory, offload=offload, images=len(pictures))
     from diffgen.denoise import fill as fill_mod
     from diffgen.denoise import loop as generate

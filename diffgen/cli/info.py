@@ -9,7 +9,14 @@ from typing import Annotated, Any, Optional
 import typer
 
 from diffgen.cli.funnel import doing
-from diffgen.cli.options import DeviceOption, MaxMemoryOption, NoColorOption, OfflineOption, complete_model
+from diffgen.cli.options import (
+    DeviceOption,
+    MaxMemoryOption,
+    NoColorOption,
+    OfflineOption,
+    complete_model,
+    not_blank,
+)
 
 EPILOG = (
     "Examples:\n\n"
@@ -25,6 +32,7 @@ def info(
     model: Annotated[
         Optional[str],
         typer.Option("--model", "-m", envvar="DIFFGEN_MODEL", show_default=False, autocompletion=complete_model,
+                     callback=not_blank,
                      help="A Hub id (in the cache, or its config.json fetched) or a directory with config.json."),
     ] = None,
     device: DeviceOption = "auto",

@@ -81,9 +81,17 @@ def _no_color(ctx: typer.Context, value: bool) -> bool:
     return value
 
 
+def not_blank(ctx: typer.Context, value: Any) -> Any:
+    """A click callback that refuses an empty or blank name (``-m ""``, ``pull ""``)."""
+    if not ctx.resilient_parsing and isinstance(value, str) and not value.strip():
+        raise typer.BadParameter("must name a checkpoint: a Hub id (org/name) or a directory")
+    return value
+
+
 ModelOption = Annotated[
     str,
     typer.Option("--model", "-m", envvar="DIFFGEN_MODEL", show_envvar=True, autocompletion=complete_model,
+                 callback=not_blank,
                  help="Hub id (resolved through the Hugging Face cache) or local checkpoint directory."),
 ]
 ExactOption = Annotated[
@@ -185,7 +193,7 @@ ImageOption = Annotated[
     typer.Option("--image", "-i", show_default=False, metavar="<file>",
                  help="Show the model an image (PNG, JPEG, WebP, GIF, BMP; repeatable, placed before the prompt in "
                       "order). - reads one from stdin when the prompt is an argument. Needs pillow: "
-                      "pip install 'diffgen[images]'."),
+                      "pip install 'diffgen\\[images]'."),
 ]
 NoStdinOption = Annotated[
     bool,

@@ -62,7 +62,7 @@ EPILOG = (
     '  diffgen run --think --stats "Is 1001 prime?"\n\n'
     '  diffgen run --show-steps --trace run.jsonl "Write a haiku"\n\n'
     '  diffgen run --json --seed 1 "Hello" | jq .text\n\n'
-    '  diffgen run --image photo.png "What is in this picture?"   (needs pip install \'diffgen[images]\')\n\n'
+    '  diffgen run --image photo.png "What is in this picture?"   (needs pip install \'diffgen\\[images]\')\n\n'
     '  while read -r p; do diffgen run --no-stdin "$p"; done < prompts.txt   (a loop: keep stdin for read)\n\n'
     "A piped stdin is part of the prompt, so in a shell loop reading a file pass --no-stdin "
     "(or < /dev/null), or the first call swallows the rest of the file. "
@@ -183,7 +183,7 @@ def run(
                     think=think, flags=flags, seed=seed, json_output=json_output, stats=stats, show_steps=show_steps,
                     trace_file=trace_file, quiet=quiet, pictures=pictures)
         return
-    prepared = prepare_generation(model, seed=seed, flags=flags, offline=offline, device=device, quant=quant,
+    prepared = prepare_generation(model, seed=seed, flags=flags, quiet=quiet, offline=offline, device=device, quant=quant,
                                   max_memory=max_memory, offload=offload, images=len(pictures))
     settings = prepared.settings
     from diffgen.denoise import loop as generate

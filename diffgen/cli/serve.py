@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli.common import exclusive, load_model
+from diffgen.cli.common import exclusive, load_model, offload_note
 from diffgen.cli.funnel import doing
 from diffgen.cli.options import (
     DEFAULT_MODEL,
@@ -150,6 +150,7 @@ def serve(
     with doing("planning the load"):
         prepared = prepare(model, offline=offline, device=device, quant=quant, max_memory=max_memory,
                            offload=offload)
+    offload_note(prepared, offload, quiet=quiet)
     loaded = load_model(prepared, console, quiet=quiet)
 
     with doing("starting the server"):
