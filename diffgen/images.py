@@ -27,11 +27,12 @@ The only extra package is pillow: ``pip install 'diffgen[images]'`` (:data:`EXTR
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,8 +296,9 @@ def encode_turns(processor: Any, turns: Sequence[dict[str, Any]], *, think: bool
     if not getattr(processor, "chat_template", None):
         raise UsageError("this checkpoint's tokenizer has no chat template, which places the images",
                          "drop --raw or the images")
-    out = processor.apply_chat_template(list(turns), add_generation_prompt=True, tokenize=True, return_dict=True,
-                                        return_tensors="pt", enable_thinking=think)
+    with _quiet_transformers():  # e.g. "The channel dimension is ambiguous" for a 3-pixel-wide image
+        out = processor.apply_chat_template(list(turns), add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            return_tensors="pt", enable_thinking=think)
     ids = out["input_ids"][0].tolist()
     if "pixel_values" not in out:
         return ids, None
@@ -305,6 +307,25 @@ def encode_turns(processor: Any, turns: Sequence[dict[str, Any]], *, think: bool
     return ids, VisionInputs(pixel_values=out["pixel_values"], image_position_ids=out["image_position_ids"],
                              token_types=tuple(int(t) for t in types), images=int(out["pixel_values"].shape[0]),
                              image_tokens=sum(1 for t in ids if t == image_token_id))
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' own warnings off for the body (diffgen checks the images itself and says what
+    matters in its own words); ``DIFFGEN_DEBUG=1`` keeps them."""
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    if os.environ.get("DIFFGEN_DEBUG"):
+        yield
+        return
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def encode(processor: Any, text: str, pictures: Sequence[Picture], *, system: str | None = None,

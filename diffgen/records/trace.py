@@ -110,6 +110,7 @@ class TokenTexts:
         vocab_ids = [tokenizer.convert_tokens_to_ids(t) for t in (CHANNEL_OPEN, CHANNEL_CLOSE)]
         unk = tokenizer.unk_token_id
         self.channel_ids = None if any(i is None or i == unk for i in vocab_ids) else tuple(vocab_ids)
+        self.separator = _separator(tokenizer)
 
     def piece(self, token_id: int) -> str:
         text = self._cache.get(token_id)
@@ -119,8 +120,12 @@ class TokenTexts:
         return text
 
     def texts(self, ids: Sequence[int], keep: Sequence[bool] | None = None) -> list[str]:
-        """Texts for ``ids``; positions where ``keep`` is false get ``""`` without decoding."""
+        """Texts for ``ids``; positions where ``keep`` is false get ``""`` without decoding. A
+        tokenizer that joins tokens with a space when it decodes (word-level ones) gets that space
+        before every token but the first, so that the texts join as the answer is decoded."""
         out = [self.piece(t) if keep is None or keep[i] else "" for i, t in enumerate(ids)]
+        if self.separator:
+            out = [self.separator + text if i and text else text for i, text in enumerate(out)]
         i = 0
         while i < len(out):
             if "\ufffd" not in out[i]:
@@ -134,6 +139,23 @@ class TokenTexts:
                 out[i:j] = [joined] + [""] * (j - i - 1)
             i = max(j, i + 1)
         return out
+
+
+def _separator(tokenizer: Any) -> str:
+    """What ``tokenizer.decode`` puts between two tokens beyond their own texts: ``" "`` for
+    word-level tokenizers (no decoder: tokens joined with spaces), ``""`` for the usual ones."""
+    try:
+        special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+        probe = [i for i in range(min(len(tokenizer), 512)) if i not in special][-2:]
+        if len(probe) < 2:
+            return ""
+        alone = [tokenizer.decode([i], skip_special_tokens=True) for i in probe]
+        joined = tokenizer.decode(probe, skip_special_tokens=True)
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot say: draw the pieces as they are
+        return ""
+    if not all(alone) or "\ufffd" in joined:
+        return ""
+    return " " if joined == alone[0] + " " + alone[1] and not alone[1].startswith(" ") else ""
 
 
 def records(events: Iterable[Any], texts: TokenTexts, row: int = 0) -> Iterator[Record]:
