@@ -29,6 +29,7 @@ TRACE = (json.dumps({"type": "header", "version": 1, "model": "m", "prompt": "p"
                      "channel_ids": None}) + "\n"
          + json.dumps({"type": "result", "text": "t", "thoughts": "", "finish_reason": "length", "stats": {}}) + "\n")
 NESTED = "{\"type\":\"array\",\"maxItems\":1,\"items\":" * 200 + "{\"type\":\"null\"}" + "}" * 200
+NESTED_40 = "{\"type\":\"array\",\"maxItems\":1,\"items\":" * 40 + "{\"type\":\"null\"}" + "}" * 40
 
 
 @pytest.fixture
@@ -89,7 +90,7 @@ CASES = [
     ("batch-onto-its-input", ["batch", "-m", "{ckpt}", "p.txt", "-o", "p.txt"], None, 2,
      ["input file itself"], ["p.txt"]),
     ("batch-onto-its-schema", ["batch", "-m", "{ckpt}", "p.txt", "-o", "minmax.json", "--overwrite", "--schema",
-                               "minmax.json"], None, 2, ["minimum 10 above maximum 1"], ["minmax.json"]),
+                               "minmax.json"], None, 2, ["-o minmax.json is an input"], ["minmax.json"]),
     ("batch-settings-file-not-ours", ["batch", "-m", "{ckpt}", "p.txt", "-o", "out.jsonl"], None, 2,
      ["out.jsonl.settings.json already exists and is not a diffgen settings file"], ["out.jsonl.settings.json"]),
     # 3. memory stays bounded
@@ -210,7 +211,7 @@ def test_a_trace_that_cannot_be_written_still_prints_the_answer(tiny_checkpoint,
     old = tmp_path / "t.jsonl"
     old.write_text(TRACE)
     common = f"-m {tiny_checkpoint} --seed 3 --max-new-tokens 4 --steps 2"
-    expected = run_cli(*common.split(), "Hi").stdout
+    expected = run_cli("run", "-q", *common.split(), "Hi").stdout
     done = run_cli(shell=f"ulimit -f 2; cd {tmp_path} && {sys.executable} -m diffgen run -q {common} "
                          "--trace t.jsonl Hi")
     assert done.returncode == 1
@@ -356,7 +357,9 @@ BODIES = [
     ("top-p-list", CHAT + ', "top_p": [1]}', 422, "top_p: must be a number"),
     ("user-number", CHAT + ', "user": 5}', 422, "user: must be a string"),
     ("schema-200-deep", CHAT + ', "response_format": {"type": "json_schema", "json_schema": {"schema": '
-     + NESTED + "}}}", 422, "nests more than the 32"),
+     + NESTED + "}}}", 400, "nests deeper than 64"),
+    ("schema-40-deep", CHAT + ', "response_format": {"type": "json_schema", "json_schema": {"schema": '
+     + NESTED_40 + "}}}", 422, "nests more than the 32"),
     ("schema-min-above-max", CHAT + ', "response_format": {"type": "json_schema", "json_schema": {"schema": '
      '{"type": "integer", "minimum": 10, "maximum": 1}}}}', 422, "minimum 10 above maximum 1"),
     ("schema-max-length-zero", CHAT + ', "response_format": {"type": "json_schema", "json_schema": {"schema": '
@@ -381,23 +384,23 @@ def test_models_lists_the_fields_that_have_no_effect(http):
                                                    "steps": 2, "temperature": 0.2}).status_code == 200
 
 
-def test_a_failure_in_a_route_is_a_500_object_not_a_dropped_connection():
+def test_a_failure_in_a_route_is_a_500_object_not_a_dropped_connection(tiny):
     """Starlette's last-resort handler answers and then re-raises, and uvicorn closes the keep-alive
     connection; the middleware answers and does not re-raise."""
-    from starlette.applications import Starlette
-    from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from diffgen.server.app import ContainFailures
+    from diffgen.server.app import ContainFailures, Engine, create_app
 
-    async def broken(request):
+    async def broken(scope, receive, send):  # a route that fails before it answers
         raise RuntimeError("boom")
 
-    inner = Starlette(routes=[Route("/x", broken)])
-    client = TestClient(ContainFailures(inner), raise_server_exceptions=True)  # a re-raise would fail here
+    client = TestClient(ContainFailures(broken), raise_server_exceptions=True)  # a re-raise would fail here
     response = client.get("/x")
     assert response.status_code == 500
     assert response.json()["error"]["message"] == "the server failed: RuntimeError; see the server's log"
+    # and diffgen's app has it, inside Starlette's last-resort handler (which would otherwise re-raise)
+    app = create_app(Engine(loaded=tiny, name="tiny", settings=tiny.defaults))
+    assert [entry.cls for entry in app.user_middleware] == [ContainFailures]
 
 
 def test_serve_on_a_busy_port_says_so_before_loading(tiny_checkpoint):
