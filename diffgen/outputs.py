@@ -7,8 +7,9 @@ pictures, ``batch -o`` and its settings file, ``chat /save``).
   (``--overwrite``): a trace may replace a trace, a picture a picture, a saved conversation a saved
   conversation; anything else that exists and is not empty is refused.
 * **Written to a temporary file in the same directory and renamed into place**
-  (:func:`replacing`, :func:`write_bytes`), so a failed, full or interrupted write leaves the old
-  file (or nothing), never half of one. ``batch -o`` appends record by record instead (each
+  (:class:`AtomicFile`, :func:`write_bytes`), so a failed, full or interrupted write leaves the old
+  file (or nothing), never half of one. A terminal, a pipe or a character device such as
+  ``/dev/stderr`` is written directly: there is no file there to lose. ``batch -o`` appends record by record instead (each
   record is one ``write``; its rewrites go through :func:`write_bytes`).
 * **One writer at a time** for outputs that a run keeps open (:func:`lock`): an exclusive advisory
   lock on ``.NAME.lock`` beside the output, holding the pid of its owner, so a second writer
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -106,6 +108,8 @@ def check(path: Optional[Path], flag: str, *, inputs: Iterable[Any] = (), ours: 
         raise UsageError(f"{flag} {path}: the directory {parent} is not writable",
                          "check its permissions or choose another directory")
     if target.exists():
+        if is_stream(target):
+            return
         if not target.is_file():
             raise UsageError(f"{flag} {path} is not a regular file", "give the name of a file to write")
         if not overwrite and target.stat().st_size > 0 and (ours is None or not _safely(ours, target)):
@@ -113,6 +117,16 @@ def check(path: Optional[Path], flag: str, *, inputs: Iterable[Any] = (), ours: 
                              f"{override}, or choose another file")
         if not os.access(target, os.W_OK):
             raise UsageError(f"{flag} {path} is not writable", "check its permissions or choose another file")
+
+
+def is_stream(path: Path) -> bool:
+    """Whether ``path`` is a character device or a pipe (``/dev/stderr``, ``/dev/null``, a FIFO):
+    written directly, never replaced."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
 
 
 def _safely(ours: Callable[[Path], bool], path: Path) -> bool:
@@ -138,13 +152,17 @@ class AtomicFile:
 
     def __init__(self, path: Path, flag: str = "", *, encoding: str = "utf-8"):
         self.path, self.flag = Path(path).expanduser(), flag
-        directory = self.path.parent if str(self.path.parent) else Path(".")
+        self._done = False
+        self.temporary: Optional[str] = None
         try:
+            if is_stream(self.path):  # /dev/stderr, a pipe: written as it goes
+                self.file: IO[str] = open(self.path, "w", encoding=encoding)  # noqa: SIM115 - closed by commit()
+                return
+            directory = self.path.parent if str(self.path.parent) else Path(".")
             fd, self.temporary = tempfile.mkstemp(dir=directory, prefix=f".{self.path.name}.", suffix=".tmp")
         except OSError as exc:
             raise output_error(path, exc, flag) from exc
-        self.file: IO[str] = os.fdopen(fd, "w", encoding=encoding)
-        self._done = False
+        self.file = os.fdopen(fd, "w", encoding=encoding)
 
     def commit(self) -> None:
         if self._done:
@@ -153,14 +171,15 @@ class AtomicFile:
         try:
             try:
                 self.file.flush()
-                os.fsync(self.file.fileno())
+                if self.temporary is not None:
+                    os.fsync(self.file.fileno())
             finally:
                 self.file.close()
-            _keep_mode(self.path, self.temporary)
-            os.replace(self.temporary, self.path)
+            if self.temporary is not None:
+                _keep_mode(self.path, self.temporary)
+                os.replace(self.temporary, self.path)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(self.temporary)
+            self._remove()
             raise output_error(self.path, exc, self.flag) from exc
 
     def discard(self) -> None:
@@ -169,8 +188,12 @@ class AtomicFile:
         self._done = True
         with contextlib.suppress(OSError):
             self.file.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.temporary)
+        self._remove()
+
+    def _remove(self) -> None:
+        if self.temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.temporary)
 
     def __enter__(self) -> AtomicFile:
         return self
@@ -180,17 +203,6 @@ class AtomicFile:
             self.commit()
         else:
             self.discard()
-
-
-@contextlib.contextmanager
-def replacing(path: Path, flag: str = "", *, encoding: str = "utf-8") -> Iterator[IO[str]]:
-    """A text handle on an :class:`AtomicFile` for ``path``: renamed into place when the body ends
-    without an exception, removed (``path`` untouched) when it raises."""
-    with AtomicFile(path, flag, encoding=encoding) as atomic:
-        try:
-            yield atomic.file
-        except OSError as exc:
-            raise output_error(path, exc, flag) from exc
 
 
 def write_bytes(path: Path, data: bytes, flag: str = "") -> None:

@@ -223,6 +223,17 @@ def test_a_trace_that_cannot_be_written_still_prints_the_answer(tiny_checkpoint,
     assert [p.name for p in tmp_path.iterdir()] == ["t.jsonl"]
 
 
+def test_a_full_disk_for_the_trace_still_prints_the_answer(tiny_checkpoint):
+    common = ["-m", str(tiny_checkpoint), "--seed", "3", "--max-new-tokens", "4", "--steps", "2"]
+    expected = run_cli("run", "-q", *common, "Hi").stdout
+    done = run_cli("run", "-q", *common, "--trace", "/dev/full", "Hi")
+    assert done.returncode == 1
+    assert done.stdout == expected and expected.strip()
+    assert done.stderr.decode().strip().splitlines() == [
+        "diffgen: error: cannot write --trace /dev/full: No space left on device — free some space on that disk, "
+        "or write somewhere else"]
+
+
 def test_a_picture_that_cannot_be_written_leaves_nothing_half_written(tmp_path):
     from diffgen.outputs import OutputError, write_text
 
