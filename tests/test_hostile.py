@@ -474,3 +474,18 @@ def test_byte_level_tokenizers_are_drawn_as_before(tiny):
 
     ids = tiny.tokenizer("hello world again", add_special_tokens=False)["input_ids"]
     assert "".join(TokenTexts(tiny.tokenizer).texts(ids)) == "hello world again"
+
+
+def test_a_full_disk_under_batch_names_the_output_and_resume_finishes_it(tiny_checkpoint, tmp_path):
+    prompts, out = tmp_path / "p.txt", tmp_path / "out.jsonl"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(6)))
+    common = f"{sys.executable} -m diffgen batch -q -m {tiny_checkpoint} {prompts} -o {out} --max-new-tokens 4 " \
+             "--steps 2 --batch-size 1"
+    done = run_cli(shell=f"ulimit -f 2; {common}")  # the output may not pass 2 KiB, as on a full disk
+    assert done.returncode == 1
+    assert done.stderr.decode().strip().splitlines()[-1] == (
+        f"diffgen: error: cannot write -o {out}: File too large — the file grew past the size this system allows; "
+        "write somewhere else")
+    done = run_cli(shell=f"{common} --resume")
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == list(range(1, 7))

@@ -367,9 +367,14 @@ class Output:
             self.stdout.flush()
             return
         data = line.encode("utf-8")
-        written = os.write(self._fd, data)
-        while written < len(data):  # a short write to a regular file is rare; finish the line
-            written += os.write(self._fd, data[written:])
+        try:
+            written = os.write(self._fd, data)
+            while written < len(data):  # a short write to a regular file is rare; finish the line
+                written += os.write(self._fd, data[written:])
+        except OSError as exc:  # a full disk: one line naming the output (a torn line is dropped by --resume)
+            from diffgen import outputs
+
+            raise outputs.output_error(self.path, exc, "-o") from exc
 
     def close(self) -> None:
         if self._fd is not None:
