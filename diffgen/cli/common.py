@@ -7,7 +7,6 @@ Only light modules are imported here, so building the CLI (``--help``, completio
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -131,13 +130,8 @@ class Observer:
 
     def __init__(self, sinks: list[Any], writer: Any, texts: Any):
         self.sinks, self.writer, self.texts = sinks, writer, texts
-        #: the trace's write error (a full disk), raised by :meth:`check` once the answer is out
+        #: the trace's write error (a full disk): the command raises it once the answer is out
         self.failure: Optional[BaseException] = None
-
-    def check(self) -> None:
-        """Raise the trace's write error, if any (after the answer was printed: it is not lost)."""
-        if self.failure is not None:
-            raise self.failure
 
     def on_event(self, event: Any) -> None:
         from diffgen.records import trace

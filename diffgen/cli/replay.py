@@ -10,9 +10,9 @@ from typing import Annotated, Optional
 import typer
 
 from diffgen.cli.common import check_output_path
-from diffgen.outputs import same_file
 from diffgen.cli.funnel import doing
 from diffgen.cli.options import NoColorOption
+from diffgen.outputs import same_file
 
 EPILOG = (
     "Examples:\n\n"
