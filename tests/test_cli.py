@@ -222,8 +222,8 @@ def test_hub_id_from_the_cache_with_hf_hub_offline(tiny_checkpoint, tmp_path):
 def test_sigint_during_generation_exits_130(tiny_checkpoint, tmp_path):
     trace = tmp_path / "run.jsonl"
     process = subprocess.Popen(
-        # One canvas with a step budget no machine finishes: still denoising when the signal comes.
-        [sys.executable, "-m", "diffgen", "run", "-m", str(tiny_checkpoint), "-n", "16", "--steps", "10000000",
+        # 192 canvases of the most steps allowed (1024): still denoising when the signal comes.
+        [sys.executable, "-m", "diffgen", "run", "-m", str(tiny_checkpoint), "-n", "3072", "--steps", "1024",
          "--confidence", "1e-9", "--trace", str(trace), "Hi"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
