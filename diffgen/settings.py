@@ -70,7 +70,7 @@ _LABELS = {flag.field: flag.label for flag in SAMPLER_FLAGS} | {"seed": "seed"}
 # tests/test_settings.py checks the two agree at every bound).
 FIELD_SCHEMAS: dict[str, dict[str, Any]] = {
     "max_new_tokens": {"type": "integer", "minimum": 1},
-    "max_denoising_steps": {"type": "integer", "minimum": 1, "maximum": MAX_STEPS},
+    "max_denoising_steps": {"type": "integer", "minimum": 1},
     "stability_threshold": {"type": "integer", "minimum": 0},
     "entropy_bound": {"type": "number", "exclusiveMinimum": 0},
     "t_min": {"type": "number", "minimum": 0},
@@ -88,11 +88,7 @@ def field_problem(field: str, value: Any) -> str | None:
     """
     if value is None:
         return None
-    if field == "max_denoising_steps":
-        if _is_int(value) and 0 < value <= MAX_STEPS:
-            return None
-        return f"must be an integer from 1 to {MAX_STEPS} (got {value})"
-    if field == "max_new_tokens":
+    if field in ("max_new_tokens", "max_denoising_steps"):
         return None if _is_int(value) and value > 0 else f"must be a positive integer (got {value})"
     if field == "stability_threshold":
         return None if _is_int(value) and value >= 0 else f"must be an integer >= 0 (got {value})"
@@ -107,6 +103,16 @@ def field_problem(field: str, value: Any) -> str | None:
             return None if value >= 0 else f"must be >= 0 (got {value})"
         return None if value > 0 else f"must be > 0 (got {value})"
     return None
+
+
+def input_problem(field: str, value: Any) -> str | None:
+    """:func:`field_problem`, plus the limits of what a user may ask for from a front end (a flag,
+    the config file, a batch record): at most :data:`MAX_STEPS` steps. The library's own
+    :class:`GenerationSettings` takes any positive count."""
+    problem = field_problem(field, value)
+    if problem is None and field == "max_denoising_steps" and value is not None and value > MAX_STEPS:
+        return f"must be an integer from 1 to {MAX_STEPS} (got {value})"
+    return problem
 
 
 def check_flags(**values: Any) -> None:

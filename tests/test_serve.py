@@ -539,16 +539,14 @@ def test_steps_over_max_steps_is_a_422_naming_the_limit_and_the_schema_says_so(t
 
     engine = Engine(loaded=tiny, name="tiny", settings=tiny.defaults, exact=True, max_steps=3)
     with TestClient(create_app(engine), raise_server_exceptions=False) as http:
-        refused = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "steps": 500})
+        refused = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "steps": 100000000})
         # A stability of 10**9 once allocated a (10**9, rows, canvas) history: bounded the same way.
         unstable = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "stability": 10**9})
         answered = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "steps": 3})
-        beyond = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "steps": 100000000})
         document = http.get("/openapi.json").json()
     error = refused.json()["error"]
     assert refused.status_code == 422 and error["param"] == "steps"
     assert "at most 3" in error["message"] and "--max-steps" in error["message"]
-    assert beyond.status_code == 422 and "from 1 to 1024" in beyond.json()["error"]["message"]
     assert unstable.status_code == 422 and unstable.json()["error"]["param"] == "stability"
     assert answered.status_code == 200 and engine.counts["queued"] == 0
     for path in ("/v1/chat/completions", "/v1/completions"):

@@ -2,8 +2,8 @@
 
 Values are checked while the command line is parsed, before anything is loaded: options with
 fixed choices are ``Literal`` types (click lists the choices and refuses others), and the
-generation values go through :func:`diffgen.settings.field_problem`, the same check the
-library applies. Checkpoint defaults are shown as what they are: the checkpoint's
+generation values go through :func:`diffgen.settings.input_problem`: the check the library
+applies, plus the limits of what a user may ask for (at most 1024 steps). Checkpoint defaults are shown as what they are: the checkpoint's
 ``generation_config.json`` value, with the released model's.
 
 Only light modules are imported here, so ``--help`` and completion stay fast.
@@ -58,12 +58,12 @@ def _check_device(ctx: typer.Context, value: Any) -> Any:
 
 
 def _checked(field: str) -> Any:
-    """A click callback that refuses a value :func:`diffgen.settings.field_problem` refuses."""
+    """A click callback that refuses a value :func:`diffgen.settings.input_problem` refuses."""
 
     def check(ctx: typer.Context, value: Any) -> Any:
         if ctx.resilient_parsing:
             return value
-        problem = settings_mod.field_problem(field, value)
+        problem = settings_mod.input_problem(field, value)
         if problem is not None:
             raise typer.BadParameter(problem)
         return value

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from diffgen.errors import DiffgenError, UsageError
-from diffgen.settings import SAMPLER_FLAGS, GenerationSettings, field_problem
+from diffgen.settings import SAMPLER_FLAGS, GenerationSettings, input_problem
 
 # Record field -> (accepted types, GenerationSettings field or None for prompt-level fields);
 # the generation fields come from the one flag table in diffgen.settings.
@@ -179,7 +179,7 @@ def _parse_jsonl(number: int, line: str) -> Job | InputError:
             return InputError(number, f"field {key!r} must be {' or '.join(t.__name__ for t in types)}", record_id)
     for key, value in data.items():
         field = "seed" if key == "seed" else RECORD_FIELDS[key][1]
-        problem = field_problem(field, value) if field else None
+        problem = input_problem(field, value) if field else None
         if problem:  # the checks of the command line's flags (--seed -1 is refused there too)
             return InputError(number, f"field {key!r} {problem}", record_id)
     prompt = data.get("prompt")
