@@ -198,7 +198,7 @@ class Repl:
                           override="remove it first to replace it")
             outputs.write_text(Path(argument), data, "/save")
         except DiffgenError as exc:
-            self.streams.error(str(exc))
+            self.streams.error(exc.message + (f" — {exc.hint}" if exc.hint else ""))
             return
         self.streams.notice(f"saved {len(self.chat.saved())} messages to {argument}")
 
