@@ -182,15 +182,16 @@ def bind(host: str, port: int) -> Any:
 
     from diffgen.errors import DiffgenError
 
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
-    except (socket.gaierror, UnicodeError) as exc:
-        raise UsageError(f"--host {host}: no such address on this machine ({exc})", "give an IP address or a "
-                         "host name of this machine") from exc
-    sock = socket.socket(family, kind, proto)
+    address = host.strip("[]")
+    # As uvicorn binds: IPv6 when the host has a colon, else IPv4 (a name resolves through the OS).
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(address)
+        sock.bind((address, port))
+    except (socket.gaierror, UnicodeError) as exc:
+        sock.close()
+        raise UsageError(f"--host {host}: no such address on this machine ({exc})",
+                         "give an IP address or a host name of this machine") from exc
     except OSError as exc:
         sock.close()
         shown = f"[{host}]" if ":" in host else host
