@@ -227,14 +227,16 @@ def test_sigint_during_generation_exits_130(tiny_checkpoint, tmp_path):
          "--confidence", "1e-9", "--trace", str(trace), "Hi"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    # Wait for the first denoising step in the trace (no deadline: pytest-timeout is the safety net).
-    while not (trace.exists() and b'"type": "step"' in trace.read_bytes()):
+    # Wait for the first denoising step in the trace, which is written beside run.jsonl until it is
+    # complete (no deadline: pytest-timeout is the safety net).
+    while not any(b'"type": "step"' in path.read_bytes() for path in tmp_path.glob(".run.jsonl.*.tmp")):
         assert process.poll() is None, process.communicate()[1].decode()
         time.sleep(0.02)  # how often to look, not how long to wait
     process.send_signal(signal.SIGINT)
     out, err = process.communicate()
     assert process.returncode == 130, err.decode()
     assert b"Traceback" not in err and out == b""
+    assert list(tmp_path.iterdir()) == []  # an interrupted trace is not renamed into place
 
 
 def test_help_does_not_import_torch():
