@@ -55,6 +55,7 @@ EXAMPLES = [
 
 
 def _roff(text: str) -> str:
+    text = text.replace("\\[", "[")  # Rich's escape of a literal bracket in help text (diffgen\[images])
     text = text.replace("\\", "\\e").replace("-", "\\-")
     lines = []
     for line in text.splitlines():

@@ -27,11 +27,12 @@ The only extra package is pillow: ``pip install 'diffgen[images]'`` (:data:`EXTR
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,8 +296,9 @@ def encode_turns(processor: Any, turns: Sequence[dict[str, Any]], *, think: bool
     if not getattr(processor, "chat_template", None):
         raise UsageError("this checkpoint's tokenizer has no chat template, which places the images",
                          "drop --raw or the images")
-    out = processor.apply_chat_template(list(turns), add_generation_prompt=True, tokenize=True, return_dict=True,
-                                        return_tensors="pt", enable_thinking=think)
+    with _quiet_transformers():  # e.g. "The channel dimension is ambiguous" for a 3-pixel-wide image
+        out = processor.apply_chat_template(list(turns), add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            return_tensors="pt", enable_thinking=think)
     ids = out["input_ids"][0].tolist()
     if "pixel_values" not in out:
         return ids, None
@@ -307,12 +309,47 @@ def encode_turns(processor: Any, turns: Sequence[dict[str, Any]], *, think: bool
                              image_tokens=sum(1 for t in ids if t == image_token_id))
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' own warnings off for the body (diffgen checks the images itself and says what
+    matters in its own words); ``DIFFGEN_DEBUG=1`` keeps them."""
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    if os.environ.get("DIFFGEN_DEBUG"):
+        yield
+        return
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
 def encode(processor: Any, text: str, pictures: Sequence[Picture], *, system: str | None = None,
            think: bool = False) -> tuple[list[int], VisionInputs | None]:
     """One user turn of ``text`` and ``pictures`` (with an optional system turn): see :func:`encode_turns`."""
     turns: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     turns.append({"role": "user", "content": user_content(text, pictures)})
     return encode_turns(processor, turns, think=think)
+
+
+def check_positions(vision: VisionInputs | None, config: dict[str, Any], pictures: Sequence[Picture]) -> None:
+    """Refuse an image whose patch grid the vision tower cannot place (a very wide or tall one:
+    its patches' x or y index runs past the tower's position table) with one line naming it."""
+    size = (config.get("vision_config") or {}).get("position_embedding_size")
+    if vision is None or not size:
+        return
+    positions = vision.image_position_ids
+    for index, picture in enumerate(pictures[: int(positions.shape[0])]):
+        across, down = (int(v) + 1 for v in positions[index].reshape(-1, 2).max(dim=0).values.tolist())
+        if max(across, down) > int(size):
+            shape = "wide" if picture.width >= picture.height else "tall"
+            raise ImageError(f"{picture.name} ({picture.width} x {picture.height}) is too {shape} for this model's "
+                             f"vision tower ({max(across, down)} patches in a row, at most {size})",
+                             "crop it, or pad it toward a square")
 
 
 def check_image_context(vision: VisionInputs | None, prompt_tokens: int, limit: int | None, canvas_tokens: int

@@ -27,6 +27,10 @@ LIBRARY_DEFAULTS: dict[str, Any] = {
 }
 RELEASED_MODEL = "google/diffusiongemma-26B-A4B-it"
 SEED_LIMIT = 2**63  # torch.manual_seed takes a 64-bit integer; seeds are 0 <= seed < 2**63
+#: Most denoising steps per canvas any front end takes (the checkpoint's default is 48; a server
+#: caps lower, ``serve --max-steps``): a canvas costs one decoder pass per step, so a typo such as
+#: ``--steps 1000000000`` would otherwise run for days.
+MAX_STEPS = 1024
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,16 @@ def field_problem(field: str, value: Any) -> str | None:
             return None if value >= 0 else f"must be >= 0 (got {value})"
         return None if value > 0 else f"must be > 0 (got {value})"
     return None
+
+
+def input_problem(field: str, value: Any) -> str | None:
+    """:func:`field_problem`, plus the limits of what a user may ask for from a front end (a flag,
+    the config file, a batch record): at most :data:`MAX_STEPS` steps. The library's own
+    :class:`GenerationSettings` takes any positive count."""
+    problem = field_problem(field, value)
+    if problem is None and field == "max_denoising_steps" and value is not None and value > MAX_STEPS:
+        return f"must be an integer from 1 to {MAX_STEPS} (got {value})"
+    return problem
 
 
 def check_flags(**values: Any) -> None:

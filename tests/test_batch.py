@@ -184,7 +184,9 @@ def test_killed_run_then_resume_holds_every_id_exactly_once(tiny_checkpoint, tmp
     source = tmp_path / "jobs.jsonl"
     ids = [f"r{i}" for i in range(8)]
     records = [{"id": i, "prompt": f"prompt number {n}"} for n, i in enumerate(ids)]
-    slow = [{**r, "steps": 10**6} if n >= 2 else {**r, "steps": 2} for n, r in enumerate(records)]
+    # Slow: the most steps a record may ask for (1024) on 192 canvases, some 200,000 decoder passes.
+    slow = [{**r, "steps": 1024, "max_new_tokens": 3072} if n >= 2 else {**r, "steps": 2}
+            for n, r in enumerate(records)]
     source.write_text(jsonl(slow))
     out = tmp_path / "out.jsonl"
     command = [sys.executable, "-m", "diffgen", "batch", str(source), "-o", str(out), "-m", str(tiny_checkpoint),

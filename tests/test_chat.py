@@ -134,7 +134,7 @@ def test_a_bad_command_gets_one_line_and_the_repl_goes_on():
 
 def test_save_writes_the_conversation_as_json_messages_atomically(tmp_path):
     path = tmp_path / "chat.json"
-    path.write_text("old content that is longer than the new one will be" * 100)
+    path.write_text(json.dumps([{"role": "user", "content": "an older save, longer than the new one" * 100}]))
     backend = Scripted([("thought", "t"), ("answer", "A1")], [("answer", "A2")])
     code, out, err, chat = play(["/system Sys", "Q1", "Q2", f"/save {path}"], backend)
     assert json.loads(path.read_text()) == [
@@ -145,8 +145,8 @@ def test_save_writes_the_conversation_as_json_messages_atomically(tmp_path):
     assert os.listdir(tmp_path) == ["chat.json"]  # no temporary file left behind
     code, out, err, chat = play(["/save", f"/save {tmp_path}/missing/dir.json", "Q"], Scripted())
     assert err.splitlines()[:2] == ["diffgen: error: /save needs a file name, e.g. /save chat.json",
-                                    f"diffgen: error: cannot save to {tmp_path}/missing/dir.json: "
-                                    "No such file or directory"]
+                                    f"diffgen: error: /save {tmp_path}/missing/dir.json: the directory "
+                                    f"{tmp_path}/missing does not exist — create it first (mkdir -p {tmp_path}/missing)"]
     assert out == "answer 1\n" and code == 0
 
 

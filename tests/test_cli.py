@@ -222,19 +222,21 @@ def test_hub_id_from_the_cache_with_hf_hub_offline(tiny_checkpoint, tmp_path):
 def test_sigint_during_generation_exits_130(tiny_checkpoint, tmp_path):
     trace = tmp_path / "run.jsonl"
     process = subprocess.Popen(
-        # One canvas with a step budget no machine finishes: still denoising when the signal comes.
-        [sys.executable, "-m", "diffgen", "run", "-m", str(tiny_checkpoint), "-n", "16", "--steps", "10000000",
+        # 192 canvases of the most steps allowed (1024): still denoising when the signal comes.
+        [sys.executable, "-m", "diffgen", "run", "-m", str(tiny_checkpoint), "-n", "3072", "--steps", "1024",
          "--confidence", "1e-9", "--trace", str(trace), "Hi"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    # Wait for the first denoising step in the trace (no deadline: pytest-timeout is the safety net).
-    while not (trace.exists() and b'"type": "step"' in trace.read_bytes()):
+    # Wait for the first denoising step in the trace, which is written beside run.jsonl until it is
+    # complete (no deadline: pytest-timeout is the safety net).
+    while not any(b'"type": "step"' in path.read_bytes() for path in tmp_path.glob(".run.jsonl.*.tmp")):
         assert process.poll() is None, process.communicate()[1].decode()
         time.sleep(0.02)  # how often to look, not how long to wait
     process.send_signal(signal.SIGINT)
     out, err = process.communicate()
     assert process.returncode == 130, err.decode()
     assert b"Traceback" not in err and out == b""
+    assert list(tmp_path.iterdir()) == []  # an interrupted trace is not renamed into place
 
 
 def test_help_does_not_import_torch():

@@ -42,10 +42,41 @@ def _flags_take_no_value(params: list[Any]) -> list[Any]:
 
 
 class DiffgenCommand(TyperCommand):
-    """A command whose help shows flags as flags."""
+    """A command whose help shows flags as flags, and whose text arguments are checked to be text."""
 
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_take_no_value(super().get_params(ctx))
+
+    def invoke(self, ctx: Any) -> Any:
+        _check_text(ctx, self.params)
+        return super().invoke(ctx)
+
+
+#: Parameters that hold paths as strings: bytes that are not UTF-8 are a file name, not a mistake.
+PATH_PARAMETERS = {"image", "input_path"}
+
+
+def _check_text(ctx: Any, params: list[Any]) -> None:
+    """A text argument or option holding bytes that are not UTF-8 (Python keeps them as lone
+    surrogates) is a usage error naming it, before the command runs: a prompt, system text or
+    instruction cannot be tokenised from them."""
+    from diffgen.errors import UsageError
+
+    for param in params:
+        if param.name in PATH_PARAMETERS:
+            continue
+        value = ctx.params.get(param.name)
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if not isinstance(item, str):
+                continue
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                name = (param.opts[0] if getattr(param, "param_type_name", "") == "option"
+                        else param.name.upper())
+                bad = item[exc.start].encode("utf-8", "surrogateescape")
+                raise UsageError(f"{name} is not valid UTF-8 text (byte 0x{bad.hex()} at character {exc.start})",
+                                 "pass UTF-8 text, e.g. convert it with iconv -t utf-8") from None
 
 
 class DiffgenGroup(TyperGroup):

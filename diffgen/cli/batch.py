@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli.common import load_model, parameter_source, read_input, refuse_local_only
+from diffgen.cli.common import check_new_tokens, load_model, offload_note, parameter_source, read_input, refuse_local_only
 from diffgen.cli.funnel import error_funnel
 from diffgen.cli.options import (
     DEFAULT_MODEL,
@@ -140,7 +141,8 @@ def batch(
     no_color: NoColorOption = False,
 ) -> None:
     """Generate an answer for every prompt in INPUT, writing one JSONL record per prompt."""
-    with error_funnel("interrupted; finished records are in the output — rerun with --resume to do the rest"):
+    with error_funnel("interrupted; finished records are in the output — rerun with --resume to do the rest"), \
+            contextlib.ExitStack() as held:
         from diffgen.errors import UsageError
         from diffgen.records import batch as batch_mod
         from diffgen import prompt as prompt_mod
@@ -155,7 +157,13 @@ def batch(
         size = _batch_size(batch_size)  # None: auto, decided from the memory plan once the checkpoint is known
         if input_format not in ("auto", "jsonl", "text"):
             raise UsageError(f"--format {input_format!r}: use auto, jsonl or text")
-        batch_mod.check_output(output, input_path, resume=resume, overwrite=overwrite)
+        batch_mod.check_output(output, input_path, resume=resume, overwrite=overwrite, inputs=(schema_file,))
+        if output is not None:
+            from diffgen import outputs
+
+            # One writer at a time: a second batch on the same output stops here, before it reads
+            # or writes anything (the lock goes with this process, however it ends).
+            held.enter_context(outputs.lock(output, "-o"))
         schema = None
         if schema_file is not None:
             from diffgen.denoise.schema import load_schema
@@ -189,6 +197,8 @@ def batch(
             **sampler_flags(max_new_tokens, steps, entropy_bound, t_min, t_max, stability, confidence),
         )
         defaults = prepared.settings
+        check_new_tokens(prepared)
+        offload_note(prepared, offload, quiet=quiet)
         if output is not None:
             kept = _kept_settings(prepared, model=model, seed=seed, system=system, raw=raw, think=think)
             kept["schema"] = schema
@@ -436,6 +446,7 @@ def _run(batch_mod: Any, items: list, loaded: Any, defaults: Any, base_seed: int
                                                    loaded.model.config.to_dict()))
         ids, vision = images.encode(processor[0], job.prompt, pictures, system=job.system or system,
                                     think=job.think or think)
+        images.check_positions(vision, loaded.model.config.to_dict(), pictures)
         canvas = int(loaded.model.config.canvas_length)
         images.check_image_context(vision, len(ids), loaded.model.config.get_text_config().max_position_embeddings,
                                    -(-settings.max_new_tokens // canvas) * canvas)

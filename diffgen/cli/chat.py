@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli.common import exclusive, load_model, parameter_source, prepare_generation
+from diffgen.cli.common import check_new_tokens, exclusive, load_model, parameter_source, prepare_generation
 from diffgen.cli.funnel import doing
 from diffgen.cli.options import (
     DEFAULT_MODEL,
@@ -170,7 +170,8 @@ def _local(model: str, flags: dict[str, Any], *, seed: Optional[int], exact: Opt
     from diffgen.loading import loader
     from diffgen.ui import render
 
-    prepared = prepare_generation(model, seed=seed, flags=flags, **load)
+    prepared = prepare_generation(model, seed=seed, flags=flags, quiet=quiet, **load)
+    check_new_tokens(prepared)
     with doing("loading the tokenizer"):
         tokenizer = loader.load_tokenizer(prepared.checkpoint.path)
     if not getattr(tokenizer, "chat_template", None):

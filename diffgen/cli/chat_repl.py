@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,23 +119,14 @@ class Streams:
         self.err.flush()
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename, so
-    that the file holds either the old content or all of the new one, never a part."""
-    path = Path(path).expanduser()
-    directory = path.parent if str(path.parent) else Path(".")
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False)
+def is_saved_chat(path: Path) -> bool:
+    """Whether ``path`` holds a conversation ``/save`` wrote (a JSON list of messages): a file
+    ``/save`` may replace."""
     try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(handle.name)
-        raise
+        data = json.loads(Path(path).read_bytes())
+    except ValueError:
+        return False
+    return isinstance(data, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in data)
 
 
 class Repl:
@@ -199,11 +189,16 @@ class Repl:
         if not argument:
             self.streams.error("/save needs a file name, e.g. /save chat.json")
             return
+        from diffgen import outputs
+
         data = json.dumps(self.chat.saved(), ensure_ascii=False, indent=2) + "\n"
         try:
-            atomic_write(Path(argument), data)
-        except OSError as exc:
-            self.streams.error(f"cannot save to {argument}: {exc.strerror or exc}")
+            # The one output policy: never a file that is not a saved conversation, written atomically.
+            outputs.check(Path(argument), "/save", ours=is_saved_chat, kind="a conversation /save wrote",
+                          override="remove it first to replace it")
+            outputs.write_text(Path(argument), data, "/save")
+        except DiffgenError as exc:
+            self.streams.error(exc.message + (f" — {exc.hint}" if exc.hint else ""))
             return
         self.streams.notice(f"saved {len(self.chat.saved())} messages to {argument}")
 
@@ -341,14 +336,34 @@ def line_reader(stdin: IO[str], err: IO[str]) -> Callable[[str], str]:
     :func:`history_path`) when ``stdin`` is a terminal, else plain lines with no prompt."""
     if _isatty(stdin):
         return terminal_reader(err)
-    return plain_reader(stdin)
+    return plain_reader(stdin, err)
 
 
-def plain_reader(stdin: IO[str]) -> Callable[[str], str]:
+def plain_reader(stdin: IO[str], err: Optional[IO[str]] = None) -> Callable[[str], str]:
+    """Lines of a piped stdin, read as bytes: at most :data:`~diffgen.prompt.MAX_INPUT_BYTES` a line
+    (an endless line is one clear error, not all of the memory), bytes that are not UTF-8 replaced
+    by U+FFFD with a warning on ``err`` (as ``diffgen run`` does)."""
+    from diffgen import prompt as prompt_mod
+
+    buffer = getattr(stdin, "buffer", None)
+    number = 0
+
     def read(prompt: str) -> str:
-        line = stdin.readline()
+        nonlocal number
+        if buffer is None:  # a text stream (tests): already decoded
+            line = stdin.readline(prompt_mod.MAX_INPUT_BYTES + 1)
+        else:
+            data = buffer.readline(prompt_mod.MAX_INPUT_BYTES + 1)
+            number += 1
+            line, warning = prompt_mod.decode_input(data, f"line {number} of stdin")
+            if warning and err is not None:
+                err.write(f"diffgen: warning: {warning}\n")
         if not line:
             raise EOFError
+        if len(line) > prompt_mod.MAX_INPUT_BYTES:
+            raise prompt_mod.PromptTooLongError(
+                f"a line of stdin holds more than {prompt_mod.MAX_INPUT_BYTES >> 20} MiB of text, more than a "
+                "model's context can take", "give shorter messages")
         return line.rstrip("\n")
 
     return read

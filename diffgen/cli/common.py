@@ -7,7 +7,6 @@ Only light modules are imported here, so building the CLI (``--help``, completio
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,22 +45,40 @@ def parameter_source(ctx: Any, name: str) -> Optional[str]:
         return None
 
 
-def check_output_path(path: Optional[Path], flag: str) -> None:
-    """Refuse, before anything is loaded, an output file that could not be written: its directory
-    must exist and be writable, and the path must not be a directory."""
-    if path is None or str(path) == "-":
+def check_output_path(path: Optional[Path], flag: str, *, inputs: Any = (), overwrite: bool = False,
+                      ours: Optional[Callable[[Path], bool]] = None, kind: str = "a file diffgen wrote") -> None:
+    """Refuse, before anything is loaded, an output file that could not be written or that would
+    destroy a user's file (:mod:`diffgen.outputs`: never an input, never an existing file that is not
+    ``kind`` unless ``overwrite``)."""
+    from diffgen import outputs
+
+    outputs.check(path, flag, inputs=_paths(inputs), ours=ours, kind=kind, overwrite=overwrite)
+
+
+def check_trace_path(path: Optional[Path], *, inputs: Any = (), overwrite: bool = False) -> None:
+    """``--trace``: a new file, an existing diffgen trace, or (with ``--overwrite``) any file that
+    is not an input of the command."""
+    if path is None:
         return
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise UsageError(f"{flag} {path} is a directory", "give a file name")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"{flag} {path}: the directory {parent} does not exist", f"create it first (mkdir -p {parent})")
-    if target.exists() and not os.access(target, os.W_OK):
-        raise UsageError(f"{flag} {path} is not writable", "check its permissions or choose another file")
-    if not target.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: the directory {parent} is not writable",
-                         "check its permissions or choose another directory")
+
+    def is_trace(candidate: Path) -> bool:
+        from diffgen.records.trace import is_trace as recognise
+
+        return recognise(candidate)
+
+    check_output_path(path, "--trace", inputs=inputs, overwrite=overwrite, ours=is_trace, kind="a diffgen trace")
+
+
+def _paths(inputs: Any) -> list[Any]:
+    out: list[Any] = []
+    for item in inputs or ():
+        if item is None:
+            continue
+        if isinstance(item, (list, tuple)):
+            out += [part for part in item if part is not None]
+        else:
+            out.append(item)
+    return out
 
 
 def load_model(prepared: Any, console: Any, *, quiet: bool = False, tokenizer: Any = None) -> Any:
@@ -113,6 +130,8 @@ class Observer:
 
     def __init__(self, sinks: list[Any], writer: Any, texts: Any):
         self.sinks, self.writer, self.texts = sinks, writer, texts
+        #: the trace's write error (a full disk): the command raises it once the answer is out
+        self.failure: Optional[BaseException] = None
 
     def on_event(self, event: Any) -> None:
         from diffgen.records import trace
@@ -150,17 +169,22 @@ def observing(console: Any, tokenizer: Any, *, show_steps: bool, trace_file: Opt
         sinks: list[Any] = []
         writer = None
         if trace_file is not None:
-            try:
-                handle = stack.enter_context(open(trace_file, "w", encoding="utf-8"))
-            except OSError as exc:
-                raise UsageError(f"cannot write --trace {trace_file}: {exc.strerror or exc}") from exc
-            writer = trace.TraceWriter(handle)
+            from diffgen import outputs
+
+            # Written beside the file and renamed into place once complete; a write that fails
+            # (a full disk) stops the trace, not the run: the answer is still printed.
+            atomic = stack.enter_context(outputs.AtomicFile(trace_file, "--trace"))
+            writer = trace.TraceWriter(atomic.file)
             writer.header(model=model, prompt=prompt, settings=settings if isinstance(settings, dict) else
                           settings.to_dict(), canvas_length=canvas_length, channel_ids=channel_ids)
             sinks.append(writer)
         if show_steps:
             sinks.append(stack.enter_context(view.step_view(console, channel_ids, sys.stderr)))
-        yield Observer(sinks, writer, texts)
+        observer = Observer(sinks, writer, texts)
+        yield observer
+        if writer is not None and writer.failure is not None:
+            observer.failure = outputs.output_error(trace_file, writer.failure, "--trace")
+            atomic.discard()  # the old file (if any) stays as it was
 
 
 def read_images(paths: Optional[list[str]], prompt: Optional[str], what: str = "the prompt"
@@ -199,6 +223,7 @@ def encode_with_images(prepared: Any, tokenizer: Any, text: str, pictures: list[
     with doing("preprocessing the images"):
         processor = images.load_processor(prepared.checkpoint.path, tokenizer, prepared.config)
         ids, vision = images.encode(processor, text, pictures, system=system, think=think)
+        images.check_positions(vision, prepared.config, pictures)
     settings = settings or prepared.settings
     text_config = prepared.config.get("text_config", prepared.config)
     canvas = int(prepared.config.get("canvas_length", 256))
@@ -218,7 +243,22 @@ def refuse_local_only(ctx: Any, flags: dict[str, str], where: str = "--server") 
                              f"drop {flag} (the server decides how it runs the model), or drop {where} to run here")
 
 
-def prepare_generation(model: str, *, seed: Optional[int], flags: dict[str, Any], **load: Any) -> Any:
+def check_new_tokens(prepared: Any, flag: str = "--max-new-tokens") -> None:
+    """Refuse, before the weights are read, a token budget that no prompt could fit: its whole
+    canvases alone run past the model's context (a prompt's own check comes once it is tokenised)."""
+    config = prepared.config
+    limit = config.get("text_config", config).get("max_position_embeddings")
+    canvas = int(config.get("canvas_length", 256))
+    wanted = prepared.settings.max_new_tokens
+    need = -(-wanted // canvas) * canvas
+    if limit and need >= int(limit):
+        most = (int(limit) - 1) // canvas * canvas
+        raise UsageError(f"{flag} {wanted} needs {need:,} positions in whole canvases of {canvas}, more than the "
+                         f"model's context of {int(limit):,}", f"lower {flag} (at most {most:,} leaves room for a prompt)")
+
+
+def prepare_generation(model: str, *, seed: Optional[int], flags: dict[str, Any], quiet: bool = False,
+                       **load: Any) -> Any:
     """``prepare()`` with the sampler flags and a seed (a fresh random one when none was given),
     named for the error funnel."""
     import secrets
@@ -226,14 +266,24 @@ def prepare_generation(model: str, *, seed: Optional[int], flags: dict[str, Any]
     from diffgen.loading.prepare import prepare
 
     with doing("planning the load"):
-        return prepare(model, **load, **flags, seed=seed if seed is not None else secrets.randbelow(2**31))
+        prepared = prepare(model, **load, **flags, seed=seed if seed is not None else secrets.randbelow(2**31))
+    offload_note(prepared, bool(load.get("offload")), quiet=quiet)
+    return prepared
+
+
+def offload_note(prepared: Any, offload: bool, *, quiet: bool = False) -> None:
+    """``--offload`` on the CPU moves nothing: say so rather than ignore the flag silently."""
+    if offload and prepared.plan.device == "cpu" and not quiet:
+        typer.echo("diffgen: warning: --offload has no effect: the model runs on the CPU, where every layer already "
+                   "is (it moves layers off a GPU)", err=True)
 
 
 def denoise_laid_out(console: Any, tokenizer: Any, run: Callable[[Optional[Callable[[Any], None]]], Any], *,
                      phase: str, show_steps: bool, trace_file: Optional[Path], model: str, prompt: str,
                      settings: Any, canvas_length: int, quiet: bool) -> Any:
     """Run a laid-out generation (``fill``, ``edit``): ``run(on_event)`` returns its result, whose
-    events feed ``--show-steps`` / ``--trace`` when asked for."""
+    events feed ``--show-steps`` / ``--trace`` when asked for. Returns the result and the trace's
+    write error (``None`` when it was written), to raise once the answer is out."""
     with doing(phase):
         with observing(console, tokenizer, show_steps=show_steps, trace_file=trace_file, model=model,
                        prompt=prompt, settings=settings, canvas_length=canvas_length) as observer:
@@ -242,4 +292,4 @@ def denoise_laid_out(console: Any, tokenizer: Any, run: Callable[[Optional[Calla
             if observer is not None:
                 observer.finish(result.text, {"steps_per_canvas": list(result.steps_per_canvas),
                                               "seconds": result.seconds})
-    return result
+    return result, (observer.failure if observer is not None else None)

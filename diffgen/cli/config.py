@@ -44,6 +44,10 @@ def read_or_warn(path: Path | None = None) -> tuple[dict[str, Any], str | None]:
     not be read, one line saying why (the caller warns and goes on without it)."""
     path = path or config_path()
     if not path.is_file():
+        if os.environ.get("DIFFGEN_CONFIG") and path == config_path():
+            # Named on purpose: a file that is not there is a mistake to hear about.
+            what = "a directory" if path.is_dir() else "not a file" if path.exists() else "missing"
+            return {}, f"DIFFGEN_CONFIG names {path}, which is {what}"
         return {}, None
     if sys.version_info >= (3, 11):
         import tomllib

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffgen.cli.common import check_output_path, denoise_laid_out, exclusive, load_model, prepare_generation
+from diffgen.cli.common import check_trace_path, denoise_laid_out, exclusive, load_model, prepare_generation
 from diffgen.cli.funnel import doing
 from diffgen.cli.options import (
     DEFAULT_MODEL,
@@ -23,6 +23,7 @@ from diffgen.cli.options import (
     MaxMemoryOption,
     ModelOption,
     NoColorOption,
+    OverwriteOption,
     OffloadOption,
     OfflineOption,
     QuantOption,
@@ -86,6 +87,7 @@ def edit(
     quiet: QuietOption = False,
     show_steps: ClampedShowStepsOption = False,
     trace_file: ClampedTraceOption = None,
+    overwrite: OverwriteOption = False,
     no_color: NoColorOption = False,
 ) -> None:
     """Revise the marked spans of FILE as INSTRUCTION says; print the revised file (or a diff) on stdout."""
@@ -97,25 +99,26 @@ def edit(
     raw, system = exclusive(ctx, "a system prompt needs the chat template; drop --raw", raw=raw, system=system)
     exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
     exact_loop = sampler_choice(exact, fast, compile)
-    check_output_path(trace_file, "--trace")
+    check_trace_path(trace_file, inputs=(file,), overwrite=overwrite)
     flags = sampler_flags(steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, stability=stability,
                           confidence=confidence)
 
     with doing("reading the file"):
+        data = prompt_mod.read_file(file, "the file")
         try:
-            data = Path(file).read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read {file}: {exc.strerror or exc}",
-                             "give the path of a text file to revise") from exc
-        text, warning = prompt_mod.decode_input(data, str(file))
-        if warning and not quiet:
-            typer.echo(f"diffgen: warning: {warning}", err=True)
+            # Everything outside the spans is printed byte for byte, so bytes that are not UTF-8
+            # cannot go through text: refuse them rather than turn them into U+FFFD.
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{file} is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}), and edit keeps "
+                             "every byte outside the spans exactly", "convert it first, e.g. iconv -f latin1 -t utf-8"
+                             ) from exc
         document = edit_mod.parse_lines(text, lines) if lines else edit_mod.parse_marked(text)
 
     from diffgen.ui import render
 
     console = render.error_console()
-    prepared = prepare_generation(model, seed=seed, flags=flags, offline=offline, device=device, quant=quant,
+    prepared = prepare_generation(model, seed=seed, flags=flags, quiet=quiet, offline=offline, device=device, quant=quant,
                                   max_memory=max_memory, offload=offload)
     from diffgen.denoise import fill as fill_mod
     from diffgen.denoise import loop as generate
@@ -137,16 +140,18 @@ def edit(
             f"grow, {len(plan.tokens)} positions in whole canvases) do not fit the model's context",
             "revise a shorter file or mark fewer spans") from exc
     loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
-    result = denoise_laid_out(
+    result, trace_failure = denoise_laid_out(
         console, tokenizer,
         lambda on_event: edit_mod.edit(loaded, prefix, document, settings, exact=exact_loop, compile=compile,
                                        on_event=on_event),
         phase="revising the file", show_steps=show_steps, trace_file=trace_file, model=model,
         prompt=instruction, settings=settings, canvas_length=canvas_length, quiet=quiet)
 
-    with doing("writing the answer"):
+    with doing("writing the answer to stdout"):
         if diff:
             sys.stdout.write(edit_mod.unified_diff(result.original, result.text, Path(file).name))
         else:
             sys.stdout.write(result.text)
         sys.stdout.flush()
+    if trace_failure is not None:
+        raise trace_failure  # the answer is out; the trace could not be written

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from diffgen.cli.common import (
-    check_output_path,
+    check_trace_path,
     denoise_laid_out,
     encode_with_images,
     exclusive,
@@ -31,6 +31,7 @@ from diffgen.cli.options import (
     MaxMemoryOption,
     ModelOption,
     NoColorOption,
+    OverwriteOption,
     OffloadOption,
     OfflineOption,
     QuantOption,
@@ -101,6 +102,7 @@ def fill(
     ] = False,
     show_steps: ClampedShowStepsOption = False,
     trace_file: ClampedTraceOption = None,
+    overwrite: OverwriteOption = False,
     no_color: NoColorOption = False,
 ) -> None:
     """Fill the holes of TEMPLATE (or stdin) and print the filled template on stdout."""
@@ -111,7 +113,7 @@ def fill(
     raw, system = exclusive(ctx, "a system prompt needs the chat template; drop --raw", raw=raw, system=system)
     exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
     exact_loop = sampler_choice(exact, fast, compile)
-    check_output_path(trace_file, "--trace")
+    check_trace_path(trace_file, inputs=(image,), overwrite=overwrite)
     flags = sampler_flags(steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, stability=stability,
                           confidence=confidence)
     if image and raw:
@@ -140,7 +142,7 @@ def fill(
     from diffgen.ui import render
 
     console = render.error_console()
-    prepared = prepare_generation(model, seed=seed, flags=flags, offline=offline, device=device, quant=quant,
+    prepared = prepare_generation(model, seed=seed, flags=flags, quiet=quiet, offline=offline, device=device, quant=quant,
                                   max_memory=max_memory, offload=offload, images=len(pictures))
     from diffgen.denoise import fill as fill_mod
     from diffgen.denoise import loop as generate
@@ -169,19 +171,21 @@ def fill(
             f"positions in whole canvases) do not fit the model's context",
             "shorten the template, its holes or the prompt") from exc
     loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
-    result = denoise_laid_out(
+    result, trace_failure = denoise_laid_out(
         console, tokenizer,
         lambda on_event: fill_mod.fill(loaded, prefix, parsed, settings, exact=exact_loop, compile=compile,
                                        on_event=on_event, vision=vision),
         phase="filling the template", show_steps=show_steps, trace_file=trace_file, model=model,
         prompt=prompt or "", settings=settings, canvas_length=canvas_length, quiet=quiet)
 
-    with doing("writing the answer"):
+    with doing("writing the answer to stdout"):
         if json_output:
             render.write_json(fill_record(result, model=model), sys.stdout)
         else:
             sys.stdout.write(result.text + "\n")
             sys.stdout.flush()
+    if trace_failure is not None:
+        raise trace_failure  # the answer is out; the trace could not be written
 
 
 def fill_record(result, *, model: str) -> dict:

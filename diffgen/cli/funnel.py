@@ -5,6 +5,8 @@
 * A closed stdout (``diffgen run ... | head -1``) -> silence; exit 0.
 * Typer/click usage errors (a bad number, an unknown option) -> ``diffgen: error: ...``; exit 2.
   A value that came from the config file names the file and the key instead of a flag.
+* An OSError that is the machine's condition (a full disk, a read-only file system, ...) ->
+  one line naming what was being done, the file and what to do; exit 1.
 * Anything else -> one line naming what was being done, the exception type and its message,
   and how to see the traceback; exit 1.
 
@@ -103,10 +105,37 @@ def report(exc: BaseException, doing: Union[str, Callable[[], str]] = "running d
     if not isinstance(exc, Exception):
         return None
     what = getattr(exc, _DOING, None) or (doing() if callable(doing) else doing)
+    if isinstance(exc, OSError) and exc.errno in _environmental():
+        # The machine's condition (a full disk, a read-only mount, a vanished file), not a bug.
+        from diffgen.outputs import advice
+
+        where = f" {exc.filename}" if exc.filename else ""
+        _say(f"diffgen: error: {what}:{where} {exc.strerror or exc} — {advice(exc)}")
+        _settle_stdout()
+        return EXIT_ERROR
     message = _first_line(str(exc))
     detail = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     _say(f"diffgen: error: {what}: {detail} — this is a bug or an unexpected condition; {DEBUG_HINT}")
     return EXIT_ERROR
+
+
+def _environmental() -> frozenset:
+    from diffgen.outputs import ENVIRONMENTAL
+
+    return ENVIRONMENTAL
+
+
+def _settle_stdout() -> None:
+    """After a failed write, flush what stdout still holds; if that fails too (the disk is full),
+    point it at /dev/null so that the interpreter's final flush does not fail again."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        with contextlib.suppress(Exception):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the process is ending
 
 
 _ARGV: Optional[list[str]] = None  # the arguments of this invocation, for error hints that retry it

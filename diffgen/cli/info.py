@@ -9,7 +9,14 @@ from typing import Annotated, Any, Optional
 import typer
 
 from diffgen.cli.funnel import doing
-from diffgen.cli.options import DeviceOption, MaxMemoryOption, NoColorOption, OfflineOption, complete_model
+from diffgen.cli.options import (
+    DeviceOption,
+    MaxMemoryOption,
+    NoColorOption,
+    OfflineOption,
+    complete_model,
+    not_blank,
+)
 
 EPILOG = (
     "Examples:\n\n"
@@ -25,11 +32,16 @@ def info(
     model: Annotated[
         Optional[str],
         typer.Option("--model", "-m", envvar="DIFFGEN_MODEL", show_default=False, autocompletion=complete_model,
+                     callback=not_blank,
                      help="A Hub id (in the cache, or its config.json fetched) or a directory with config.json."),
     ] = None,
     device: DeviceOption = "auto",
     max_memory: MaxMemoryOption = None,
-    context: Annotated[int, typer.Option("--context", min=1, help="Context length to plan the KV cache for.")] = 8192,
+    context: Annotated[
+        Optional[int],
+        typer.Option("--context", min=1, max=1 << 24, show_default="8192, or the model's context if smaller",
+                     help="Context length to plan the KV cache for (at most the model's)."),
+    ] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Batch rows to plan the sampler workspace for.")] = 1,
     images: Annotated[
         int,
@@ -67,10 +79,16 @@ def info(
             counts = plan.count_parameters(checkpoint_config)
             text_config = checkpoint_config.get("text_config", checkpoint_config)
             limit = text_config.get("max_position_embeddings")
-            image_tokens = plan.image_context(images)
-            if images and limit is not None and context + image_tokens > limit:
-                raise UsageError(f"--context {context} plus {images} image(s) ({image_tokens} tokens) is more than "
-                                 f"the model's context of {limit}", "lower --context or --images")
+            image_tokens = plan.image_context(images, _soft_tokens(where))
+            if context is not None and limit is not None and context + image_tokens > limit:
+                also = f" plus {images} image(s) ({image_tokens} tokens)" if images else ""
+                raise UsageError(f"--context {context}{also} is more than the model's context of {limit}",
+                                 "lower --context" + (" or --images" if images else ""))
+            if context is None:  # the default, within the model's context with the images
+                context = DEFAULT_CONTEXT if limit is None else max(min(DEFAULT_CONTEXT, limit - image_tokens), 1)
+                if limit is not None and image_tokens >= limit:
+                    raise UsageError(f"{images} image(s) ({image_tokens} tokens) fill the model's context of {limit}",
+                                     "lower --images")
             table = plan.estimates(checkpoint_config, counts, device=device_name, dtype=dtype, budget=budget,
                                    hardware=profile, context=context + image_tokens, batch=batch, images=images)
         try:
@@ -81,11 +99,29 @@ def info(
         data.update(model=model, source=where, parameters=counts.total, context=context, batch=batch,
                     plans=[e.to_dict() for e in table], chosen=chosen, vision_parameters=counts.vision,
                     context_limit=limit, images=images, image_tokens=image_tokens,
-                    max_image_tokens=plan.IMAGE_TOKENS if has_vision else None)
+                    max_image_tokens=(_soft_tokens(where) or plan.IMAGE_TOKENS) if has_vision else None)
     if json_output:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
     _print(data)
+
+
+DEFAULT_CONTEXT = 8192
+
+
+def _soft_tokens(where: Any) -> Optional[int]:
+    """Soft tokens per image of a checkpoint directory's processor (``processor_config.json``'s
+    ``max_soft_tokens`` or ``image_seq_length``), ``None`` when it does not say."""
+    from pathlib import Path
+
+    try:
+        data = json.loads((Path(where) / "processor_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    found = (data.get("image_processor") or {}).get("max_soft_tokens") or data.get("image_seq_length")
+    return int(found) if isinstance(found, int) and found > 0 else None
 
 
 def _print(data: dict[str, Any]) -> None:

@@ -2,8 +2,8 @@
 
 Values are checked while the command line is parsed, before anything is loaded: options with
 fixed choices are ``Literal`` types (click lists the choices and refuses others), and the
-generation values go through :func:`diffgen.settings.field_problem`, the same check the
-library applies. Checkpoint defaults are shown as what they are: the checkpoint's
+generation values go through :func:`diffgen.settings.input_problem`: the check the library
+applies, plus the limits of what a user may ask for (at most 1024 steps). Checkpoint defaults are shown as what they are: the checkpoint's
 ``generation_config.json`` value, with the released model's.
 
 Only light modules are imported here, so ``--help`` and completion stay fast.
@@ -58,12 +58,12 @@ def _check_device(ctx: typer.Context, value: Any) -> Any:
 
 
 def _checked(field: str) -> Any:
-    """A click callback that refuses a value :func:`diffgen.settings.field_problem` refuses."""
+    """A click callback that refuses a value :func:`diffgen.settings.input_problem` refuses."""
 
     def check(ctx: typer.Context, value: Any) -> Any:
         if ctx.resilient_parsing:
             return value
-        problem = settings_mod.field_problem(field, value)
+        problem = settings_mod.input_problem(field, value)
         if problem is not None:
             raise typer.BadParameter(problem)
         return value
@@ -81,9 +81,17 @@ def _no_color(ctx: typer.Context, value: bool) -> bool:
     return value
 
 
+def not_blank(ctx: typer.Context, value: Any) -> Any:
+    """A click callback that refuses an empty or blank name (``-m ""``, ``pull ""``)."""
+    if not ctx.resilient_parsing and isinstance(value, str) and not value.strip():
+        raise typer.BadParameter("must name a checkpoint: a Hub id (org/name) or a directory")
+    return value
+
+
 ModelOption = Annotated[
     str,
     typer.Option("--model", "-m", envvar="DIFFGEN_MODEL", show_envvar=True, autocompletion=complete_model,
+                 callback=not_blank,
                  help="Hub id (resolved through the Hugging Face cache) or local checkpoint directory."),
 ]
 ExactOption = Annotated[
@@ -185,7 +193,7 @@ ImageOption = Annotated[
     typer.Option("--image", "-i", show_default=False, metavar="<file>",
                  help="Show the model an image (PNG, JPEG, WebP, GIF, BMP; repeatable, placed before the prompt in "
                       "order). - reads one from stdin when the prompt is an argument. Needs pillow: "
-                      "pip install 'diffgen[images]'."),
+                      "pip install 'diffgen\\[images]'."),
 ]
 NoStdinOption = Annotated[
     bool,
@@ -237,4 +245,9 @@ ClampedTraceOption = Annotated[
     Optional[Path],
     typer.Option("--trace", dir_okay=False, show_default=False,
                  help="Write a JSONL trace of every step, clamped positions marked fixed, for `diffgen replay`."),
+]
+OverwriteOption = Annotated[
+    bool,
+    typer.Option("--overwrite", help="Replace an existing --trace file even if it is not a diffgen trace (an input "
+                                     "of the command is never replaced)."),
 ]

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from diffgen.cli.funnel import error_funnel
-from diffgen.cli.options import NoColorOption, OfflineOption
+from diffgen.cli.options import NoColorOption, OfflineOption, not_blank
 
 EPILOG = (
     "Examples:\n\n"
@@ -20,7 +20,7 @@ EPILOG = (
 
 
 def pull(
-    model: Annotated[str, typer.Argument(help="Hub id, e.g. google/diffusiongemma-26B-A4B-it.")],
+    model: Annotated[str, typer.Argument(help="Hub id, e.g. google/diffusiongemma-26B-A4B-it.", callback=not_blank)],
     revision: Annotated[
         Optional[str], typer.Option("--revision", help="Branch, tag or commit.", show_default="main")
     ] = None,

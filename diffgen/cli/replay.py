@@ -12,6 +12,7 @@ import typer
 from diffgen.cli.common import check_output_path
 from diffgen.cli.funnel import doing
 from diffgen.cli.options import NoColorOption
+from diffgen.outputs import same_file
 
 EPILOG = (
     "Examples:\n\n"
@@ -30,6 +31,10 @@ def replay(
     html: Annotated[
         Optional[Path], typer.Option("--html", dir_okay=False, help="Write a picture of the run as HTML instead.")
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace existing --svg/--html files even if diffgen did not write them "
+                                               "(the trace itself is never replaced).")
+    ] = False,
     no_color: NoColorOption = False,
 ) -> None:
     """Re-draw a traced run without a model, or export a picture of when each token settled."""
@@ -37,8 +42,14 @@ def replay(
     from diffgen.ui import render
     from diffgen.ui import view
 
-    check_output_path(svg, "--svg")
-    check_output_path(html, "--html")
+    from diffgen.errors import UsageError
+
+    if svg is not None and html is not None and same_file(svg, html):
+        raise UsageError(f"--svg and --html name the same file ({svg})", "give each picture its own file")
+    check_output_path(svg, "--svg", inputs=(file,), overwrite=overwrite, ours=picture_of("<svg"),
+                      kind="a picture diffgen wrote")
+    check_output_path(html, "--html", inputs=(file,), overwrite=overwrite, ours=picture_of("<!DOCTYPE html>"),
+                      kind="a picture diffgen wrote")
     recorded = trace.read_trace(file)
     if svg is not None or html is not None:
         from diffgen.ui import picture
@@ -58,3 +69,17 @@ def replay(
     if recorded.result is not None:
         sys.stdout.write(recorded.result["text"] + "\n")
         sys.stdout.flush()
+
+
+def picture_of(start: str):
+    """Whether an existing file is a picture ``replay`` wrote (it starts with ``start`` and names
+    diffgen): one that --svg / --html may replace."""
+
+    def ours(path: Path) -> bool:
+        from diffgen.outputs import head
+        from diffgen.ui.picture import MARK
+
+        text = head(path, 1 << 20).decode("utf-8", "replace")
+        return text.lstrip().startswith(start) and MARK in text
+
+    return ours

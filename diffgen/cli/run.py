@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from diffgen.cli.common import (
-    check_output_path,
+    check_trace_path,
     encode_with_images,
     exclusive,
     load_model,
@@ -35,6 +35,7 @@ from diffgen.cli.options import (
     MaxNewTokensOption,
     ModelOption,
     NoColorOption,
+    OverwriteOption,
     NoStdinOption,
     OffloadOption,
     OfflineOption,
@@ -61,7 +62,7 @@ EPILOG = (
     '  diffgen run --think --stats "Is 1001 prime?"\n\n'
     '  diffgen run --show-steps --trace run.jsonl "Write a haiku"\n\n'
     '  diffgen run --json --seed 1 "Hello" | jq .text\n\n'
-    '  diffgen run --image photo.png "What is in this picture?"   (needs pip install \'diffgen[images]\')\n\n'
+    '  diffgen run --image photo.png "What is in this picture?"   (needs pip install \'diffgen\\[images]\')\n\n'
     '  while read -r p; do diffgen run --no-stdin "$p"; done < prompts.txt   (a loop: keep stdin for read)\n\n'
     "A piped stdin is part of the prompt, so in a shell loop reading a file pass --no-stdin "
     "(or < /dev/null), or the first call swallows the rest of the file. "
@@ -117,6 +118,7 @@ def run(
         typer.Option("--trace", dir_okay=False, show_default=False,
                      help="Write a JSONL trace of every step, for `diffgen replay`."),
     ] = None,
+    overwrite: OverwriteOption = False,
     schema_file: Annotated[
         Optional[Path],
         typer.Option("--schema", exists=True, dir_okay=False, readable=True, show_default=False, metavar="<file>",
@@ -141,7 +143,7 @@ def run(
     raw, system = exclusive(ctx, "a system prompt needs the chat template; drop --raw", raw=raw, system=system)
     exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
     exact_loop = sampler_choice(exact, fast, compile)
-    check_output_path(trace_file, "--trace")
+    check_trace_path(trace_file, inputs=(file, schema_file, image), overwrite=overwrite)
     flags = sampler_flags(max_new_tokens, steps, entropy_bound, t_min, t_max, stability, confidence)
     if server:
         refuse_local_only(ctx, LOCAL_ONLY)
@@ -181,7 +183,7 @@ def run(
                     think=think, flags=flags, seed=seed, json_output=json_output, stats=stats, show_steps=show_steps,
                     trace_file=trace_file, quiet=quiet, pictures=pictures)
         return
-    prepared = prepare_generation(model, seed=seed, flags=flags, offline=offline, device=device, quant=quant,
+    prepared = prepare_generation(model, seed=seed, flags=flags, quiet=quiet, offline=offline, device=device, quant=quant,
                                   max_memory=max_memory, offload=offload, images=len(pictures))
     settings = prepared.settings
     from diffgen.denoise import loop as generate
@@ -190,6 +192,9 @@ def run(
     # Tokenise and check the context before the (long) weight load.
     with doing("loading the tokenizer"):
         tokenizer = loader.load_tokenizer(prepared.checkpoint.path)
+        # Refused by its size before it is tokenised (50 MB of text would take a minute and GBs).
+        prompt_mod.check_fits(composed.text, prepared.config.get("text_config", prepared.config)
+                              .get("max_position_embeddings"), tokenizer)
         ids = prompt_mod.encode(tokenizer, composed.text, system=system, think=think, raw=raw)
     vision = None
     if pictures:
@@ -200,9 +205,10 @@ def run(
         return
     generate.check_context_config(prepared.config, len(ids), settings)
     loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
+    trace_failure = None
     with doing("generating"):
         if show_steps or trace_file is not None:
-            result = _observed(loaded, ids, settings, console, show_steps=show_steps, trace_file=trace_file,
+            result, trace_failure = _observed(loaded, ids, settings, console, show_steps=show_steps, trace_file=trace_file,
                                model=model, prompt=composed.text, exact=exact_loop, compile=compile, vision=vision)
         else:
             with status(console, "Denoising", quiet=quiet):
@@ -210,7 +216,7 @@ def run(
                                            vision=[vision])
     completion = result.completions[0]
 
-    with doing("writing the answer"):
+    with doing("writing the answer to stdout"):
         if json_output:
             render.write_json(render.completion_record(completion, result, model=model), sys.stdout)
         else:
@@ -219,6 +225,8 @@ def run(
             render.write_answer(completion, sys.stdout)
         if stats:
             typer.echo(render.stats_line(completion), err=True)
+    if trace_failure is not None:
+        raise trace_failure  # the answer is out; the trace could not be written
 
 
 # Flags of a local run that mean nothing for a model behind --server (parameter -> flag).
@@ -255,6 +263,7 @@ def _remote_run(server: str, text: str, console: Any, *, model: Optional[str], s
         body, chat = remote.body(served.id, text, system=system, think=think, raw=raw, flags=flags, seed=seed,
                                  image_urls=image_urls)
         settings = remote.settings(served, flags, seed)
+        trace_failure = None
         with doing("generating on the server"):
             if observe:
                 with observing(console, None, show_steps=show_steps, trace_file=trace_file, model=served.id,
@@ -264,11 +273,12 @@ def _remote_run(server: str, text: str, console: Any, *, model: Optional[str], s
                     if observer.writer is not None:
                         observer.writer.result({"text": answer.text, "thoughts": answer.thoughts,
                                                 "finish_reason": answer.finish_reason, "stats": answer.stats})
+                trace_failure = observer.failure
             else:
                 with status(console, "Denoising on the server", quiet=quiet):
                     answer = client.complete(body, chat=chat)
 
-    with doing("writing the answer"):
+    with doing("writing the answer to stdout"):
         if json_output:
             render.write_json(remote.record(answer, model=served.id, seed=seed, settings=settings), sys.stdout)
         else:
@@ -282,6 +292,8 @@ def _remote_run(server: str, text: str, console: Any, *, model: Optional[str], s
                 usage = answer.usage or {}
                 typer.echo(render.usage_line(usage.get("completion_tokens"), usage.get("prompt_tokens"),
                                              answer.seconds, answer.finish_reason), err=True)
+    if trace_failure is not None:
+        raise trace_failure  # the answer is out; the trace could not be written
 
 
 def _schema_run(prepared: Any, tokenizer: Any, ids: list[int], schema: dict, console: Any, *, model: str,
@@ -304,7 +316,7 @@ def _schema_run(prepared: Any, tokenizer: Any, ids: list[int], schema: dict, con
         with status(console, "Denoising", quiet=quiet):
             result = schema_mod.generate_json(loaded, ids, schema, settings, retries=retries, exact=exact,
                                               compile=compile, vocab=vocab)
-    with doing("writing the answer"):
+    with doing("writing the answer to stdout"):
         if json_output:
             render.write_json(schema_record(result, model=model), sys.stdout)
         else:
@@ -337,8 +349,9 @@ def schema_record(result: Any, *, model: str) -> dict:
 
 def _observed(loaded: Any, ids: list[int], settings: Any, console: Any, *, show_steps: bool,
               trace_file: Optional[Path], model: str, prompt: str, exact: Optional[bool],
-              compile: bool = False, vision: Any = None) -> Any:
-    """Run a generation whose steps feed the live view and/or a trace file; return its result."""
+              compile: bool = False, vision: Any = None) -> tuple[Any, Optional[BaseException]]:
+    """Run a generation whose steps feed the live view and/or a trace file; return its result and
+    the trace's write error (``None`` when it was written)."""
     from diffgen.denoise import loop as generate
 
     generation = generate.stream(loaded, [ids], settings, observe=True, exact=exact, compile=compile,
@@ -353,4 +366,4 @@ def _observed(loaded: Any, ids: list[int], settings: Any, console: Any, *, show_
             observer.writer.result({"text": completion.text, "thoughts": completion.thoughts,
                                     "finish_reason": completion.finish_reason,
                                     "stats": dataclasses.asdict(completion.stats)})
-    return result
+    return result, observer.failure

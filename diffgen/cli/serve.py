@@ -8,13 +8,14 @@ FastAPI and uvicorn are imported only when the command runs, so ``diffgen --help
 from __future__ import annotations
 
 import copy
+import errno
 import ipaddress
 import os
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli.common import exclusive, load_model
+from diffgen.cli.common import exclusive, load_model, offload_note
 from diffgen.cli.funnel import doing
 from diffgen.cli.options import (
     DEFAULT_MODEL,
@@ -100,7 +101,7 @@ def serve(
     ] = 64,
     max_steps: Annotated[
         int,
-        typer.Option("--max-steps", min=1, metavar="<steps>",
+        typer.Option("--max-steps", min=1, max=1024, metavar="<steps>",
                      help="Largest 'steps' (and 'stability') a request may ask for; more gets 422. Each step "
                           "is a decoder pass per canvas, and a request holds the model (and the queue behind it) "
                           "until it ends."),
@@ -133,6 +134,8 @@ def serve(
     exact, fast = exclusive(ctx, "give one of them, or neither for the fast sampler", exact=exact, fast=fast)
     # A server exists for throughput: the fast sampler (batched) on every device unless --exact.
     exact_loop = bool(exact)
+    if api_key is not None and api_key and not api_key.strip():
+        raise UsageError("--api-key is blank: clients could send it by mistake", f"give a real key (or unset {API_KEY_ENV})")
     api_key = api_key or None
     if not is_loopback(host) and not api_key:
         raise UsageError(f"--host {host} would let other machines use this server without a key",
@@ -142,9 +145,12 @@ def serve(
     from diffgen.ui import render
 
     console = render.error_console()
+    # The port is taken before the weights are read: a busy port is one line, not a long load first.
+    listening = bind(host, port)
     with doing("planning the load"):
         prepared = prepare(model, offline=offline, device=device, quant=quant, max_memory=max_memory,
                            offload=offload)
+    offload_note(prepared, offload, quiet=quiet)
     loaded = load_model(prepared, console, quiet=quiet)
 
     with doing("starting the server"):
@@ -166,7 +172,33 @@ def serve(
                        + (" (API key required)" if api_key else ""), err=True)
         config = uvicorn.Config(app, host=host, port=port, log_config=log_config(),
                                 log_level="warning" if quiet else "info", timeout_graceful_shutdown=None)
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[listening])
+
+
+def bind(host: str, port: int) -> Any:
+    """A TCP socket bound to ``host``:``port`` (uvicorn listens on it); a port in use or an address
+    this machine does not have is a :class:`DiffgenError` saying so."""
+    import socket
+
+    from diffgen.errors import DiffgenError
+
+    address = host.strip("[]")
+    # As uvicorn binds: IPv6 when the host has a colon, else IPv4 (a name resolves through the OS).
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((address, port))
+    except (socket.gaierror, UnicodeError) as exc:
+        sock.close()
+        raise UsageError(f"--host {host}: no such address on this machine ({exc})",
+                         "give an IP address or a host name of this machine") from exc
+    except OSError as exc:
+        sock.close()
+        shown = f"[{host}]" if ":" in host else host
+        hint = ("another program is listening there: stop it, or pick another port with --port"
+                if exc.errno == errno.EADDRINUSE else "check --host and --port")
+        raise DiffgenError(f"cannot listen on {shown}:{port}: {exc.strerror or exc}", hint) from exc
+    return sock
 
 
 def is_loopback(host: str) -> bool:

@@ -31,6 +31,7 @@ canvas; ``retries`` resamples the slots above :data:`RETRY_ENTROPY` with the res
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +51,10 @@ DEFAULT_INTEGER = 8
 DEFAULT_NUMBER = 10
 #: Most items an array may lay out.
 MAX_ITEMS = 64
+#: Most nesting a schema may have (objects and arrays inside each other), and most positions its
+#: skeleton may take (an estimate from the schema, checked before anything is laid out).
+MAX_DEPTH = 32
+MAX_POSITIONS = 8192
 #: A slot whose mean entropy (nats) ends above this is resampled by a retry.
 RETRY_ENTROPY = 1.0
 
@@ -73,9 +78,14 @@ _HINT = ("supported: objects (all properties required, additionalProperties fals
 
 def load_schema(text: str, name: str = "the schema") -> dict:
     """Parse and check a schema file's text; anything outside the subset is one :class:`UsageError`."""
+    def no_constant(word: str) -> Any:
+        raise ValueError(f"{word} is not a JSON number")
+
     try:
-        schema = json.loads(text)
-    except json.JSONDecodeError as exc:
+        schema = json.loads(text, parse_constant=no_constant)
+    except RecursionError as exc:
+        raise UsageError(f"{name} nests deeper than {MAX_DEPTH} levels", _HINT) from exc
+    except ValueError as exc:
         raise UsageError(f"{name} is not JSON: {exc}", "give a JSON Schema file") from exc
     check_schema(schema, name)
     return schema
@@ -88,6 +98,11 @@ def check_schema(schema: Any, name: str = "the schema", what: str = "--schema") 
 
     if not isinstance(schema, dict):
         raise UsageError(f"{name} must be a JSON object", _HINT)
+    # Depth first, without recursion: everything after this (the metaschema check, the walk, the
+    # layout) recurses, and a schema nested hundreds deep must be one line, not a RecursionError.
+    depth = _depth(schema)
+    if depth > MAX_DEPTH:
+        raise UsageError(f"{name} nests more than the {MAX_DEPTH} levels {what} lays out", _HINT)
     try:
         jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
     except jsonschema.SchemaError as exc:
@@ -98,6 +113,56 @@ def check_schema(schema: Any, name: str = "the schema", what: str = "--schema") 
     _walk(schema, "", problems)
     if problems:
         raise UsageError(f"{name} uses what {what} does not support: {'; '.join(problems)}", _HINT)
+    # Every bound is consistent (checked in the walk), so the skeleton can be sized: refuse one too
+    # large to lay out before anything is tokenised.
+    positions = _positions(schema)
+    if positions > MAX_POSITIONS:
+        raise UsageError(f"{name} lays out about {positions:,} positions, more than the {MAX_POSITIONS:,} {what} "
+                         "allows", "use fewer or shorter values (maxItems, maxLength, narrower bounds)")
+
+
+def _depth(root: Any) -> int:
+    """How deep ``root``'s objects and arrays nest (iteratively: any depth is safe)."""
+    deepest, stack = 0, [(root, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > MAX_DEPTH:
+            return level
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack += [(child, level + 1) for child in children if isinstance(child, (dict, list))]
+    return deepest
+
+
+def _bad_number(value: Any) -> bool:
+    return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+
+
+def _bounds(node: dict, kind: str) -> tuple[float | None, float | None]:
+    """An integer's or number's effective bounds (an integer's rounded inward)."""
+    low, high = node.get("minimum"), node.get("maximum")
+    if kind == "integer":
+        low = math.ceil(low) if low is not None else None
+        high = math.floor(high) if high is not None else None
+    return low, high
+
+
+def _positions(node: dict) -> int:
+    """About how many canvas positions ``node`` lays out (a bound for refusing huge schemas)."""
+    kind = _kind(node)
+    if "enum" in node:
+        return max((len(json.dumps(v, ensure_ascii=False)) for v in node["enum"]), default=1)
+    if kind == "object":
+        return 2 + sum(len(key) + 4 + _positions(child) for key, child in node.get("properties", {}).items())
+    if kind == "array":
+        count = int(node.get("maxItems", node.get("minItems", 0)))
+        return 2 + count * (2 + _positions(node["items"])) if count else 2
+    if kind == "string":
+        return 2 + min(int(node.get("maxLength", DEFAULT_STRING)), DEFAULT_STRING * 4)
+    if kind in ("integer", "number"):
+        low, high = _bounds(node, kind)
+        return max(_digits(low), _digits(high), DEFAULT_NUMBER) + 4
+    return 5
 
 
 def _kind(node: dict) -> str | None:
@@ -127,8 +192,23 @@ def _walk(node: Any, path: str, problems: list[str]) -> None:
         problems.append(f"{', '.join(extra)} at {where}")
     if "enum" in node:
         values = node["enum"]
-        if any(isinstance(v, (dict, list)) for v in values):
+        if not isinstance(values, list) or not values:
+            problems.append(f"an empty enum at {where} (no value can match it)")
+        elif any(isinstance(v, (dict, list)) for v in values):
             problems.append(f"an enum of objects or arrays at {where}")
+        elif any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            problems.append(f"an enum with a value that is not a JSON number at {where}")
+    if kind in ("integer", "number"):
+        named = {key: node[key] for key in ("minimum", "maximum") if key in node}
+        bad = [key for key, value in named.items() if _bad_number(value)]
+        if bad:
+            problems.append(f"{' and '.join(bad)} not a finite number at {where}")
+        else:
+            low, high = _bounds(node, kind)
+            if low is not None and high is not None and low > high:
+                what = "no integer lies between" if kind == "integer" and node["minimum"] <= node["maximum"] else ""
+                problems.append(f"minimum {node['minimum']} above maximum {node['maximum']} at {where}" if not what
+                                else f"{what} minimum {node['minimum']} and maximum {node['maximum']} at {where}")
     if kind == "object":
         properties = node.get("properties", {})
         required = node.get("required", [])
@@ -150,6 +230,8 @@ def _walk(node: Any, path: str, problems: list[str]) -> None:
         else:
             _walk(node["items"], f"{path}/0", problems)
         count = node.get("maxItems", node.get("minItems"))
+        if "minItems" in node and "maxItems" in node and node["minItems"] > node["maxItems"]:
+            problems.append(f"minItems {node['minItems']} above maxItems {node['maxItems']} at {where}")
         if count is None:
             problems.append(f"an array without maxItems at {where}")
         elif count > MAX_ITEMS:
@@ -213,16 +295,19 @@ def _emit(node: dict, path: str, out: list[str | Slot]) -> None:
         out.append("}")
     elif kind == "array":
         out.append("[")
-        for i in range(node.get("maxItems", node.get("minItems", 0))):
+        for i in range(int(node.get("maxItems", node.get("minItems", 0)))):
             out.append(", " if i else "")
             _emit(node["items"], f"{path}/{i}", out)
         out.append("]")
     elif kind == "string":
-        limit = node.get("maxLength")
-        out += ['"', Slot(path, "string", min(limit, DEFAULT_STRING * 4) if limit is not None else DEFAULT_STRING,
-                          max_length=limit), '"']
+        limit = int(node["maxLength"]) if node.get("maxLength") is not None else None
+        if limit == 0:
+            out.append('""')  # the only string that fits: no slot to choose
+        else:
+            out += ['"', Slot(path, "string", min(limit, DEFAULT_STRING * 4) if limit is not None else DEFAULT_STRING,
+                              max_length=limit), '"']
     elif kind in ("integer", "number"):
-        low, high = node.get("minimum"), node.get("maximum")
+        low, high = _bounds(node, kind)
         if low is not None and high is not None:
             # One position per digit of the wider bound (+1 for a sign, +3 for ".dd"): the digit
             # count is bounded by construction, the value itself is clamped on assembly.
@@ -279,9 +364,6 @@ def vocabulary(tokenizer: Any, size: int, pad: int) -> Vocabulary:
             minus.append(i)
         elif text == ".":
             point.append(i)
-    if not digits:
-        raise UsageError("this tokenizer has no single-digit tokens, so --schema cannot lay out numbers",
-                         "use a schema without integers and numbers")
     return Vocabulary(size, pad, tuple(string), tuple(digits), tuple(minus), tuple(point))
 
 
@@ -360,6 +442,10 @@ def layout(schema: dict, tokenizer: Any, vocab: Vocabulary, canvas_length: int) 
             piece = Slot(piece.path, "enum", max(len(o) for o in options), options=piece.options)
             positions = [tuple(sorted({o[i] if i < len(o) else pad for o in options})) for i in range(piece.length)]
         else:
+            if piece.kind in ("integer", "number") and not vocab.digits:
+                # Only a schema with numbers needs digit tokens: strings and enums lay out without.
+                raise UsageError(f"this tokenizer has no single-digit tokens, so the {piece.kind} at "
+                                 f"{piece.path or '/'} cannot be laid out", "use a schema without integers and numbers")
             positions = _slot_positions(piece, vocab)
         spans.append((len(tokens), len(tokens) + piece.length))
         literals.append(options)

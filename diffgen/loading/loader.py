@@ -96,10 +96,21 @@ def load(name: str, plan: LoadPlan, *, offline: bool = False, progress: bool = T
 
 
 def load_tokenizer(path: Path) -> Any:
-    """The checkpoint's tokenizer (local files only; remote code never trusted)."""
+    """The checkpoint's tokenizer (local files only; remote code never trusted). Missing or broken
+    tokenizer files are a :class:`TokenizerMissingError` naming them."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    path = Path(path)
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise TokenizerMissingError(f"{path} has no tokenizer.json (nor tokenizer.model)",
+                                    "copy the tokenizer files of the original checkpoint into it")
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged file raises ValueError, JSONDecodeError, OSError, ...
+        name = "tokenizer.json" if (path / "tokenizer.json").is_file() else "tokenizer.model"
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise TokenizerMissingError(f"{path / name} cannot be read ({type(exc).__name__}: {reason})",
+                                    "it is damaged: copy it again from the original checkpoint") from exc
 
 
 def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = True,

@@ -240,9 +240,10 @@ def weight_bytes(counts: ParameterCounts, scheme: str, dtype: str) -> int:
     return total
 
 
-def image_context(images: int) -> int:
-    """Context positions that ``images`` images take at most (soft tokens and brackets)."""
-    return images * (IMAGE_TOKENS + 2)
+def image_context(images: int, tokens_per_image: int | None = None) -> int:
+    """Context positions that ``images`` images take at most (soft tokens and brackets);
+    ``tokens_per_image``: the checkpoint processor's soft tokens (default :data:`IMAGE_TOKENS`)."""
+    return images * ((tokens_per_image or IMAGE_TOKENS) + 2)
 
 
 def runtime_bytes(config: dict[str, Any], dtype: str, *, context: int = DEFAULT_CONTEXT, batch: int = 1,

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from diffgen.errors import DiffgenError, UsageError
-from diffgen.settings import SAMPLER_FLAGS, GenerationSettings
+from diffgen.settings import SAMPLER_FLAGS, GenerationSettings, input_problem
 
 # Record field -> (accepted types, GenerationSettings field or None for prompt-level fields);
 # the generation fields come from the one flag table in diffgen.settings.
@@ -177,6 +177,11 @@ def _parse_jsonl(number: int, line: str) -> Job | InputError:
         types = RECORD_FIELDS[key][0]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             return InputError(number, f"field {key!r} must be {' or '.join(t.__name__ for t in types)}", record_id)
+    for key, value in data.items():
+        field = "seed" if key == "seed" else RECORD_FIELDS[key][1]
+        problem = input_problem(field, value) if field else None
+        if problem:  # the checks of the command line's flags (--seed -1 is refused there too)
+            return InputError(number, f"field {key!r} {problem}", record_id)
     prompt = data.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         return InputError(number, "missing or empty 'prompt'", record_id)
@@ -226,21 +231,27 @@ def changed_settings(stored: dict[str, Any], current: dict[str, Any]) -> dict[st
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    from diffgen import outputs
+
+    outputs.write_bytes(path, data)
+
+
+def is_settings_file(path: Path) -> bool:
+    """Whether ``path`` holds a settings file diffgen wrote (one that a new output may replace)."""
     try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        data = json.loads(Path(path).read_bytes())
+    except ValueError:
+        return False
+    return isinstance(data, dict) and isinstance(data.get("settings"), dict)
 
 
-def check_output(output: Path | None, input_path: str, *, resume: bool, overwrite: bool) -> None:
+def check_output(output: Path | None, input_path: str, *, resume: bool, overwrite: bool,
+                 inputs: Sequence[Any] = ()) -> None:
     """Everything about ``-o`` that can be refused before a model is read (usage errors, exit 2):
-    conflicting flags, a missing or read-only directory, a read-only output, the input itself."""
+    conflicting flags, a missing or read-only directory, a read-only output, the input itself (or
+    another input of the command, ``inputs``), a settings file beside it that diffgen did not write."""
+    from diffgen import outputs
+
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other",
                          "--resume continues OUTPUT, --overwrite replaces it: pass one")
@@ -248,9 +259,13 @@ def check_output(output: Path | None, input_path: str, *, resume: bool, overwrit
         if resume:
             raise UsageError("--resume needs -o OUTPUT (there is nothing to resume on stdout)")
         return
-    if input_path != "-" and _same_file(Path(input_path), output):
+    if input_path != "-" and outputs.same_file(Path(input_path), output):
         raise UsageError(f"-o {output} is the input file itself",
                          "write the records to another file; the prompts would be lost")
+    for other in inputs:
+        if other is not None and outputs.same_file(other, output):
+            raise UsageError(f"-o {output} is an input of this command ({other})",
+                             "write the records to another file; the input would be destroyed")
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"-o {output}: the directory {parent} does not exist", "create it first")
@@ -259,19 +274,18 @@ def check_output(output: Path | None, input_path: str, *, resume: bool, overwrit
     exists = output.exists() and output.stat().st_size > 0
     if exists and not (resume or overwrite):
         raise UsageError(f"{output} already exists", "pass --resume to continue it or --overwrite to replace it")
+    for other in (input_path, *inputs):
+        if other is not None and other != "-" and outputs.same_file(other, settings_path(output)):
+            raise UsageError(f"-o {output}: its settings file {settings_path(output)} would replace an input of "
+                             "this command", "write the records to another file")
+    outputs.check(settings_path(output), "-o", ours=is_settings_file, kind="a diffgen settings file",
+                  overwrite=overwrite, override="pass --overwrite to replace it (and the output)")
     if output.exists():
         try:  # the real test: os.access says yes to root even where the file system says no
             os.close(os.open(output, os.O_WRONLY | os.O_APPEND))
         except OSError as exc:
             raise UsageError(f"cannot write {output}: {exc.strerror or exc}",
                              "make it writable, or write to another file") from exc
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist: compare where they would be
-        return a.resolve() == b.resolve()
 
 
 class Output:
@@ -353,9 +367,14 @@ class Output:
             self.stdout.flush()
             return
         data = line.encode("utf-8")
-        written = os.write(self._fd, data)
-        while written < len(data):  # a short write to a regular file is rare; finish the line
-            written += os.write(self._fd, data[written:])
+        try:
+            written = os.write(self._fd, data)
+            while written < len(data):  # a short write to a regular file is rare; finish the line
+                written += os.write(self._fd, data[written:])
+        except OSError as exc:  # a full disk: one line naming the output (a torn line is dropped by --resume)
+            from diffgen import outputs
+
+            raise outputs.output_error(self.path, exc, "-o") from exc
 
     def close(self) -> None:
         if self._fd is not None:

@@ -110,6 +110,7 @@ class TokenTexts:
         vocab_ids = [tokenizer.convert_tokens_to_ids(t) for t in (CHANNEL_OPEN, CHANNEL_CLOSE)]
         unk = tokenizer.unk_token_id
         self.channel_ids = None if any(i is None or i == unk for i in vocab_ids) else tuple(vocab_ids)
+        self.separator = _separator(tokenizer)
 
     def piece(self, token_id: int) -> str:
         text = self._cache.get(token_id)
@@ -119,8 +120,12 @@ class TokenTexts:
         return text
 
     def texts(self, ids: Sequence[int], keep: Sequence[bool] | None = None) -> list[str]:
-        """Texts for ``ids``; positions where ``keep`` is false get ``""`` without decoding."""
+        """Texts for ``ids``; positions where ``keep`` is false get ``""`` without decoding. A
+        tokenizer that joins tokens with a space when it decodes (word-level ones) gets that space
+        before every token but the first, so that the texts join as the answer is decoded."""
         out = [self.piece(t) if keep is None or keep[i] else "" for i, t in enumerate(ids)]
+        if self.separator:
+            out = [self.separator + text if i and text else text for i, text in enumerate(out)]
         i = 0
         while i < len(out):
             if "\ufffd" not in out[i]:
@@ -134,6 +139,23 @@ class TokenTexts:
                 out[i:j] = [joined] + [""] * (j - i - 1)
             i = max(j, i + 1)
         return out
+
+
+def _separator(tokenizer: Any) -> str:
+    """What ``tokenizer.decode`` puts between two tokens beyond their own texts: ``" "`` for
+    word-level tokenizers (no decoder: tokens joined with spaces), ``""`` for the usual ones."""
+    try:
+        special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+        probe = [i for i in range(min(len(tokenizer), 512)) if i not in special][-2:]
+        if len(probe) < 2:
+            return ""
+        alone = [tokenizer.decode([i], skip_special_tokens=True) for i in probe]
+        joined = tokenizer.decode(probe, skip_special_tokens=True)
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot say: draw the pieces as they are
+        return ""
+    if not all(alone) or "\ufffd" in joined:
+        return ""
+    return " " if joined == alone[0] + " " + alone[1] and not alone[1].startswith(" ") else ""
 
 
 def records(events: Iterable[Any], texts: TokenTexts, row: int = 0) -> Iterator[Record]:
@@ -183,14 +205,24 @@ def _fixed(event: Any, row: int) -> list[bool] | None:
 
 
 class TraceWriter:
-    """Writes a trace as JSON Lines, one flushed line per record."""
+    """Writes a trace as JSON Lines, one flushed line per record.
+
+    A write that fails (a full disk) does not stop the run being traced: the writer keeps the
+    error in ``failure`` and writes nothing more; the command reports it once the answer is out.
+    """
 
     def __init__(self, out: IO[str]):
         self.out = out
+        self.failure: OSError | None = None
 
     def _line(self, kind: str, data: dict[str, Any]) -> None:
-        self.out.write(json.dumps({"type": kind, **data}, ensure_ascii=False) + "\n")
-        self.out.flush()
+        if self.failure is not None:
+            return
+        try:
+            self.out.write(json.dumps({"type": kind, **data}, ensure_ascii=False) + "\n")
+            self.out.flush()
+        except OSError as exc:
+            self.failure = exc
 
     def header(self, *, model: str, prompt: str, settings: dict[str, Any], canvas_length: int,
                channel_ids: Sequence[int] | None) -> None:
@@ -221,6 +253,18 @@ class Trace:
     def channel_ids(self) -> tuple[int, int] | None:
         ids = self.header.get("channel_ids")
         return tuple(ids) if ids else None
+
+
+def is_trace(path: Path) -> bool:
+    """Whether ``path`` holds a diffgen trace (its first line is a trace header): a file that
+    ``--trace`` may replace without ``--overwrite``."""
+    with open(path, "rb") as handle:
+        first = handle.readline(1 << 22)
+    try:
+        data = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("type") == "header" and "version" in data
 
 
 def read_trace(path: Path) -> Trace:

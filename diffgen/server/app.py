@@ -418,13 +418,15 @@ class Engine:
         except DiffgenError as exc:
             param = next((key for key in ("t_min", "t_max") if key in request.flags), None)
             raise wire.invalid(None, exc.message, param=param) from exc
-        pictures = iter([self.request_image(url, where) for url, where in request.images])
+        read = [self.request_image(url, where) for url, where in request.images]
+        pictures = iter(read)
         turns = [turn if isinstance(turn["content"], str) else
                  {**turn, "content": [{"type": "image", "image": next(pictures).image} if part["type"] == "image"
                                       else part for part in turn["content"]]}
                  for turn in request.messages]
         try:
             ids, vision = images.encode_turns(self.image_processor(), turns, think=request.think)
+            images.check_positions(vision, self.loaded.model.config.to_dict(), read)
             check_context(self.loaded.model, len(ids), settings)
         except PromptTooLongError as exc:
             raise wire.ApiError(400, f"{exc.message}; send fewer images, shorten the prompt or lower max_tokens",
@@ -617,12 +619,46 @@ async def collect(request: Request, work: Work, n: int) -> list[wire.Choice]:
     return [choices[index] for index in range(n)]
 
 
+class ContainFailures:
+    """ASGI middleware: an exception that escapes a route becomes a 500 error object, logged with its
+    traceback, and the connection stays usable. (Starlette's own last-resort handler re-raises it
+    after answering, and uvicorn then closes the keep-alive connection under the client.) Once a
+    response has started (a stream), there is nothing else to send: the exception goes on."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: dict) -> None:
+            nonlocal started
+            if message.get("type") == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            if started:
+                raise
+            logging.getLogger("diffgen.server").error("%s %s failed", scope.get("method"), scope.get("path"),
+                                                      exc_info=exc)
+            response = JSONResponse(wire.error_body(f"the server failed: {type(exc).__name__}; see the server's log",
+                                                    type="server_error", code="internal_error"), status_code=500)
+            await response(scope, receive, send)
+
+
 def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
     """The ASGI app serving ``engine``. ``api_key``: required as ``Authorization: Bearer KEY`` on
     every ``/v1`` route (``None``: no key); ``max_body``: the largest request body in bytes."""
     from diffgen import __version__
 
     app = FastAPI(title="diffgen", version=__version__, openapi_url="/openapi.json", docs_url=None, redoc_url=None)
+    app.add_middleware(ContainFailures)
     key = api_key.encode() if api_key else None
 
     def fail(error: wire.ApiError) -> JSONResponse:
@@ -669,10 +705,7 @@ def create_app(engine: Engine, *, api_key: Optional[str] = None, max_body: int =
             data += part
             if len(data) > max_body:
                 raise too_large()
-        try:
-            return json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise wire.ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+        return wire.parse_body(bytes(data))
 
     def too_large() -> wire.ApiError:
         return wire.ApiError(413, f"the request body is over the limit of {max_body} bytes "
@@ -794,6 +827,7 @@ def model_card(engine: Engine) -> dict[str, Any]:
     return {"id": engine.name, "object": "model", "created": 0, "owned_by": "diffgen",
             "max_model_len": context, "canvas_length": int(model.config.canvas_length),
             "diffgen_settings": engine.settings.to_dict(),
+            "diffgen_ignored_fields": sorted(wire.IGNORED_FIELDS),
             "diffgen_channel_ids": list(channel_ids) if channel_ids else None}
 
 

@@ -9,8 +9,9 @@ file (:data:`diffgen.settings.SAMPLER_FLAGS`' keys: ``steps``, ``entropy_bound``
 ``t_max``, ``stability``, ``confidence``) and go through the same checks as the CLI's flags
 (:func:`diffgen.settings.field_problem`). OpenAI's own ``max_tokens`` (or
 ``max_completion_tokens``), ``stop``, ``seed``, ``n`` and ``stream`` behave as its clients expect;
-``temperature``/``top_p`` and other fields this sampler has no use for are ignored, as most
-OpenAI-compatible servers do, while fields whose meaning cannot be honoured (``logprobs``,
+``temperature``/``top_p`` and the other fields of :data:`IGNORED_FIELDS` have no effect on this
+sampler (as most OpenAI-compatible servers do, they are accepted; their types are still checked, and
+``/v1/models`` lists them), while fields whose meaning cannot be honoured (``logprobs``,
 ``tools``) are refused rather than silently dropped.
 
 ``response_format``: ``{"type": "text"}`` (or none) is plain text; ``{"type": "json_schema",
@@ -32,6 +33,7 @@ URL, a local file (``file://`` or an absolute path; only when the server was sta
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from dataclasses import dataclass, replace
@@ -188,6 +190,58 @@ def _object(body: Any) -> dict[str, Any]:
     return body
 
 
+#: How deep a request body's arrays and objects may nest (a real request needs about 6).
+MAX_DEPTH = 64
+
+
+def parse_body(data: bytes) -> Any:
+    """A request body's JSON, or a 400 naming what is wrong with it: not UTF-8, not JSON (``NaN``
+    and ``Infinity`` are not JSON either), nested deeper than :data:`MAX_DEPTH`, or holding a
+    string that is not text (a lone surrogate such as ``"\\ud800"``, which no tokenizer takes)."""
+
+    def no_constant(word: str) -> Any:
+        raise ValueError(f"{word} is not a JSON value")
+
+    try:
+        body = json.loads(data, parse_constant=no_constant)
+    except RecursionError as exc:
+        raise ApiError(400, f"the body nests deeper than {MAX_DEPTH} levels", code="invalid_json") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of 5,000 digits
+        raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+    _check_tree(body)
+    return body
+
+
+def _check_tree(body: Any) -> None:
+    """Depth and text of every value, without recursion (see :func:`parse_body`)."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 1)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ApiError(400, f"the body nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+        if isinstance(value, dict):
+            for key, child in value.items():
+                _check_text(key, f"{where}.{_shown(key)}" if where else _shown(key))
+                stack.append((child, f"{where}.{_shown(key)}" if where else _shown(key), depth + 1))
+        elif isinstance(value, list):
+            stack += [(child, f"{where}[{i}]", depth + 1) for i, child in enumerate(value)]
+        elif isinstance(value, str):
+            _check_text(value, where or "the body")
+
+
+def _shown(key: str) -> str:
+    return key.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:40]
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"{where}: a lone surrogate (\\u{ord(text[exc.start]):04x} at character {exc.start}) is "
+                            "not text; send valid UTF-16 pairs or UTF-8", param=where or None,
+                       code="invalid_json") from None
+
+
 def _message(index: int, message: Any) -> dict[str, Any]:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
@@ -254,6 +308,10 @@ def _common(body: dict[str, Any], kind: str, *, messages: tuple[dict[str, Any], 
             raise invalid(key, "is not supported by diffgen's sampler", code="unsupported")
     if body.get("tools"):
         raise invalid("tools", "tool calling is not supported", code="unsupported")
+    for key, (types, shown) in IGNORED_FIELDS.items():
+        value = body.get(key)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
+            raise invalid(key, f"must be {shown} (got {value!r}); it has no effect on diffgen's sampler")
 
     flags: dict[str, Any] = {}
     for flag in SAMPLER_FLAGS:
@@ -372,6 +430,19 @@ def _stop(value: Any) -> tuple[str, ...]:
     return tuple(stops)
 
 
+#: OpenAI fields this server accepts but that have no effect on its sampler (field -> accepted
+#: types, as said in a refusal): their types are checked, so that a client's mistake is heard.
+IGNORED_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "temperature": ((int, float), "a number"),
+    "top_p": ((int, float), "a number"),
+    "frequency_penalty": ((int, float), "a number"),
+    "presence_penalty": ((int, float), "a number"),
+    "logit_bias": ((dict,), "an object"),
+    "user": ((str,), "a string"),
+    "parallel_tool_calls": ((bool,), "true or false"),
+}
+
+
 # -- the request bodies as JSON Schema (the OpenAPI document) ------------------------------------------
 
 _BOOL = {"type": "boolean"}
@@ -398,8 +469,13 @@ BODY_FIELDS: dict[str, dict[str, Any]] = {
                                                          "for a subset of JSON Schema).",
                         "properties": {"type": {"enum": ["text", "json_schema", "json_object"]},
                                        "json_schema": {"type": "object"}}},
-    "temperature": {"type": "number", "description": "Ignored: the sampler has its own schedule (t_min, t_max)."},
-    "top_p": {"type": "number", "description": "Ignored."},
+    "temperature": {"type": "number", "description": "No effect: the sampler has its own schedule (t_min, t_max)."},
+    "top_p": {"type": "number", "description": "No effect."},
+    "frequency_penalty": {"type": "number", "description": "No effect."},
+    "presence_penalty": {"type": "number", "description": "No effect."},
+    "logit_bias": {"type": "object", "description": "No effect."},
+    "user": {"type": "string", "description": "No effect."},
+    "parallel_tool_calls": {**_BOOL, "description": "No effect."},
     "logprobs": {"description": "Not supported: only false or null."},
     "echo": {"description": "Not supported: only false or null."},
     "tools": {"description": "Not supported: only empty or null."},

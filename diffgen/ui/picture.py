@@ -149,16 +149,34 @@ def render_picture(trace: Trace) -> Group:
     return Group(*parts)
 
 
+#: Written near the top of every picture, so that ``replay`` knows a file it may replace.
+MARK = "<!-- diffgen replay picture -->"
+
+
 def export(trace: Trace, svg: Path | None = None, html: Path | None = None) -> list[Path]:
-    """Write the picture as SVG and/or HTML; return the paths written."""
+    """Write the picture as SVG and/or HTML (each atomically, see :mod:`diffgen.outputs`); return
+    the paths written."""
+    from diffgen import outputs
+
     console = Console(record=True, width=WIDTH, file=io.StringIO(), force_terminal=True, color_system="truecolor")
     console.print(render_picture(trace))
     written = []
     if svg is not None:
-        Path(svg).write_text(console.export_svg(title="diffgen: when each token settled", clear=False),
-                             encoding="utf-8")
+        text = console.export_svg(title=TITLE, clear=False)
+        outputs.write_text(Path(svg), _marked(text, "<svg"), "--svg")
         written.append(Path(svg))
     if html is not None:
-        Path(html).write_text(console.export_html(inline_styles=True, clear=False), encoding="utf-8")
+        text = console.export_html(inline_styles=True, clear=False)
+        outputs.write_text(Path(html), _marked(text, "<html"), "--html")
         written.append(Path(html))
     return written
+
+
+TITLE = "diffgen: when each token settled"
+
+
+def _marked(text: str, tag: str) -> str:
+    """``text`` with :data:`MARK` right after its first ``tag`` element opens."""
+    at = text.find(tag)
+    end = text.find(">", at) if at >= 0 else -1
+    return text[:end + 1] + "\n" + MARK + text[end + 1:] if end >= 0 else MARK + "\n" + text
