@@ -124,6 +124,7 @@ def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = 
     else:
         hf_logging.disable_progress_bar()
     path = checkpoint.path
+    check_complete(path, config, checkpoint.name)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
     from safetensors import SafetensorError
 
@@ -147,6 +148,16 @@ def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = 
                                      "download or copy the checkpoint again (`diffgen pull` for a Hub id)") from exc
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, defaults=defaults, checkpoint=checkpoint, plan=plan)
+
+
+def check_complete(path: Path, config: dict[str, Any], label: str) -> list[str]:
+    """Refuse, from the shards' headers and before the model is built, a checkpoint that does not
+    fill the model whole (:mod:`diffgen.loading.layout`); return (after a warning) the tensors it
+    holds that the model has no place for."""
+    from diffgen.loading import layout
+    from diffgen.loading.shards import shard_files
+
+    return layout.check(layout.read_headers(shard_files(path)), layout.model_needs(config), label=label)
 
 
 def _device_map(plan: LoadPlan) -> Any:

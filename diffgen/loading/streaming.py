@@ -253,9 +253,7 @@ def _place(model: Any, key: str, tensor: torch.Tensor, device: torch.device, dty
     except AttributeError:
         module = None
     if module is None or (leaf not in module._parameters and leaf not in module._buffers):
-        raise NotACheckpointError(f"checkpoint tensor {key} has no place in this DiffusionGemma model",
-                                  "this checkpoint's layout is not one the quantising loader knows; "
-                                  "try --quant bf16")
+        return None  # a tensor the model has no place for: the header check has warned about it
     value = tensor if keeps_dtype(key, tensor) else tensor.to(dtype)
     if value is tensor and device.type == "cpu":
         # A safetensors tensor can be a view of the shard's memory map; a copy lets the map go.
