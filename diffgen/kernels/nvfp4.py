@@ -50,8 +50,9 @@ E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 # e2m1 magnitudes by 3-bit index; bit 3 of a code is the sign.
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-# Round-to-nearest boundaries between consecutive magnitudes (ModelOpt's ``e2m1_bounds``); a value on
-# the boundary after an even index (0.75, 1.75, 2.5) rounds up, to the even code, as ModelOpt does.
+# Round-to-nearest boundaries between consecutive magnitudes (ModelOpt's ``e2m1_bounds``). A value on a
+# boundary goes to the even code, as ModelOpt's ``_cast_fp4`` does (it adds one on ``e2m1_bounds[[1, 3, 5]]``,
+# i.e. 0.75, 1.75 and 3.5): 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4.
 E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 # On the CPU the torch path dequantises about this many weights at a time (fp32: 4 MiB).
 CPU_CHUNK_ELEMENTS = 1 << 20
