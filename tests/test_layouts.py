@@ -100,3 +100,35 @@ def test_unknown_extra_tensors_are_named_in_a_warning(tiny_checkpoint, tmp_path,
     assert len(warnings) == 1
     assert "2 tensor(s)" in warnings[0]
     assert "model.decoder.extra_head.bias" in warnings[0] and "model.decoder.layers.0.mystery.weight" in warnings[0]
+
+
+def test_pull_fetches_the_files_then_only_the_weights_the_index_names(tmp_path, monkeypatch):
+    """A published repository may hold weights the checkpoint does not use (a consolidated copy,
+    an ``original/`` folder): pull asks for the files first, then exactly the shards the index names."""
+    import json
+
+    import huggingface_hub
+
+    from diffgen.loading import hub
+
+    calls = []
+    snapshot = tmp_path / "snapshot"
+
+    def snapshot_download(repo_id, allow_patterns=None, revision=None, **kwargs):
+        calls.append(list(allow_patterns))
+        snapshot.mkdir(exist_ok=True)
+        index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                "b": "model-00002-of-00002.safetensors",
+                                                "c": "model-00002-of-00002.safetensors"}}
+        (snapshot / "model.safetensors.index.json").write_text(json.dumps(index))
+        return str(snapshot)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # nothing reaches the network: the download is the fake below
+    monkeypatch.setattr(hub, "probe", lambda *a, **k: None)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert hub.pull("nvidia/diffusiongemma-26B-A4B-it-NVFP4") == snapshot
+    files, weights = calls
+    assert "*.safetensors" not in files and "*.json" in files  # hf_quant_config.json and the index come first
+    assert weights == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    (snapshot / "model.safetensors.index.json").unlink()
+    assert hub.needed_weights(snapshot) == ["*.safetensors"]
