@@ -259,3 +259,15 @@ def test_which_published_checkpoint_to_pick_for_which_card(budget_gb, fp8, pick)
                            hardware=_Profile(fp8))
     choice = plan.published_choice(table)
     assert (choice[1] if choice else None) == pick
+
+
+def test_the_fp8_checkpoint_on_a_card_without_fp8_names_the_nvfp4_one():
+    from diffgen.loading import prequant
+    from diffgen.loading.prepare import plan_load
+
+    config = dict(REAL_CONFIG, quantization_config={"quant_method": "compressed-tensors", "format": "float-quantized"})
+    with pytest.raises(UsageError) as info:
+        plan_load(config, device="cuda", quant="auto", max_memory=None, offload=False,
+                  where=_machine(48 * GB), fmt=prequant.detect(config), label="RedHatAI/x-FP8-dynamic")
+    assert "is a compressed-tensors FP8 checkpoint, which cannot run on cuda:0" in str(info.value)
+    assert "nvidia/diffusiongemma-26B-A4B-it-NVFP4" in str(info.value)

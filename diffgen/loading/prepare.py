@@ -67,6 +67,10 @@ def plan_load(config: dict, *, device: str, quant: str, max_memory: Optional[str
     table = plan.estimates(config, counts, device=where.device, dtype=where.dtype, budget=where.budget,
                            hardware=where.profile, context=context, batch=batch, images=images, only=only,
                            linears=linears)
+    if fmt is not None and not table[0].available:
+        raise UsageError(f"{label} is a {fmt.label} checkpoint, which cannot run on {where.device}: {table[0].why}",
+                         f"use the NVFP4 checkpoint {dict(plan.PUBLISHED)['nvfp4']}, which runs on any CUDA card "
+                         "from sm80 up, on a DGX Spark and on the CPU")
     chosen = plan.choose(table, only or quant, where.budget, offload=offload and fmt is None,
                          can_offload=where.device.startswith("cuda") and fmt is None)
     if fmt is None and quant == "auto" and chosen.scheme in ("nvfp4", "nf4", "nf4-all"):

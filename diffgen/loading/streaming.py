@@ -50,8 +50,8 @@ def _swap_prequantised_linears(model: Any, fmt: Any, keys: dict[str, Any], dtype
     weight-only :class:`QuantizedLinear` of the checkpoint's scheme, shared with its encoder twin."""
     for key in keys:
         name, _, leaf = key.rpartition(".")
-        if leaf != "weight_scale" or PER_EXPERT.match(key):
-            continue
+        if leaf != "weight_scale" or PER_EXPERT.match(key) or name == "lm_head":
+            continue  # (the LM head is the embedding, tied: it stays as the embedding is stored)
         try:
             original = model.get_submodule(name)
         except AttributeError:
