@@ -28,7 +28,7 @@ def test_info_json_plans_the_real_model_from_config_alone(tmp_path):
                                         "dgx-spark", "unified-gpu"}
     assert data["budget_gb"] == 24.0 and data["budget_source"] == "--max-memory"
     plans = {p["quant"]: p for p in data["plans"]}
-    assert set(plans) == {"fp32", "bf16", "fp16", "fp8", "int8", "nf4", "nf4-all"}
+    assert set(plans) == {"fp32", "bf16", "fp16", "fp8", "int8", "nvfp4", "nf4", "nf4-all"}
     for row in plans.values():
         assert {"weights_gb", "runtime_gb", "total_gb", "fits"} <= set(row)
         assert row["total_gb"] == round(row["weights_gb"] + row["runtime_gb"], 3) or \

@@ -59,7 +59,7 @@ def table(budget, fp8=True, device="cuda:0"):
     return plan.estimates(REAL_CONFIG, counts, device=device, dtype="bfloat16", budget=budget, hardware=Profile())
 
 
-@pytest.mark.parametrize("budget_gb, chosen", [(75, "bf16"), (40, "fp8"), (24, "nf4"), (22, "nf4-all")])
+@pytest.mark.parametrize("budget_gb, chosen", [(75, "bf16"), (40, "fp8"), (24, "nvfp4"), (22, "nf4-all")])
 def test_auto_picks_the_best_quality_that_fits(budget_gb, chosen):
     assert plan.choose(table(budget_gb * GB), "auto", budget_gb * GB).scheme == chosen
 
@@ -80,7 +80,7 @@ def test_nothing_fits_is_refused_naming_the_nearest_option():
 def test_a_requested_scheme_that_does_not_fit_names_one_that_does():
     with pytest.raises(UsageError) as info:
         plan.choose(table(24 * GB), "bf16", 24 * GB)
-    assert "--quant nf4 fits" in str(info.value)
+    assert "--quant nvfp4 fits" in str(info.value)
 
 
 def test_offload_is_the_explicit_last_resort_and_keeps_layer_pairs_together():
@@ -190,7 +190,7 @@ def test_without_a_gpu_offload_is_never_suggested():
 def test_refusals_carry_the_flags_that_would_work():
     with pytest.raises(UsageError) as info:
         plan.choose(table(24 * GB), "bf16", 24 * GB)
-    assert info.value.retry == (("--quant", "nf4"),)
+    assert info.value.retry == (("--quant", "nvfp4"),)
     with pytest.raises(UsageError) as info:
         plan.choose(table(12 * GB), "nf4", 12 * GB)
     assert info.value.retry == (("--quant", "bf16"), ("--offload", None))

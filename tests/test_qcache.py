@@ -114,7 +114,7 @@ def entries(root):
     return sorted(p.name for p in root.iterdir()) if root.exists() else []
 
 
-@pytest.mark.parametrize("scheme", ["int8", "fp8", "nf4", "nf4-all"])
+@pytest.mark.parametrize("scheme", ["int8", "fp8", "nvfp4", "nf4", "nf4-all"])
 def test_a_second_load_reads_the_cache_and_gives_the_same_model(sharded, cache, reads, monkeypatch, scheme):
     first = load(str(sharded), plan(scheme), progress=False)
     (entry,) = entries(cache)

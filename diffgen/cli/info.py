@@ -24,7 +24,9 @@ EPILOG = (
     "  diffgen info -m google/diffusiongemma-26B-A4B-it     (plus the plan table: which --quant fits)\n\n"
     "  diffgen info -m ./config-only-dir --max-memory 24GB --json\n\n"
     "  diffgen info -m google/diffusiongemma-26B-A4B-it --images 4   (4 images per prompt: tokens and vision memory)\n\n"
-    "No weights are read and no GPU is needed: the plan comes from config.json alone."
+    "No weights are read and no GPU is needed: the plan comes from config.json alone. A pre-quantised "
+    "checkpoint (ModelOpt NVFP4, compressed-tensors NVFP4 or FP8) is planned in its own format. Without one, "
+    "the line 'pick' names the published checkpoint that fits this machine best."
 )
 
 
@@ -74,7 +76,10 @@ def info(
     if model is not None:
         from diffgen.loading import hub
 
+        from diffgen.loading.prepare import checkpoint_format
+
         where, checkpoint_config = hub.resolve_config(model, offline=offline)
+        fmt = checkpoint_format(where, checkpoint_config, model)
         with doing("planning from config.json"):
             counts = plan.count_parameters(checkpoint_config)
             text_config = checkpoint_config.get("text_config", checkpoint_config)
@@ -89,17 +94,25 @@ def info(
                 if limit is not None and image_tokens >= limit:
                     raise UsageError(f"{images} image(s) ({image_tokens} tokens) fill the model's context of {limit}",
                                      "lower --images")
-            table = plan.estimates(checkpoint_config, counts, device=device_name, dtype=dtype, budget=budget,
-                                   hardware=profile, context=context + image_tokens, batch=batch, images=images)
+            full = plan.estimates(checkpoint_config, counts, device=device_name, dtype=dtype, budget=budget,
+                                  hardware=profile, context=context + image_tokens, batch=batch, images=images)
+            table = full if fmt is None else plan.estimates(
+                checkpoint_config, counts, device=device_name, dtype=dtype, budget=budget, hardware=profile,
+                context=context + image_tokens, batch=batch, images=images, only=fmt.scheme,
+                linears=fmt.scheme if fmt.linears else None)
         try:
-            chosen = plan.choose(table, "auto", budget).scheme
+            chosen = plan.choose(table, "auto" if fmt is None else fmt.scheme, budget).scheme
         except UsageError:  # nothing fits: the table says so
             chosen = None
+        # Which published checkpoint to pick: for the released model (a tiny test model has none).
+        pick = plan.published_choice(full) if counts.total >= plan.RELEASED_PARAMETERS else None
         has_vision = bool(checkpoint_config.get("vision_config"))
         data.update(model=model, source=where, parameters=counts.total, context=context, batch=batch,
                     plans=[e.to_dict() for e in table], chosen=chosen, vision_parameters=counts.vision,
                     context_limit=limit, images=images, image_tokens=image_tokens,
-                    max_image_tokens=(_soft_tokens(where) or plan.IMAGE_TOKENS) if has_vision else None)
+                    max_image_tokens=(_soft_tokens(where) or plan.IMAGE_TOKENS) if has_vision else None,
+                    format=None if fmt is None else {"label": fmt.label, "quant": fmt.scheme, "method": fmt.method},
+                    pick=None if pick is None else {"quant": pick[0], "model": pick[1]})
     if json_output:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
@@ -164,6 +177,13 @@ def _print(data: dict[str, Any]) -> None:
         console.print(f"[bold]vision[/bold]: tower {data['vision_parameters'] / 1e9:.3f}B parameters (kept "
                       f"unquantised); up to {data['max_image_tokens']} + 2 tokens per image, counted against the "
                       f"model's context of {data['context_limit']}{planned}")
+    if data["format"] is not None:
+        console.print(f"[bold]format[/bold]: {data['format']['label']} checkpoint, pre-quantised: loads as --quant "
+                      f"{data['format']['quant']} only, as stored")
+    pick = data["pick"]
+    if pick is not None:
+        console.print(f"[bold]pick[/bold]: {pick['model']} ({pick['quant']}) is the best published checkpoint that "
+                      "fits here")
     table = Table("quant", "weights GB", "runtime GB", "total GB", "fits", "", box=None)
     for row in data["plans"]:
         mark = "← auto" if row["quant"] == data["chosen"] else (row["why"] or "")

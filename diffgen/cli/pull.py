@@ -14,8 +14,10 @@ EPILOG = (
     "Examples:\n\n"
     "  diffgen pull google/diffusiongemma-26B-A4B-it\n\n"
     "  HF_HOME=/data/hf diffgen pull google/diffusiongemma-26B-A4B-it\n\n"
-    "Only safetensors weights, configs, the tokenizer and the chat template are fetched, never pickled "
-    "weights. An interrupted pull resumes where it stopped. The snapshot's path is printed on stdout."
+    "  diffgen pull nvidia/diffusiongemma-26B-A4B-it-NVFP4      (the 19 GB NVFP4 checkpoint, for 24-32 GB cards)\n\n"
+    "Only configs, the tokenizer, the chat template and then the safetensors shards the index names are "
+    "fetched, never pickled weights or unused copies. An interrupted pull resumes where it stopped. The "
+    "snapshot's path is printed on stdout."
 )
 
 

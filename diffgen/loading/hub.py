@@ -38,6 +38,9 @@ DEFAULT_MODEL = "google/diffusiongemma-26B-A4B-it"
 MODEL_TYPE = "diffusion_gemma"
 # What a Hub download fetches: never pickled weights.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+# Everything but the weights (configs, hf_quant_config.json, the shard index, the tokenizer, the template).
+HUB_FILE_PATTERNS = [p for p in HUB_ALLOW_PATTERNS if p != "*.safetensors"]
+INDEX = "model.safetensors.index.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Seconds the one reachability request may take (HF_HUB_ETAG_TIMEOUT overrides): a Hub that
 # answers at all answers a HEAD in well under a second.
@@ -195,6 +198,27 @@ def pull(repo_id: str, *, offline: bool = False, revision: str | None = None) ->
     return _from_hub(repo_id, offline=offline or env_offline(), revision=revision, pulling=True)
 
 
+def needed_weights(snapshot: Path) -> list[str]:
+    """The weight files a snapshot needs: those its shard index names (so a repository that also
+    holds other safetensors — a consolidated copy, an ``original/`` folder — costs nothing more),
+    else every ``*.safetensors``."""
+    index = snapshot / INDEX
+    if index.is_file():
+        try:
+            return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # a damaged index: fetch every weight file; the load reports the index
+    return ["*.safetensors"]
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    """Download a snapshot: first everything but the weights, then only the weight files it needs."""
+    from huggingface_hub import snapshot_download
+
+    files = Path(snapshot_download(repo_id, allow_patterns=HUB_FILE_PATTERNS, revision=revision))
+    return Path(snapshot_download(repo_id, allow_patterns=needed_weights(files), revision=revision))
+
+
 def probe(repo_id: str, revision: str | None = None) -> None:
     """Ask the Hub once, with a short timeout and no retry, for ``repo_id``'s config.json.
 
@@ -282,7 +306,7 @@ def _from_hub(repo_id: str, *, offline: bool, revision: str | None = None, pulli
             except LocalEntryNotFoundError:
                 raise unreachable from None
         try:
-            return Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS, revision=revision))
+            return _download(repo_id, revision)
         except GatedRepoError as exc:
             raise ModelNotFoundError(f"{repo_id} is gated on the Hub and this machine has no access",
                                      "accept its licence on the model page, then run `hf auth login`") from exc

@@ -138,11 +138,18 @@ def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = 
     else:
         hf_logging.disable_progress_bar()
     path = checkpoint.path
+    fmt, keys = check_complete(path, config, checkpoint.name)
+    if fmt is not None:
+        plan = prequantised_plan(plan, fmt, checkpoint.name)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
     from safetensors import SafetensorError
 
     try:
-        if plan.quant != "none":
+        if fmt is not None:
+            from diffgen.loading.streaming import load_quantized
+
+            model = load_quantized(path, plan, progress=progress, fmt=fmt, keys=keys)
+        elif plan.quant != "none":
             from diffgen.loading.streaming import load_quantized
 
             model = load_quantized(path, plan, progress=progress)
@@ -165,6 +172,36 @@ def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = 
                                      "download or copy the checkpoint again (`diffgen pull` for a Hub id)") from exc
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, defaults=defaults, checkpoint=checkpoint, plan=plan)
+
+
+def check_complete(path: Path, config: dict[str, Any], label: str) -> tuple[Any, dict[str, Any]]:
+    """Refuse, from config.json, ``hf_quant_config.json`` and the shards' headers and before the model
+    is built, a checkpoint that does not fill the model whole (:mod:`diffgen.loading.layout`) or
+    whose quantised tensors are not what its format says (:mod:`diffgen.loading.prequant`); warn
+    about tensors the model has no place for. Returns ``(format or None, the shards' tensors)``."""
+    from diffgen.loading import layout, prequant
+    from diffgen.loading.shards import shard_files
+
+    fmt = prequant.detect(config, path, label)
+    keys = layout.read_headers(shard_files(path))
+    needs = layout.model_needs(config)
+    layout.check(keys, needs, label=label, fmt=fmt)
+    if fmt is not None:
+        prequant.validate(fmt, needs, keys, label)
+    return fmt, keys
+
+
+def prequantised_plan(plan: LoadPlan, fmt: Any, label: str) -> LoadPlan:
+    """The plan for a pre-quantised checkpoint: its own scheme (a plan made without it, e.g.
+    ``LoadPlan("cpu", "float32")`` from a library caller, takes it); any other is refused."""
+    from dataclasses import replace
+
+    from diffgen.errors import UsageError
+
+    if plan.quant in ("none", fmt.scheme) and not plan.offload_bytes:
+        return replace(plan, quant=fmt.scheme, stored=fmt.label)
+    raise UsageError(f"{label} is already quantised ({fmt.label}); it loads as --quant {fmt.scheme} only",
+                     f"pass --quant {fmt.scheme} or leave --quant at auto")
 
 
 def _device_map(plan: LoadPlan) -> Any:

@@ -43,20 +43,61 @@ def machine(*, device: str, quant: str, max_memory: Optional[str]) -> Machine:
 
 
 def plan_load(config: dict, *, device: str, quant: str, max_memory: Optional[str], offload: bool,
-              batch: int = 1, where: Optional[Machine] = None, images: int = 0) -> Any:
+              batch: int = 1, where: Optional[Machine] = None, images: int = 0, fmt: Any = None,
+              label: str = "the checkpoint") -> Any:
     """Choose the load plan for this machine from the config alone (see :mod:`diffgen.planning.plan`);
-    ``images`` per generation add their tokens to the planned context and the vision workspace."""
+    ``images`` per generation add their tokens to the planned context and the vision workspace.
+
+    ``fmt``: the checkpoint's pre-quantised format (:func:`diffgen.loading.prequant.detect`): it
+    loads in that scheme only, and a ``--quant`` naming another is refused in one line.
+    """
     from diffgen.planning import plan
 
     where = where or machine(device=device, quant=quant, max_memory=max_memory)
+    if fmt is not None and quant not in ("auto", fmt.scheme):
+        raise UsageError(f"{label} is already quantised ({fmt.label}): --quant {quant} cannot apply to it",
+                         f"leave --quant at auto or pass --quant {fmt.scheme}; to quantise another way start from "
+                         f"the bf16 checkpoint", retry=(("--quant", fmt.scheme),))
     counts = plan.count_parameters(config)
     text = config.get("text_config", config)
     context = min(plan.DEFAULT_CONTEXT + plan.image_context(images),
                   int(text.get("max_position_embeddings", plan.DEFAULT_CONTEXT)))
+    only = fmt.scheme if fmt is not None else None
+    linears = fmt.scheme if fmt is not None and fmt.linears else None
     table = plan.estimates(config, counts, device=where.device, dtype=where.dtype, budget=where.budget,
-                           hardware=where.profile, context=context, batch=batch, images=images)
-    chosen = plan.choose(table, quant, where.budget, offload=offload, can_offload=where.device.startswith("cuda"))
-    return plan.make_plan(chosen, where.device, where.dtype, where.budget, counts), chosen, where.budget
+                           hardware=where.profile, context=context, batch=batch, images=images, only=only,
+                           linears=linears)
+    if fmt is not None and not table[0].available:
+        raise UsageError(f"{label} is a {fmt.label} checkpoint, which cannot run on {where.device}: {table[0].why}",
+                         f"use the NVFP4 checkpoint {dict(plan.PUBLISHED)['nvfp4']}, which runs on any CUDA card "
+                         "from sm80 up, on a DGX Spark and on the CPU")
+    chosen = plan.choose(table, only or quant, where.budget, offload=offload and fmt is None,
+                         can_offload=where.device.startswith("cuda") and fmt is None)
+    if fmt is None and quant == "auto" and chosen.scheme in ("nvfp4", "nf4", "nf4-all"):
+        _note_published(table, label)
+    load_plan = plan.make_plan(chosen, where.device, where.dtype, where.budget, counts)
+    if fmt is not None:
+        from dataclasses import replace
+
+        load_plan = replace(load_plan, stored=fmt.label)
+    return load_plan, chosen, where.budget
+
+
+def _note_published(table: list, label: str) -> None:
+    """When ``auto`` quantises the bf16 checkpoint to 4 bits because nothing wider fits, say (on
+    stderr, before anything is downloaded) that the published 4-bit checkpoint holds the same
+    experts ready: a 19 GB download instead of 52."""
+    import sys
+
+    from diffgen.loading.hub import DEFAULT_MODEL
+    from diffgen.planning import plan
+
+    if label != DEFAULT_MODEL:
+        return
+    repo = dict(plan.PUBLISHED)["nvfp4"]
+    print(f"diffgen: note: bf16 does not fit here, so auto quantises {label} to 4 bits after loading all of it; "
+          f"{repo} is the same model with its experts already in NVFP4 (an 18.9 GB download instead of 52 GB): "
+          f"-m {repo}", file=sys.stderr, flush=True)
 
 
 def _device_budget(profile: Any, device: str) -> int:
@@ -99,14 +140,27 @@ def prepare(model: str, *, offline: bool, device: str = "auto", quant: str = "au
 
     check_flags(**flags)
     where = machine(device=device, quant=quant, max_memory=max_memory)
-    _, config = hub.resolve_config(model, offline=offline)
+    location, config = hub.resolve_config(model, offline=offline)
+    fmt = checkpoint_format(location, config, model)
     load_plan, chosen, budget = plan_load(config, device=device, quant=quant, max_memory=max_memory,
-                                          offload=offload, batch=batch, where=where, images=images)
+                                          offload=offload, batch=batch, where=where, images=images, fmt=fmt,
+                                          label=model)
     checkpoint = hub.resolve(model, offline=offline)
     loader.inspect_checkpoint(checkpoint.path, model, config=config, from_hub=checkpoint.from_hub)
     defaults = loader.read_defaults(checkpoint.path, config)
     settings = defaults.replace(**flags)
     return Prepared(checkpoint, config, settings, load_plan, chosen, budget, defaults)
+
+
+def checkpoint_format(location: str, config: dict, label: str) -> Any:
+    """The pre-quantised format of the checkpoint whose config.json was read from ``location`` (a
+    local directory, whose ``hf_quant_config.json`` is read too, or a Hub id), or ``None``."""
+    from pathlib import Path
+
+    from diffgen.loading import prequant
+
+    path = Path(location)
+    return prequant.detect(config, path if path.is_dir() else None, label)
 
 
 def auto_batch_rows(prepared: Prepared) -> int:

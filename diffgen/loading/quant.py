@@ -17,9 +17,17 @@ Formats (per expert matrix ``W`` of shape ``(out, in)``):
   the same format in torch; dequantised by diffgen (torch or the Triton kernel) from a code
   table kept on the device.
 
+* ``nvfp4``: NVIDIA's NVFP4 layout (:mod:`diffgen.kernels.nvfp4`): e2m1 codes two per byte
+  (even element in the low nibble), an e4m3 scale per 16 weights of a row and an fp32 scale per
+  output row; quantised from bf16 by ``--quant nvfp4``, or copied byte for byte from a published
+  NVFP4 checkpoint (:mod:`diffgen.loading.prequant`). The 4-bit format ``auto`` picks.
+
 Buffers per :class:`QuantizedStack` (``E`` matrices of ``(out, in)``): int8/fp8 ``q``
 ``(E, out, in)`` and ``scale`` ``(E, out, 1)`` fp32; nf4 ``q`` ``(E, out*in/2)`` uint8, ``scale``
-``(E, out*in/64)`` fp32 and ``code`` (16 fp32, not saved in the state dict).
+``(E, out*in/64)`` fp32 and ``code`` (16 fp32, not saved in the state dict); nvfp4 ``q``
+``(E, out, in/2)`` uint8, ``scale`` ``(E, out, in/16)`` float8 e4m3 and ``scale2`` ``(E, out, 1)`` fp32.
+A published FP8 checkpoint (per-channel e4m3 with an fp32 or bf16 scale per output row) is the
+``fp8`` layout exactly, and is copied into it.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffgen.kernels import moe
+from diffgen.kernels import moe, nvfp4
 from diffgen.kernels.moe import bnb_functional
 from diffgen.planning.plan import NF4_BLOCK
 
@@ -119,6 +127,14 @@ class QuantizedStack(nn.Module):
             self.register_buffer("q", torch.empty((count, numel // 2), dtype=torch.uint8, device=device))
             self.register_buffer("scale", torch.empty((count, numel // NF4_BLOCK), dtype=torch.float32, device=device))
             self.register_buffer("code", NF4_LEVELS.to(device, copy=True), persistent=False)
+        elif scheme == "nvfp4":
+            if in_dim % nvfp4.BLOCK:
+                raise ValueError(f"nvfp4 needs rows whose length is a multiple of {nvfp4.BLOCK} (got {in_dim})")
+            self.register_buffer("q", torch.empty((count, out_dim, in_dim // 2), dtype=torch.uint8, device=device))
+            self.register_buffer("scale", torch.empty((count, out_dim, in_dim // nvfp4.BLOCK),
+                                                      dtype=torch.float8_e4m3fn, device=device))
+            self.register_buffer("scale2", torch.empty((count, out_dim, 1), dtype=torch.float32, device=device))
+            self.register_buffer("code", None, persistent=False)
         else:
             raise ValueError(f"unknown quantisation scheme {scheme!r}")
 
@@ -126,6 +142,11 @@ class QuantizedStack(nn.Module):
     def store(self, index: int, weight: torch.Tensor) -> None:
         """Quantise one ``(out, in)`` matrix into slot ``index``."""
         weight = weight.to(self.q.device, torch.float32)
+        if self.scheme == "nvfp4":
+            packed, scale, scale2 = nvfp4.quantize(weight)
+            self.q[index], self.scale[index] = packed, scale
+            self.scale2[index] = scale2
+            return
         if self.scheme == "nf4":
             packed, absmax = self.codec.quantize(weight, self.code)
             self.q[index] = packed
@@ -138,8 +159,23 @@ class QuantizedStack(nn.Module):
             scaled.to(torch.float8_e4m3fn)
         self.scale[index] = scale
 
+    @torch.no_grad()
+    def copy_rows(self, index: int, rows: slice, part: str, tensor: torch.Tensor) -> None:
+        """Copy one already-quantised checkpoint tensor into rows ``rows`` of matrix ``index``:
+        ``part`` ``"q"`` (the codes or fp8 values), ``"scale"`` (nvfp4's e4m3 block scales; fp8's
+        per-row scales) or ``"scale2"`` (nvfp4's per-tensor multiplier, broadcast over the rows).
+        Values are copied as they are (fp8 row scales widened to fp32 exactly); nothing is requantised."""
+        target = getattr(self, part)[index, rows]
+        if part == "q" or (part == "scale" and self.scheme == "nvfp4"):
+            target.copy_(tensor.view(target.shape))
+        else:
+            target.copy_(tensor.to(torch.float32).reshape(-1, 1).expand(target.shape))
+
     def weight(self, index: int) -> torch.Tensor:
         """Matrix ``index`` dequantised to the compute dtype."""
+        if self.scheme == "nvfp4":
+            i = slice(index, index + 1)
+            return nvfp4.dequantize(self.q[i], self.scale[i], self.scale2[i], *self.shape, self.dtype)[0]
         return moe.dequantize(self.q[index:index + 1], self.scale[index:index + 1], self.code, self.scheme,
                               *self.shape, self.dtype)[0]
 
@@ -152,6 +188,8 @@ class QuantizedStack(nn.Module):
         """Rows of ``x`` ``(S, in)`` sorted by matrix (``ends``: int32 cumulative row counts, one
         per matrix) times their matrix, transposed: ``(S, out)`` in ``x``'s dtype."""
         out_dim, in_dim = self.shape
+        if self.scheme == "nvfp4":
+            return nvfp4.grouped_mm(x, self.q, self.scale, self.scale2, ends, out_dim, in_dim, self.backend)
         return moe.grouped_mm(x, self.q, self.scale, self.code, ends, self.scheme, out_dim, in_dim, self.backend,
                               self.fp8_activations)
 
@@ -192,12 +230,13 @@ class QuantizedExperts(nn.Module):
 
 
 class QuantizedLinear(nn.Module):
-    """A bias-free ``nn.Linear`` whose weight is stored in NF4 (for ``nf4-all``)."""
+    """A bias-free ``nn.Linear`` whose weight is stored quantised: NF4 for ``nf4-all``; fp8 or
+    nvfp4 where a published checkpoint stores a linear so (run weight-only)."""
 
-    def __init__(self, original: nn.Linear, dtype: torch.dtype, device: Any):
+    def __init__(self, original: nn.Linear, dtype: torch.dtype, device: Any, scheme: str = "nf4"):
         super().__init__()
         self.in_features, self.out_features = original.in_features, original.out_features
-        self.stack = QuantizedStack("nf4", 1, self.out_features, self.in_features, dtype, device)
+        self.stack = QuantizedStack(scheme, 1, self.out_features, self.in_features, dtype, device)
 
     @torch.no_grad()
     def store(self, weight: torch.Tensor) -> None:

@@ -39,6 +39,15 @@ def check_shards(path: Path, name: str | None = None, *, from_hub: bool = False)
             raise _damaged(file, problem, name or str(path), from_hub)
 
 
+def read_header(file: Path) -> dict[str, tuple[str, list[int]]]:
+    """Every tensor of a (checked) safetensors file as ``name -> (dtype, shape)``, from its header
+    alone: safetensors' dtype names (``BF16``, ``F8_E4M3``, ``U8``...), no data read, no torch."""
+    with open(file, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length).decode("utf-8"))
+    return {key: (entry["dtype"], list(entry["shape"])) for key, entry in header.items() if key != "__metadata__"}
+
+
 def _problem(file: Path) -> str | None:
     try:
         size = file.stat().st_size

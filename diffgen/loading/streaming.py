@@ -6,11 +6,19 @@ the bf16 experts never sit in memory all at once, on the host or on the GPU. Enc
 and decoder layer i share one quantised module, and the other tied weights are re-tied to
 the decoder's after loading, as transformers ties them. What quantisation produced is kept in
 the quantised-weights cache (:mod:`diffgen.loading.qcache`), so later loads skip it.
+
+A published pre-quantised checkpoint (:mod:`diffgen.loading.prequant`) goes through the same
+stream, but its quantised tensors are copied byte for byte into the quantised modules' buffers
+(experts one matrix per expert, into their rows of the fused stacks) instead of being quantised,
+and the cache is neither read nor written: the checkpoint already is what it would hold. Host
+memory then peaks at the quantised model plus the shard being read (a memory map whose pages
+are let go with the shard).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +36,40 @@ from diffgen.loading.shards import shard_files
 QUANTISED_LEAVES = {QuantizedExperts: frozenset({"gate_up_proj", "down_proj"}), QuantizedLinear: frozenset({"weight"})}
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+# One expert matrix of a pre-quantised checkpoint: ``<experts module>.<expert>.<projection>.<leaf>``.
+PER_EXPERT = re.compile(r"^(?P<module>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\."
+                        r"(?P<leaf>\w+)$")
+ENCODER_TWIN = ("model.decoder.", "model.encoder.language_model.")
+
+
+def _swap_prequantised_linears(model: Any, fmt: Any, keys: dict[str, Any], dtype: torch.dtype,
+                               device: torch.device) -> None:
+    """Every ``nn.Linear`` the checkpoint stores quantised (with a ``weight_scale``) becomes a
+    weight-only :class:`QuantizedLinear` of the checkpoint's scheme, shared with its encoder twin."""
+    for key in keys:
+        name, _, leaf = key.rpartition(".")
+        if leaf != "weight_scale" or PER_EXPERT.match(key) or name == "lm_head":
+            continue  # (the LM head is the embedding, tied: it stays as the embedding is stored)
+        try:
+            original = model.get_submodule(name)
+        except AttributeError:
+            continue  # a tensor with no place: the header check has warned about it
+        if not isinstance(original, torch.nn.Linear):
+            continue
+        linear = QuantizedLinear(original, dtype, device, fmt.scheme)
+        names = [name]
+        if name.startswith(ENCODER_TWIN[0]):
+            names.append(ENCODER_TWIN[1] + name.removeprefix(ENCODER_TWIN[0]))
+        for target in names:
+            parent_name, _, child = target.rpartition(".")
+            try:
+                parent = model.get_submodule(parent_name)
+            except AttributeError:
+                continue
+            if isinstance(getattr(parent, child, None), torch.nn.Linear):
+                setattr(parent, child, linear)
 
 
 def _swap_modules(model: Any, plan: LoadPlan, device: torch.device) -> None:
@@ -69,8 +111,12 @@ def _retie(model: Any) -> None:
     model.lm_head.weight = decoder.embed_tokens.weight
 
 
-def load_quantized(path: Path, plan: LoadPlan, *, progress: bool = False) -> Any:
+def load_quantized(path: Path, plan: LoadPlan, *, progress: bool = False, fmt: Any = None,
+                   keys: dict[str, Any] | None = None) -> Any:
     """Build the model empty, then fill it under ``plan`` from the checkpoint's shards.
+
+    ``fmt`` (a :class:`~diffgen.loading.prequant.Format`) with ``keys`` (the shards' tensors, from
+    their headers): a pre-quantised checkpoint, copied into the quantised modules as stored.
 
     The quantised modules come from the quantised-weights cache when it holds this checkpoint
     and scheme (:mod:`diffgen.loading.qcache`; then the shards' expert tensors are not read);
@@ -81,6 +127,14 @@ def load_quantized(path: Path, plan: LoadPlan, *, progress: bool = False) -> Any
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     files = shard_files(path)
+    if fmt is not None:
+        model = empty_quantized(config, plan, fmt=fmt, keys=keys)
+        bar = _progress(progress, len(files), f"Loading {fmt.label} shards")
+        try:
+            _fill(model, _shard_tensors(files, on_shard=lambda: _tick(bar)), plan, fmt=fmt)
+        finally:
+            _close(bar)
+        return finish_quantized(model, source=str(path))
     model = empty_quantized(config, plan)
     modules = quantised_modules(model)
     cache = None
@@ -158,9 +212,10 @@ def build_quantized(config: Any, tensors: Any, plan: LoadPlan, *, source: str = 
     return finish_quantized(model, source=source, received=received)
 
 
-def empty_quantized(config: Any, plan: LoadPlan) -> Any:
+def empty_quantized(config: Any, plan: LoadPlan, *, fmt: Any = None, keys: dict[str, Any] | None = None) -> Any:
     """The model with empty (meta) weights, its buffers on the device and — for a quantised plan —
-    its quantised modules in place (their buffers allocated on the device, not yet filled)."""
+    its quantised modules in place (their buffers allocated on the device, not yet filled); with a
+    pre-quantised ``fmt``, also the linears that ``keys`` show stored quantised."""
     from accelerate import init_empty_weights
     from transformers import DiffusionGemmaForBlockDiffusion
 
@@ -177,6 +232,8 @@ def empty_quantized(config: Any, plan: LoadPlan) -> Any:
         set_module_tensor_to_device(model, name, device, value=value, dtype=value.dtype)
     if plan.quant != "none":
         _swap_modules(model, plan, device)
+    if fmt is not None:
+        _swap_prequantised_linears(model, fmt, keys or {}, dtype, device)
     return model
 
 
@@ -208,10 +265,15 @@ def finish_quantized(model: Any, *, source: str, received: dict[int, set[str]] |
     return model
 
 
-def _fill(model: Any, tensors: Any, plan: LoadPlan, received: dict[int, set[str]] | None = None) -> None:
-    """Place every ``(name, tensor)``; note in ``received`` which tensors each quantised module got."""
+def _fill(model: Any, tensors: Any, plan: LoadPlan, received: dict[int, set[str]] | None = None, *,
+          fmt: Any = None) -> None:
+    """Place every ``(name, tensor)``; note in ``received`` which tensors each quantised module got.
+    ``fmt``: a pre-quantised format, whose quantised tensors are copied as stored."""
     device, dtype = torch.device(plan.device), plan.torch_dtype
     for key, tensor in tensors:
+        if fmt is not None and _place_prequantised(model, key, tensor, fmt):
+            del tensor
+            continue
         target = _place(model, key, tensor, device, dtype)
         # Let go of the tensor before asking for the next: it may be a view of its shard's memory
         # map, which then closes with the shard, before the cache writes the layers it completed.
@@ -238,6 +300,41 @@ def _quantised_target(model: Any, key: str) -> Any:
     return None
 
 
+def _place_prequantised(model: Any, key: str, tensor: torch.Tensor, fmt: Any) -> bool:
+    """Copy a pre-quantised checkpoint's tensor into its quantised module as stored; ``True`` when
+    ``key`` belongs to a quantised module (activation scales, unused, included), ``False`` for a
+    tensor that loads as usual."""
+    match = PER_EXPERT.match(key)
+    if match:
+        try:
+            experts = model.get_submodule(match.group("module"))
+        except AttributeError:
+            return False
+        if not isinstance(experts, QuantizedExperts):
+            return False
+        expert, proj, leaf = int(match.group("expert")), match.group("proj"), match.group("leaf")
+        stack = experts.down_proj if proj == "down_proj" else experts.gate_up_proj
+        half = stack.shape[0] // 2
+        rows = {"gate_proj": slice(0, half), "up_proj": slice(half, None), "down_proj": slice(None)}[proj]
+        index = expert
+    else:
+        module_name, _, leaf = key.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            return False
+        if not isinstance(module, QuantizedLinear):
+            return False
+        stack, index, rows = module.stack, 0, slice(None)
+    role = fmt.role(leaf)
+    if role is None:
+        return True  # an activation scale: diffgen runs the matrices on unquantised activations
+    if role == "scale2" and fmt.divides:
+        tensor = 1.0 / tensor.to(torch.float32)
+    stack.copy_rows(index, rows, role, tensor)
+    return True
+
+
 def _place(model: Any, key: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Any:
     """Put checkpoint tensor ``key`` in its place; return the quantised module it filled, if any."""
     module_name, _, leaf = key.rpartition(".")
@@ -253,9 +350,7 @@ def _place(model: Any, key: str, tensor: torch.Tensor, device: torch.device, dty
     except AttributeError:
         module = None
     if module is None or (leaf not in module._parameters and leaf not in module._buffers):
-        raise NotACheckpointError(f"checkpoint tensor {key} has no place in this DiffusionGemma model",
-                                  "this checkpoint's layout is not one the quantising loader knows; "
-                                  "try --quant bf16")
+        return None  # a tensor the model has no place for: the header check has warned about it
     value = tensor if keeps_dtype(key, tensor) else tensor.to(dtype)
     if value is tensor and device.type == "cpu":
         # A safetensors tensor can be a view of the shard's memory map; a copy lets the map go.

@@ -12,6 +12,9 @@ fp32       everything fp32 (the CPU default)
 bf16/fp16  everything 16-bit
 fp8        experts float8 e4m3 + one fp32 scale per output row (cc >= 8.9 on CUDA); rest 16-bit
 int8       experts int8 weight-only + one fp32 scale per output row; rest 16-bit
+nvfp4      experts NVIDIA's NVFP4 layout: e2m1 codes, an e4m3 scale per 16 and an fp32 scale per row
+           (4.5 bits); rest 16-bit — the 4-bit scheme ``auto`` picks, and the layout of the
+           published NVFP4 checkpoints
 nf4        experts 4-bit NF4, blocks of 64 with an fp32 absmax (4.5 bits); rest 16-bit
 nf4-all    nf4 experts, and the attention / dense-MLP linears of the text layers as NF4 too
 =========  ====================================================================================
@@ -35,10 +38,11 @@ if TYPE_CHECKING:
     from diffgen.planning.hardware import HardwareProfile
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
-SCHEMES = ("fp32", "bf16", "fp16", "fp8", "int8", "nf4", "nf4-all")
+SCHEMES = ("fp32", "bf16", "fp16", "fp8", "int8", "nvfp4", "nf4", "nf4-all")
 QUANT_CHOICES = ("auto", *SCHEMES)
 UNQUANTISED = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 NF4_BLOCK = 64
+NVFP4_BLOCK = 16
 # Each nf4 stack keeps its 16-level fp32 code table on the device (diffgen.loading.quant).
 NF4_CODE_BYTES = 16 * 4
 GB = 1000**3
@@ -65,6 +69,7 @@ class LoadPlan:
         quant: ``"none"``, ``"fp8"``, ``"int8"``, ``"nf4"`` or ``"nf4-all"``.
         offload_bytes: bytes of weights planned onto the CPU (0: everything on ``device``).
         device_map: with offload, (module prefix, device) pairs for transformers' loader.
+        stored: for a pre-quantised checkpoint, its format (``ModelOpt NVFP4``...), loaded as stored.
     """
 
     device: str
@@ -72,6 +77,7 @@ class LoadPlan:
     quant: str = "none"
     offload_bytes: int = 0
     device_map: tuple[tuple[str, str], ...] = ()
+    stored: str = ""
 
     @property
     def torch_dtype(self) -> Any:
@@ -89,6 +95,8 @@ class LoadPlan:
         text = f"{self.device}, {self.scheme}"
         if self.quant != "none":
             text += f" experts (rest {self.dtype})"
+        if self.stored:
+            text += f", as stored ({self.stored} checkpoint)"
         if self.offload_bytes:
             text += f", {human(self.offload_bytes)} offloaded to the CPU"
         return text
@@ -150,6 +158,7 @@ class ParameterCounts:
         cast_buffers: elements of the other floating buffers (scalars), stored in the weights' dtype.
         layers: numel of each text layer (encoder and decoder layer i share theirs), for offload maps.
         vision: numel of the vision tower and its projection into the text model (part of ``other``).
+        linear_shapes: the ``(out, in)`` of each of ``linears``, in the same order.
     """
 
     experts: tuple[tuple[int, int, int], ...]
@@ -159,6 +168,7 @@ class ParameterCounts:
     cast_buffers: int = 0
     layers: tuple[int, ...] = ()
     vision: int = 0
+    linear_shapes: tuple[tuple[int, int], ...] = ()
 
     @property
     def total(self) -> int:
@@ -175,7 +185,7 @@ def count_parameters(config: dict[str, Any]) -> ParameterCounts:
     with init_empty_weights(include_buffers=False):
         model = DiffusionGemmaForBlockDiffusion(model_config)
     model.tie_weights()
-    experts, linears, other, vision = [], [], 0, 0
+    experts, linears, shapes, other, vision = [], [], [], 0, 0
     layers = [0] * model.config.text_config.num_hidden_layers
     for name, param in model.named_parameters():  # unique parameters: ties counted once
         layer = LAYER_INDEX.search(name)
@@ -185,6 +195,7 @@ def count_parameters(config: dict[str, Any]) -> ParameterCounts:
             experts.append(tuple(param.shape))
         elif "vision" not in name and LINEAR_PATTERN.search(name):
             linears.append(param.numel())
+            shapes.append(tuple(param.shape))
         else:
             other += param.numel()
         if "vision" in name:
@@ -195,7 +206,7 @@ def count_parameters(config: dict[str, Any]) -> ParameterCounts:
             fixed += buffer.numel() * buffer.element_size()
         else:
             cast += buffer.numel()
-    return ParameterCounts(tuple(experts), tuple(linears), other, fixed, cast, tuple(layers), vision)
+    return ParameterCounts(tuple(experts), tuple(linears), other, fixed, cast, tuple(layers), vision, tuple(shapes))
 
 
 def keeps_dtype(name: str, buffer: Any) -> bool:
@@ -221,8 +232,15 @@ def nf4_bytes(numel: int) -> int:
     return numel // 2 + math.ceil(numel / NF4_BLOCK) * 4
 
 
-def weight_bytes(counts: ParameterCounts, scheme: str, dtype: str) -> int:
-    """Bytes of weights resident under ``scheme`` (``dtype`` for what stays unquantised)."""
+def nvfp4_bytes(out_dim: int, in_dim: int) -> int:
+    """Packed e2m1 codes, one e4m3 scale per 16 and one fp32 scale per output row."""
+    return out_dim * in_dim // 2 + out_dim * in_dim // NVFP4_BLOCK + out_dim * 4
+
+
+def weight_bytes(counts: ParameterCounts, scheme: str, dtype: str, *, linears: str | None = None) -> int:
+    """Bytes of weights resident under ``scheme`` (``dtype`` for what stays unquantised);
+    ``linears``: how a pre-quantised checkpoint stores the text layers' linears (``fp8``,
+    ``nvfp4``), when it quantises them too."""
     if scheme in UNQUANTISED:
         dtype = UNQUANTISED[scheme]
     size = _dtype_bytes(dtype)
@@ -233,10 +251,19 @@ def weight_bytes(counts: ParameterCounts, scheme: str, dtype: str) -> int:
             total += numel + experts * out_dim * 4
         elif scheme in ("nf4", "nf4-all"):
             total += experts * nf4_bytes(out_dim * in_dim) + NF4_CODE_BYTES
+        elif scheme == "nvfp4":
+            total += experts * nvfp4_bytes(out_dim, in_dim)
         else:
             total += numel * size
-    for numel in counts.linears:
-        total += nf4_bytes(numel) + NF4_CODE_BYTES if scheme == "nf4-all" else numel * size
+    for numel, shape in zip(counts.linears, counts.linear_shapes or [None] * len(counts.linears)):
+        if scheme == "nf4-all":
+            total += nf4_bytes(numel) + NF4_CODE_BYTES
+        elif linears == "fp8" and shape is not None:
+            total += numel + shape[0] * 4
+        elif linears == "nvfp4" and shape is not None:
+            total += nvfp4_bytes(*shape)
+        else:
+            total += numel * size
     return total
 
 
@@ -331,19 +358,23 @@ def candidate_schemes(device: str, dtype: str, hardware: HardwareProfile | None)
            ("bf16", bf16, "this GPU has no bf16 (compute capability < 8.0); use fp16"),
            ("fp16", not bf16 or device != "cpu", "fp16 is for GPUs without bf16"),
            ("fp8", fp8, "fp8 experts need a CUDA GPU of compute capability >= 8.9 (Ada, Hopper, Blackwell)"),
-           ("int8", True, ""), ("nf4", True, ""), ("nf4-all", True, "")]
+           ("int8", True, ""), ("nvfp4", True, ""), ("nf4", True, ""), ("nf4-all", True, "")]
     return out
 
 
 def estimates(config: dict[str, Any], counts: ParameterCounts, *, device: str, dtype: str, budget: int | None,
               hardware: HardwareProfile | None = None, context: int = DEFAULT_CONTEXT,
-              batch: int = 1, images: int = 0) -> list[Estimate]:
+              batch: int = 1, images: int = 0, only: str | None = None, linears: str | None = None,
+              ) -> list[Estimate]:
     """Each scheme's memory; ``images``: images per generation (the vision workspace; their tokens
-    belong in ``context``)."""
+    belong in ``context``). ``only``: just that scheme (a pre-quantised checkpoint loads in its own
+    format), with ``linears`` how it stores the text linears (see :func:`weight_bytes`)."""
     out = []
     for scheme, available, why in candidate_schemes(device, dtype, hardware):
+        if only is not None and scheme != only:
+            continue
         compute = UNQUANTISED.get(scheme, dtype)
-        weights = weight_bytes(counts, scheme, dtype)
+        weights = weight_bytes(counts, scheme, dtype, linears=linears)
         runtime = sum(runtime_bytes(config, compute, context=context, batch=batch, device=device,
                                     images=images).values())
         fits = budget is None or weights + runtime <= budget
@@ -408,6 +439,30 @@ def _too_big(estimate: Estimate, table: list[Estimate], budget: int | None, can_
 
 
 MAX_AUTO_BATCH = 32
+
+# The published checkpoints of the model, and the scheme each is stored in (issue 19): the bf16
+# original, and ready-quantised ones that download only what runs.
+PUBLISHED = (
+    ("bf16", "google/diffusiongemma-26B-A4B-it"),
+    ("fp8", "RedHatAI/diffusiongemma-26B-A4B-it-FP8-dynamic"),
+    ("nvfp4", "nvidia/diffusiongemma-26B-A4B-it-NVFP4"),
+)
+
+
+# Parameters of the released model (25.82B); configs at least this large are the released model's.
+RELEASED_PARAMETERS = 25 * 10**9
+
+
+def published_choice(table: list[Estimate]) -> tuple[str, str] | None:
+    """``(scheme, Hub id)`` of the published checkpoint to pick on this machine: the best-quality
+    one whose scheme is available here and fits, judged from ``table`` (the bf16 checkpoint's
+    plan). ``None`` when none fits."""
+    by_name = {e.scheme: e for e in table}
+    for scheme, repo in PUBLISHED:
+        estimate = by_name.get(scheme)
+        if estimate is not None and estimate.available and estimate.fits:
+            return scheme, repo
+    return None
 
 
 def rows_that_fit(config: dict[str, Any], estimate: Estimate, *, dtype: str, budget: int, device: str,
