@@ -735,7 +735,7 @@ def bf16_experts_backend(device: Any, dtype: torch.dtype) -> str:
 _BOUNDARIES: dict = {}
 
 
-def _boundaries(experts: int, device: torch.device) -> Optional[torch.Tensor]:
+def boundaries(experts: int, device: torch.device) -> Optional[torch.Tensor]:
     """``arange(experts)`` (int64) kept per device, made outside any graph capture (else ``None``:
     :func:`route` makes it)."""
     key = (device, experts)
@@ -762,7 +762,7 @@ def grouped_experts_forward(module: Any, hidden_states: torch.Tensor, top_k_inde
         return experts_forward(hidden_states, top_k_index, top_k_weights,
                                Stack(gate_up, gate_up, None, "bf16", two_inter, hidden),
                                Stack(down, down, None, "bf16", hidden, two_inter // 2),
-                               module.act_fn, backend="triton", boundaries=_boundaries(experts, gate_up.device))
+                               module.act_fn, backend="triton", boundaries=boundaries(experts, gate_up.device))
     from transformers.integrations.moe import grouped_mm_experts_forward
 
     return grouped_mm_experts_forward(module, hidden_states, top_k_index, top_k_weights)

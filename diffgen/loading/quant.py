@@ -204,8 +204,6 @@ class QuantizedExperts(nn.Module):
         self.act_fn = original.act_fn
         self.gate_up_proj = QuantizedStack(scheme, experts, two_inter, hidden, dtype, device)
         self.down_proj = QuantizedStack(scheme, experts, hidden, two_inter // 2, dtype, device)
-        # arange(experts) for the routing's searchsorted, kept so routing is two kernels, not three
-        self.register_buffer("boundaries", torch.arange(experts, device=device), persistent=False)
 
     @torch.no_grad()
     def store(self, name: str, tensor: torch.Tensor) -> None:
@@ -225,8 +223,15 @@ class QuantizedExperts(nn.Module):
         transformers' ``grouped_mm`` experts do). No per-expert loop, no host sync.
         """
         gate_up, down = self.gate_up_proj, self.down_proj
+        if gate_up.scheme == "nvfp4":  # its own grouped kernel (diffgen.kernels.nvfp4), unfused epilogues
+            perm, ends = moe.route(top_k_index, self.num_experts, moe.boundaries(self.num_experts, hidden_states.device))
+            rows = hidden_states[perm // top_k_index.shape[1]]
+            gate, up = gate_up.grouped(rows, ends).chunk(2, dim=-1)
+            out = down.grouped(self.act_fn(gate) * up, ends)
+            return moe.combine(out, top_k_weights, perm, hidden_states.device.type == "cpu").to(hidden_states.dtype)
         return moe.experts_forward(hidden_states, top_k_index, top_k_weights, gate_up.stack, down.stack, self.act_fn,
-                                   gate_up.backend, gate_up.fp8_activations, self.boundaries)
+                                   gate_up.backend, gate_up.fp8_activations,
+                                   moe.boundaries(self.num_experts, hidden_states.device))
 
 
 class QuantizedLinear(nn.Module):
