@@ -84,7 +84,7 @@ def bf16_experts(experts: int, hidden: int, inter: int, dtype: Any, device: Any,
     import torch
     from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaTextExperts
 
-    from diffgen.kernels.moe import register_experts_implementation
+    from diffgen.kernels.bf16_experts import register_experts_implementation
 
     config = SimpleNamespace(num_experts=experts, hidden_size=hidden, moe_intermediate_size=inter,
                              hidden_activation="gelu_pytorch_tanh",
@@ -245,7 +245,7 @@ def run(device: Any = "cuda", tiny: Any = False, variants: Any = None, *, dtype:
     cuda = device.type == "cuda"
     if device.type == "cpu" and tiny and "triton" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton paths, interpreted
-    from diffgen.kernels import launches, moe
+    from diffgen.kernels import capability, launches
 
     shape = {**(TINY if tiny else REAL), **sizes}
     dtype = dtype or (torch.bfloat16 if cuda or tiny else torch.float32)
@@ -263,7 +263,7 @@ def run(device: Any = "cuda", tiny: Any = False, variants: Any = None, *, dtype:
             **shape, "torch": torch.__version__, "interpreted": os.environ.get("TRITON_INTERPRET") == "1"}
     if cuda:
         meta["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
-        meta["torch_grouped_mm_fast"] = moe.torch_grouped_mm_is_fast(device, dtype)
+        meta["torch_grouped_mm_fast"] = capability.torch_grouped_mm_is_fast(device, dtype)
     try:
         import triton
 
@@ -296,7 +296,7 @@ def run(device: Any = "cuda", tiny: Any = False, variants: Any = None, *, dtype:
             row = {**meta, "variant": name, "scheme": scheme, "env": env, "backend": backend}
             try:
                 with _Env(env):
-                    before, before_torch = dict(launches.COUNTS), dict(moe.LAUNCHES)
+                    before, before_torch = dict(launches.COUNTS), dict(launches.GROUPED_PATHS)
                     _sync(device)
                     begin = time.perf_counter()
                     out = call()
@@ -304,8 +304,8 @@ def run(device: Any = "cuda", tiny: Any = False, variants: Any = None, *, dtype:
                     row["first_ms"] = (time.perf_counter() - begin) * 1e3
                     ran = {k: v - before.get(k, 0) for k, v in launches.COUNTS.items() if v != before.get(k, 0)}
                     for key in ("torch", "fp8_scaled"):
-                        if moe.LAUNCHES[key] != before_torch.get(key, 0):
-                            ran[key] = moe.LAUNCHES[key] - before_torch.get(key, 0)
+                        if launches.GROUPED_PATHS[key] != before_torch.get(key, 0):
+                            ran[key] = launches.GROUPED_PATHS[key] - before_torch.get(key, 0)
                     row["path"] = "+".join(f"{k}x{v}" for k, v in sorted(ran.items())) or "transformers grouped_mm"
                     ref = refs[scheme]
                     row["rel_error"] = ((out.float() - ref).abs().max() / ref.abs().max()).item()

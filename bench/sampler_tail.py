@@ -84,7 +84,8 @@ def run(device: str = "cuda", batch_sizes=(1, 8), vocab: int = 262_144, canvas: 
     import torch
 
     from diffgen.kernels import noise
-    from diffgen.kernels.sampler import sample_tail, triton_available
+    from diffgen.kernels.fused import triton_available
+    from diffgen.kernels.sampler import sample_tail
 
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()

@@ -19,7 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from diffgen.kernels import moe
+from diffgen.kernels import bf16_experts, expert_formats, grouped_torch, launches, moe, moe_config
+from diffgen.kernels import capability as caps
 from diffgen.loading.quant import QuantizedExperts, QuantizedLinear, QuantizedStack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,9 +73,9 @@ def test_grouped_forward_matches_the_dequantised_reference_on_the_cpu(scheme, dt
     module = make_experts(scheme, dtype=dtype)
     hidden, index, weights = make_routing(tokens=37, experts=8, top_k=3, dtype=dtype)  # 111 pairs, uneven
     assert not torch.isin(torch.tensor([3, 6]), index).any()  # two experts with no token
-    before = moe.LAUNCHES["torch"]
+    before = launches.GROUPED_PATHS["torch"]
     out = module(hidden, index, weights)
-    assert moe.LAUNCHES["torch"] == before + 2  # both projections took the torch path
+    assert launches.GROUPED_PATHS["torch"] == before + 2  # both projections took the torch path
     assert out.shape == hidden.shape and out.dtype == dtype
     assert relative_error(out, reference(module, hidden, index, weights)) < TOLERANCE[dtype]
 
@@ -87,8 +88,8 @@ def test_chunked_torch_path_is_the_same_as_one_chunk():
     stack = module.gate_up_proj
     rows = hidden[perm // 2]
     args = (rows, stack.q, stack.scale, stack.code, ends, "nf4", *stack.shape)
-    whole = moe.grouped_mm_torch(*args)
-    chunked = moe.grouped_mm_torch(*args, chunk_elements=3 * stack.shape.numel())  # 3 experts per chunk
+    whole = grouped_torch.grouped_mm_torch(*args)
+    chunked = grouped_torch.grouped_mm_torch(*args, chunk_elements=3 * stack.shape.numel())  # 3 experts per chunk
     assert torch.equal(whole, chunked)
 
 
@@ -115,13 +116,13 @@ def test_route_sorts_pairs_by_expert_with_end_offsets():
 
 
 def test_dequantisation_paths_agree_with_bitsandbytes():
-    """moe.dequantize (bitsandbytes' CPU kernel) and moe.nf4_dequantize (torch) give the same
+    """expert_formats.dequantize (bitsandbytes' CPU kernel) and expert_formats.nf4_dequantize (torch) give the same
     values for a stack (both are checked against bitsandbytes in tests/test_quant.py)."""
     stack = QuantizedStack("nf4", 3, 16, 128, torch.float32, "cpu")
     for index in range(3):
         stack.store(index, torch.randn(16, 128))
-    native = moe.dequantize(stack.q, stack.scale, stack.code, "nf4", 16, 128, torch.float32)
-    assert torch.equal(native, moe.nf4_dequantize(stack.q, stack.scale, stack.code, 16, 128, torch.float32))
+    native = expert_formats.dequantize(stack.q, stack.scale, stack.code, "nf4", 16, 128, torch.float32)
+    assert torch.equal(native, expert_formats.nf4_dequantize(stack.q, stack.scale, stack.code, 16, 128, torch.float32))
     assert torch.equal(native[1], stack.weight(1))
 
 
@@ -172,7 +173,7 @@ INTERPRETED = textwrap.dedent("""
     import torch
     sys.path.insert(0, {tests!r})
     from test_quant_grouped import looped_forward, make_experts, make_routing, reference, relative_error
-    from diffgen.kernels import moe
+    from diffgen.kernels import grouped_torch, launches, moe_launch
     from diffgen.loading.quant import QuantizedLinear
 
     def refuse(name):
@@ -214,9 +215,9 @@ INTERPRETED = textwrap.dedent("""
     stack = make_experts("nf4").gate_up_proj
     x = torch.randn(40, 64)
     ends = torch.tensor([0, 7, 7, 20, 21, 33, 40, 40], dtype=torch.int32)
-    expected = moe.grouped_mm_torch(x, stack.q, stack.scale, stack.code, ends, "nf4", 48, 64)
+    expected = grouped_torch.grouped_mm_torch(x, stack.q, stack.scale, stack.code, ends, "nf4", 48, 64)
     for lut in (0, 1):
-        out = moe.grouped_mm_triton(x, stack.q, stack.scale, stack.code, ends, "nf4", 48, 64, config={{"LUT": lut}})
+        out = moe_launch.grouped_mm_triton(x, stack.q, stack.scale, stack.code, ends, "nf4", 48, 64, config={{"LUT": lut}})
         results.append({{"scheme": f"nf4-lut{{lut}}", "dtype": "torch.float32", "error": relative_error(out, expected)}})
 
     # one-group product (nf4-all linears): rows split over programs, blocks straddling rows (in=40)
@@ -228,7 +229,7 @@ INTERPRETED = textwrap.dedent("""
         expected = torch.nn.functional.linear(x, linear.stack.weight(0))
         results.append({{"scheme": f"nf4-linear-{{in_features}}", "dtype": "torch.float32",
                          "error": relative_error(linear(x), expected)}})
-    print(json.dumps({{"results": results, "launches": dict(moe.LAUNCHES), "loop_refused": loop_refused}}))
+    print(json.dumps({{"results": results, "launches": dict(launches.GROUPED_PATHS), "loop_refused": loop_refused}}))
 """)
 
 
@@ -277,10 +278,10 @@ def test_fp8_defaults_to_the_weight_only_path(monkeypatch):
     monkeypatch.setattr(moe, "fp8_scaled_runs", lambda *args: True)
     module = make_experts("fp8", dtype=torch.bfloat16)
     hidden, index, weights = make_routing(tokens=37, experts=8, top_k=3, dtype=torch.bfloat16)
-    before = dict(moe.LAUNCHES)
+    before = dict(launches.GROUPED_PATHS)
     out = module(hidden, index, weights)
-    assert moe.LAUNCHES["fp8_scaled"] == before.get("fp8_scaled", 0)
-    assert moe.LAUNCHES["torch"] == before.get("torch", 0) + 2
+    assert launches.GROUPED_PATHS["fp8_scaled"] == before.get("fp8_scaled", 0)
+    assert launches.GROUPED_PATHS["torch"] == before.get("torch", 0) + 2
     assert relative_error(out, reference(module, hidden, index, weights)) < TOLERANCE[torch.bfloat16]
 
 
@@ -293,9 +294,9 @@ def test_fp8_scaled_path_quantises_activations_per_row(monkeypatch):
     monkeypatch.setattr(moe, "fp8_scaled_runs", lambda *args: True)
     module = make_experts("fp8", dtype=torch.bfloat16)
     hidden, index, weights = make_routing(tokens=37, experts=8, top_k=3, dtype=torch.bfloat16)
-    before = moe.LAUNCHES["fp8_scaled"]
+    before = launches.GROUPED_PATHS["fp8_scaled"]
     out = module(hidden, index, weights)
-    assert moe.LAUNCHES["fp8_scaled"] == before + 2
+    assert launches.GROUPED_PATHS["fp8_scaled"] == before + 2
     assert relative_error(out, reference(module, hidden, index, weights)) < 0.08  # e4m3 activations: 3 mantissa bits
 
 
@@ -305,7 +306,7 @@ def test_grouped_forward_on_the_gpu(scheme):
     module = make_experts(scheme, dtype=torch.bfloat16).cuda()
     hidden, index, weights = make_routing(tokens=37, experts=8, top_k=3, dtype=torch.bfloat16)
     out = module(hidden.cuda(), index.cuda(), weights.cuda()).cpu()
-    scaled = moe.fp8_scaled_enabled() and moe.fp8_scaled_runs("cuda", torch.bfloat16, 48, 64)
+    scaled = moe_config.fp8_scaled_enabled() and caps.fp8_scaled_runs("cuda", torch.bfloat16, 48, 64)
     bound = 0.08 if scheme == "fp8" and scaled else 2e-2
     assert relative_error(out, reference(module.cpu(), hidden, index, weights)) < bound
 
@@ -318,7 +319,7 @@ COMPILE_SM90 = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from diffgen.kernels.moe import kernel_config
+    from diffgen.kernels.moe_config import kernel_config
     from diffgen.kernels.moe_triton import grouped_wo_mm_kernel
 
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -362,7 +363,7 @@ def test_triton_kernel_compiles_for_hopper_without_spills():
     result = subprocess.run([sys.executable, "-c", COMPILE_SM90], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for row in json.loads(result.stdout.strip().splitlines()[-1]):
-        warps = moe.kernel_config(2048, 128, row["n"], row["k"], row["fmt"])["num_warps"]
+        warps = moe_config.kernel_config(2048, 128, row["n"], row["k"], row["fmt"])["num_warps"]
         assert row["spills"] == 0 and row["tensor_core_ops"] > 0, row
         assert row["registers"] * 32 * warps * 2 <= 65536, row
 
@@ -373,7 +374,8 @@ COMPILE_SWAP = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from diffgen.kernels.moe import WEIGHT_BYTES, kernel_format, tuned_config
+    from diffgen.kernels.expert_formats import WEIGHT_BYTES, kernel_format
+    from diffgen.kernels.moe_config import tuned_config
     from diffgen.kernels.moe_triton import grouped_mm_swap_kernel
 
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -444,7 +446,7 @@ INTERPRETED_TUNED = textwrap.dedent("""
     from torch.utils._python_dispatch import TorchDispatchMode
     sys.path.insert(0, {tests!r})
     from test_quant_grouped import make_experts, make_routing, reference, relative_error
-    from diffgen.kernels import launches, moe
+    from diffgen.kernels import bf16_experts, capability, launches
 
     class Kernels(TorchDispatchMode):  # non-view aten ops (diffgen's custom ops wrap one Triton launch each)
         def __init__(self):
@@ -503,8 +505,8 @@ INTERPRETED_TUNED = textwrap.dedent("""
     # bf16 experts: transformers' own module, its grouped_mm forward against diffgen's forward with
     # torch's grouped_mm declared slow (as on compute capability 8.x / 12.x): the Triton path.
     from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaTextExperts
-    moe.torch_grouped_mm_is_fast = lambda *args, **kwargs: False
-    name = moe.register_experts_implementation()
+    capability.torch_grouped_mm_is_fast = lambda *args, **kwargs: False
+    name = bf16_experts.register_experts_implementation()
     dense = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         config = SimpleNamespace(num_experts=8, hidden_size=64, moe_intermediate_size=24,
@@ -568,34 +570,34 @@ def test_torch_grouped_mm_is_fast_only_on_compute_capability_9_and_10(monkeypatc
     the fallback that copies the offsets to the host (RTX 30xx/40xx, RTX 50xx, DGX Spark). There
     bf16 experts must take diffgen's Triton kernel (they take it wherever Triton runs: fewer kernels
     a layer; ``DIFFGEN_BF16_EXPERTS=torch`` is the A/B on 9.x/10.x); fp16/fp32 fall back everywhere."""
-    monkeypatch.setattr(moe, "_capability", lambda index: capability)
+    monkeypatch.setattr(caps, "compute_capability", lambda index: capability)
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.delenv("DIFFGEN_BF16_EXPERTS", raising=False)
-    assert moe.torch_grouped_mm_is_fast("cuda:0") is fast
-    assert moe.torch_grouped_mm_is_fast("cuda:0", torch.float16) is False
-    if moe.triton_runs("cuda"):
-        assert moe.bf16_experts_backend("cuda:0", torch.bfloat16) == "triton"
-        assert moe.bf16_experts_backend("cuda:0", torch.float16) == "triton"
+    assert caps.torch_grouped_mm_is_fast("cuda:0") is fast
+    assert caps.torch_grouped_mm_is_fast("cuda:0", torch.float16) is False
+    if caps.triton_runs("cuda"):
+        assert bf16_experts.bf16_experts_backend("cuda:0", torch.bfloat16) == "triton"
+        assert bf16_experts.bf16_experts_backend("cuda:0", torch.float16) == "triton"
         monkeypatch.setenv("DIFFGEN_BF16_EXPERTS", "torch")
-        assert moe.bf16_experts_backend("cuda:0", torch.bfloat16) == "torch"
+        assert bf16_experts.bf16_experts_backend("cuda:0", torch.bfloat16) == "torch"
         monkeypatch.setenv("DIFFGEN_BF16_EXPERTS", "triton")
-        assert moe.bf16_experts_backend("cuda:0", torch.bfloat16) == "triton"
+        assert bf16_experts.bf16_experts_backend("cuda:0", torch.bfloat16) == "triton"
 
 
 def test_cpu_bf16_experts_keep_transformers_forward(monkeypatch):
     """On the CPU (no interpreter) torch's grouped_mm has no device to sync with: unquantised
     experts stay on transformers' grouped_mm forward (identical results)."""
     monkeypatch.delenv("DIFFGEN_BF16_EXPERTS", raising=False)
-    assert moe.torch_grouped_mm_is_fast("cpu") == moe._grouped_mm_runs("cpu", torch.bfloat16)
+    assert caps.torch_grouped_mm_is_fast("cpu") == caps.grouped_mm_runs("cpu", torch.bfloat16)
     if os.environ.get("TRITON_INTERPRET") != "1":
-        assert moe.bf16_experts_backend("cpu", torch.bfloat16) == "torch"
+        assert bf16_experts.bf16_experts_backend("cpu", torch.bfloat16) == "torch"
 
 
 def test_unquantised_load_registers_diffgen_experts(tiny):
     """The unquantised loader selects diffgen's experts forward (transformers' grouped_mm where
     torch's kernel is fast, as here; the Triton kernel where torch would sync)."""
     for layer in (*tiny.model.model.decoder.layers, *tiny.model.model.encoder.language_model.layers):
-        assert layer.experts.config._experts_implementation == moe.EXPERTS_IMPLEMENTATION
+        assert layer.experts.config._experts_implementation == bf16_experts.EXPERTS_IMPLEMENTATION
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter tests above cover the logic)")
@@ -625,7 +627,7 @@ def test_tuned_fused_and_bf16_triton_paths_on_the_gpu():
             assert torch.equal(captured, module(*inputs)), scheme
         os.environ["DIFFGEN_MOE_CONFIG"], os.environ["DIFFGEN_MOE_EPILOGUE"] = "tuned", "fused"
         config = SimpleNamespace(num_experts=8, hidden_size=64, moe_intermediate_size=24,
-                                 hidden_activation="gelu_pytorch_tanh", _experts_implementation=moe.register_experts_implementation())
+                                 hidden_activation="gelu_pytorch_tanh", _experts_implementation=bf16_experts.register_experts_implementation())
         experts = DiffusionGemmaTextExperts(config)
         torch.manual_seed(5)
         with torch.no_grad():

@@ -44,6 +44,12 @@ def _block(size: int) -> int:
     return triton.next_power_of_2(max(int(size), 1))
 
 
+def _row_blocks(n_rows: int, size: int) -> tuple[int, int]:
+    """``(BLOCK_R, BLOCK_D)`` of a row-wise kernel: whole rows, as many as :data:`_TILE` holds."""
+    block_d = _block(size)
+    return max(1, min(_TILE // block_d, _block(n_rows))), block_d
+
+
 def _warps(elements: int) -> int:
     return 2 if elements <= 512 else 4 if elements <= 2048 else 8 if elements <= 8192 else 16
 
@@ -110,29 +116,49 @@ def _inv_rms(x, D, eps):
     return tl.math.div_rn(1.0, tl.math.sqrt_rn(ms + eps))
 
 
+@triton.jit
+def _row_tile(n_rows, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # This program's block of rows: (columns, column mask, 2-D mask, int64 row offsets as a column).
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    return cols, cmask, (rows < n_rows)[:, None] & cmask[None, :], rows.to(tl.int64)[:, None]
+
+
+@triton.jit
+def _load_rows(ptr, r64, stride, cols, mask):
+    return tl.load(ptr + r64 * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _weighted(y, w_ptr, cols, cmask, HAS_W: tl.constexpr):
+    # y times the (fp32) weight, where there is one.
+    if HAS_W:
+        y = y * tl.load(w_ptr + cols, mask=cmask, other=0.0)[None, :]
+    return y
+
+
+@triton.jit
+def _norm(x, w_ptr, cols, cmask, D, eps, HAS_W: tl.constexpr):
+    # RMSNorm of each row, times the weight where there is one (fp32, not rounded).
+    return _weighted(x * _inv_rms(x, D, eps)[:, None], w_ptr, cols, cmask, HAS_W)
+
+
 # -- 1. rms_norm ---------------------------------------------------------------------------------
 
 
 @triton.jit
 def rms_norm_kernel(x_ptr, w_ptr, y_ptr, n_rows, D, stride_x, stride_y, eps,
                     HAS_W: tl.constexpr, KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    mask = (rows < n_rows)[:, None] & cmask[None, :]
-    r64 = rows.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    y = x * _inv_rms(x, D, eps)[:, None]
-    if HAS_W:
-        y = y * tl.load(w_ptr + cols, mask=cmask, other=0.0)[None, :]
+    cols, cmask, mask, r64 = _row_tile(n_rows, D, BLOCK_R, BLOCK_D)
+    y = _norm(_load_rows(x_ptr, r64, stride_x, cols, mask), w_ptr, cols, cmask, D, eps, HAS_W)
     tl.store(y_ptr + r64 * stride_y + cols[None, :], _round(y, KIND).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     flat = _rows(x)
     n_rows, size = flat.shape
-    block_d = _block(size)
-    block_r = max(1, min(_TILE // block_d, _block(n_rows)))
+    block_r, block_d = _row_blocks(n_rows, size)
     w = _fp32(weight, flat)
     with launches.launch("rms_norm"):
         y = torch.empty((n_rows, size), dtype=x.dtype, device=x.device)
@@ -243,33 +269,21 @@ def residual_norms_kernel(h_ptr, x_ptr, pw_ptr, w0_ptr, w1_ptr, w2_ptr, hn_ptr, 
                           HAS_PW: tl.constexpr, N_OUT: tl.constexpr, HAS_W0: tl.constexpr,
                           HAS_W1: tl.constexpr, HAS_W2: tl.constexpr, KIND: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    mask = (rows < n_rows)[:, None] & cmask[None, :]
-    r64 = rows.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    h = tl.load(h_ptr + r64 * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    y = x * _inv_rms(x, D, eps)[:, None]
-    if HAS_PW:
-        y = y * tl.load(pw_ptr + cols, mask=cmask, other=0.0)[None, :]
+    cols, cmask, mask, r64 = _row_tile(n_rows, D, BLOCK_R, BLOCK_D)
+    x = _load_rows(x_ptr, r64, stride_x, cols, mask)
+    h = _load_rows(h_ptr, r64, stride_h, cols, mask)
+    y = _norm(x, pw_ptr, cols, cmask, D, eps, HAS_PW)
     hn = _round(h + _round(y, KIND), KIND)
     out = r64 * stride_o + cols[None, :]
     tl.store(hn_ptr + out, hn.to(hn_ptr.dtype.element_ty), mask=mask)
     n = hn * _inv_rms(hn, D, eps)[:, None]
-    o = n
-    if HAS_W0:
-        o = n * tl.load(w0_ptr + cols, mask=cmask, other=0.0)[None, :]
+    o = _weighted(n, w0_ptr, cols, cmask, HAS_W0)
     tl.store(o0_ptr + out, _round(o, KIND).to(o0_ptr.dtype.element_ty), mask=mask)
     if N_OUT > 1:
-        o = n
-        if HAS_W1:
-            o = n * tl.load(w1_ptr + cols, mask=cmask, other=0.0)[None, :]
+        o = _weighted(n, w1_ptr, cols, cmask, HAS_W1)
         tl.store(o1_ptr + out, _round(o, KIND).to(o1_ptr.dtype.element_ty), mask=mask)
     if N_OUT > 2:
-        o = n
-        if HAS_W2:
-            o = n * tl.load(w2_ptr + cols, mask=cmask, other=0.0)[None, :]
+        o = _weighted(n, w2_ptr, cols, cmask, HAS_W2)
         tl.store(o2_ptr + out, _round(o, KIND).to(o2_ptr.dtype.element_ty), mask=mask)
 
 
@@ -277,8 +291,7 @@ def residual_norms(h: Tensor, x: Tensor, post_weight: Tensor | None, weights: li
                    eps: float) -> tuple[Tensor, list[Tensor]]:
     hf, xf = _rows(h), _rows(x)
     n_rows, size = hf.shape
-    block_d = _block(size)
-    block_r = max(1, min(_TILE // block_d, _block(n_rows)))
+    block_r, block_d = _row_blocks(n_rows, size)
     pw = _fp32(post_weight, hf)
     ws = [_fp32(w, hf) for w in weights] + [hf] * (3 - len(weights))
     flags = [w is not None for w in weights] + [False] * (3 - len(weights))
@@ -375,24 +388,12 @@ def ffn_combine_kernel(h_ptr, m_ptr, e_ptr, w1_ptr, w2_ptr, wp_ptr, ls_ptr, o_pt
                        stride_h, stride_m, stride_e, stride_o, eps,
                        HAS_W1: tl.constexpr, HAS_W2: tl.constexpr, HAS_WP: tl.constexpr, KIND: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    mask = (rows < n_rows)[:, None] & cmask[None, :]
-    r64 = rows.to(tl.int64)[:, None]
-    m = tl.load(m_ptr + r64 * stride_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    e = tl.load(e_ptr + r64 * stride_e + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    a = m * _inv_rms(m, D, eps)[:, None]
-    if HAS_W1:
-        a = a * tl.load(w1_ptr + cols, mask=cmask, other=0.0)[None, :]
-    c = e * _inv_rms(e, D, eps)[:, None]
-    if HAS_W2:
-        c = c * tl.load(w2_ptr + cols, mask=cmask, other=0.0)[None, :]
+    cols, cmask, mask, r64 = _row_tile(n_rows, D, BLOCK_R, BLOCK_D)
+    a = _norm(_load_rows(m_ptr, r64, stride_m, cols, mask), w1_ptr, cols, cmask, D, eps, HAS_W1)
+    c = _norm(_load_rows(e_ptr, r64, stride_e, cols, mask), w2_ptr, cols, cmask, D, eps, HAS_W2)
     mixed = _round(_round(a, KIND) + _round(c, KIND), KIND)
-    y = mixed * _inv_rms(mixed, D, eps)[:, None]
-    if HAS_WP:
-        y = y * tl.load(wp_ptr + cols, mask=cmask, other=0.0)[None, :]
-    h = tl.load(h_ptr + r64 * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = _norm(mixed, wp_ptr, cols, cmask, D, eps, HAS_WP)
+    h = _load_rows(h_ptr, r64, stride_h, cols, mask)
     out = _round(_round(h + _round(y, KIND), KIND) * tl.load(ls_ptr).to(tl.float32), KIND)
     tl.store(o_ptr + r64 * stride_o + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
 
@@ -401,8 +402,7 @@ def ffn_combine(h: Tensor, m: Tensor, e: Tensor, w1: Tensor | None, w2: Tensor |
                 layer_scalar: Tensor, eps: float) -> Tensor:
     hf, mf, ef = _rows(h), _rows(m), _rows(e)
     n_rows, size = hf.shape
-    block_d = _block(size)
-    block_r = max(1, min(_TILE // block_d, _block(n_rows)))
+    block_r, block_d = _row_blocks(n_rows, size)
     with launches.launch("ffn_combine"):
         out = torch.empty((n_rows, size), dtype=h.dtype, device=h.device)
         ffn_combine_kernel[(triton.cdiv(n_rows, block_r),)](

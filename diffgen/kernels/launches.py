@@ -17,6 +17,9 @@ from collections.abc import Iterator
 
 #: Triton launches so far in this process, by kernel name.
 COUNTS: collections.Counter = collections.Counter()
+#: Grouped expert products so far, by the path that ran them (``triton``, ``torch``,
+#: ``fp8_scaled``): for tests and benchmarks that must know which path ran.
+GROUPED_PATHS: collections.Counter = collections.Counter()
 _STATE = threading.local()
 
 

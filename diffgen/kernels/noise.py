@@ -48,7 +48,7 @@ STREAM_GUMBEL = 3
 PURPOSE_GUMBEL = 0
 PURPOSE_TOKENS = 1
 #: Fourth counter word of the key derivation, so derived keys never equal a draw of a row seed.
-_KEY_DOMAIN = 0x6B657973  # "keys"
+KEY_DOMAIN = 0x6B657973  # "keys"
 
 PHILOX_ROUNDS = 10
 _MASK = 0xFFFFFFFF
@@ -127,7 +127,7 @@ def step_keys(row_seeds: Tensor, canvas: Tensor | int, step: Tensor | int, strea
     k0, k1 = split_keys(row_seeds)
     zero = torch.zeros_like(k0)
     w0, w1, _, _ = philox4x32((zero + step) & _MASK, (zero + canvas) & _MASK, zero + (stream & _MASK),
-                              zero + _KEY_DOMAIN, k0, k1)
+                              zero + KEY_DOMAIN, k0, k1)
     return join_keys(w0, w1)
 
 

@@ -119,7 +119,7 @@ def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = 
     """Check and load a resolved checkpoint directory; ``progress`` shows a progress bar.
 
     Unquantised plans load through transformers' ``from_pretrained``, with diffgen's experts
-    forward (:func:`diffgen.kernels.moe.grouped_experts_forward`: transformers' ``grouped_mm``
+    forward (:func:`diffgen.kernels.bf16_experts.grouped_experts_forward`: transformers' ``grouped_mm``
     experts where torch's grouped kernel runs, diffgen's Triton kernel where torch would take its
     host-syncing fallback, e.g. compute capability 8.x and 12.x); quantised ones through
     :func:`diffgen.loading.streaming.load_quantized`, which quantises tensor by tensor from the shards.
@@ -154,7 +154,7 @@ def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = 
 
             model = load_quantized(path, plan, progress=progress)
         else:
-            from diffgen.kernels.moe import register_experts_implementation
+            from diffgen.kernels.bf16_experts import register_experts_implementation
 
             experts = register_experts_implementation()
             model = DiffusionGemmaForBlockDiffusion.from_pretrained(

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffgen.kernels import moe, nvfp4
-from diffgen.kernels.moe import bnb_functional
+from diffgen.kernels import expert_formats, moe, nvfp4
+from diffgen.kernels.expert_formats import bnb_functional
 from diffgen.planning.plan import NF4_BLOCK
 
 # The 16 NormalFloat-4 levels (QLoRA, Dettmers et al. 2023), as bitsandbytes defines them.
@@ -73,13 +73,13 @@ def nf4_dequantize_torch(packed: torch.Tensor, absmax: torch.Tensor, shape: torc
                          dtype: torch.dtype, levels: torch.Tensor | None = None) -> torch.Tensor:
     levels = NF4_LEVELS.to(packed.device) if levels is None else levels
     shape = torch.Size(shape)
-    return moe.nf4_dequantize(packed.reshape(1, -1), absmax.reshape(1, -1), levels, shape.numel(), 1,
+    return expert_formats.nf4_dequantize(packed.reshape(1, -1), absmax.reshape(1, -1), levels, shape.numel(), 1,
                               dtype).reshape(shape)
 
 
 class NF4Codec:
     """NF4 quantisation through bitsandbytes where it runs on the device, else through torch
-    (same format). Dequantisation is diffgen's own (:func:`diffgen.kernels.moe.dequantize` and
+    (same format). Dequantisation is diffgen's own (:func:`diffgen.kernels.expert_formats.dequantize` and
     the grouped kernels), from the code table the stack keeps on the device."""
 
     def __init__(self, device: torch.device):
@@ -176,13 +176,13 @@ class QuantizedStack(nn.Module):
         if self.scheme == "nvfp4":
             i = slice(index, index + 1)
             return nvfp4.dequantize(self.q[i], self.scale[i], self.scale2[i], *self.shape, self.dtype)[0]
-        return moe.dequantize(self.q[index:index + 1], self.scale[index:index + 1], self.code, self.scheme,
+        return expert_formats.dequantize(self.q[index:index + 1], self.scale[index:index + 1], self.code, self.scheme,
                               *self.shape, self.dtype)[0]
 
     @property
-    def stack(self) -> moe.Stack:
-        """What the kernels need of this stack (:class:`diffgen.kernels.moe.Stack`)."""
-        return moe.Stack(self.q, self.scale, self.code, self.scheme, *self.shape)
+    def stack(self) -> expert_formats.Stack:
+        """What the kernels need of this stack (:class:`diffgen.kernels.expert_formats.Stack`)."""
+        return expert_formats.Stack(self.q, self.scale, self.code, self.scheme, *self.shape)
 
     def grouped(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """Rows of ``x`` ``(S, in)`` sorted by matrix (``ends``: int32 cumulative row counts, one

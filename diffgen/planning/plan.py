@@ -1,9 +1,11 @@
+# Over 500 lines on purpose: one pipeline (count the parameters, estimate each scheme, choose, make the plan)
+# whose steps share the scheme tables and sizes; every caller (prepare, info, the tests) reads it as one module.
 """The load plan: where the model goes, in which dtype, with which expert quantisation, and
 whether it fits.
 
 The memory estimate comes from ``config.json`` alone: the model is instantiated on the meta
 device (no weights read, no memory used) to count every parameter exactly, ties included, and
-each scheme's storage is computed from those shapes (DESIGN.md §3):
+each scheme's storage is computed from those shapes (docs/architecture.md, "Facts the code relies on"):
 
 =========  ====================================================================================
 scheme     weights
@@ -275,7 +277,7 @@ def image_context(images: int, tokens_per_image: int | None = None) -> int:
 
 def runtime_bytes(config: dict[str, Any], dtype: str, *, context: int = DEFAULT_CONTEXT, batch: int = 1,
                   device: str = "cuda", images: int = 0) -> dict[str, int]:
-    """Runtime memory beyond the weights, by part (an estimate; DESIGN.md §3).
+    """Runtime memory beyond the weights, by part (an estimate; docs/architecture.md, "Facts the code relies on").
 
     ``kv``: the KV cache for ``context`` tokens (sliding layers keep at most their window);
     ``prefill``: one full-attention layer's scores for the longest prefill (a workspace the
