@@ -166,7 +166,7 @@ def batch(
             held.enter_context(outputs.lock(output, "-o"))
         schema = None
         if schema_file is not None:
-            from diffgen.denoise.schema import load_schema
+            from diffgen.denoise.constrained.schema import load_schema
 
             schema = load_schema(schema_file.read_text(encoding="utf-8"), f"the schema {schema_file.name}")
             if think:
@@ -425,7 +425,7 @@ def _run(batch_mod: Any, items: list, loaded: Any, defaults: Any, base_seed: int
     vocab = None
     if schema is not None:
         from diffgen.cli.run import schema_record
-        from diffgen.denoise import schema as schema_mod
+        from diffgen.denoise.constrained import schema as schema_mod
 
         vocab = schema_mod.vocabulary(loaded.tokenizer, int(loaded.model.config.text_config.vocab_size),
                                       defaults.pad_token_id)

@@ -149,7 +149,7 @@ def run(
         refuse_local_only(ctx, LOCAL_ONLY)
     schema = None
     if schema_file is not None:
-        from diffgen.denoise.schema import load_schema
+        from diffgen.denoise.constrained.schema import load_schema
         from diffgen.errors import UsageError
 
         if show_steps or trace_file is not None or think:
@@ -301,7 +301,7 @@ def _schema_run(prepared: Any, tokenizer: Any, ids: list[int], schema: dict, con
                 stats: bool) -> None:
     """``run --schema``: lay out the schema (context checked before the weights), generate, print."""
     from diffgen.denoise import loop as generate
-    from diffgen.denoise import schema as schema_mod
+    from diffgen.denoise.constrained import schema as schema_mod
     from diffgen.ui import render
 
     settings = prepared.settings

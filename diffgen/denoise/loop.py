@@ -478,14 +478,14 @@ def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: Gene
     minutes on the first call, cached on disk by inductor for later processes, about twice
     as fast per step on a CPU. ``clamp`` = ``(tokens, mask)``, both ``(B, canvases x C)``
     (``int64`` and ``bool``), pins the masked positions of every canvas to their tokens at
-    every step (infilling, :mod:`diffgen.denoise.fill`; see :class:`StepContext`); a canvas
+    every step (infilling, :mod:`diffgen.denoise.constrained.fill`; see :class:`StepContext`); a canvas
     whose positions are all clamped is committed as is without a decoder pass, and an EOS
     ends no row (the layout is fixed), so every planned canvas runs. ``init`` = ``(tokens,
     mask)``, same shapes, seeds the masked positions: each canvas starts from those tokens
-    instead of uniform noise there (editing, :mod:`diffgen.denoise.edit`); unlike a clamp
+    instead of uniform noise there (editing, :mod:`diffgen.denoise.constrained.edit`); unlike a clamp
     this pins nothing, the sampler renoises them as it would any rejected position. ``allowed``,
     ``(1 or B, canvases x C, V)`` bool, restricts each position to its allowed tokens before
-    temperature and sampling (JSON by construction, :mod:`diffgen.denoise.schema`; see
+    temperature and sampling (JSON by construction, :mod:`diffgen.denoise.constrained.schema`; see
     :class:`StepContext`). ``vision``, one :class:`~diffgen.images.VisionInputs` or ``None``
     per prompt: the prompts' images, encoded with the prompt as in transformers' ``generate()``.
     ``cache``, a :class:`~diffgen.denoise.prompt_cache.PromptCache` (one text prompt only), keeps

@@ -86,7 +86,7 @@ class StepContext:
             tokens each position may take, or ``None``: no restriction (the step is unchanged).
             Every position needs at least one allowed token.
 
-    Clamping (infilling, :mod:`diffgen.denoise.fill`): the model has no mask token and
+    Clamping (infilling, :mod:`diffgen.denoise.constrained.fill`): the model has no mask token and
     re-decides every position at every step, so a fixed position is pinned at every step, not
     seeded once. After the sampler's draw a clamped position's sample and argmax are its token
     and its entropy is exactly 0 (so entropy-bound acceptance always keeps it and it adds
@@ -96,7 +96,7 @@ class StepContext:
     override comes after the draw rather than in the logits, so it is the same for the exact
     sampler, the fast torch tail and the Triton kernel, and the random draws keep their order.
 
-    Allowed vocabularies (JSON by construction, :mod:`diffgen.denoise.schema`) act before
+    Allowed vocabularies (JSON by construction, :mod:`diffgen.denoise.constrained.schema`) act before
     temperature and sampling: the raw logits are soft-capped here, every token outside a
     position's allowed set is set to :data:`MASKED_LOGIT`, and the sampler is told the logits
     are already capped (``capped=True``), so it divides by the temperature and draws as usual.
