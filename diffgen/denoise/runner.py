@@ -296,8 +296,8 @@ class CanvasRunner:
         context = StepContext(
             decoder=self.backend.decoder(), sampler=sampler,
             temperatures=schedule(torch.arange(n_steps, 0, -1, dtype=torch.int32, device=self.device)),
-            accept=entropy_bound_acceptance(settings.entropy_bound), stability=settings.stability_window,
-            confidence=settings.confidence_threshold, embed_dtype=self.embed_dtype, **buffers)
+            accept=entropy_bound_acceptance(settings.entropy_bound), stability_window=settings.stability_window,
+            confidence_threshold=settings.confidence_threshold, embed_dtype=self.embed_dtype, **buffers)
         graph = None
         if self.graphs and sampler.capturable and not self.failed:
             graph = StepGraph(self._new_capture(), self.step_fn, (str(self.device), self.backend.slots,
