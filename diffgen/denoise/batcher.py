@@ -88,7 +88,7 @@ from diffgen.denoise.channels import split_response
 from diffgen.denoise.backends import StaticBackend
 from diffgen.denoise.fused import fusable
 from diffgen.denoise.kv import bucket
-from diffgen.denoise.loop import CompletionStats, Completion, StepEvent, cut_completion
+from diffgen.denoise.events import Completion, CompletionStats, StepEvent, cut_completion
 from diffgen.denoise.runner import FAST_CHECK_EVERY, CanvasRunner, commit_canvas, graphs_enabled
 from diffgen.denoise.sampling import TemperatureSchedule
 from diffgen.denoise.step import clone_state
