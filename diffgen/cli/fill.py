@@ -145,7 +145,7 @@ def fill(
     prepared = prepare_generation(model, seed=seed, flags=flags, quiet=quiet, offline=offline, device=device, quant=quant,
                                   max_memory=max_memory, offload=offload, images=len(pictures))
     from diffgen.denoise.constrained import fill as fill_mod
-    from diffgen.denoise import loop as generate
+    from diffgen.denoise import loop
     from diffgen.loading import loader
 
     with doing("loading the tokenizer"):
@@ -164,7 +164,7 @@ def fill(
     from diffgen.errors import PromptTooLongError
 
     try:
-        generate.check_context_config(prepared.config, len(prefix), settings)
+        loop.check_context_config(prepared.config, len(prefix), settings)
     except PromptTooLongError as exc:
         raise PromptTooLongError(
             f"the prompt ({len(prefix)} tokens) plus the template ({plan.length} tokens, {len(plan.tokens)} "
