@@ -398,7 +398,7 @@ class Batcher:
     def _encode_pending(self, run: RunningBatch, keep: list[Row]) -> None:
         """Encode the last committed canvas of every slot; slots whose row left are emptied."""
         runner = self.runner
-        runner.encode(run.pending)
+        runner.run_encoder(run.pending)
         kept = {row.slot for row in keep}
         for slot in range(self.max_batch):
             if slot not in kept:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from diffgen.denoise.backends import DynamicBackend, cache_keyword, encode
+from diffgen.denoise.backends import DynamicBackend, cache_keyword, run_encoder
 from diffgen.denoise.channels import split_response
 from diffgen.denoise.events import (CanvasEvent, Completion, CompletionStats, Event, FinishReason, GenerationResult,
                                     StepEvent, cut_completion)
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from diffgen.loading.loader import LoadedModel
 
 # (re-exported: one import for callers)
-__all__ = ["FAST_CHECK_EVERY", "cache_keyword", "encode", "stream", "generate", "CanvasEvent", "Completion",
+__all__ = ["FAST_CHECK_EVERY", "cache_keyword", "run_encoder", "stream", "generate", "CanvasEvent", "Completion",
            "CompletionStats", "Event", "FinishReason", "GenerationResult", "StepEvent", "cut_completion"]
 
 
@@ -202,7 +202,7 @@ class Generation:
             forwards=torch.zeros(batch_size, dtype=torch.int, device=device))
         for canvas_index in range(self.canvases):
             if canvas_index > 0:  # the committed canvas joins the cache (the prompt was prefilled)
-                runner.encode(progress.committed[-1])
+                runner.run_encoder(progress.committed[-1])
             yield from self._canvas(canvas_index, progress)
             if bool(progress.finished.all()):
                 break

@@ -233,21 +233,21 @@ class CanvasRunner:
 
     # -- passes ----------------------------------------------------------------------------------
 
-    def encode(self, tokens: torch.Tensor) -> None:
+    def run_encoder(self, tokens: torch.Tensor) -> None:
         """Encode a committed canvas ``(slots, C)`` into the cache."""
         backend = self.backend
         if not backend.static:
-            backend.encode(tokens)
+            backend.run_encoder(tokens)
             return
         backend.tokens.copy_(tokens)
         replay, warmed = self._encoder
         if replay is None and warmed and self._recording():
-            replay = self._record(backend.encode_pass)
+            replay = self._record(backend.encoder_pass)
             self._encoder = (replay, True)
         if replay is not None:
             replay()
         else:
-            backend.encode_pass()
+            backend.encoder_pass()
             self._encoder = (None, True)
         backend.kv.advance_host()
 
