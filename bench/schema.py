@@ -1,7 +1,7 @@
 """JSON by construction (``--schema``) vs asking for JSON in the prompt and validating, one process.
 
 For the same schema, the same tiny random model and the same seeds, runs
-(a) :func:`diffgen.denoise.schema.generate_json` and (b) a plain generation whose prompt asks
+(a) :func:`diffgen.denoise.constrained.schema.generate_json` and (b) a plain generation whose prompt asks
 for JSON matching the schema (the schema text in the prompt, ``max_new_tokens`` = the same
 positions the schema's layout takes), then checks each output with ``jsonschema``. Prints
 time, decoder forward passes and how many outputs validated, per method, as a table.
@@ -52,7 +52,7 @@ def main() -> None:
 
     from devtools.tiny import save_tiny_checkpoint
     from diffgen.denoise.loop import generate
-    from diffgen.denoise.schema import generate_json, layout, vocabulary
+    from diffgen.denoise.constrained.schema import generate_json, layout, vocabulary
     from diffgen.loading.loader import load
     from diffgen.planning.plan import LoadPlan
     from diffgen.prompt import encode

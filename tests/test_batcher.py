@@ -332,14 +332,14 @@ def test_a_request_failing_to_join_leaves_the_running_batch_alone(tiny, make, mo
     poison = ids(tiny, 2)
     from diffgen.denoise import backends
 
-    real_encode = backends.encode
+    real_encode = backends.run_encoder
 
     def encode(model, input_ids, *args, **kwargs):
         if any(row[-len(poison):] == poison for row in input_ids.tolist()):
             raise RuntimeError("out of memory for this prompt")
         return real_encode(model, input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(backends, "encode", encode)
+    monkeypatch.setattr(backends, "run_encoder", encode)
     joining = Recorder()
     tickets = []
 

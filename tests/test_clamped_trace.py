@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from diffgen.cli.app import app
-from diffgen.denoise.fill import layout, parse_template
+from diffgen.denoise.constrained.fill import layout, parse_template
 from diffgen.records.trace import CanvasRecord, StepRecord, TraceWriter, read_trace
 from diffgen.ui import picture, view
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from diffgen.cli.app import app
 from diffgen.denoise import loop
-from diffgen.denoise.edit import (
+from diffgen.denoise.constrained.edit import (
     MIN_SLACK,
     Span,
     budget,

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from diffgen.cli.app import app
-from diffgen.denoise.fill import DEFAULT_HOLE, Hole, fill, layout, parse_template
+from diffgen.denoise.constrained.fill import DEFAULT_HOLE, Hole, fill, layout, parse_template
 from diffgen.denoise.loop import StepEvent, stream
 from diffgen.errors import UsageError
 

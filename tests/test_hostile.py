@@ -327,7 +327,7 @@ def test_a_string_with_max_length_zero_is_the_empty_string(tiny_checkpoint, tmp_
 
 
 def test_a_schema_without_numbers_needs_no_digit_tokens(tiny):
-    from diffgen.denoise import schema as schema_mod
+    from diffgen.denoise.constrained import schema as schema_mod
     from diffgen.errors import UsageError
 
     vocab = schema_mod.vocabulary(tiny.tokenizer, len(tiny.tokenizer), 0)

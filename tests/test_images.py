@@ -261,7 +261,7 @@ def test_batch_records_take_images_relative_to_the_input_file(vision, vision_che
 
 
 def test_fill_with_an_image_is_the_librarys_fill_with_its_inputs(vision, vision_checkpoint, tmp_path):
-    from diffgen.denoise import fill as fill_mod
+    from diffgen.denoise.constrained import fill as fill_mod
 
     picture = write_image(tmp_path / "x.png", 30, 30, seed=6)
     template = "Colour: {{4}}. Shape: {{4}}."

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from diffgen.denoise.step import StepContext, denoise_step, initial_state
 from diffgen.denoise.sampling import (
     GlobalNoise,
-    StableAndConfident,
     TemperatureSchedule,
     entropy_bound_acceptance,
     renoise,
@@ -67,18 +67,62 @@ def test_larger_bound_accepts_more():
     assert counts == sorted(counts) and counts[-1] == 4 * 64
 
 
+class ScriptedSampler:
+    """A sampler whose every draw is given: the step's draft and each row's per-token entropy, so
+    the adaptive stop of :func:`denoise_step` (the one the loop and the batcher run) sees them as is."""
+
+    softcap = None
+
+    def __init__(self):
+        self.next: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def draw(self, raw, temperature, *, active, canvas, step, out_dtype, capped=False):
+        draft, entropy = self.next
+        return draft, draft, entropy, torch.zeros((*draft.shape, 4))
+
+    def renoise(self, accepted_canvas, accepted, *, active, canvas, step):
+        return accepted_canvas
+
+
+class StepStop:
+    """One canvas's steps through :func:`denoise_step`; each call is a step, returns the rows stopped."""
+
+    def __init__(self, stability_window: int, confidence_threshold: float, rows: int, width: int):
+        self.sampler = ScriptedSampler()
+        self.context = StepContext(
+            decoder=lambda canvas, *_: torch.zeros((*canvas.shape, 4)), sampler=self.sampler,
+            temperatures=torch.ones(16), accept=lambda entropy: torch.ones_like(entropy, dtype=torch.bool),
+            stability_window=stability_window, confidence_threshold=confidence_threshold,
+            finished=torch.zeros(rows, dtype=torch.bool), canvas_index=torch.tensor(0), embed_dtype=torch.float32)
+        self.rows, self.width = rows, width
+        self.reset()
+
+    def reset(self) -> None:
+        """A new canvas: the stop's history starts empty."""
+        self.state = initial_state(self.context, torch.zeros((self.rows, self.width), dtype=torch.long),
+                                   torch.zeros(self.rows, dtype=torch.int))
+
+    def __call__(self, draft: torch.Tensor, mean_entropy: torch.Tensor) -> torch.Tensor:
+        self.sampler.next = (draft, mean_entropy[:, None].expand(draft.shape).clone())
+        self.state = denoise_step(self.state, self.context)
+        return self.state.stopped
+
+
 def test_stop_needs_a_stable_draft_and_low_entropy():
-    stop = StableAndConfident(stability_threshold=1, confidence_threshold=0.1)
+    stop = StepStop(stability_window=1, confidence_threshold=0.1, rows=2, width=3)
     draft = torch.tensor([[1, 2, 3], [4, 5, 6]])
     low = torch.tensor([0.01, 0.01])
     assert stop(draft, low).tolist() == [False, False]  # nothing to compare with yet
     changed = torch.tensor([[1, 2, 3], [4, 5, 7]])
     assert stop(changed, low).tolist() == [True, False]
+    # A stable draft with a high entropy does not stop (the step's stop is sticky: a new canvas).
+    stop.reset()
+    assert stop(changed, low).tolist() == [False, False]
     assert stop(changed, torch.tensor([0.5, 0.01])).tolist() == [False, True]
 
 
 def test_stop_with_longer_stability_window_and_reset():
-    stop = StableAndConfident(stability_threshold=2, confidence_threshold=1.0)
+    stop = StepStop(stability_window=2, confidence_threshold=1.0, rows=1, width=2)
     draft = torch.tensor([[7, 7]])
     low = torch.tensor([0.0])
     assert [stop(draft, low).item() for _ in range(4)] == [False, False, True, True]
@@ -87,7 +131,7 @@ def test_stop_with_longer_stability_window_and_reset():
 
 
 def test_stability_zero_means_confidence_alone():
-    stop = StableAndConfident(stability_threshold=0, confidence_threshold=0.2)
+    stop = StepStop(stability_window=0, confidence_threshold=0.2, rows=2, width=1)
     assert stop(torch.tensor([[1], [2]]), torch.tensor([0.1, 0.3])).tolist() == [True, False]
 
 

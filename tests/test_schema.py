@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from diffgen.cli.app import app
-from diffgen.denoise.schema import RETRY_ENTROPY, generate_json, load_schema, skeleton, vocabulary
+from diffgen.denoise.constrained.schema import RETRY_ENTROPY, generate_json, load_schema, skeleton, vocabulary
 from diffgen.errors import UsageError
 
 runner = CliRunner()

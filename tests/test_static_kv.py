@@ -29,7 +29,7 @@ def _dynamic_logits(tiny, prompt: list[int], canvases: list[torch.Tensor], probe
     out = []
     for committed, (canvas, sc) in zip(canvases, probes):
         out.append(backend.decoder()(canvas, sc))
-        backend.encode(committed)
+        backend.run_encoder(committed)
     return out
 
 
@@ -54,7 +54,7 @@ def test_the_fused_decoder_over_the_static_cache_equals_transformers_over_its_dy
             for row in range(len(prompts)):
                 torch.testing.assert_close(got[row:row + 1], expected[row][index], rtol=1e-4, atol=1e-4)
             static.tokens.copy_(tokens)
-            static.encode_pass()
+            static.encoder_pass()
             static.kv.advance_host()
     assert static.kv.lengths == [n + rounds * length for n in lengths]
 
@@ -67,7 +67,7 @@ def test_the_ring_holds_exactly_the_last_window_minus_one_positions(tiny):
     static.load([_prompt(50, 1)], [0], tiny.defaults.pad_token_id)
     for _ in range(3):  # 50 + 48 = 98 positions
         static.tokens.copy_(torch.randint(120, 500, (1, 16)))
-        static.encode_pass()
+        static.encoder_pass()
         static.kv.advance_host()
     static.kv.begin_pass()  # what a decoder pass does first: the canvas columns get its positions
     masks = static.kv.decoder_masks(torch.float32)

@@ -166,7 +166,7 @@ def batch(
             held.enter_context(outputs.lock(output, "-o"))
         schema = None
         if schema_file is not None:
-            from diffgen.denoise.schema import load_schema
+            from diffgen.denoise.constrained.schema import load_schema
 
             schema = load_schema(schema_file.read_text(encoding="utf-8"), f"the schema {schema_file.name}")
             if think:
@@ -418,14 +418,14 @@ def _batch_size(value: str) -> int | None:
 def _run(batch_mod: Any, items: list, loaded: Any, defaults: Any, base_seed: int, size: int, out: Any,
          console: Any, model: str, *, system: Optional[str], raw: bool, think: bool, show: bool,
          schema: Optional[dict] = None, retries: int = 0, images_dir: Path = Path(".")) -> Any:
-    from diffgen.denoise import loop as generate
+    from diffgen.denoise import loop
     from diffgen.ui import render
     from diffgen import prompt as prompt_mod
 
     vocab = None
     if schema is not None:
         from diffgen.cli.run import schema_record
-        from diffgen.denoise import schema as schema_mod
+        from diffgen.denoise.constrained import schema as schema_mod
 
         vocab = schema_mod.vocabulary(loaded.tokenizer, int(loaded.model.config.text_config.vocab_size),
                                       defaults.pad_token_id)
@@ -450,7 +450,7 @@ def _run(batch_mod: Any, items: list, loaded: Any, defaults: Any, base_seed: int
         canvas = int(loaded.model.config.canvas_length)
         images.check_image_context(vision, len(ids), loaded.model.config.get_text_config().max_position_embeddings,
                                    -(-settings.max_new_tokens // canvas) * canvas)
-        generate.check_context(loaded.model, len(ids), settings)
+        loop.check_context(loaded.model, len(ids), settings)
         return images.IdsWithImages(ids, vision)
 
     def encode(job: Any, settings: Any) -> list[int]:
@@ -460,7 +460,7 @@ def _run(batch_mod: Any, items: list, loaded: Any, defaults: Any, base_seed: int
                                 think=job.think or think, raw=job.raw or raw)
         if schema is not None:
             settings = settings.replace(max_new_tokens=len(plan.tokens))
-        generate.check_context(loaded.model, len(ids), settings)
+        loop.check_context(loaded.model, len(ids), settings)
         return ids
 
     def generate_batch(prompts: list[list[int]], settings: Any, seeds: list[int]) -> list[dict]:
@@ -470,7 +470,7 @@ def _run(batch_mod: Any, items: list, loaded: Any, defaults: Any, base_seed: int
             return [{**schema_record(r, model=model), "tokens": list(r.token_ids[:r.layout.length])}
                     for r in results]
         vision = [getattr(ids, "vision", None) for ids in prompts]
-        result = generate.generate(loaded, prompts, settings, seeds=seeds,
+        result = loop.generate(loaded, prompts, settings, seeds=seeds,
                                    vision=vision if any(v is not None for v in vision) else None)
         return [render.completion_record(c, result, model=model, seed=s) for c, s in zip(result.completions, seeds)]
 

@@ -218,7 +218,7 @@ def encode_with_images(prepared: Any, tokenizer: Any, text: str, pictures: list[
     the weights load (the images' soft tokens count against it) for ``settings`` (the prepared
     ones by default)."""
     from diffgen import images
-    from diffgen.denoise import loop as generate
+    from diffgen.denoise import loop
 
     with doing("preprocessing the images"):
         processor = images.load_processor(prepared.checkpoint.path, tokenizer, prepared.config)
@@ -229,7 +229,7 @@ def encode_with_images(prepared: Any, tokenizer: Any, text: str, pictures: list[
     canvas = int(prepared.config.get("canvas_length", 256))
     canvases = -(-settings.max_new_tokens // canvas)
     images.check_image_context(vision, len(ids), text_config.get("max_position_embeddings"), canvases * canvas)
-    generate.check_context_config(prepared.config, len(ids), settings)
+    loop.check_context_config(prepared.config, len(ids), settings)
     return ids, vision
 
 

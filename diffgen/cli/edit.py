@@ -92,7 +92,7 @@ def edit(
 ) -> None:
     """Revise the marked spans of FILE as INSTRUCTION says; print the revised file (or a diff) on stdout."""
     from diffgen import prompt as prompt_mod
-    from diffgen.denoise import edit as edit_mod
+    from diffgen.denoise.constrained import edit as edit_mod
     from diffgen.errors import UsageError
 
     # Every flag and the file are checked before anything is read from the checkpoint.
@@ -120,8 +120,8 @@ def edit(
     console = render.error_console()
     prepared = prepare_generation(model, seed=seed, flags=flags, quiet=quiet, offline=offline, device=device, quant=quant,
                                   max_memory=max_memory, offload=offload)
-    from diffgen.denoise import fill as fill_mod
-    from diffgen.denoise import loop as generate
+    from diffgen.denoise.constrained import fill as fill_mod
+    from diffgen.denoise import loop
     from diffgen.loading import loader
 
     with doing("loading the tokenizer"):
@@ -133,7 +133,7 @@ def edit(
     from diffgen.errors import PromptTooLongError
 
     try:
-        generate.check_context_config(prepared.config, len(prefix), settings)
+        loop.check_context_config(prepared.config, len(prefix), settings)
     except PromptTooLongError as exc:
         raise PromptTooLongError(
             f"the instruction ({len(prefix)} tokens) plus the file ({plan.length} tokens with the spans' room to "

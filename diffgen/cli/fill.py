@@ -107,7 +107,7 @@ def fill(
 ) -> None:
     """Fill the holes of TEMPLATE (or stdin) and print the filled template on stdout."""
     from diffgen import prompt as prompt_mod
-    from diffgen.denoise.fill import parse_template
+    from diffgen.denoise.constrained.fill import parse_template
 
     # Every flag and the template are checked before anything is read from the checkpoint.
     raw, system = exclusive(ctx, "a system prompt needs the chat template; drop --raw", raw=raw, system=system)
@@ -144,8 +144,8 @@ def fill(
     console = render.error_console()
     prepared = prepare_generation(model, seed=seed, flags=flags, quiet=quiet, offline=offline, device=device, quant=quant,
                                   max_memory=max_memory, offload=offload, images=len(pictures))
-    from diffgen.denoise import fill as fill_mod
-    from diffgen.denoise import loop as generate
+    from diffgen.denoise.constrained import fill as fill_mod
+    from diffgen.denoise import loop
     from diffgen.loading import loader
 
     with doing("loading the tokenizer"):
@@ -164,7 +164,7 @@ def fill(
     from diffgen.errors import PromptTooLongError
 
     try:
-        generate.check_context_config(prepared.config, len(prefix), settings)
+        loop.check_context_config(prepared.config, len(prefix), settings)
     except PromptTooLongError as exc:
         raise PromptTooLongError(
             f"the prompt ({len(prefix)} tokens) plus the template ({plan.length} tokens, {len(plan.tokens)} "

@@ -149,7 +149,7 @@ def run(
         refuse_local_only(ctx, LOCAL_ONLY)
     schema = None
     if schema_file is not None:
-        from diffgen.denoise.schema import load_schema
+        from diffgen.denoise.constrained.schema import load_schema
         from diffgen.errors import UsageError
 
         if show_steps or trace_file is not None or think:
@@ -186,7 +186,7 @@ def run(
     prepared = prepare_generation(model, seed=seed, flags=flags, quiet=quiet, offline=offline, device=device, quant=quant,
                                   max_memory=max_memory, offload=offload, images=len(pictures))
     settings = prepared.settings
-    from diffgen.denoise import loop as generate
+    from diffgen.denoise import loop
     from diffgen.loading import loader
 
     # Tokenise and check the context before the (long) weight load.
@@ -203,7 +203,7 @@ def run(
         _schema_run(prepared, tokenizer, ids, schema, console, model=model, retries=retries, exact=exact_loop,
                     compile=compile, quiet=quiet, json_output=json_output, stats=stats)
         return
-    generate.check_context_config(prepared.config, len(ids), settings)
+    loop.check_context_config(prepared.config, len(ids), settings)
     loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
     trace_failure = None
     with doing("generating"):
@@ -212,7 +212,7 @@ def run(
                                model=model, prompt=composed.text, exact=exact_loop, compile=compile, vision=vision)
         else:
             with status(console, "Denoising", quiet=quiet):
-                result = generate.generate(loaded, [ids], settings, exact=exact_loop, compile=compile,
+                result = loop.generate(loaded, [ids], settings, exact=exact_loop, compile=compile,
                                            vision=[vision])
     completion = result.completions[0]
 
@@ -300,8 +300,8 @@ def _schema_run(prepared: Any, tokenizer: Any, ids: list[int], schema: dict, con
                 retries: int, exact: Optional[bool], compile: bool, quiet: bool, json_output: bool,
                 stats: bool) -> None:
     """``run --schema``: lay out the schema (context checked before the weights), generate, print."""
-    from diffgen.denoise import loop as generate
-    from diffgen.denoise import schema as schema_mod
+    from diffgen.denoise import loop
+    from diffgen.denoise.constrained import schema as schema_mod
     from diffgen.ui import render
 
     settings = prepared.settings
@@ -310,7 +310,7 @@ def _schema_run(prepared: Any, tokenizer: Any, ids: list[int], schema: dict, con
         vocab = schema_mod.vocabulary(tokenizer, int(text_config.get("vocab_size", len(tokenizer))),
                                       settings.pad_token_id)
         plan = schema_mod.layout(schema, tokenizer, vocab, int(prepared.config.get("canvas_length", 256)))
-    generate.check_context_config(prepared.config, len(ids), settings.replace(max_new_tokens=len(plan.tokens)))
+    loop.check_context_config(prepared.config, len(ids), settings.replace(max_new_tokens=len(plan.tokens)))
     loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
     with doing("generating"):
         with status(console, "Denoising", quiet=quiet):
@@ -352,9 +352,9 @@ def _observed(loaded: Any, ids: list[int], settings: Any, console: Any, *, show_
               compile: bool = False, vision: Any = None) -> tuple[Any, Optional[BaseException]]:
     """Run a generation whose steps feed the live view and/or a trace file; return its result and
     the trace's write error (``None`` when it was written)."""
-    from diffgen.denoise import loop as generate
+    from diffgen.denoise import loop
 
-    generation = generate.stream(loaded, [ids], settings, observe=True, exact=exact, compile=compile,
+    generation = loop.stream(loaded, [ids], settings, observe=True, exact=exact, compile=compile,
                                  vision=[vision])
     with observing(console, loaded.tokenizer, show_steps=show_steps, trace_file=trace_file, model=model,
                    prompt=prompt, settings=settings, canvas_length=generation.canvas_length) as observer:

@@ -1,7 +1,7 @@
 """Where a canvas's keys and values live, and the passes that read and write them.
 
 The canvas runner (:mod:`diffgen.denoise.runner`) steps canvases over one of two backends with one
-interface (``slots``, ``static``, :meth:`decoder`, :meth:`encode`, :meth:`begin_canvas`):
+interface (``slots``, ``static``, :meth:`decoder`, :meth:`run_encoder`, :meth:`begin_canvas`):
 
 * :class:`StaticBackend` — the fast path: diffgen's fused layers (:mod:`diffgen.denoise.fused`)
   over a :class:`~diffgen.denoise.kv.StaticKV`, one slot per row. Its decoder and encoder passes
@@ -41,13 +41,13 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
-def encode(model, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache,
+def run_encoder(model, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache,
            cache_kw: str | None = None, *, vision: dict[str, torch.Tensor] | None = None) -> None:
     """Run transformers' encoder over ``ids`` ``(B, L)``, appending their keys and values to ``cache``.
 
     ``attention_mask`` ``(B, cached + L)`` bool marks real tokens (False: left padding);
     ``positions`` ``(1 or B, L)`` are the tokens' position ids. ``vision``: a prompt's image inputs
-    (first encode only: ``pixel_values``, ``image_position_ids``, ``mm_token_type_ids``), passed
+    (first encoder pass only: ``pixel_values``, ``image_position_ids``, ``mm_token_type_ids``), passed
     as transformers' ``generate()`` passes them to its first encoder call.
     """
     cache_kw = cache_kw or cache_keyword(model)
@@ -147,7 +147,7 @@ class StaticBackend:
             cache, reused = prompt_cache.take(model, list(prompts[0]))
         else:
             cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-        encode(model, ids[:, reused:], mask, positions[:, reused:], cache, self._cache_kw, vision=vision)
+        run_encoder(model, ids[:, reused:], mask, positions[:, reused:], cache, self._cache_kw, vision=vision)
         if prompt_cache is not None:
             prompt_cache.held(ids[0, reused:].tolist())
         for row, (slot, length) in enumerate(zip(slots, lengths, strict=True)):
@@ -161,11 +161,11 @@ class StaticBackend:
 
         return lambda canvas, sc, mask=None: fused.decode(self.fused, self.kv, canvas, sc, mask)
 
-    def encode_pass(self) -> None:
+    def encoder_pass(self) -> None:
         """The encoder pass of the committed canvas in :attr:`tokens` (recordable)."""
         from diffgen.denoise import fused
 
-        fused.encode(self.fused, self.kv, self.tokens)
+        fused.run_encoder(self.fused, self.kv, self.tokens)
 
     def begin_canvas(self) -> None:
         pass
@@ -203,20 +203,20 @@ class DynamicBackend:
     def _positions(self, start: int, stop: int) -> torch.Tensor:
         return torch.arange(start, stop, dtype=torch.int32, device=self.input_ids.device)[None]
 
-    def _encode(self, ids: torch.Tensor, positions: torch.Tensor, vision: dict | None = None) -> None:
-        encode(self.loaded.model, ids, self.attention_mask, positions, self.cache, self._cache_kw, vision=vision)
+    def _run_encoder(self, ids: torch.Tensor, positions: torch.Tensor, vision: dict | None = None) -> None:
+        run_encoder(self.loaded.model, ids, self.attention_mask, positions, self.cache, self._cache_kw, vision=vision)
         if self.prompt_cache is not None:
             self.prompt_cache.held(ids[0].tolist())
 
     def prefill(self, vision: dict[str, torch.Tensor] | None = None) -> None:
         """Encode the prompts (what the cache does not hold yet)."""
-        self._encode(self.input_ids[:, self.reused:], self._positions(self.reused, self.length), vision)
+        self._run_encoder(self.input_ids[:, self.reused:], self._positions(self.reused, self.length), vision)
 
-    def encode(self, tokens: torch.Tensor) -> None:
+    def run_encoder(self, tokens: torch.Tensor) -> None:
         """Append a committed canvas ``(B, C)`` to the cache."""
         width = tokens.shape[1]
         self.attention_mask = torch.nn.functional.pad(self.attention_mask, (0, width), value=True)
-        self._encode(tokens, self._positions(self.length, self.length + width))
+        self._run_encoder(tokens, self._positions(self.length, self.length + width))
         self.length += width
         self._decoder_attention_mask = torch.nn.functional.pad(self.attention_mask, (0, self.canvas_length),
                                                                value=True)

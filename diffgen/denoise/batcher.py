@@ -1,5 +1,8 @@
 """Continuous batching: requests that arrive together are denoised together, as rows of one batch.
 
+(Over 500 lines while the ``hold`` test hook still lives here; its requests and rows are
+:mod:`diffgen.denoise.tickets`, its cache work :mod:`diffgen.denoise.backends` / :mod:`diffgen.denoise.kv`.)
+
 A :class:`Batcher` owns one scheduler thread. :meth:`Batcher.submit` queues a request (one
 prompt, one :class:`~diffgen.settings.GenerationSettings` per row: ``n`` choices are ``n``
 rows) and returns a :class:`Ticket`; the scheduler hands the request's items to the ticket's
@@ -79,7 +82,6 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -88,10 +90,11 @@ from diffgen.denoise.channels import split_response
 from diffgen.denoise.backends import StaticBackend
 from diffgen.denoise.fused import fusable
 from diffgen.denoise.kv import bucket
-from diffgen.denoise.loop import CompletionStats, Completion, StepEvent, cut_completion
+from diffgen.denoise.events import Completion, CompletionStats, StepEvent, cut_completion
 from diffgen.denoise.runner import FAST_CHECK_EVERY, CanvasRunner, commit_canvas, graphs_enabled
 from diffgen.denoise.sampling import TemperatureSchedule
 from diffgen.denoise.step import clone_state
+from diffgen.denoise.tickets import Counters, Row, RunningBatch, Ticket
 from diffgen.errors import UsageError
 from diffgen.settings import SEED_LIMIT, GenerationSettings
 
@@ -141,103 +144,6 @@ def batch_key(settings: GenerationSettings) -> tuple:
             tuple(settings.eos_token_ids), settings.pad_token_id)
 
 
-@dataclass
-class Counters:
-    """The scheduler's running totals (read them with :meth:`Batcher.counters`).
-
-    Attributes:
-        requests_served: requests whose every row ended normally.
-        requests_cancelled: requests cancelled before their end.
-        requests_failed: requests ended by an error.
-        rows_served: rows (choices) that ended normally.
-        batches: batches formed (a batch runs from its first row until it drains).
-        canvases: canvases denoised (one per batch and boundary, whatever its row count).
-        decoder_forwards: decoder passes (each is one step of a whole batch).
-        row_forwards: the sum over rows of the decoder passes they took part in (what running
-            every row alone would have cost).
-        encoder_forwards: encoder passes (new rows' prompts, committed canvases).
-        rows_in_flight: rows in the running batch now.
-        rows_queued: rows waiting for a slot now.
-        requests_queued: requests none of whose rows has started yet.
-    """
-
-    requests_served: int = 0
-    requests_cancelled: int = 0
-    requests_failed: int = 0
-    rows_served: int = 0
-    batches: int = 0
-    canvases: int = 0
-    decoder_forwards: int = 0
-    row_forwards: int = 0
-    encoder_forwards: int = 0
-    rows_in_flight: int = 0
-    rows_queued: int = 0
-    requests_queued: int = 0
-
-
-class Ticket:
-    """One submitted request. :meth:`cancel` it when its consumer goes away; :meth:`wait` for its end.
-
-    Attributes:
-        prompt: the prompt's token ids.
-        settings: one per row (row ``i`` is choice ``i``).
-        put: the callback that receives the items (see the module's docstring).
-        observe: whether ``("step", ...)`` items are wanted.
-        submitted: ``time.perf_counter()`` when it was submitted.
-        cancelled: set by :meth:`cancel`.
-        ended: set once ``("end",)`` was delivered.
-    """
-
-    def __init__(self, batcher: Batcher, prompt: Sequence[int], settings: Sequence[GenerationSettings],
-                 put: Callable[[tuple], None], observe: bool, on_start: Callable[[], None] | None):
-        self.prompt = list(prompt)
-        self.settings = list(settings)
-        self.put = put
-        self.observe = observe
-        self.submitted = time.perf_counter()
-        self.cancelled = False
-        self.ended = threading.Event()
-        self._batcher = batcher
-        self._on_start = on_start
-        self._started = False
-        self._open = len(self.settings)  # rows not ended yet
-        self._failed = False
-
-    def cancel(self) -> None:
-        """Stop this request: waiting rows leave the queue now, running ones at the next boundary."""
-        self._batcher.cancel(self)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the request's ``("end",)`` was delivered (``False`` if ``timeout`` passed first)."""
-        return self.ended.wait(timeout)
-
-    def _notify_start(self) -> None:
-        if self._on_start is not None:
-            self._on_start()
-
-
-@dataclass
-class _Row:
-    ticket: Ticket
-    index: int
-    settings: GenerationSettings
-    canvases: int
-    key: tuple
-    done_canvases: int = 0
-    tokens: list[int] = field(default_factory=list)
-    steps: list[int] = field(default_factory=list)
-    forwards: int = 0
-    started: float = 0.0
-    ended: bool = False
-    slot: int = -1
-
-
-@dataclass
-class _Running:
-    rows: list[_Row]
-    key: tuple
-    settings: GenerationSettings
-    pending: torch.Tensor | None = None  # (slots, C) committed canvas not encoded yet
 
 
 class Batcher:
@@ -274,11 +180,11 @@ class Batcher:
         self.canvas_length = int(model.config.canvas_length)
         self.runner: CanvasRunner | None = None  # built at the first batch (see _runner_for)
         self._cond = threading.Condition()
-        self._queue: deque[_Row] = deque()
+        self._queue: deque[Row] = deque()
         self._counters = Counters()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._admitting: list[_Row] = []
+        self._admitting: list[Row] = []
         _LIVE.add(self)
 
     # -- the caller's side ------------------------------------------------------------------
@@ -298,8 +204,8 @@ class Batcher:
         # A row without a seed gets a random one (as the loop does), never one shared with its neighbours.
         settings = [row if row.seed is not None else dataclasses.replace(row, seed=secrets.randbelow(SEED_LIMIT))
                     for row in settings]
-        ticket = Ticket(self, prompt, settings, put, observe, on_start)
-        rows = [_Row(ticket=ticket, index=index, settings=row, key=batch_key(row),
+        ticket = Ticket(self.cancel, prompt, settings, put, observe, on_start)
+        rows = [Row(ticket=ticket, index=index, settings=row, key=batch_key(row),
                      canvases=math.ceil(row.max_new_tokens / self.canvas_length))
                 for index, row in enumerate(settings)]
         with self._cond:
@@ -322,21 +228,21 @@ class Batcher:
             waiting, starting = self._unqueue(ticket)
             self._cond.notify_all()
         if starting:
-            ticket._notify_start()
+            ticket.notify_start()
         # Rows taken out of the queue end here; rows already running end at the next boundary.
         for row in waiting:
             self._row_closed(row, served=False)
 
-    def _unqueue(self, ticket: Ticket) -> tuple[list[_Row], bool]:
+    def _unqueue(self, ticket: Ticket) -> tuple[list[Row], bool]:
         """Take a ticket's waiting rows out of the queue (hold ``_cond``): the rows removed, and
         whether this left the ticket's queue (none of its rows had started; it counts as started now)."""
         waiting = [row for row in self._queue if row.ticket is ticket]
         if waiting:
             self._queue = deque(row for row in self._queue if row.ticket is not ticket)
             self._counters.rows_queued -= len(waiting)
-        if ticket._started:
+        if ticket.started:
             return waiting, False
-        ticket._started = True
+        ticket.started = True
         self._counters.requests_queued -= 1
         return waiting, True
 
@@ -358,7 +264,7 @@ class Batcher:
     # -- the scheduler thread ---------------------------------------------------------------
 
     def _serve(self) -> None:
-        run: _Running | None = None
+        run: RunningBatch | None = None
         while True:
             with self._cond:
                 while run is None and not self._queue and not self._closed:
@@ -387,7 +293,7 @@ class Batcher:
         with self._cond:
             self._counters.rows_in_flight = rows
 
-    def _boundary(self, run: _Running | None) -> _Running | None:
+    def _boundary(self, run: RunningBatch | None) -> RunningBatch | None:
         """Between two canvases: drop, encode, admit (see the module's docstring). Call it
         holding ``lock``."""
         if run is not None:
@@ -419,9 +325,9 @@ class Batcher:
         self._set_in_flight(len(run.rows) if run is not None else 0)
         return run
 
-    def _take(self, key: tuple | None, free: int) -> list[_Row]:
+    def _take(self, key: tuple | None, free: int) -> list[Row]:
         """Waiting rows to admit: in arrival order, up to ``free``, stopping at another key."""
-        taken: list[_Row] = []
+        taken: list[Row] = []
         with self._cond:
             while self._queue and len(taken) < free:
                 row = self._queue[0]
@@ -430,19 +336,19 @@ class Batcher:
                     break
                 taken.append(self._queue.popleft())
             self._counters.rows_queued -= len(taken)
-            starting = list(dict.fromkeys(row.ticket for row in taken if not row.ticket._started))
+            starting = list(dict.fromkeys(row.ticket for row in taken if not row.ticket.started))
             for ticket in starting:
-                ticket._started = True
+                ticket.started = True
             self._counters.requests_queued -= len(starting)
         for ticket in starting:
-            ticket._notify_start()
+            ticket.notify_start()
         return taken
 
-    def _needed(self, row: _Row) -> int:
+    def _needed(self, row: Row) -> int:
         """Positions ``row`` will hold at most: its prompt and every canvas it may commit."""
         return len(row.ticket.prompt) + row.canvases * self.canvas_length
 
-    def _runner_for(self, rows: list[_Row]) -> CanvasRunner:
+    def _runner_for(self, rows: list[Row]) -> CanvasRunner:
         """The runner, with room for ``rows`` (built at the first batch; a larger context bucket
         when a row needs more, its rows' keys and values carried over)."""
         capacity = bucket(max(self._needed(row) for row in rows))
@@ -459,7 +365,7 @@ class Batcher:
         self.runner = new
         return new
 
-    def _admit(self, run: _Running | None, rows: list[_Row]) -> None:
+    def _admit(self, run: RunningBatch | None, rows: list[Row]) -> None:
         """Prefill ``rows``' prompts into free slots (``run`` is only read)."""
         used = {row.slot for row in run.rows} if run is not None else set()
         free = [slot for slot in range(self.max_batch) if slot not in used]
@@ -477,7 +383,7 @@ class Batcher:
         with self._cond:
             self._counters.encoder_forwards += 1
 
-    def _join(self, run: _Running | None, rows: list[_Row]) -> _Running:
+    def _join(self, run: RunningBatch | None, rows: list[Row]) -> RunningBatch:
         """Make ``rows`` (prefilled by :meth:`_admit`) a batch, or add them to ``run``."""
         now = time.perf_counter()
         for row in rows:
@@ -485,14 +391,14 @@ class Batcher:
         if run is None:
             with self._cond:
                 self._counters.batches += 1
-            return _Running(rows=list(rows), key=rows[0].key, settings=rows[0].settings)
+            return RunningBatch(rows=list(rows), key=rows[0].key, settings=rows[0].settings)
         run.rows.extend(rows)
         return run
 
-    def _encode_pending(self, run: _Running, keep: list[_Row]) -> None:
+    def _encode_pending(self, run: RunningBatch, keep: list[Row]) -> None:
         """Encode the last committed canvas of every slot; slots whose row left are emptied."""
         runner = self.runner
-        runner.encode(run.pending)
+        runner.run_encoder(run.pending)
         kept = {row.slot for row in keep}
         for slot in range(self.max_batch):
             if slot not in kept:
@@ -500,7 +406,7 @@ class Batcher:
         with self._cond:
             self._counters.encoder_forwards += 1
 
-    def _denoise(self, run: _Running) -> None:
+    def _denoise(self, run: RunningBatch) -> None:
         """One canvas of every row of ``run``: steps, commit, deliveries."""
         settings = run.settings
         rows = run.rows
@@ -550,7 +456,7 @@ class Batcher:
                 response = split_response(self.loaded.tokenizer, cut)
                 self._put(row.ticket, ("canvas", row.index, response.text, response.thoughts))
 
-    def _deliver_steps(self, observed: list[_Row], state: Any, step: int, n_steps: int, temperature: float) -> None:
+    def _deliver_steps(self, observed: list[Row], state: Any, step: int, n_steps: int, temperature: float) -> None:
         for row in observed:
             if row.ticket.cancelled:
                 continue
@@ -563,7 +469,7 @@ class Batcher:
                 elapsed=time.perf_counter() - row.started)
             self._put(row.ticket, ("step", row.index, event))
 
-    def _row_done(self, row: _Row) -> None:
+    def _row_done(self, row: Row) -> None:
         tokens, reason = cut_completion(row.tokens, row.settings)
         response = split_response(self.loaded.tokenizer, tokens)
         seconds = time.perf_counter() - row.started
@@ -577,14 +483,14 @@ class Batcher:
                                                       stats)))
         self._row_closed(row, served=True)
 
-    def _row_closed(self, row: _Row, *, served: bool) -> None:
+    def _row_closed(self, row: Row, *, served: bool) -> None:
         """One row of a ticket is over; the ticket ends with its last row."""
         ticket = row.ticket
         with self._cond:
             if served:
                 self._counters.rows_served += 1
-            ticket._open -= 1
-            last = ticket._open == 0 and not ticket.ended.is_set()
+            ticket.open_rows -= 1
+            last = ticket.open_rows == 0 and not ticket.ended.is_set()
             if last:
                 if ticket.cancelled:
                     self._counters.requests_cancelled += 1
@@ -609,9 +515,9 @@ class Batcher:
 
     def _fail(self, ticket: Ticket, exc: BaseException) -> None:
         with self._cond:
-            if ticket.ended.is_set() or ticket._failed:
+            if ticket.ended.is_set() or ticket.failed:
                 return
-            ticket._failed = True
+            ticket.failed = True
             # A request its consumer had cancelled already ends as cancelled, not as failed.
             if ticket.cancelled:
                 self._counters.requests_cancelled += 1
@@ -619,9 +525,9 @@ class Batcher:
                 self._counters.requests_failed += 1
             ticket.cancelled = True  # its other rows stop too
             _, starting = self._unqueue(ticket)
-            ticket._open = 0
+            ticket.open_rows = 0
         if starting:
-            ticket._notify_start()
+            ticket.notify_start()
         try:
             self._put(ticket, ("error", exc))
         finally:

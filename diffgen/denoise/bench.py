@@ -73,8 +73,8 @@ def random_model(name: str, plan: Any) -> Any:
 
     config = random_config(name)
     model = build_quantized(config, random_tensors(config, plan.device), plan, source="random weights").eval()
-    return LoadedModel(model, NumbersTokenizer(), GenerationSettings(), Checkpoint(f"random-{Path(name).stem if name != 'real' else name}", Path("."), False),
-                       plan)
+    label = f"random-{Path(name).stem if name != 'real' else name}"
+    return LoadedModel(model, NumbersTokenizer(), GenerationSettings(), Checkpoint(label, Path("."), False), plan)
 
 
 def _sync(device: Any) -> None:
@@ -120,12 +120,38 @@ def run(loaded: Any, *, steps: int = 16, prompt_tokens: int = 64, canvases: int 
     """
     say = progress or (lambda phase: None)
     import torch
-    import transformers
 
-    from diffgen.denoise.loop import StepEvent, stream
+    device = loaded.model.device
+    settings, prompts = _workload(loaded, steps, prompt_tokens, canvases, batch)
+    options = {"exact": exact, "graphs": graphs, "compile": compile}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    say("warm-up (first call)")
+    first_call, generation = _end_to_end(loaded, prompts, settings, options)
+    step_samples, e2e, firsts = [], [], []
+    for rep in range(reps):
+        say(f"timed run {rep + 1}/{reps}")
+        step_times, first = _observed(loaded, prompts, settings, options, steps, canvases)
+        step_samples += step_times
+        firsts.append(first)
+        seconds, generation = _end_to_end(loaded, prompts, settings, options)
+        e2e.append(seconds)
+    shape = {"steps": steps, "canvases": canvases, "canvas_length": int(loaded.model.config.canvas_length),
+             "batch": batch, "prompt_tokens": prompt_tokens}
+    result = _numbers(loaded, generation, shape, statistics.median(step_samples), statistics.median(e2e),
+                      statistics.median(firsts), first_call)
+    if compare_reference:
+        say(f"transformers generate() ({reference_cache} cache), warm-up and {reps} timed runs")
+        result.update(_reference(loaded, prompts, settings, reps, reference_cache))
+        result["ratio_to_reference"] = result["e2e_step_ms"] / result["reference_e2e_step_ms"]
+    return result
+
+
+def _workload(loaded: Any, steps: int, prompt_tokens: int, canvases: int, batch: int) -> tuple[Any, list[list[int]]]:
+    """Fixed-step settings (no adaptive stop, an EOS no token is) and ``batch`` random prompts (seed 0)."""
+    import torch
 
     model = loaded.model
-    device = model.device
     canvas = int(model.config.canvas_length)
     vocab = int(model.config.text_config.vocab_size)
     settings = replace(loaded.defaults.replace(max_new_tokens=canvas * canvases, max_denoising_steps=steps, seed=0),
@@ -134,79 +160,77 @@ def run(loaded: Any, *, steps: int = 16, prompt_tokens: int = 64, canvases: int 
     pool = ordinary_token_ids(model.config, loaded.tokenizer, vocab)
     prompts = [[pool[i] for i in torch.randint(len(pool), (prompt_tokens,), generator=generator).tolist()]
                for _ in range(batch)]
+    return settings, prompts
 
-    def observed() -> tuple[float, list[float], float]:
-        _sync(device)
-        start = time.perf_counter()
-        marks: list[float] = []
-        first = None
-        for event in stream(loaded, prompts, settings, exact=exact, graphs=graphs, compile=compile):
-            if isinstance(event, StepEvent):
-                _sync(device)
-                now = time.perf_counter()
-                if first is None:
-                    first = now - start
-                marks.append(now)
-        _sync(device)
-        total = time.perf_counter() - start
-        per_canvas = [marks[i * steps:(i + 1) * steps] for i in range(canvases)]
-        step_times = [b - a for chunk in per_canvas for a, b in zip(chunk, chunk[1:])]
-        return total, step_times, first or 0.0
 
-    last: list[Any] = []
+def _observed(loaded: Any, prompts: list[list[int]], settings: Any, options: dict[str, Any], steps: int,
+              canvases: int) -> tuple[list[float], float]:
+    """One run with a device sync after every step: the step times (within a canvas) and the time to the first step."""
+    from diffgen.denoise.loop import StepEvent, stream
 
-    def end_to_end() -> float:
-        _sync(device)
-        start = time.perf_counter()
-        generation = stream(loaded, prompts, settings, exact=exact, observe=False, graphs=graphs, compile=compile)
-        for _ in generation:
-            pass
-        _sync(device)
-        last[:] = [generation]
-        return time.perf_counter() - start
+    device = loaded.model.device
+    _sync(device)
+    start = time.perf_counter()
+    marks: list[float] = []
+    first = None
+    for event in stream(loaded, prompts, settings, **options):
+        if isinstance(event, StepEvent):
+            _sync(device)
+            now = time.perf_counter()
+            if first is None:
+                first = now - start
+            marks.append(now)
+    _sync(device)
+    per_canvas = [marks[i * steps:(i + 1) * steps] for i in range(canvases)]
+    return [b - a for chunk in per_canvas for a, b in zip(chunk, chunk[1:])], first or 0.0
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    say("warm-up (first call)")
-    first_call = end_to_end()
-    step_samples, e2e, firsts = [], [], []
-    for rep in range(reps):
-        say(f"timed run {rep + 1}/{reps}")
-        _, step_times, first = observed()
-        step_samples += step_times
-        firsts.append(first)
-        e2e.append(end_to_end())
-    median_step = statistics.median(step_samples)
-    e2e_median = statistics.median(e2e)
-    new_tokens = canvas * canvases * batch
-    result: dict[str, Any] = {
+
+def _end_to_end(loaded: Any, prompts: list[list[int]], settings: Any, options: dict[str, Any]) -> tuple[float, Any]:
+    """One run without step events or syncs: its seconds and the generation (for what it ran on)."""
+    from diffgen.denoise.loop import stream
+
+    device = loaded.model.device
+    _sync(device)
+    start = time.perf_counter()
+    generation = stream(loaded, prompts, settings, observe=False, **options)
+    for _ in generation:
+        pass
+    _sync(device)
+    return time.perf_counter() - start, generation
+
+
+def _numbers(loaded: Any, generation: Any, shape: dict[str, int], median_step: float, e2e_median: float,
+             first_step: float, first_call: float) -> dict[str, Any]:
+    """The result's numbers from the workload's ``shape`` and the medians, and what the last run ran on."""
+    import torch
+    import transformers
+
+    device = loaded.model.device
+    steps, canvases, canvas, batch = shape["steps"], shape["canvases"], shape["canvas_length"], shape["batch"]
+    runner = generation.runner
+    return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "model": loaded.checkpoint.name,
         "scheme": loaded.plan.scheme,
-        "sampler": "exact" if last[0].exact else "fast",
-        "graphs": last[0].graphs,
-        "compiled": last[0].compile,
-        "graph_captures": last[0].runner.captures if last[0].runner else 0,
-        "capture_s": last[0].runner.capture_seconds if last[0].runner else 0.0,
-        "graph_failure": last[0].runner.failed if last[0].runner else None,
-        "steps": steps, "canvases": canvases, "canvas_length": canvas, "batch": batch, "prompt_tokens": prompt_tokens,
+        "sampler": "exact" if generation.exact else "fast",
+        "graphs": generation.graphs,
+        "compiled": generation.compile,
+        "graph_captures": runner.captures if runner else 0,
+        "capture_s": runner.capture_seconds if runner else 0.0,
+        "graph_failure": runner.failed if runner else None,
+        **shape,
         "median_step_ms": median_step * 1e3,
-        "prefill_ms": max(0.0, statistics.median(firsts) - median_step) * 1e3,
+        "prefill_ms": max(0.0, first_step - median_step) * 1e3,
         "first_call_s": first_call,
         "e2e_s": e2e_median,
         "e2e_step_ms": e2e_median / (steps * canvases) * 1e3,
         "tokens_per_s_canvas": canvas * batch / (median_step * steps),
-        "tokens_per_s_e2e": new_tokens / e2e_median,
+        "tokens_per_s_e2e": canvas * canvases * batch / e2e_median,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "peak_host_bytes": _peak_host_bytes(),
     }
-    if compare_reference:
-        say(f"transformers generate() ({reference_cache} cache), warm-up and {reps} timed runs")
-        result.update(_reference(loaded, prompts, settings, reps, reference_cache))
-        result["ratio_to_reference"] = result["e2e_step_ms"] / result["reference_e2e_step_ms"]
-    return result
 
 
 def _reference(loaded: Any, prompts: list[list[int]], settings: Any, reps: int, cache: str) -> dict[str, Any]:

@@ -240,7 +240,7 @@ def decode(fused: FusedModel, kv: StaticKV, canvas: torch.Tensor, self_condition
     return fused.lm_head(ops.rms_norm(hidden, fused.final_norm, fused.eps))
 
 
-def encode(fused: FusedModel, kv: StaticKV, tokens: torch.Tensor) -> None:
+def run_encoder(fused: FusedModel, kv: StaticKV, tokens: torch.Tensor) -> None:
     """The encoder pass of a committed canvas ``(slots, C)``: its keys and values join the cache."""
     hidden = _embed(fused, tokens)
     positions = kv.begin_pass()

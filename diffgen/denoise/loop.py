@@ -11,8 +11,10 @@ loop:
 * :func:`generate` runs a generation to the end and returns its result.
 
 The loop is an own implementation of transformers' ``DiffusionGemmaGenerationMixin.generate``
-(DESIGN.md §2) over the model's encoder and decoder forward passes. With the same seed on the
-CPU it produces the same tokens: same operations, same random draws in the same order.
+(docs/architecture.md, "Facts the code relies on": reference semantics) over the model's
+encoder and decoder forward passes. With the same seed on the CPU it produces the same tokens:
+same operations, same random draws in the same order. The events and the result it yields and
+returns are :mod:`diffgen.denoise.events`.
 
 Events carry device tensors and are built from values the loop computes anyway; nothing is
 copied to the host per step unless a consumer reads them (``observe=False`` skips building
@@ -21,24 +23,25 @@ step events at all).
 
 from __future__ import annotations
 
-import inspect
 import math
 import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from diffgen.denoise.backends import DynamicBackend, cache_keyword, run_encoder
 from diffgen.denoise.channels import split_response
-from diffgen.errors import PromptTooLongError, UsageError
-from diffgen.denoise.backends import DynamicBackend, cache_keyword, encode
+from diffgen.denoise.events import (CanvasEvent, Completion, CompletionStats, Event, FinishReason, GenerationResult,
+                                    StepEvent, cut_completion)
 from diffgen.denoise.fused import fusable, fused_enabled
 from diffgen.denoise.kv import bucket
 from diffgen.denoise.runner import FAST_CHECK_EVERY, CanvasRunner, commit_canvas, graphs_enabled, runner_for
 from diffgen.denoise.sampling import ExactSampler, GlobalNoise, PerRowNoise, TemperatureSchedule
 from diffgen.denoise.step import clone_state, compiled_step
+from diffgen.errors import PromptTooLongError, UsageError
 from diffgen.settings import GenerationSettings
 
 if TYPE_CHECKING:
@@ -46,136 +49,25 @@ if TYPE_CHECKING:
     from diffgen.denoise.prompt_cache import PromptCache
     from diffgen.loading.loader import LoadedModel
 
-FinishReason = Literal["eos", "length"]
-__all__ = ["FAST_CHECK_EVERY", "cache_keyword", "encode", "stream", "generate"]  # (re-exported: one import for callers)
+# (re-exported: one import for callers)
+__all__ = ["FAST_CHECK_EVERY", "cache_keyword", "run_encoder", "stream", "generate", "CanvasEvent", "Completion",
+           "CompletionStats", "Event", "FinishReason", "GenerationResult", "StepEvent", "cut_completion"]
 
 
-@dataclass(frozen=True)
-class StepEvent:
-    """One denoising step of one canvas, for every row of the batch.
+@dataclass
+class _Progress:
+    """One run's state across its canvases (what :meth:`Generation._canvas` reads and advances)."""
 
-    Tensors live on the model's device; reading them (``.tolist()``, ``.cpu()``) is the
-    consumer's choice and cost.
-
-    Attributes:
-        canvas: index of the canvas being denoised, from 0.
-        canvases: canvases planned (``ceil(max_new_tokens / canvas_length)``); fewer run when
-            every row meets an EOS earlier.
-        step: denoising steps done on this canvas so far, from 1.
-        max_steps: N, the step budget per canvas.
-        temperature: the schedule's temperature at this step.
-        accepted: ``(B, C)`` bool, positions whose sampled token was accepted at this step
-            (all other positions were renoised). Meaningless for rows in ``finished``.
-        draft: ``(B, C)`` int64, the argmax of the temperature-scaled logits: the text the
-            canvas would commit to if denoising stopped now.
-        canvas_tokens: ``(B, C)`` int64, the canvas after acceptance and renoising, which the
-            next step reads.
-        token_entropy: ``(B, C)`` float32, entropy in nats of each position's distribution.
-        mean_entropy: ``(B,)`` float32, mean of ``token_entropy`` over the canvas.
-        finished: ``(B,)`` bool, rows that no longer change this canvas: adaptive stopping
-            fired for them, or they met an EOS in an earlier canvas.
-        elapsed: seconds since the generation started, read on the host (on a GPU this is
-            when the step was queued, not when it finished).
-        fixed: ``(B, C)`` bool, the positions clamped on this canvas (``clamp`` in
-            :func:`stream`: template or document text, pad after it), or ``None``: none.
-    """
-
-    canvas: int
-    canvases: int
-    step: int
-    max_steps: int
-    temperature: float
-    accepted: torch.Tensor
-    draft: torch.Tensor
-    canvas_tokens: torch.Tensor
-    token_entropy: torch.Tensor
-    mean_entropy: torch.Tensor
-    finished: torch.Tensor
-    elapsed: float
-    fixed: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class CanvasEvent:
-    """A canvas committed for every row.
-
-    Attributes:
-        canvas: index of the committed canvas, from 0.
-        canvases: canvases planned.
-        tokens: ``(B, C)`` int64, the committed tokens (the last step's argmax), with pad
-            after a row's first EOS and for rows that ended in an earlier canvas.
-        steps: denoising steps (decoder forward passes) this canvas took for the batch.
-        finished: ``(B,)`` bool, rows that have met an EOS so far.
-        elapsed: seconds since the generation started.
-        fixed: ``(B, C)`` bool, the positions clamped on this canvas, or ``None``: none.
-    """
-
-    canvas: int
-    canvases: int
-    tokens: torch.Tensor
-    steps: int
-    finished: torch.Tensor
-    elapsed: float
-    fixed: torch.Tensor | None = None
-
-
-Event = StepEvent | CanvasEvent
-
-
-@dataclass(frozen=True)
-class CompletionStats:
-    """Numbers for one completion.
-
-    Attributes:
-        prompt_tokens: tokens in the prompt (padding excluded).
-        new_tokens: tokens returned (``len(Completion.token_ids)``).
-        canvases: canvases generated for the batch.
-        steps_per_canvas: decoder forward passes this row took, per canvas (0 for canvases
-            after the row had ended).
-        tokens_per_forward: ``new_tokens`` divided by this row's decoder forward passes.
-        seconds: wall time of the whole generation, prefill included.
-        tokens_per_second: ``new_tokens / seconds``.
-        peak_memory_bytes: peak accelerator memory allocated by torch during the generation
-            (CUDA only; ``None`` where torch cannot tell).
-    """
-
-    prompt_tokens: int
-    new_tokens: int
-    canvases: int
-    steps_per_canvas: tuple[int, ...]
-    tokens_per_forward: float
-    seconds: float
-    tokens_per_second: float
-    peak_memory_bytes: int | None
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One prompt's output.
-
-    Attributes:
-        text: the answer, decoded without special tokens and without the thought channel.
-        thoughts: the thought channel's text, or ``None`` when the model opened none.
-        token_ids: generated ids, cut before the first EOS and at ``max_new_tokens``
-            (thought-channel tokens included).
-        finish_reason: ``"eos"`` when the model ended the answer, ``"length"`` when
-            ``max_new_tokens`` cut it.
-        stats: numbers for this completion.
-    """
-
-    text: str
-    thoughts: str | None
-    token_ids: tuple[int, ...]
-    finish_reason: FinishReason
-    stats: CompletionStats
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """All completions of one generation, in prompt order, and the settings used."""
-
-    completions: tuple[Completion, ...]
-    settings: GenerationSettings
+    start: float
+    runner: CanvasRunner
+    sampler: Any
+    eos: torch.Tensor
+    schedule: TemperatureSchedule
+    stop_finished: bool
+    finished: torch.Tensor  # (B,) rows that met an EOS so far
+    forwards: torch.Tensor  # (B,) decoder passes each row took part in
+    committed: list[torch.Tensor] = field(default_factory=list)  # one (B, C) per canvas
+    row_steps: list[torch.Tensor] = field(default_factory=list)  # per canvas, each row's passes
 
 
 class Generation:
@@ -298,74 +190,78 @@ class Generation:
         if settings.seed is not None and self.exact:
             torch.manual_seed(settings.seed)
         batch_size = len(self._prompts)
-        canvas_length = self.canvas_length
-        n_steps = settings.max_denoising_steps
-        schedule = TemperatureSchedule(settings.t_min, settings.t_max, n_steps)
-        eos = torch.tensor(settings.eos_token_ids, device=device)
         runner = self.runner = self._runner(device)
         sampler = self._exact_sampler(device) if self.exact else runner.sampler
-        # The reference keeps denoising rows that ended in an earlier canvas until every row
-        # stops; with per-row noise those rows are done and draw nothing.
-        stop_finished = sampler.per_row or not self.exact
-        finished_rows = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        forwards = torch.zeros(batch_size, dtype=torch.int, device=device)
-        committed_canvases: list[torch.Tensor] = []
-        row_steps: list[torch.Tensor] = []
-
+        progress = _Progress(
+            start=start, runner=runner, sampler=sampler, eos=torch.tensor(settings.eos_token_ids, device=device),
+            schedule=TemperatureSchedule(settings.t_min, settings.t_max, settings.max_denoising_steps),
+            # The reference keeps denoising rows that ended in an earlier canvas until every row
+            # stops; with per-row noise those rows are done and draw nothing.
+            stop_finished=sampler.per_row or not self.exact,
+            finished=torch.zeros(batch_size, dtype=torch.bool, device=device),
+            forwards=torch.zeros(batch_size, dtype=torch.int, device=device))
         for canvas_index in range(self.canvases):
             if canvas_index > 0:  # the committed canvas joins the cache (the prompt was prefilled)
-                runner.encode(committed_canvases[-1])
-            canvas_tensor = torch.tensor(canvas_index, dtype=torch.long, device=device)
-            canvas = sampler.initial_canvas(batch_size, ~finished_rows, canvas_tensor)
-            # This canvas's slice of the per-position constraints (fill, edit, schema), if any.
-            window = slice(canvas_index * canvas_length, (canvas_index + 1) * canvas_length)
-            if self.init is not None:
-                # Seeded positions start from their token instead of noise; the noise is still drawn
-                # (and discarded there), so the random draws keep their order.
-                canvas = torch.where(self.init[1][:, window].to(device), self.init[0][:, window].to(device), canvas)
-            clamp = allowed = None
-            if self.allowed is not None:
-                allowed = self.allowed[:, window].to(device)
-            if self.clamp is not None:
-                clamp = (self.clamp[0][:, window].to(device), self.clamp[1][:, window].to(device))
-                if bool(clamp[1].all()):
-                    # Nothing to denoise: the canvas is fixed text, committed as context as is.
-                    committed_canvases.append(clamp[0].clone())
-                    row_steps.append(torch.zeros_like(forwards))
-                    yield CanvasEvent(canvas=canvas_index, canvases=self.canvases, tokens=clamp[0].clone(),
-                                      steps=0, finished=finished_rows, elapsed=time.perf_counter() - start,
-                                      fixed=clamp[1])
-                    continue
-            clamp_mask = None if clamp is None else clamp[1]
-            forwards_before = forwards
-            steps, state = 0, None
-            for steps, state in runner.denoise(settings, canvas, finished_rows, canvas_tensor, forwards,
-                                               sampler=sampler, clamp=clamp, allowed=allowed,
-                                               check_every=self.check_every, stop_finished=stop_finished):
-                if self.observe:
-                    shown = clone_state(state) if runner.graphs else state
-                    yield StepEvent(
-                        canvas=canvas_index, canvases=self.canvases, step=steps, max_steps=n_steps,
-                        temperature=schedule.value(n_steps - steps + 1), accepted=shown.accepted,
-                        draft=shown.argmax, canvas_tokens=shown.canvas, token_entropy=shown.entropy,
-                        mean_entropy=shown.mean_entropy, finished=shown.stopped | finished_rows,
-                        elapsed=time.perf_counter() - start, fixed=clamp_mask,
-                    )
-            forwards = state.forwards.clone()
-            if self.clamp is None:
-                committed, finished_rows = commit_canvas(state.argmax, finished_rows, eos, settings.pad_token_id)
-            else:
-                # A template's layout is fixed: an EOS inside a hole ends that hole, not the generation.
-                committed = state.argmax.clone()
-            committed_canvases.append(committed)
-            row_steps.append(forwards - forwards_before)
-            yield CanvasEvent(canvas=canvas_index, canvases=self.canvases, tokens=committed, steps=steps,
-                              finished=finished_rows, elapsed=time.perf_counter() - start, fixed=clamp_mask)
-            if bool(finished_rows.all()):
+                runner.run_encoder(progress.committed[-1])
+            yield from self._canvas(canvas_index, progress)
+            if bool(progress.finished.all()):
                 break
+        self._result = self._collect(progress.committed, progress.row_steps, progress.forwards, start)
 
-        self._result = self._collect(committed_canvases, row_steps, forwards, start)
+    def _canvas(self, index: int, progress: _Progress) -> Iterator[Event]:
+        """Denoise canvas ``index`` of every row (its step events, then its canvas event), and commit it."""
+        device = self.loaded.model.device
+        runner, settings = progress.runner, self.settings
+        canvas_tensor = torch.tensor(index, dtype=torch.long, device=device)
+        canvas = progress.sampler.initial_canvas(len(self._prompts), ~progress.finished, canvas_tensor)
+        # This canvas's slice of the per-position constraints (fill, edit, schema), if any.
+        window = slice(index * self.canvas_length, (index + 1) * self.canvas_length)
+        if self.init is not None:
+            # Seeded positions start from their token instead of noise; the noise is still drawn
+            # (and discarded there), so the random draws keep their order.
+            canvas = torch.where(self.init[1][:, window].to(device), self.init[0][:, window].to(device), canvas)
+        allowed = None if self.allowed is None else self.allowed[:, window].to(device)
+        clamp = None if self.clamp is None else (self.clamp[0][:, window].to(device),
+                                                 self.clamp[1][:, window].to(device))
+        clamp_mask = None if clamp is None else clamp[1]
+        if clamp is not None and bool(clamp[1].all()):
+            # Nothing to denoise: the canvas is fixed text, committed as context as is.
+            progress.committed.append(clamp[0].clone())
+            progress.row_steps.append(torch.zeros_like(progress.forwards))
+            yield CanvasEvent(canvas=index, canvases=self.canvases, tokens=clamp[0].clone(), steps=0,
+                              finished=progress.finished, elapsed=time.perf_counter() - progress.start,
+                              fixed=clamp_mask)
+            return
+        forwards_before = progress.forwards
+        steps, state = 0, None
+        for steps, state in runner.denoise(settings, canvas, progress.finished, canvas_tensor, progress.forwards,
+                                           sampler=progress.sampler, clamp=clamp, allowed=allowed,
+                                           check_every=self.check_every, stop_finished=progress.stop_finished):
+            if self.observe:
+                yield self._step_event(index, steps, state, progress, clamp_mask)
+        progress.forwards = state.forwards.clone()
+        if self.clamp is None:
+            committed, progress.finished = commit_canvas(state.argmax, progress.finished, progress.eos,
+                                                         settings.pad_token_id)
+        else:
+            # A template's layout is fixed: an EOS inside a hole ends that hole, not the generation.
+            committed = state.argmax.clone()
+        progress.committed.append(committed)
+        progress.row_steps.append(progress.forwards - forwards_before)
+        yield CanvasEvent(canvas=index, canvases=self.canvases, tokens=committed, steps=steps,
+                          finished=progress.finished, elapsed=time.perf_counter() - progress.start, fixed=clamp_mask)
 
+    def _step_event(self, index: int, steps: int, state: Any, progress: _Progress,
+                    fixed: torch.Tensor | None) -> StepEvent:
+        n_steps = self.settings.max_denoising_steps
+        shown = clone_state(state) if progress.runner.graphs else state
+        return StepEvent(
+            canvas=index, canvases=self.canvases, step=steps, max_steps=n_steps,
+            temperature=progress.schedule.value(n_steps - steps + 1), accepted=shown.accepted,
+            draft=shown.argmax, canvas_tokens=shown.canvas, token_entropy=shown.entropy,
+            mean_entropy=shown.mean_entropy, finished=shown.stopped | progress.finished,
+            elapsed=time.perf_counter() - progress.start, fixed=fixed,
+        )
 
     def _vision_inputs(self, device: torch.device) -> dict[str, torch.Tensor] | None:
         """The batch's image inputs for the encoder: every row's images in row order (the order
@@ -422,15 +318,6 @@ def _check_vision(vision: Sequence[VisionInputs | None] | None, prompts: list[li
     return list(vision)
 
 
-def cut_completion(tokens: Sequence[int], settings: GenerationSettings) -> tuple[list[int], FinishReason]:
-    """Generated ids cut before the first EOS (``"eos"``) or else at ``max_new_tokens`` (``"length"``)."""
-    eos_ids = set(settings.eos_token_ids)
-    end = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
-    if end is not None and end <= settings.max_new_tokens:
-        return list(tokens[:end]), "eos"
-    return list(tokens[: settings.max_new_tokens]), "length"
-
-
 def check_context(model, prompt_tokens: int, settings: GenerationSettings) -> None:
     """Raise :class:`PromptTooLongError` when the prompt plus its canvases exceed the context."""
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
@@ -478,14 +365,14 @@ def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: Gene
     minutes on the first call, cached on disk by inductor for later processes, about twice
     as fast per step on a CPU. ``clamp`` = ``(tokens, mask)``, both ``(B, canvases x C)``
     (``int64`` and ``bool``), pins the masked positions of every canvas to their tokens at
-    every step (infilling, :mod:`diffgen.denoise.fill`; see :class:`StepContext`); a canvas
+    every step (infilling, :mod:`diffgen.denoise.constrained.fill`; see :class:`StepContext`); a canvas
     whose positions are all clamped is committed as is without a decoder pass, and an EOS
     ends no row (the layout is fixed), so every planned canvas runs. ``init`` = ``(tokens,
     mask)``, same shapes, seeds the masked positions: each canvas starts from those tokens
-    instead of uniform noise there (editing, :mod:`diffgen.denoise.edit`); unlike a clamp
+    instead of uniform noise there (editing, :mod:`diffgen.denoise.constrained.edit`); unlike a clamp
     this pins nothing, the sampler renoises them as it would any rejected position. ``allowed``,
     ``(1 or B, canvases x C, V)`` bool, restricts each position to its allowed tokens before
-    temperature and sampling (JSON by construction, :mod:`diffgen.denoise.schema`; see
+    temperature and sampling (JSON by construction, :mod:`diffgen.denoise.constrained.schema`; see
     :class:`StepContext`). ``vision``, one :class:`~diffgen.images.VisionInputs` or ``None``
     per prompt: the prompts' images, encoded with the prompt as in transformers' ``generate()``.
     ``cache``, a :class:`~diffgen.denoise.prompt_cache.PromptCache` (one text prompt only), keeps

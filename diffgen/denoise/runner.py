@@ -233,21 +233,21 @@ class CanvasRunner:
 
     # -- passes ----------------------------------------------------------------------------------
 
-    def encode(self, tokens: torch.Tensor) -> None:
+    def run_encoder(self, tokens: torch.Tensor) -> None:
         """Encode a committed canvas ``(slots, C)`` into the cache."""
         backend = self.backend
         if not backend.static:
-            backend.encode(tokens)
+            backend.run_encoder(tokens)
             return
         backend.tokens.copy_(tokens)
         replay, warmed = self._encoder
         if replay is None and warmed and self._recording():
-            replay = self._record(backend.encode_pass)
+            replay = self._record(backend.encoder_pass)
             self._encoder = (replay, True)
         if replay is not None:
             replay()
         else:
-            backend.encode_pass()
+            backend.encoder_pass()
             self._encoder = (None, True)
         backend.kv.advance_host()
 
@@ -296,8 +296,8 @@ class CanvasRunner:
         context = StepContext(
             decoder=self.backend.decoder(), sampler=sampler,
             temperatures=schedule(torch.arange(n_steps, 0, -1, dtype=torch.int32, device=self.device)),
-            accept=entropy_bound_acceptance(settings.entropy_bound), stability=settings.stability_window,
-            confidence=settings.confidence_threshold, embed_dtype=self.embed_dtype, **buffers)
+            accept=entropy_bound_acceptance(settings.entropy_bound), stability_window=settings.stability_window,
+            confidence_threshold=settings.confidence_threshold, embed_dtype=self.embed_dtype, **buffers)
         graph = None
         if self.graphs and sampler.capturable and not self.failed:
             graph = StepGraph(self._new_capture(), self.step_fn, (str(self.device), self.backend.slots,

@@ -77,39 +77,6 @@ def entropy_bound_acceptance(entropy_bound: float) -> Callable[[torch.Tensor], t
     return accept
 
 
-class StableAndConfident:
-    """Adaptive stop: a row stops when its argmax canvas has not changed for
-    ``stability_threshold`` steps and its mean token entropy is below ``confidence_threshold``.
-
-    Stateful over one canvas; call :meth:`reset` before each canvas.
-    """
-
-    def __init__(self, stability_threshold: int, confidence_threshold: float):
-        self.stability_threshold = stability_threshold
-        self.confidence_threshold = confidence_threshold
-        self._history: torch.Tensor | None = None
-
-    def reset(self) -> None:
-        self._history = None
-
-    def __call__(self, argmax_canvas: torch.Tensor, mean_entropy: torch.Tensor) -> torch.Tensor:
-        """Rows that may stop now, ``(B,)`` bool. ``mean_entropy`` is ``(B,)``."""
-        if self.stability_threshold == 0:
-            stable = torch.ones(argmax_canvas.shape[0], dtype=torch.bool, device=argmax_canvas.device)
-        else:
-            if self._history is None:
-                self._history = torch.full(
-                    (self.stability_threshold, *argmax_canvas.shape),
-                    -1,
-                    dtype=argmax_canvas.dtype,
-                    device=argmax_canvas.device,
-                )
-            stable = (self._history == argmax_canvas[None]).all(dim=-1).all(dim=0)
-            self._history = torch.roll(self._history, shifts=-1, dims=0)
-            self._history[-1] = argmax_canvas
-        return stable & (mean_entropy < self.confidence_threshold)
-
-
 class GlobalNoise:
     """Random draws from torch's global RNG on ``device``, in the reference's order, for every
     row whether it is still denoising or not (``active`` is ignored), as ``generate()`` does.

@@ -42,7 +42,7 @@ class StepState:
         self_conditioning: ``(B, C, V)`` in the embedding dtype, the last step's temperature-
             scaled logits, or ``None`` before the first step of a canvas.
         stopped: ``(B,)`` bool, rows whose adaptive stop fired on this canvas.
-        history: ``(S, B, C)`` int64, the last ``S`` drafts (``S`` = stability threshold; -1 =
+        history: ``(S, B, C)`` int64, the last ``S`` drafts (``S`` = the stability window; -1 =
             none yet), or ``None`` when adaptive stopping is off or ``S`` is 0.
         step: 0-d int64, steps done on this canvas.
         forwards: ``(B,)`` int32, decoder passes each row has taken part in, all canvases.
@@ -74,8 +74,9 @@ class StepContext:
         temperatures: ``(N,)`` float32 on the device: the temperature of step k (0-based) at
             index k.
         accept: entropy-bound acceptance, ``(B, C) entropy -> (B, C) bool``.
-        stability: adaptive stop's stability threshold, or ``None`` when stopping is off.
-        confidence: adaptive stop's mean-entropy threshold (nats), or ``None``.
+        stability_window: steps the adaptive stop needs the draft unchanged for
+            (:attr:`~diffgen.settings.GenerationSettings.stability_window`), or ``None`` when stopping is off.
+        confidence_threshold: adaptive stop's mean-entropy threshold (nats), or ``None``.
         finished: ``(B,)`` bool, rows that ended in an earlier canvas.
         canvas_index: 0-d int64 on the device, the canvas being denoised.
         embed_dtype: dtype of the self-conditioning logits the decoder reads.
@@ -86,7 +87,7 @@ class StepContext:
             tokens each position may take, or ``None``: no restriction (the step is unchanged).
             Every position needs at least one allowed token.
 
-    Clamping (infilling, :mod:`diffgen.denoise.fill`): the model has no mask token and
+    Clamping (infilling, :mod:`diffgen.denoise.constrained.fill`): the model has no mask token and
     re-decides every position at every step, so a fixed position is pinned at every step, not
     seeded once. After the sampler's draw a clamped position's sample and argmax are its token
     and its entropy is exactly 0 (so entropy-bound acceptance always keeps it and it adds
@@ -96,7 +97,7 @@ class StepContext:
     override comes after the draw rather than in the logits, so it is the same for the exact
     sampler, the fast torch tail and the Triton kernel, and the random draws keep their order.
 
-    Allowed vocabularies (JSON by construction, :mod:`diffgen.denoise.schema`) act before
+    Allowed vocabularies (JSON by construction, :mod:`diffgen.denoise.constrained.schema`) act before
     temperature and sampling: the raw logits are soft-capped here, every token outside a
     position's allowed set is set to :data:`MASKED_LOGIT`, and the sampler is told the logits
     are already capped (``capped=True``), so it divides by the temperature and draws as usual.
@@ -110,8 +111,8 @@ class StepContext:
     sampler: Any
     temperatures: torch.Tensor
     accept: Callable[[torch.Tensor], torch.Tensor]
-    stability: int | None
-    confidence: float | None
+    stability_window: int | None
+    confidence_threshold: float | None
     finished: torch.Tensor
     canvas_index: torch.Tensor
     embed_dtype: torch.dtype
@@ -158,8 +159,8 @@ def initial_state(context: StepContext, canvas: torch.Tensor, forwards: torch.Te
     batch, length = canvas.shape
     device = canvas.device
     history = None
-    if context.stability:
-        history = torch.full((context.stability, batch, length), -1, dtype=canvas.dtype, device=device)
+    if context.stability_window:
+        history = torch.full((context.stability_window, batch, length), -1, dtype=canvas.dtype, device=device)
     canvas = clamp(canvas, context)
     return StepState(
         canvas=canvas,
@@ -204,7 +205,7 @@ def denoise_step(state: StepState, context: StepContext, *, self_conditioning_ma
     canvas = clamp(canvas, context)
     mean_entropy = entropy.mean(dim=-1)
     stopped, history = state.stopped, state.history
-    if context.stability is not None:
+    if context.stability_window is not None:
         if state.self_conditioning is not None:
             # Rows that stopped earlier keep their canvas, draft and logits.
             keep = state.stopped
@@ -216,7 +217,7 @@ def denoise_step(state: StepState, context: StepContext, *, self_conditioning_ma
         else:
             stable = (history == argmax[None]).all(dim=-1).all(dim=0)
             history = torch.cat([history[1:], argmax[None]], dim=0)
-        stopped = stopped | (stable & (mean_entropy < context.confidence))
+        stopped = stopped | (stable & (mean_entropy < context.confidence_threshold))
     return StepState(canvas=canvas, argmax=argmax, self_conditioning=scaled, stopped=stopped, history=history,
                      step=step, forwards=state.forwards + active, accepted=accepted, entropy=entropy,
                      mean_entropy=mean_entropy)

@@ -312,7 +312,7 @@ class Engine:
         return ids, settings
 
     def vocabulary(self) -> Any:
-        from diffgen.denoise import schema as schema_mod
+        from diffgen.denoise.constrained import schema as schema_mod
 
         if self.vocab is not None:  # built: no lock (the model's would wait for a whole generation)
             return self.vocab
@@ -324,7 +324,7 @@ class Engine:
 
     def schema_layout(self, schema: dict) -> Any:
         """The schema laid out on canvases (its length fixes the answer's); a 422 where it cannot be."""
-        from diffgen.denoise import schema as schema_mod
+        from diffgen.denoise.constrained import schema as schema_mod
 
         try:
             return schema_mod.layout(schema, self.loaded.tokenizer, self.vocabulary(),
@@ -335,7 +335,7 @@ class Engine:
     def schema_choice(self, request: wire.Request, ids: list[int], index: int) -> wire.Choice:
         """One choice of a json_schema request: the JSON text as ``run --schema`` generates it (call
         it under the lock). ``token_ids`` are the laid-out positions, pad dropped."""
-        from diffgen.denoise.schema import generate_json
+        from diffgen.denoise.constrained.schema import generate_json
 
         result = generate_json(self.loaded, ids, request.schema, self.settings_for(request, index), exact=self.exact,
                                vocab=self.vocab)

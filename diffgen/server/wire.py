@@ -371,7 +371,7 @@ def _common(body: dict[str, Any], kind: str, *, messages: tuple[dict[str, Any], 
 
 def _response_format(value: Any) -> Optional[dict[str, Any]]:
     """``response_format``'s schema: ``None`` for text, the checked schema for ``json_schema``."""
-    from diffgen.denoise.schema import check_schema
+    from diffgen.denoise.constrained.schema import check_schema
     from diffgen.errors import UsageError
 
     if value is None:

@@ -3,7 +3,7 @@
 A document is text with spans to revise, marked ``{{~old text~}}`` (:func:`parse_marked`) or
 given as line ranges (:func:`parse_lines`; the file is then taken literally). Both parse
 without torch or a tokenizer, so the CLI checks a document before anything is loaded.
-:func:`edit` lays the document out on canvases like a template (:mod:`diffgen.denoise.fill`):
+:func:`edit` lays the document out on canvases like a template (:mod:`diffgen.denoise.constrained.fill`):
 
 * every token outside the spans is clamped at every step of every canvas it lands on;
 * a span whose old text is ``n`` tokens gets :func:`budget` ``(n) = n + max(8, n // 2)``
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from diffgen.errors import UsageError
 
 if TYPE_CHECKING:
-    from diffgen.denoise.fill import Layout
+    from diffgen.denoise.constrained.fill import Layout
     from diffgen.loading.loader import LoadedModel
     from diffgen.settings import GenerationSettings
 
@@ -206,7 +206,7 @@ class EditResult:
 def edit_layout(document: Document, tokenizer, canvas_length: int, pad_token_id: int
                 ) -> tuple[Layout, tuple[int | None, ...], tuple[tuple[int, ...], ...]]:
     """The layout (spans free, the rest clamped), each position's starting token, each span's old tokens."""
-    from diffgen.denoise.fill import Layout
+    from diffgen.denoise.constrained.fill import Layout
 
     tokens: list[int] = []
     fixed: list[bool] = []
@@ -244,7 +244,7 @@ def edit(loaded: LoadedModel, prefix: Sequence[int], document: Document | str, s
     """
     import time
 
-    from diffgen.denoise.fill import fill_settings, run_layout
+    from diffgen.denoise.constrained.fill import fill_settings, run_layout
 
     if isinstance(document, str):
         document = parse_marked(document)
