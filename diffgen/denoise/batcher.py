@@ -60,11 +60,6 @@ How it batches (and why):
   runs under ``lock``, which the server shares with its serial path (so no other thread touches
   the device while a step is recorded as a CUDA graph); it is released between canvases, so an
   exact request waiting for the lock runs between two canvases of a batch.
-
-``hold`` is a test hook: while it returns true the scheduler waits at the next boundary (it
-still drops cancelled rows and admits waiting ones there), which makes queue states
-reproducible without timing. ``diffgen serve`` wires it to the file named by
-``DIFFGEN_SERVE_HOLD`` (:func:`file_hold`; tests only).
 """
 
 from __future__ import annotations
@@ -107,30 +102,6 @@ def _stop_all() -> None:
     # called without an active exception", from torch's threads): stop and join them first.
     for batcher in list(_LIVE):
         batcher.close(wait=True)
-
-
-#: How often a held scheduler looks at its ``hold`` hook again (seconds between looks, not a deadline).
-HOLD_POLL = 0.02
-
-
-def file_hold(path: str) -> Callable[[], bool]:
-    """A ``hold`` hook read from a file (tests): no file, run; a file holding a number ``N > 0``,
-    run one canvas and write ``N - 1``; any other content (``0``, empty), wait at the boundary."""
-    from pathlib import Path
-
-    file = Path(path)
-
-    def hold() -> bool:
-        try:
-            text = file.read_text().strip()
-        except FileNotFoundError:
-            return False
-        if not text.isdigit() or int(text) <= 0:
-            return True
-        file.write_text(str(int(text) - 1))
-        return False
-
-    return hold
 
 
 def batch_key(settings: GenerationSettings) -> tuple:
@@ -248,14 +219,13 @@ class Batcher:
         max_batch: rows denoised together at most (1: one row at a time, in arrival order).
         lock: held around every model call (default: a lock of its own); share it with any
             other code that runs the model.
-        hold: test hook, ``() -> bool``: while true the scheduler waits at the next boundary.
         graphs: replay each canvas's step from a CUDA graph (default: on CUDA unless
             ``DIFFGEN_CUDA_GRAPHS=0``, as in the loop).
         capture: replaces the CUDA graph recorder (tests replay eagerly on the CPU).
     """
 
     def __init__(self, loaded: LoadedModel, *, max_batch: int = 8, lock: Any = None,
-                 hold: Callable[[], bool] | None = None, graphs: bool | None = None, capture: Any = None):
+                 graphs: bool | None = None, capture: Any = None):
         if max_batch < 1:
             raise UsageError(f"max_batch must be at least 1, got {max_batch}")
         if not fusable(loaded.model):
@@ -264,7 +234,6 @@ class Batcher:
         self.loaded = loaded
         self.max_batch = max_batch
         self.lock = lock if lock is not None else threading.Lock()
-        self.hold = hold
         model = loaded.model
         self.device = model.device
         self.graphs = (self.device.type == "cuda" and graphs_enabled()) if graphs is None else graphs
@@ -370,9 +339,7 @@ class Batcher:
                     run = self._boundary(run)
                 if run is None:
                     continue
-                if self.hold is not None and self.hold():
-                    with self._cond:
-                        self._cond.wait(HOLD_POLL)
+                if self._at_boundary():
                     continue
                 self._denoise(run)
             except BaseException as exc:  # noqa: BLE001 - every row of the batch gets it; the scheduler goes on
@@ -382,6 +349,12 @@ class Batcher:
                     self._fail(ticket, exc)
                 run = None
                 self._set_in_flight(0)
+
+    def _at_boundary(self) -> bool:
+        """Called at each canvas boundary before the next canvas: true skips the canvas for now (the
+        boundary runs again: cancelled rows dropped, waiting ones admitted). Never here; tests
+        patch it to hold the scheduler, which makes queue states reproducible without timing."""
+        return False
 
     def _set_in_flight(self, rows: int) -> None:
         with self._cond:

@@ -131,7 +131,6 @@ class Engine:
             (it reads every token's text once) and kept (``None`` until then).
         max_batch: rows denoised together at most (1: one row at a time, through the batcher).
         max_queue: requests that may wait to start; one more gets 429.
-        hold: test hook passed to the batcher (see :mod:`diffgen.denoise.batcher`).
         batcher: the :class:`~diffgen.denoise.batcher.Batcher`, made at the first batched request.
         counts: the serial path's and the queue's counters (``queued`` requests waiting to
             start, ``rejected`` 429s, ``serial_served``/``serial_failed`` requests,
@@ -158,7 +157,6 @@ class Engine:
     max_queue: int = DEFAULT_MAX_QUEUE
     max_steps: int = wire.DEFAULT_MAX_STEPS
     max_images: int = DEFAULT_MAX_IMAGES
-    hold: Optional[Callable[[], bool]] = field(default=None, repr=False)
     batcher: Any = field(default=None, repr=False)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("queued", "rejected", "serial_served", "serial_failed", "serial_running", "serial_forwards"), 0))
@@ -229,7 +227,7 @@ class Engine:
 
         with self._admission:
             if self.batcher is None:
-                self.batcher = Batcher(self.loaded, max_batch=self.max_batch, lock=self.lock, hold=self.hold)
+                self.batcher = Batcher(self.loaded, max_batch=self.max_batch, lock=self.lock)
             return self.batcher
 
     def submit(self, request: wire.Request, ids: list[int], put: Callable[[tuple], None],
