@@ -252,8 +252,8 @@ def test_metrics_write_large_counters_in_full(tiny):
     from diffgen.server.metrics import sample
 
     engine = Engine(loaded=tiny, name="tiny", settings=tiny.defaults, exact=True)
-    engine.counts["rejected"] = 1234567
-    engine.counts["serial_forwards"] = 2**53 + 1
+    engine.admission.rejected = 1234567
+    engine.serial.decoder_forwards = 2**53 + 1
     text = TestClient(create_app(engine)).get("/metrics").text
     assert "\ndiffgen_requests_rejected_total 1234567\n" in text
     assert f"\ndiffgen_decoder_forwards_total {2**53 + 1}\n" in text

@@ -153,7 +153,9 @@ def serve(
     with doing("starting the server"):
         import uvicorn
 
-        from diffgen.server.app import Engine, create_app
+        from diffgen.server.app import create_app
+        from diffgen.server.engine import Engine
+
         engine = Engine(loaded=loaded, name=model, settings=prepared.settings, exact=exact_loop,
                         max_batch=max_batch, max_queue=max_queue, max_steps=max_steps, max_images=max_images,
                         allow_local_images=allow_local_images, allow_remote_images=allow_remote_images)
