@@ -119,6 +119,28 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def hold_at_boundaries(batcher, held) -> None:
+    """Make ``batcher`` wait at each canvas boundary while ``held()`` is true (it still drops
+    cancelled rows and admits waiting ones there): queue states without timing. (A served
+    batcher: ``serve_env``.)"""
+    import time
+
+    def at_boundary() -> bool:
+        if not held():
+            return False
+        time.sleep(0.02)  # how often to look again, not how long to wait
+        return True
+
+    batcher._at_boundary = at_boundary
+
+
+def serve_env(hold: Path) -> dict[str, str]:
+    """The environment of a ``diffgen serve`` whose batcher waits at its canvas boundaries while the
+    file ``hold`` says so (see tests/serve_hold/sitecustomize.py)."""
+    paths = [str(Path(__file__).parent / "serve_hold"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {"DIFFGEN_SERVE_HOLD": str(hold), "PYTHONPATH": os.pathsep.join(paths)}
+
+
 class Served:
     """A running ``diffgen serve``. Attributes: ``url`` its base (``http://127.0.0.1:PORT``),
     ``process`` the Popen, ``log`` the file its stderr goes to."""

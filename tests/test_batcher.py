@@ -1,8 +1,8 @@
 """The continuous batcher (diffgen.denoise.batcher) on the tiny checkpoint, without HTTP.
 
 Order of events is made deterministic by the items themselves (a request submitted from inside
-another's canvas callback is queued before the next boundary) or by the ``hold`` hook; nothing
-waits on the clock.
+another's canvas callback is queued before the next boundary) or by holding the scheduler at its
+boundaries (``conftest.hold_at_boundaries``); nothing waits on the clock.
 
 Bitwise: on this CPU build a row's tokens batched with others are identical to the same seeded
 row generated alone (and to ``loop.generate(..., exact=False)``): per-row positions and
@@ -16,6 +16,7 @@ import threading
 import pytest
 import torch
 
+from conftest import hold_at_boundaries
 from diffgen import prompt as prompt_mod
 from diffgen.denoise import batcher as batcher_mod
 from diffgen.denoise import loop
@@ -93,7 +94,7 @@ def test_rows_batched_together_get_the_tokens_they_get_alone(tiny, make):
     recorders = [Recorder() for _ in jobs]
     hold = threading.Event()
     hold.set()
-    batcher.hold = hold.is_set  # every request is queued before the first canvas runs
+    hold_at_boundaries(batcher, hold.is_set)  # every request is queued before the first canvas runs
     tickets = [batcher.submit(ids(tiny, i), [settings(tiny, seed, tokens)], recorder)
                for (i, seed, tokens), recorder in zip(jobs, recorders)]
     hold.clear()
@@ -192,7 +193,7 @@ def test_step_items_only_when_observed_one_row_each(tiny, make):
     watched, unwatched = Recorder(), Recorder()
     hold = threading.Event()
     hold.set()
-    batcher.hold = hold.is_set
+    hold_at_boundaries(batcher, hold.is_set)
     tickets = [batcher.submit(ids(tiny, 0), [settings(tiny, 1, 32)], watched, observe=True),
                batcher.submit(ids(tiny, 2), [settings(tiny, 2, 16)], unwatched)]
     hold.clear()
@@ -219,7 +220,7 @@ def test_a_failing_batch_reports_to_every_row_and_the_scheduler_goes_on(tiny, ma
     recorders = [Recorder(), Recorder()]
     hold = threading.Event()
     hold.set()
-    batcher.hold = hold.is_set
+    hold_at_boundaries(batcher, hold.is_set)
     tickets = [batcher.submit(ids(tiny, k), [settings(tiny, k, 16)], recorder) for k, recorder in enumerate(recorders)]
     hold.clear()
     for ticket in tickets:
@@ -248,7 +249,7 @@ def test_adaptive_stopping_rows_and_the_graph_path_match_rows_alone(sharp, graph
         recorders = [Recorder() for _ in rows]
         hold = threading.Event()
         hold.set()
-        batcher.hold = hold.is_set
+        hold_at_boundaries(batcher, hold.is_set)
         tickets = [batcher.submit(p, [row], recorder) for p, row, recorder in zip(prompts, rows, recorders)]
         hold.clear()
         for ticket in tickets:
@@ -273,7 +274,7 @@ def test_cancelling_a_request_with_rows_running_and_rows_queued_ends_it(tiny, ma
         at_boundary.set()
         return not released.is_set()
 
-    batcher.hold = hold
+    hold_at_boundaries(batcher, hold)
     started = threading.Event()
     recorder = Recorder()
     ticket = batcher.submit(ids(tiny, 0), [settings(tiny, 1, 64), settings(tiny, 2, 64)], recorder,
@@ -310,7 +311,7 @@ def test_a_canvas_whose_every_row_is_cancelled_stops_early(tiny, make):
     kept, dropped = Recorder(), Recorder()
     hold = threading.Event()
     hold.set()
-    batcher.hold = hold.is_set
+    hold_at_boundaries(batcher, hold.is_set)
     started = [threading.Event(), threading.Event()]
     wanted = batcher.submit(ids(tiny, 1), [settings(tiny, 2, 16, max_denoising_steps=12)], kept,
                             on_start=started[0].set)
@@ -392,7 +393,7 @@ def test_a_cancelled_request_hit_by_a_batch_failure_counts_as_cancelled(tiny, ma
     monkeypatch.setattr(runner_mod, "denoise_step", fails_on_second_step)
     hold = threading.Event()
     hold.set()
-    batcher.hold = hold.is_set
+    hold_at_boundaries(batcher, hold.is_set)
     tickets = {}
     cancelled = Recorder(lambda item: tickets["cancelled"].cancel() if item[0] == "step" else None)
     other = Recorder()

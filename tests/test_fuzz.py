@@ -19,7 +19,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-from diffgen.server import wire
+from diffgen.server import openapi, wire
 from diffgen.server.app import Engine, create_app
 from diffgen.settings import FIELD_SCHEMAS, field_problem
 
@@ -80,7 +80,7 @@ def test_the_documented_bodies_are_the_field_tables(api_schema):
     document = api_schema.raw_schema
     for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "text")):
         body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
-        assert body == json.loads(json.dumps(wire.body_schema(kind)))
+        assert body == json.loads(json.dumps(openapi.body_schema(kind)))
         assert {"steps", "entropy_bound", "t_min", "t_max", "stability", "confidence", "stream_steps"} <= set(
             body["properties"])
 

@@ -8,7 +8,7 @@ import torch
 
 from diffgen.denoise.loop import generate, stream
 from diffgen.prompt import encode
-from tests.conftest import SHARP_SETTINGS
+from tests.conftest import SHARP_SETTINGS, hold_at_boundaries
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -56,7 +56,7 @@ def batched_tokens(loaded, *, graphs: bool) -> tuple[list, object]:
         done: list[dict] = [{} for _ in rows]
         hold = threading.Event()
         hold.set()
-        batcher.hold = hold.is_set  # all three are queued before the first canvas
+        hold_at_boundaries(batcher, hold.is_set)  # all three are queued before the first canvas
         tickets = [batcher.submit(p, [row], lambda item, d=d: d.update({item[0]: item}))
                    for p, row, d in zip(prompts, rows, done)]
         hold.clear()

@@ -25,7 +25,7 @@ from conftest import run_cli, start_server, stop_server
 from diffgen import prompt as prompt_mod
 from diffgen.denoise import loop
 from diffgen.denoise.channels import split_response
-from diffgen.server import wire
+from diffgen.server import answers, openapi, wire
 from diffgen.server.app import Engine, create_app
 
 USER = [{"role": "user", "content": "Why is the sky blue?"}]
@@ -405,13 +405,13 @@ def test_sampler_fields_map_to_settings_names():
 
 
 def test_deltas_hold_back_what_could_start_a_stop_string():
-    deltas = wire.Deltas(("END",))
+    deltas = answers.Deltas(("END",))
     assert deltas.update("Hello E") == "Hello"  # "E" could start "END"
     assert deltas.update("Hello EN") == " "
     assert deltas.update("Hello ENDING") == ""
     assert deltas.stopped and deltas.sent == "Hello "
     assert deltas.update("Hello ENDING more", final=True) == ""
-    plain = wire.Deltas(())
+    plain = answers.Deltas(())
     assert plain.update("ab\ufffd") == "ab"  # half a character: wait for the next canvas
     assert plain.update("abc") == "c" and plain.update("abcd", final=True) == "d"
 
@@ -548,11 +548,11 @@ def test_steps_over_max_steps_is_a_422_naming_the_limit_and_the_schema_says_so(t
     assert refused.status_code == 422 and error["param"] == "steps"
     assert "at most 3" in error["message"] and "--max-steps" in error["message"]
     assert unstable.status_code == 422 and unstable.json()["error"]["param"] == "stability"
-    assert answered.status_code == 200 and engine.counts["queued"] == 0
+    assert answered.status_code == 200 and engine.admission.queued == 0
     for path in ("/v1/chat/completions", "/v1/completions"):
         body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert body["properties"]["steps"]["maximum"] == body["properties"]["stability"]["maximum"] == 3
-    assert wire.body_schema("chat")["properties"]["steps"]["maximum"] == wire.DEFAULT_MAX_STEPS == Engine(
+    assert openapi.body_schema("chat")["properties"]["steps"]["maximum"] == wire.DEFAULT_MAX_STEPS == Engine(
         loaded=tiny, name="t", settings=tiny.defaults).max_steps
 
 
@@ -594,7 +594,7 @@ def test_serial_requests_beyond_the_thread_pool_queue_and_the_next_gets_429(tiny
             engine.lock.acquire()  # a long generation holds the model
             try:
                 waiting = [asyncio.create_task(http.post("/v1/completions", json=body)) for _ in range(48)]
-                while engine.counts["queued"] < 48:  # every one admitted, its checks done in the pool
+                while engine.admission.queued < 48:  # every one admitted, its checks done in the pool
                     await asyncio.sleep(0.01)
                 over = await http.post("/v1/completions", json=body)
                 models = await http.get("/v1/models")
@@ -607,7 +607,7 @@ def test_serial_requests_beyond_the_thread_pool_queue_and_the_next_gets_429(tiny
     assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limit_exceeded"
     assert "retry-after" in over.headers and models.status_code == 200
     assert [a.status_code for a in answers] == [200] * 48
-    assert engine.counts["queued"] == 0 and engine.counts["rejected"] == 1 and engine.counts["serial_served"] == 48
+    assert engine.admission.queued == 0 and engine.admission.rejected == 1 and engine.serial.requests_served == 48
 
 
 def test_a_serial_request_whose_client_hangs_up_while_it_waits_never_runs(tiny):
@@ -621,10 +621,10 @@ def test_a_serial_request_whose_client_hangs_up_while_it_waits_never_runs(tiny):
             await call  # answered (499) as soon as the hang-up is seen, while the generation still waits
         finally:
             engine.lock.release()
-        while engine.counts["serial_served"] + engine.counts["serial_failed"] < 1 or engine.lock.locked():
+        while engine.serial.requests_served + engine.serial.requests_failed < 1 or engine.lock.locked():
             await asyncio.sleep(0.01)  # the worker takes the model, sees the hang-up and gives it back
         return sent
 
     sent = asyncio.run(scenario())
     assert sent[0]["status"] == 499
-    assert engine.counts["serial_forwards"] == 0 and engine.counts["queued"] == 0
+    assert engine.serial.decoder_forwards == 0 and engine.admission.queued == 0

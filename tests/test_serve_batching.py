@@ -3,7 +3,8 @@
 
 Queue states are made deterministic with the test-only hold file (``DIFFGEN_SERVE_HOLD``: while
 it exists the scheduler waits at its next canvas boundary; a number N in it lets N more canvases
-run first), and the tests wait for states by reading /metrics, never on the clock.
+run first; installed in the server by tests/serve_hold/sitecustomize.py, ``conftest.serve_env``),
+and the tests wait for states by reading /metrics, never on the clock.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import start_server, stop_server
+from conftest import serve_env, start_server, stop_server
 from diffgen import prompt as prompt_mod
 from diffgen.denoise import loop
 from diffgen.server.app import Engine, create_app
@@ -52,7 +53,7 @@ def wait_for(served, since: dict[str, float] | None = None, **expected: float) -
 
 def serve(checkpoint, directory, hold, *args):
     return start_server(checkpoint, directory / f"stderr-{len(list(directory.iterdir()))}.log", *args,
-                        env={"DIFFGEN_SERVE_HOLD": str(hold)})
+                        env=serve_env(hold))
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +252,8 @@ def test_metrics_write_large_counters_in_full(tiny):
     from diffgen.server.metrics import sample
 
     engine = Engine(loaded=tiny, name="tiny", settings=tiny.defaults, exact=True)
-    engine.counts["rejected"] = 1234567
-    engine.counts["serial_forwards"] = 2**53 + 1
+    engine.admission.rejected = 1234567
+    engine.serial.decoder_forwards = 2**53 + 1
     text = TestClient(create_app(engine)).get("/metrics").text
     assert "\ndiffgen_requests_rejected_total 1234567\n" in text
     assert f"\ndiffgen_decoder_forwards_total {2**53 + 1}\n" in text

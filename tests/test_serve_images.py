@@ -195,7 +195,7 @@ def test_a_text_only_model_refuses_images_before_reading_any(tiny):
         answer = http.post("/v1/chat/completions", json={"messages": image_message(NOT_BASE64), "max_tokens": 4})
     assert answer.status_code == 422 and answer.json()["error"]["code"] == "images_unsupported"
     assert "takes no images" in answer.json()["error"]["message"]
-    assert engine.processor is None and engine.counts["queued"] == 0
+    assert engine.processor is None and engine.admission.queued == 0
 
 
 def test_more_images_than_max_images_is_a_422_before_any_is_read(strict):
@@ -218,7 +218,7 @@ def test_images_are_read_only_once_the_request_has_a_place_in_the_queue(vision):
         bad = http.post("/v1/chat/completions", json={"messages": image_message(NOT_BASE64), "max_tokens": 4})
     assert full.status_code == 429  # not the 422 that reading the image gives
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_value"
-    assert engine.counts["queued"] == 0  # the refused request gave its place back
+    assert engine.admission.queued == 0  # the refused request gave its place back
 
 
 def test_local_images_must_be_regular_files(vision, tmp_path):
@@ -234,13 +234,13 @@ def test_local_images_must_be_regular_files(vision, tmp_path):
             answer = http.post("/v1/chat/completions", json={"messages": image_message(str(path)), "max_tokens": 4})
             assert answer.status_code == 422, answer.text
             assert "is not a regular file" in answer.json()["error"]["message"]
-    assert engine.counts["queued"] == 0
+    assert engine.admission.queued == 0
 
 
 def test_a_remote_image_has_an_overall_deadline(remote, picture):
-    from diffgen.server import app, wire
+    from diffgen.server import images as server_images, wire
 
-    (picture.parent / "big.bin").write_bytes(bytes(5 * app.FETCH_CHUNK))
+    (picture.parent / "big.bin").write_bytes(bytes(5 * server_images.FETCH_CHUNK))
     now = [0.0]
 
     def clock() -> float:  # four seconds pass on every look: the third read is past a 10 s deadline
@@ -248,9 +248,9 @@ def test_a_remote_image_has_an_overall_deadline(remote, picture):
         return now[0]
 
     with pytest.raises(wire.ApiError) as caught:
-        app.fetch_image(remote + "/big.bin", "messages[0].content[0]", deadline=10, clock=clock)
+        server_images.fetch_image(remote + "/big.bin", "messages[0].content[0]", deadline=10, clock=clock)
     assert caught.value.status == 422 and "took over 10 seconds" in caught.value.message
-    assert app.fetch_image(remote + "/big.bin", "w") == bytes(5 * app.FETCH_CHUNK)
+    assert server_images.fetch_image(remote + "/big.bin", "w") == bytes(5 * server_images.FETCH_CHUNK)
 
 
 def test_serve_help_warns_what_remote_images_allow():

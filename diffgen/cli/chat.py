@@ -205,7 +205,7 @@ class LocalChat:
         from diffgen.denoise.channels import split_response
         from diffgen.denoise.loop import CanvasEvent, check_context, stream
         from diffgen.errors import PromptTooLongError
-        from diffgen.server.wire import Deltas
+        from diffgen.server.answers import Deltas
 
         tokenizer = self.loaded.tokenizer
         settings = self.settings.replace(seed=secrets.randbelow(2**31) if seed is None else seed)

@@ -33,9 +33,6 @@ from diffgen.errors import UsageError
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 API_KEY_ENV = "DIFFGEN_API_KEY"
-# Test hook (not for users): while this file exists, batches wait at their next canvas boundary
-# (a number N in it lets N more canvases run first; see diffgen.denoise.batcher.file_hold).
-HOLD_ENV = "DIFFGEN_SERVE_HOLD"
 
 EPILOG = (
     "Examples:\n\n"
@@ -156,14 +153,11 @@ def serve(
     with doing("starting the server"):
         import uvicorn
 
-        from diffgen.server.app import Engine, create_app
+        from diffgen.server.app import create_app
+        from diffgen.server.engine import Engine
 
-        from diffgen.denoise.batcher import file_hold
-
-        hold_file = os.environ.get(HOLD_ENV)
         engine = Engine(loaded=loaded, name=model, settings=prepared.settings, exact=exact_loop,
                         max_batch=max_batch, max_queue=max_queue, max_steps=max_steps, max_images=max_images,
-                        hold=file_hold(hold_file) if hold_file else None,
                         allow_local_images=allow_local_images, allow_remote_images=allow_remote_images)
         app = create_app(engine, api_key=api_key, max_body=max_body_size)
         shown = f"[{host}]" if ":" in host else host

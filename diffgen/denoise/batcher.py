@@ -1,7 +1,7 @@
 """Continuous batching: requests that arrive together are denoised together, as rows of one batch.
 
-(Over 500 lines while the ``hold`` test hook still lives here; its requests and rows are
-:mod:`diffgen.denoise.tickets`, its cache work :mod:`diffgen.denoise.backends` / :mod:`diffgen.denoise.kv`.)
+(Just over 500 lines, most of them this account of why it batches as it does; its requests and rows
+are :mod:`diffgen.denoise.tickets`, its cache work :mod:`diffgen.denoise.backends` / :mod:`diffgen.denoise.kv`.)
 
 A :class:`Batcher` owns one scheduler thread. :meth:`Batcher.submit` queues a request (one
 prompt, one :class:`~diffgen.settings.GenerationSettings` per row: ``n`` choices are ``n``
@@ -15,7 +15,7 @@ rows) and returns a :class:`Ticket`; the scheduler hands the request's items to 
 * ``("error", exception)`` if the batch failed or the request could not join it, then, always
   last, ``("end",)``.
 
-No HTTP here: :mod:`diffgen.server.app` is one user; a test or a batch job could be another.
+No HTTP here: :mod:`diffgen.server.engine` is one user; a test or a batch job could be another.
 
 How it batches (and why):
 
@@ -63,11 +63,6 @@ How it batches (and why):
   runs under ``lock``, which the server shares with its serial path (so no other thread touches
   the device while a step is recorded as a CUDA graph); it is released between canvases, so an
   exact request waiting for the lock runs between two canvases of a batch.
-
-``hold`` is a test hook: while it returns true the scheduler waits at the next boundary (it
-still drops cancelled rows and admits waiting ones there), which makes queue states
-reproducible without timing. ``diffgen serve`` wires it to the file named by
-``DIFFGEN_SERVE_HOLD`` (:func:`file_hold`; tests only).
 """
 
 from __future__ import annotations
@@ -112,30 +107,6 @@ def _stop_all() -> None:
         batcher.close(wait=True)
 
 
-#: How often a held scheduler looks at its ``hold`` hook again (seconds between looks, not a deadline).
-HOLD_POLL = 0.02
-
-
-def file_hold(path: str) -> Callable[[], bool]:
-    """A ``hold`` hook read from a file (tests): no file, run; a file holding a number ``N > 0``,
-    run one canvas and write ``N - 1``; any other content (``0``, empty), wait at the boundary."""
-    from pathlib import Path
-
-    file = Path(path)
-
-    def hold() -> bool:
-        try:
-            text = file.read_text().strip()
-        except FileNotFoundError:
-            return False
-        if not text.isdigit() or int(text) <= 0:
-            return True
-        file.write_text(str(int(text) - 1))
-        return False
-
-    return hold
-
-
 def batch_key(settings: GenerationSettings) -> tuple:
     """What rows of one batch must share: every setting that acts on the whole step."""
     return (settings.max_denoising_steps, settings.entropy_bound, settings.t_min, settings.t_max,
@@ -154,14 +125,13 @@ class Batcher:
         max_batch: rows denoised together at most (1: one row at a time, in arrival order).
         lock: held around every model call (default: a lock of its own); share it with any
             other code that runs the model.
-        hold: test hook, ``() -> bool``: while true the scheduler waits at the next boundary.
         graphs: replay each canvas's step from a CUDA graph (default: on CUDA unless
             ``DIFFGEN_CUDA_GRAPHS=0``, as in the loop).
         capture: replaces the CUDA graph recorder (tests replay eagerly on the CPU).
     """
 
     def __init__(self, loaded: LoadedModel, *, max_batch: int = 8, lock: Any = None,
-                 hold: Callable[[], bool] | None = None, graphs: bool | None = None, capture: Any = None):
+                 graphs: bool | None = None, capture: Any = None):
         if max_batch < 1:
             raise UsageError(f"max_batch must be at least 1, got {max_batch}")
         if not fusable(loaded.model):
@@ -170,7 +140,6 @@ class Batcher:
         self.loaded = loaded
         self.max_batch = max_batch
         self.lock = lock if lock is not None else threading.Lock()
-        self.hold = hold
         model = loaded.model
         self.device = model.device
         self.graphs = (self.device.type == "cuda" and graphs_enabled()) if graphs is None else graphs
@@ -276,9 +245,7 @@ class Batcher:
                     run = self._boundary(run)
                 if run is None:
                     continue
-                if self.hold is not None and self.hold():
-                    with self._cond:
-                        self._cond.wait(HOLD_POLL)
+                if self._at_boundary():
                     continue
                 self._denoise(run)
             except BaseException as exc:  # noqa: BLE001 - every row of the batch gets it; the scheduler goes on
@@ -288,6 +255,12 @@ class Batcher:
                     self._fail(ticket, exc)
                 run = None
                 self._set_in_flight(0)
+
+    def _at_boundary(self) -> bool:
+        """Called at each canvas boundary before the next canvas: true skips the canvas for now (the
+        boundary runs again: cancelled rows dropped, waiting ones admitted). Never here; tests
+        patch it to hold the scheduler, which makes queue states reproducible without timing."""
+        return False
 
     def _set_in_flight(self, rows: int) -> None:
         with self._cond:

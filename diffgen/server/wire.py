@@ -1,7 +1,8 @@
-"""The OpenAI wire format: request bodies in, checked; response objects and stream chunks out.
+"""The OpenAI wire format, the requests' side: request bodies in, checked, as a :class:`Request`.
 
 Plain dicts and frozen dataclasses, no web framework: :mod:`diffgen.server.app` calls these, and
-tests call them directly. Every refusal is an :class:`ApiError`, which the app turns into an
+tests call them directly (the answers' side: :mod:`diffgen.server.answers`; the bodies as JSON
+Schema for the OpenAPI document: :mod:`diffgen.server.openapi`). Every refusal is an :class:`ApiError`, which the app turns into an
 OpenAI-style error object ``{"error": {"message", "type", "param", "code"}}`` with its status.
 
 Sampler settings come as extra body fields under the same names as a batch record or the config
@@ -16,7 +17,7 @@ sampler (as most OpenAI-compatible servers do, they are accepted; their types ar
 
 ``response_format``: ``{"type": "text"}`` (or none) is plain text; ``{"type": "json_schema",
 "json_schema": {"name", "schema", "strict"}}`` answers with JSON valid by construction for the
-schema (:mod:`diffgen.denoise.schema`, the machinery of ``run --schema``, whatever ``strict``
+schema (:mod:`diffgen.denoise.constrained.schema`, the machinery of ``run --schema``, whatever ``strict``
 says); a schema outside that subset is a 422 naming what it uses. ``{"type": "json_object"}``
 is refused (422): with no schema there is no skeleton to lay out, and ``{"type": "object"}``
 alone would only ever answer ``{}``. The schema fixes the answer's length, so ``max_tokens`` is
@@ -35,11 +36,10 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-from diffgen.settings import FIELD_SCHEMAS, SAMPLER_FLAGS, SEED_LIMIT, field_problem
+from diffgen.settings import SAMPLER_FLAGS, SEED_LIMIT, field_problem
 
 # ``steps`` a request may ask for unless ``serve --max-steps`` says otherwise. A canvas costs one
 # decoder pass per step, and the loop keeps an n_steps-sized schedule, so an unbounded value would
@@ -300,9 +300,32 @@ def _int(body: dict[str, Any], key: str) -> Optional[int]:
 
 def _common(body: dict[str, Any], kind: str, *, messages: tuple[dict[str, Any], ...], prompt: Optional[str],
             think: bool) -> Request:
+    """The fields both endpoints read, checked, and the request they make."""
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise invalid("model", "must be a string")
+    _refuse_unsupported(body)
+    flags, seed = _flags(body), _seed(body)
+    n = _int(body, "n")
+    n = 1 if n is None else n
+    if not 1 <= n <= MAX_CHOICES:
+        raise invalid("n", f"must be from 1 to {MAX_CHOICES} (got {n})")
+    stop = _stop(body.get("stop"))
+    stream, include_usage = _stream(body)
+    schema = _response_format(body.get("response_format"))
+    stream_steps = _bool(body, "stream_steps", False)
+    if stream_steps and not stream:
+        raise invalid("stream_steps", "needs stream: true (the steps are sent as server-sent events)")
+    if schema is not None:
+        _schema_alone(stream_steps, think, stop)
+    return Request(kind=kind, model=model, messages=messages, prompt=prompt, think=think, flags=flags, seed=seed,
+                   n=n, stop=stop, stream=stream, include_usage=include_usage,
+                   return_token_ids=_bool(body, "return_token_ids", False), schema=schema,
+                   stream_steps=stream_steps)
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    """Fields whose meaning cannot be honoured are refused; ignored ones have their types checked."""
     for key in ("logprobs", "echo"):
         if body.get(key) not in (None, False, 0):
             raise invalid(key, "is not supported by diffgen's sampler", code="unsupported")
@@ -313,6 +336,9 @@ def _common(body: dict[str, Any], kind: str, *, messages: tuple[dict[str, Any], 
         if value is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
             raise invalid(key, f"must be {shown} (got {value!r}); it has no effect on diffgen's sampler")
 
+
+def _flags(body: dict[str, Any]) -> dict[str, Any]:
+    """The generation settings the body gives, by field name (``max_tokens`` as ``max_new_tokens``)."""
     flags: dict[str, Any] = {}
     for flag in SAMPLER_FLAGS:
         if flag.key in body and body[flag.key] is not None:
@@ -330,19 +356,22 @@ def _common(body: dict[str, Any], kind: str, *, messages: tuple[dict[str, Any], 
     t_min, t_max = flags.get("t_min"), flags.get("t_max")
     if t_min is not None and t_max is not None and t_max <= t_min:
         raise invalid("t_max", f"must be greater than t_min (got t_max {t_max}, t_min {t_min})")
+    return flags
 
+
+def _seed(body: dict[str, Any]) -> int:
+    """The first choice's seed: the body's, checked, or one drawn at random."""
     seed = body.get("seed")
-    if seed is not None:
-        problem = field_problem("seed", seed) if _number_type(seed, (int,)) else f"must be an integer (got {seed!r})"
-        if problem:
-            raise invalid("seed", problem)
-    else:
-        seed = secrets.randbelow(2**31)
-    n = _int(body, "n")
-    n = 1 if n is None else n
-    if not 1 <= n <= MAX_CHOICES:
-        raise invalid("n", f"must be from 1 to {MAX_CHOICES} (got {n})")
-    stop = _stop(body.get("stop"))
+    if seed is None:
+        return secrets.randbelow(2**31)
+    problem = field_problem("seed", seed) if _number_type(seed, (int,)) else f"must be an integer (got {seed!r})"
+    if problem:
+        raise invalid("seed", problem)
+    return seed
+
+
+def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
+    """``stream`` and ``stream_options.include_usage``."""
     stream = _bool(body, "stream", False)
     options = body.get("stream_options")
     include_usage = False
@@ -350,23 +379,19 @@ def _common(body: dict[str, Any], kind: str, *, messages: tuple[dict[str, Any], 
         if not isinstance(options, dict):
             raise invalid("stream_options", "must be an object")
         include_usage = _bool(options, "include_usage", False, name="stream_options.include_usage")
-    schema = _response_format(body.get("response_format"))
-    stream_steps = _bool(body, "stream_steps", False)
-    if stream_steps and not stream:
-        raise invalid("stream_steps", "needs stream: true (the steps are sent as server-sent events)")
-    if stream_steps and schema is not None:
+    return stream, include_usage
+
+
+def _schema_alone(stream_steps: bool, think: bool, stop: tuple[str, ...]) -> None:
+    """What a json_schema request may not combine with."""
+    if stream_steps:
         raise invalid("stream_steps", "does not combine with response_format json_schema yet; drop one of them")
-    if schema is not None:
-        if think:
-            raise invalid(None, "response_format json_schema does not combine with thinking mode yet; "
-                                "drop think / chat_template_kwargs.enable_thinking", param="response_format")
-        if stop:
-            raise invalid("stop", "does not combine with response_format json_schema (a stop string would cut "
-                                  "the JSON); drop stop")
-    return Request(kind=kind, model=model, messages=messages, prompt=prompt, think=think, flags=flags, seed=seed,
-                   n=n, stop=stop, stream=stream, include_usage=include_usage,
-                   return_token_ids=_bool(body, "return_token_ids", False), schema=schema,
-                   stream_steps=stream_steps)
+    if think:
+        raise invalid(None, "response_format json_schema does not combine with thinking mode yet; "
+                            "drop think / chat_template_kwargs.enable_thinking", param="response_format")
+    if stop:
+        raise invalid("stop", "does not combine with response_format json_schema (a stop string would cut "
+                              "the JSON); drop stop")
 
 
 def _response_format(value: Any) -> Optional[dict[str, Any]]:
@@ -441,224 +466,3 @@ IGNORED_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "user": ((str,), "a string"),
     "parallel_tool_calls": ((bool,), "true or false"),
 }
-
-
-# -- the request bodies as JSON Schema (the OpenAPI document) ------------------------------------------
-
-_BOOL = {"type": "boolean"}
-_TEXT_PART = {"type": "object", "required": ["type", "text"],
-              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
-# Body field -> its JSON Schema, for the fields both endpoints read (the parsers above check each).
-BODY_FIELDS: dict[str, dict[str, Any]] = {
-    "model": {"type": "string", "description": "The served model (GET /v1/models); default: that one."},
-    "max_tokens": {**FIELD_SCHEMAS["max_new_tokens"], "description": "Most tokens to return."},
-    "max_completion_tokens": {**FIELD_SCHEMAS["max_new_tokens"], "description": "Another name of max_tokens."},
-    **{flag.key: {**FIELD_SCHEMAS[flag.field], "description": f"diffgen's sampler setting (the CLI's {flag.flag})."}
-       for flag in SAMPLER_FLAGS},
-    "seed": {**FIELD_SCHEMAS["seed"], "description": "Seed of choice 0; choice i uses seed + i. Default: random."},
-    "n": {"type": "integer", "minimum": 1, "maximum": MAX_CHOICES, "description": "Choices to generate."},
-    "stop": {"description": "Strings that end the answer (not included).",
-             "anyOf": [{"type": "string", "minLength": 1},
-                       {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "minLength": 1}}]},
-    "stream": {**_BOOL, "description": "Answer as server-sent events, one delta per committed canvas."},
-    "stream_options": {"type": "object", "properties": {"include_usage": _BOOL}},
-    "stream_steps": {**_BOOL, "description": "diffgen extension, with stream: a diffgen_step chunk per "
-                                             "denoising step and a diffgen_canvas chunk per committed canvas."},
-    "return_token_ids": {**_BOOL, "description": "Each choice also carries its generated token_ids."},
-    "response_format": {"type": "object", "description": "text, or json_schema (answers valid by construction "
-                                                         "for a subset of JSON Schema).",
-                        "properties": {"type": {"enum": ["text", "json_schema", "json_object"]},
-                                       "json_schema": {"type": "object"}}},
-    "temperature": {"type": "number", "description": "No effect: the sampler has its own schedule (t_min, t_max)."},
-    "top_p": {"type": "number", "description": "No effect."},
-    "frequency_penalty": {"type": "number", "description": "No effect."},
-    "presence_penalty": {"type": "number", "description": "No effect."},
-    "logit_bias": {"type": "object", "description": "No effect."},
-    "user": {"type": "string", "description": "No effect."},
-    "parallel_tool_calls": {**_BOOL, "description": "No effect."},
-    "logprobs": {"description": "Not supported: only false or null."},
-    "echo": {"description": "Not supported: only false or null."},
-    "tools": {"description": "Not supported: only empty or null."},
-}
-CHAT_FIELDS: dict[str, dict[str, Any]] = {
-    "messages": {"type": "array", "minItems": 1, "items": {
-        "type": "object", "required": ["role", "content"],
-        "properties": {"role": {"enum": list(ROLES)},
-                       "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}}},
-    "think": {**_BOOL, "description": "Thinking mode (the thoughts come in reasoning_content)."},
-    "chat_template_kwargs": {"type": "object", "properties": {"enable_thinking": _BOOL}},
-}
-TEXT_FIELDS: dict[str, dict[str, Any]] = {
-    "prompt": {"description": "The prompt, sent as is (no chat template).",
-               "anyOf": [{"type": "string", "minLength": 1},
-                         {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string", "minLength": 1}}]},
-}
-
-
-def body_schema(kind: str, max_steps: int = DEFAULT_MAX_STEPS) -> dict[str, Any]:
-    """The JSON Schema of a ``chat`` or ``text`` request body, from the field tables above (the
-    OpenAPI document's ``requestBody``), with the server's bound (``max_steps``: ``serve
-    --max-steps``) as the maximum of ``steps`` and ``stability``. Other fields are allowed and
-    ignored, as OpenAI clients send some this server has no use for."""
-    own = CHAT_FIELDS if kind == "chat" else TEXT_FIELDS
-    bounded = {key: {**BODY_FIELDS[key], "maximum": max_steps} for key in ("steps", "stability")}
-    return {"type": "object", "required": ["messages"] if kind == "chat" else ["prompt"],
-            "properties": {**own, **BODY_FIELDS, **bounded}, "additionalProperties": True}
-
-
-# -- answers ----------------------------------------------------------------------------------------
-
-
-def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    """The text before the first stop string (and whether one was found)."""
-    cuts = [at for at in (text.find(stop) for stop in stops) if at >= 0]
-    return (text[: min(cuts)], True) if cuts else (text, False)
-
-
-def finish_reason(reason: str, stopped: bool) -> str:
-    """diffgen's ``eos``/``length`` as OpenAI's ``stop``/``length`` (a stop string is ``stop``)."""
-    return "stop" if stopped or reason == "eos" else "length"
-
-
-@dataclass(frozen=True)
-class Choice:
-    """One finished choice. Attributes: ``text`` the answer (cut at a stop string);
-    ``thoughts`` the thought channel (``None``: none opened); ``finish_reason`` OpenAI's;
-    ``token_ids`` the generated ids; ``prompt_tokens``/``completion_tokens`` counts;
-    ``stats`` the choice's :class:`~diffgen.denoise.loop.CompletionStats` as
-    ``dataclasses.asdict`` (sent as ``diffgen_stats``; ``None``: none, nothing sent)."""
-
-    text: str
-    thoughts: Optional[str]
-    finish_reason: str
-    token_ids: tuple[int, ...]
-    prompt_tokens: int
-    completion_tokens: int
-    stats: Optional[dict[str, Any]] = None
-
-
-def new_id(kind: str) -> str:
-    return ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
-
-
-def usage(choices: list[Choice]) -> dict[str, int]:
-    prompt = choices[0].prompt_tokens if choices else 0
-    completion = sum(choice.completion_tokens for choice in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def response(request: Request, model: str, choices: list[Choice], *, id: str, created: int) -> dict[str, Any]:
-    """The whole (non-streamed) answer object."""
-    out = []
-    for index, choice in enumerate(choices):
-        if request.kind == "chat":
-            item: dict[str, Any] = {"index": index, "message": {"role": "assistant", "content": choice.text,
-                                                                "reasoning_content": choice.thoughts},
-                                    "finish_reason": choice.finish_reason, "logprobs": None}
-        else:
-            item = {"index": index, "text": choice.text, "reasoning_content": choice.thoughts,
-                    "finish_reason": choice.finish_reason, "logprobs": None}
-        if request.return_token_ids:
-            item["token_ids"] = list(choice.token_ids)
-        if choice.stats is not None:
-            item["diffgen_stats"] = choice.stats
-        out.append(item)
-    return {"id": id, "object": "chat.completion" if request.kind == "chat" else "text_completion",
-            "created": created, "model": model, "choices": out, "usage": usage(choices)}
-
-
-def chunk(request: Request, model: str, *, id: str, created: int, index: int, content: Optional[str] = None,
-          reasoning: Optional[str] = None, role: bool = False, finish_reason: Optional[str] = None,
-          token_ids: Optional[list[int]] = None, stats: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """One streamed chunk: a delta of the answer and/or the thoughts, or the finish (which carries
-    ``token_ids`` when asked and the choice's ``diffgen_stats`` when known)."""
-    if request.kind == "chat":
-        delta: dict[str, Any] = {"role": "assistant"} if role else {}
-        if content is not None:
-            delta["content"] = content
-        if reasoning is not None:
-            delta["reasoning_content"] = reasoning
-        item: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-        kind = "chat.completion.chunk"
-    else:
-        item = {"index": index, "text": content or "", "finish_reason": finish_reason, "logprobs": None}
-        if reasoning is not None:
-            item["reasoning_content"] = reasoning
-        kind = "text_completion"
-    if token_ids is not None:
-        item["token_ids"] = token_ids
-    if stats is not None:
-        item["diffgen_stats"] = stats
-    return {"id": id, "object": kind, "created": created, "model": model, "choices": [item]}
-
-
-def extension_chunk(request: Request, model: str, *, id: str, created: int, index: int, name: str,
-                    payload: dict[str, Any], role: bool = False) -> dict[str, Any]:
-    """An ordinary chunk of choice ``index`` with nothing in its delta, carrying ``payload`` as
-    the top-level field ``name`` (``diffgen_step`` or ``diffgen_canvas``): OpenAI clients see an
-    empty delta (or only the role, in a chat's first chunk) and go on; diffgen's own clients draw
-    the denoising from it."""
-    out = chunk(request, model, id=id, created=created, index=index, role=role)
-    out[name] = {"index": index, **payload}
-    return out
-
-
-def step_payload(record: Any) -> dict[str, Any]:
-    """``diffgen_step``'s fields from a :class:`~diffgen.records.trace.StepRecord` (one choice's
-    step on the host): the contract's ``canvas``, ``canvases``, ``step``, ``max_steps``,
-    ``temperature``, ``elapsed``, ``draft``, ``canvas_tokens``, ``accepted`` (0/1),
-    ``token_entropy`` (nats, 4 decimals), ``mean_entropy``, ``finished``, ``fixed`` (0/1 or null),
-    plus ``texts``: the display text of each accepted position (``""`` for noise), so that a client
-    without the model's tokenizer draws exactly what a local run draws."""
-    return {"canvas": record.canvas, "canvases": record.canvases, "step": record.step,
-            "max_steps": record.max_steps, "temperature": record.temperature, "elapsed": record.elapsed,
-            "draft": record.draft, "canvas_tokens": record.tokens, "accepted": [int(a) for a in record.accepted],
-            "token_entropy": record.entropy, "mean_entropy": record.mean_entropy, "finished": record.finished,
-            "fixed": None if record.fixed is None else [int(f) for f in record.fixed], "texts": record.texts}
-
-
-def canvas_payload(record: Any) -> dict[str, Any]:
-    """``diffgen_canvas``'s fields from a :class:`~diffgen.records.trace.CanvasRecord`: the committed
-    canvas (``tokens``, their ``texts``), the ``steps`` it took, ``finished`` (an EOS met),
-    ``elapsed`` seconds, ``fixed`` (0/1 or null)."""
-    return {"canvas": record.canvas, "canvases": record.canvases, "tokens": record.tokens, "texts": record.texts,
-            "steps": record.steps, "finished": record.finished, "elapsed": record.elapsed,
-            "fixed": None if record.fixed is None else [int(f) for f in record.fixed]}
-
-
-def usage_chunk(request: Request, model: str, choices: list[Choice], *, id: str, created: int) -> dict[str, Any]:
-    """``stream_options.include_usage``: the last chunk, no choices, the usage."""
-    kind = "chat.completion.chunk" if request.kind == "chat" else "text_completion"
-    return {"id": id, "object": kind, "created": created, "model": model, "choices": [], "usage": usage(choices)}
-
-
-class Deltas:
-    """Turns a choice's growing text (after each committed canvas) into the deltas to send.
-
-    A delta is what the text gained since the last one sent. Text that a later canvas might
-    still change is held back: the tail that could begin a stop string, and a trailing U+FFFD
-    (a character whose bytes are split across canvases). When a stop string appears, the text
-    is cut before it and :attr:`stopped` turns true; nothing more is sent for that choice.
-    """
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = stops
-        self.hold = max((len(stop) for stop in stops), default=1) - 1
-        self.sent = ""
-        self.stopped = False
-
-    def update(self, text: str, *, final: bool = False) -> str:
-        if self.stopped:
-            return ""
-        text, self.stopped = cut_at_stop(text, self.stops)
-        if not final and not self.stopped:
-            text = text.rstrip("\ufffd")
-            text = text[: max(len(self.sent), len(text) - self.hold)] if self.hold else text
-        if not text.startswith(self.sent):
-            return ""  # an earlier character changed (a split multibyte character): wait for the end
-        delta, self.sent = text[len(self.sent):], text
-        return delta
-
-
-def now() -> int:
-    return int(time.time())
