@@ -214,11 +214,11 @@ def test_progress_bar_shows_records_tokens_per_second_and_eta():
 
     from rich.console import Console
 
-    from diffgen.records.batch import Summary
-    from diffgen.cli.batch import _Progress
+    from diffgen.cli.batch_runner import Summary
+    from diffgen.cli.batch_runner import Progress
 
     console = Console(file=io.StringIO(), force_terminal=True, width=100)
-    progress = _Progress(console)
+    progress = Progress(console)
     progress.update(Summary(total=4, ok=0), 0)
     progress.update(Summary(total=4, ok=2, tokens=40), 40)
     progress.stop()
@@ -425,12 +425,12 @@ def test_resume_refuses_other_settings_unless_a_flag_says_so(tiny_checkpoint, tm
 def test_progress_lines_when_stderr_is_not_a_terminal():
     import io
 
-    from diffgen.cli.batch import _LineProgress
-    from diffgen.records.batch import Summary
+    from diffgen.cli.batch_runner import LineProgress
+    from diffgen.cli.batch_runner import Summary
 
     now = [0.0]
     stream = io.StringIO()
-    progress = _LineProgress(stream, interval=10, clock=lambda: now[0])
+    progress = LineProgress(stream, interval=10, clock=lambda: now[0])
     progress.update(Summary(total=4), 0)  # the first line comes at once
     now[0] = 4.0
     progress.update(Summary(total=4, ok=1, tokens=20), 20)  # within the interval: quiet
@@ -441,7 +441,7 @@ def test_progress_lines_when_stderr_is_not_a_terminal():
         "diffgen: progress: 3/4 records (1 failed), 3.3 tokens/s, about 4 s left",
     ]
     every = io.StringIO()
-    progress = _LineProgress(every, interval=0, clock=lambda: now[0])
+    progress = LineProgress(every, interval=0, clock=lambda: now[0])
     for done in range(3):
         progress.update(Summary(total=3, ok=done), 0)
     assert len(every.getvalue().splitlines()) == 3

@@ -4,39 +4,25 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli.common import check_trace_path, denoise_laid_out, exclusive, load_model, prepare_generation
+from diffgen.cli.common import check_trace_path, denoise_laid_out, exclusive
 from diffgen.cli.funnel import doing
+from diffgen.cli.job import LocalJob, answer_out
+from diffgen.cli.option_groups import Runtime, Sampler, grouped
 from diffgen.cli.options import (
     DEFAULT_MODEL,
     ClampedShowStepsOption,
     ClampedTraceOption,
-    CompileOption,
-    ConfidenceOption,
-    DeviceOption,
-    EntropyBoundOption,
-    ExactOption,
-    FastOption,
-    MaxMemoryOption,
     ModelOption,
     NoColorOption,
     OverwriteOption,
-    OffloadOption,
-    OfflineOption,
-    QuantOption,
     QuietOption,
     RawOption,
     SeedOption,
-    StabilityOption,
-    StepsOption,
     SystemOption,
-    TMaxOption,
-    TMinOption,
-    sampler_choice,
-    sampler_flags,
 )
 
 EPILOG = (
@@ -53,6 +39,7 @@ EPILOG = (
 )
 
 
+@grouped
 def edit(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="The file to revise, with spans marked {{~old text~}} (or --lines).",
@@ -69,21 +56,9 @@ def edit(
     model: ModelOption = DEFAULT_MODEL,
     system: SystemOption = None,
     raw: RawOption = False,
-    steps: StepsOption = None,
-    entropy_bound: EntropyBoundOption = None,
-    t_min: TMinOption = None,
-    t_max: TMaxOption = None,
-    stability: StabilityOption = None,
-    confidence: ConfidenceOption = None,
+    sampler: Sampler = Sampler(),
     seed: SeedOption = None,
-    device: DeviceOption = "auto",
-    exact: ExactOption = False,
-    fast: FastOption = False,
-    compile: CompileOption = False,
-    quant: QuantOption = "auto",
-    max_memory: MaxMemoryOption = None,
-    offload: OffloadOption = False,
-    offline: OfflineOption = False,
+    runtime: Runtime = Runtime(),
     quiet: QuietOption = False,
     show_steps: ClampedShowStepsOption = False,
     trace_file: ClampedTraceOption = None,
@@ -93,15 +68,46 @@ def edit(
     """Revise the marked spans of FILE as INSTRUCTION says; print the revised file (or a diff) on stdout."""
     from diffgen import prompt as prompt_mod
     from diffgen.denoise.constrained import edit as edit_mod
-    from diffgen.errors import UsageError
+    from diffgen.denoise.constrained import fill as fill_mod
 
     # Every flag and the file are checked before anything is read from the checkpoint.
     raw, system = exclusive(ctx, "a system prompt needs the chat template; drop --raw", raw=raw, system=system)
-    exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
-    exact_loop = sampler_choice(exact, fast, compile)
+    job = LocalJob(ctx, model, runtime, quiet=quiet)
     check_trace_path(trace_file, inputs=(file,), overwrite=overwrite)
-    flags = sampler_flags(steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, stability=stability,
-                          confidence=confidence)
+    document = _read_document(file, lines)
+
+    prepared = job.prepare(seed=seed, flags=sampler.flags())
+    with job.tokenizing() as tokenizer:
+        prefix = prompt_mod.encode(tokenizer, instruction, system=system, raw=raw)
+        plan, _, _ = edit_mod.edit_layout(document, tokenizer, job.canvas_length, prepared.settings.pad_token_id)
+    settings = fill_mod.fill_settings(prepared.settings, plan)
+    job.check_context(len(prefix), settings, refusal=lambda: (
+        f"the instruction ({len(prefix)} tokens) plus the file ({plan.length} tokens with the spans' room to "
+        f"grow, {len(plan.tokens)} positions in whole canvases) do not fit the model's context",
+        "revise a shorter file or mark fewer spans"))
+    loaded = job.load()
+    result, trace_failure = denoise_laid_out(
+        job.console, tokenizer,
+        lambda on_event: edit_mod.edit(loaded, prefix, document, settings, exact=job.exact, compile=job.compile,
+                                       on_event=on_event),
+        phase="revising the file", show_steps=show_steps, trace_file=trace_file, model=model,
+        prompt=instruction, settings=settings, canvas_length=job.canvas_length, quiet=quiet)
+
+    def write() -> None:
+        if diff:
+            sys.stdout.write(edit_mod.unified_diff(result.original, result.text, Path(file).name))
+        else:
+            sys.stdout.write(result.text)
+        sys.stdout.flush()
+
+    answer_out(write, trace_failure)
+
+
+def _read_document(file: Path, lines: Optional[list[str]]) -> Any:
+    """The file's text, split into the spans to revise and the text kept byte for byte."""
+    from diffgen import prompt as prompt_mod
+    from diffgen.denoise.constrained import edit as edit_mod
+    from diffgen.errors import UsageError
 
     with doing("reading the file"):
         data = prompt_mod.read_file(file, "the file")
@@ -113,45 +119,4 @@ def edit(
             raise UsageError(f"{file} is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}), and edit keeps "
                              "every byte outside the spans exactly", "convert it first, e.g. iconv -f latin1 -t utf-8"
                              ) from exc
-        document = edit_mod.parse_lines(text, lines) if lines else edit_mod.parse_marked(text)
-
-    from diffgen.ui import render
-
-    console = render.error_console()
-    prepared = prepare_generation(model, seed=seed, flags=flags, quiet=quiet, offline=offline, device=device, quant=quant,
-                                  max_memory=max_memory, offload=offload)
-    from diffgen.denoise.constrained import fill as fill_mod
-    from diffgen.denoise import loop
-    from diffgen.loading import loader
-
-    with doing("loading the tokenizer"):
-        tokenizer = loader.load_tokenizer(prepared.checkpoint.path)
-        prefix = prompt_mod.encode(tokenizer, instruction, system=system, raw=raw)
-        canvas_length = int(prepared.config.get("canvas_length", 256))
-        plan, _, _ = edit_mod.edit_layout(document, tokenizer, canvas_length, prepared.settings.pad_token_id)
-    settings = fill_mod.fill_settings(prepared.settings, plan)
-    from diffgen.errors import PromptTooLongError
-
-    try:
-        loop.check_context_config(prepared.config, len(prefix), settings)
-    except PromptTooLongError as exc:
-        raise PromptTooLongError(
-            f"the instruction ({len(prefix)} tokens) plus the file ({plan.length} tokens with the spans' room to "
-            f"grow, {len(plan.tokens)} positions in whole canvases) do not fit the model's context",
-            "revise a shorter file or mark fewer spans") from exc
-    loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
-    result, trace_failure = denoise_laid_out(
-        console, tokenizer,
-        lambda on_event: edit_mod.edit(loaded, prefix, document, settings, exact=exact_loop, compile=compile,
-                                       on_event=on_event),
-        phase="revising the file", show_steps=show_steps, trace_file=trace_file, model=model,
-        prompt=instruction, settings=settings, canvas_length=canvas_length, quiet=quiet)
-
-    with doing("writing the answer to stdout"):
-        if diff:
-            sys.stdout.write(edit_mod.unified_diff(result.original, result.text, Path(file).name))
-        else:
-            sys.stdout.write(result.text)
-        sys.stdout.flush()
-    if trace_failure is not None:
-        raise trace_failure  # the answer is out; the trace could not be written
+        return edit_mod.parse_lines(text, lines) if lines else edit_mod.parse_marked(text)

@@ -3,48 +3,26 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli.common import (
-    check_trace_path,
-    denoise_laid_out,
-    encode_with_images,
-    exclusive,
-    load_model,
-    prepare_generation,
-    read_images,
-)
+from diffgen.cli.common import check_trace_path, denoise_laid_out, encode_with_images, exclusive, read_images
 from diffgen.cli.funnel import doing
+from diffgen.cli.job import LocalJob, answer_out
+from diffgen.cli.option_groups import Runtime, Sampler, grouped
 from diffgen.cli.options import (
     DEFAULT_MODEL,
     ClampedShowStepsOption,
     ClampedTraceOption,
-    CompileOption,
-    ConfidenceOption,
-    DeviceOption,
-    EntropyBoundOption,
-    ExactOption,
-    FastOption,
     ImageOption,
-    MaxMemoryOption,
     ModelOption,
     NoColorOption,
     OverwriteOption,
-    OffloadOption,
-    OfflineOption,
-    QuantOption,
     QuietOption,
     RawOption,
     SeedOption,
-    StabilityOption,
-    StepsOption,
     SystemOption,
-    TMaxOption,
-    TMinOption,
-    sampler_choice,
-    sampler_flags,
 )
 
 EPILOG = (
@@ -62,6 +40,7 @@ EPILOG = (
 )
 
 
+@grouped
 def fill(
     ctx: typer.Context,
     template: Annotated[
@@ -79,21 +58,9 @@ def fill(
     image: ImageOption = None,
     system: SystemOption = None,
     raw: RawOption = False,
-    steps: StepsOption = None,
-    entropy_bound: EntropyBoundOption = None,
-    t_min: TMinOption = None,
-    t_max: TMaxOption = None,
-    stability: StabilityOption = None,
-    confidence: ConfidenceOption = None,
+    sampler: Sampler = Sampler(),
     seed: SeedOption = None,
-    device: DeviceOption = "auto",
-    exact: ExactOption = False,
-    fast: FastOption = False,
-    compile: CompileOption = False,
-    quant: QuantOption = "auto",
-    max_memory: MaxMemoryOption = None,
-    offload: OffloadOption = False,
-    offline: OfflineOption = False,
+    runtime: Runtime = Runtime(),
     quiet: QuietOption = False,
     json_output: Annotated[
         bool,
@@ -106,22 +73,57 @@ def fill(
     no_color: NoColorOption = False,
 ) -> None:
     """Fill the holes of TEMPLATE (or stdin) and print the filled template on stdout."""
-    from diffgen import prompt as prompt_mod
-    from diffgen.denoise.constrained.fill import parse_template
+    from diffgen.denoise.constrained import fill as fill_mod
 
     # Every flag and the template are checked before anything is read from the checkpoint.
     raw, system = exclusive(ctx, "a system prompt needs the chat template; drop --raw", raw=raw, system=system)
-    exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
-    exact_loop = sampler_choice(exact, fast, compile)
+    job = LocalJob(ctx, model, runtime, quiet=quiet)
     check_trace_path(trace_file, inputs=(image,), overwrite=overwrite)
-    flags = sampler_flags(steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, stability=stability,
-                          confidence=confidence)
     if image and raw:
         from diffgen.errors import UsageError
 
         raise UsageError("--image does not combine with --raw: the chat template places the images",
                          "drop --raw or --image")
     pictures, _ = read_images(image, template, what="the template")
+    parsed = _read_template(template, quiet=quiet)
+
+    prepared = job.prepare(seed=seed, flags=sampler.flags(), images=len(pictures))
+    with job.tokenizing() as tokenizer:
+        prefix = _prefix(tokenizer, prepared, prompt, system=system, raw=raw)
+        plan = fill_mod.layout(parsed, tokenizer, job.canvas_length, prepared.settings.pad_token_id)
+    settings = fill_mod.fill_settings(prepared.settings, plan)
+    vision = None
+    if pictures:  # the images go into a user turn before the prompt's text, as with run --image
+        prefix, vision = encode_with_images(prepared, tokenizer, prompt or "", pictures, system=system, think=False,
+                                            settings=settings)
+    job.check_context(len(prefix), settings, refusal=lambda: (
+        f"the prompt ({len(prefix)} tokens) plus the template ({plan.length} tokens, {len(plan.tokens)} "
+        f"positions in whole canvases) do not fit the model's context",
+        "shorten the template, its holes or the prompt"))
+    loaded = job.load()
+    result, trace_failure = denoise_laid_out(
+        job.console, tokenizer,
+        lambda on_event: fill_mod.fill(loaded, prefix, parsed, settings, exact=job.exact, compile=job.compile,
+                                       on_event=on_event, vision=vision),
+        phase="filling the template", show_steps=show_steps, trace_file=trace_file, model=model,
+        prompt=prompt or "", settings=settings, canvas_length=job.canvas_length, quiet=quiet)
+
+    def write() -> None:
+        from diffgen.ui import render
+
+        if json_output:
+            render.write_json(fill_record(result, model=model), sys.stdout)
+        else:
+            sys.stdout.write(result.text + "\n")
+            sys.stdout.flush()
+
+    answer_out(write, trace_failure)
+
+
+def _read_template(template: Optional[str], *, quiet: bool) -> Any:
+    """The template (from stdin for none or ``-``), parsed into text and holes."""
+    from diffgen import prompt as prompt_mod
+    from diffgen.denoise.constrained.fill import parse_template
 
     with doing("reading the template"):
         if template is None or template == "-":
@@ -137,55 +139,17 @@ def fill(
             text = text[:-1] if text.endswith("\n") else text
         else:
             text = template
-        parsed = parse_template(text)
+        return parse_template(text)
 
-    from diffgen.ui import render
 
-    console = render.error_console()
-    prepared = prepare_generation(model, seed=seed, flags=flags, quiet=quiet, offline=offline, device=device, quant=quant,
-                                  max_memory=max_memory, offload=offload, images=len(pictures))
-    from diffgen.denoise.constrained import fill as fill_mod
-    from diffgen.denoise import loop
-    from diffgen.loading import loader
+def _prefix(tokenizer: Any, prepared: Any, prompt: Optional[str], *, system: Optional[str], raw: bool) -> list[int]:
+    """The tokens before the template: the prompt through the chat template, or only the
+    tokenizer's own start (or a pad) when there is neither a prompt nor a system prompt."""
+    from diffgen import prompt as prompt_mod
 
-    with doing("loading the tokenizer"):
-        tokenizer = loader.load_tokenizer(prepared.checkpoint.path)
-        if prompt is None and not system:
-            prefix = list(tokenizer("", add_special_tokens=True)["input_ids"]) or [prepared.settings.pad_token_id]
-        else:
-            prefix = prompt_mod.encode(tokenizer, prompt or "", system=system, raw=raw)
-        canvas_length = int(prepared.config.get("canvas_length", 256))
-        plan = fill_mod.layout(parsed, tokenizer, canvas_length, prepared.settings.pad_token_id)
-    settings = fill_mod.fill_settings(prepared.settings, plan)
-    vision = None
-    if pictures:  # the images go into a user turn before the prompt's text, as with run --image
-        prefix, vision = encode_with_images(prepared, tokenizer, prompt or "", pictures, system=system, think=False,
-                                            settings=settings)
-    from diffgen.errors import PromptTooLongError
-
-    try:
-        loop.check_context_config(prepared.config, len(prefix), settings)
-    except PromptTooLongError as exc:
-        raise PromptTooLongError(
-            f"the prompt ({len(prefix)} tokens) plus the template ({plan.length} tokens, {len(plan.tokens)} "
-            f"positions in whole canvases) do not fit the model's context",
-            "shorten the template, its holes or the prompt") from exc
-    loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
-    result, trace_failure = denoise_laid_out(
-        console, tokenizer,
-        lambda on_event: fill_mod.fill(loaded, prefix, parsed, settings, exact=exact_loop, compile=compile,
-                                       on_event=on_event, vision=vision),
-        phase="filling the template", show_steps=show_steps, trace_file=trace_file, model=model,
-        prompt=prompt or "", settings=settings, canvas_length=canvas_length, quiet=quiet)
-
-    with doing("writing the answer to stdout"):
-        if json_output:
-            render.write_json(fill_record(result, model=model), sys.stdout)
-        else:
-            sys.stdout.write(result.text + "\n")
-            sys.stdout.flush()
-    if trace_failure is not None:
-        raise trace_failure  # the answer is out; the trace could not be written
+    if prompt is None and not system:
+        return list(tokenizer("", add_special_tokens=True)["input_ids"]) or [prepared.settings.pad_token_id]
+    return prompt_mod.encode(tokenizer, prompt or "", system=system, raw=raw)
 
 
 def fill_record(result, *, model: str) -> dict:

@@ -85,15 +85,7 @@ def info(
             text_config = checkpoint_config.get("text_config", checkpoint_config)
             limit = text_config.get("max_position_embeddings")
             image_tokens = plan.image_context(images, _soft_tokens(where))
-            if context is not None and limit is not None and context + image_tokens > limit:
-                also = f" plus {images} image(s) ({image_tokens} tokens)" if images else ""
-                raise UsageError(f"--context {context}{also} is more than the model's context of {limit}",
-                                 "lower --context" + (" or --images" if images else ""))
-            if context is None:  # the default, within the model's context with the images
-                context = DEFAULT_CONTEXT if limit is None else max(min(DEFAULT_CONTEXT, limit - image_tokens), 1)
-                if limit is not None and image_tokens >= limit:
-                    raise UsageError(f"{images} image(s) ({image_tokens} tokens) fill the model's context of {limit}",
-                                     "lower --images")
+            context = _context(context, limit, images, image_tokens)
             full = plan.estimates(checkpoint_config, counts, device=device_name, dtype=dtype, budget=budget,
                                   hardware=profile, context=context + image_tokens, batch=batch, images=images)
             table = full if fmt is None else plan.estimates(
@@ -120,6 +112,23 @@ def info(
 
 
 DEFAULT_CONTEXT = 8192
+
+
+def _context(context: Optional[int], limit: Optional[int], images: int, image_tokens: int) -> int:
+    """The context to plan for: ``--context`` checked against the model's (with the images'
+    tokens), or the default within it."""
+    from diffgen.errors import UsageError
+
+    if context is not None and limit is not None and context + image_tokens > limit:
+        also = f" plus {images} image(s) ({image_tokens} tokens)" if images else ""
+        raise UsageError(f"--context {context}{also} is more than the model's context of {limit}",
+                         "lower --context" + (" or --images" if images else ""))
+    if context is None:  # the default, within the model's context with the images
+        context = DEFAULT_CONTEXT if limit is None else max(min(DEFAULT_CONTEXT, limit - image_tokens), 1)
+        if limit is not None and image_tokens >= limit:
+            raise UsageError(f"{images} image(s) ({image_tokens} tokens) fill the model's context of {limit}",
+                             "lower --images")
+    return context
 
 
 def _soft_tokens(where: Any) -> Optional[int]:

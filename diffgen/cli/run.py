@@ -2,57 +2,32 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli.common import (
-    check_trace_path,
-    encode_with_images,
-    exclusive,
-    load_model,
-    observing,
-    parameter_source,
-    prepare_generation,
-    read_images,
-    refuse_local_only,
-    status,
-)
+from diffgen.cli.common import check_trace_path, exclusive, parameter_source, read_images, refuse_local_only, status
 from diffgen.cli.funnel import doing
+from diffgen.cli.job import LocalJob, answer_out
+from diffgen.cli.option_groups import Runtime, Sampler, grouped
 from diffgen.cli.options import (
-    CompileOption,
     DEFAULT_MODEL,
-    ConfidenceOption,
-    DeviceOption,
-    EntropyBoundOption,
-    ExactOption,
-    FastOption,
     ImageOption,
-    MaxMemoryOption,
     MaxNewTokensOption,
     ModelOption,
     NoColorOption,
-    OverwriteOption,
     NoStdinOption,
-    OffloadOption,
-    OfflineOption,
-    QuantOption,
+    OverwriteOption,
     QuietOption,
     RawOption,
     SeedOption,
     ServerOption,
-    StabilityOption,
-    StepsOption,
     SystemOption,
     ThinkOption,
-    TMaxOption,
-    TMinOption,
-    sampler_choice,
-    sampler_flags,
 )
+from diffgen.cli.run_backends import Ask, LocalRun, RemoteRun, Watch, write_answer
 
 EPILOG = (
     "Examples:\n\n"
@@ -72,6 +47,7 @@ EPILOG = (
 )
 
 
+@grouped
 def run(
     ctx: typer.Context,
     prompt: Annotated[
@@ -89,21 +65,9 @@ def run(
     raw: RawOption = False,
     think: ThinkOption = False,
     max_new_tokens: MaxNewTokensOption = None,
-    steps: StepsOption = None,
-    entropy_bound: EntropyBoundOption = None,
-    t_min: TMinOption = None,
-    t_max: TMaxOption = None,
-    stability: StabilityOption = None,
-    confidence: ConfidenceOption = None,
+    sampler: Sampler = Sampler(),
     seed: SeedOption = None,
-    device: DeviceOption = "auto",
-    exact: ExactOption = False,
-    fast: FastOption = False,
-    compile: CompileOption = False,
-    quant: QuantOption = "auto",
-    max_memory: MaxMemoryOption = None,
-    offload: OffloadOption = False,
-    offline: OfflineOption = False,
+    runtime: Runtime = Runtime(),
     no_stdin: NoStdinOption = False,
     quiet: QuietOption = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print one line of timing and step stats on stderr.")] = False,
@@ -136,97 +100,65 @@ def run(
     no_color: NoColorOption = False,
 ) -> None:
     """Generate an answer to PROMPT (and/or stdin) and print it on stdout."""
-    from diffgen import prompt as prompt_mod
-
     # Every flag is checked before anything is read or loaded.
     raw, think = exclusive(ctx, "thinking mode needs the chat template; drop --raw", raw=raw, think=think)
     raw, system = exclusive(ctx, "a system prompt needs the chat template; drop --raw", raw=raw, system=system)
-    exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
-    exact_loop = sampler_choice(exact, fast, compile)
+    job = LocalJob(ctx, model, runtime, quiet=quiet)
     check_trace_path(trace_file, inputs=(file, schema_file, image), overwrite=overwrite)
-    flags = sampler_flags(max_new_tokens, steps, entropy_bound, t_min, t_max, stability, confidence)
+    flags = sampler.flags(max_new_tokens=max_new_tokens)
     if server:
         refuse_local_only(ctx, LOCAL_ONLY)
-    schema = None
-    if schema_file is not None:
-        from diffgen.denoise.constrained.schema import load_schema
-        from diffgen.errors import UsageError
-
-        if show_steps or trace_file is not None or think:
-            raise UsageError("--schema does not combine with --show-steps, --trace or --think yet",
-                             "drop one of them")
-        with doing("reading the schema"):
-            schema = load_schema(schema_file.read_text(encoding="utf-8"), f"the schema {schema_file.name}")
-    elif retries:
-        from diffgen.errors import UsageError
-
-        raise UsageError("--retries resamples the value slots of --schema", "add --schema FILE or drop --retries")
+    schema = _read_schema(schema_file, retries, observed=show_steps or trace_file is not None or think)
     if image and (raw or schema is not None):
         from diffgen.errors import UsageError
 
         raise UsageError(f"--image does not combine with {'--raw' if raw else '--schema'}: the chat template "
                          "places the images", f"drop {'--raw' if raw else '--schema'} or --image")
     pictures, stdin_taken = read_images(image, prompt)
+    text = _compose(prompt, file or (), no_stdin=no_stdin or stdin_taken, quiet=quiet)
 
-    with doing("reading the prompt"):
-        stdin = None if no_stdin or stdin_taken else prompt_mod.read_stdin(sys.stdin)
-        composed = prompt_mod.compose(prompt, stdin, file or ())
-    for warning in composed.warnings if not quiet else ():
-        typer.echo(f"diffgen: warning: {warning}", err=True)
-
-    from diffgen.ui import render
-
-    console = render.error_console()
+    ask = Ask(text, system=system, raw=raw, think=think, pictures=pictures, flags=flags, seed=seed)
+    watch = Watch(job.console, show_steps=show_steps, trace_file=trace_file, model=model, quiet=quiet)
     if server:
         explicit = parameter_source(ctx, "model") in ("COMMANDLINE", "ENVIRONMENT", None)
-        _remote_run(server, composed.text, console, model=model if explicit else None, system=system, raw=raw,
-                    think=think, flags=flags, seed=seed, json_output=json_output, stats=stats, show_steps=show_steps,
-                    trace_file=trace_file, quiet=quiet, pictures=pictures)
+        answer, trace_failure = RemoteRun(server, model if explicit else None, ask).answer(watch)
+    elif schema is not None:
+        local = LocalRun(job, ask)
+        _schema_run(job, local.encode()[0], schema, retries=retries, json_output=json_output, stats=stats)
         return
-    prepared = prepare_generation(model, seed=seed, flags=flags, quiet=quiet, offline=offline, device=device, quant=quant,
-                                  max_memory=max_memory, offload=offload, images=len(pictures))
-    settings = prepared.settings
-    from diffgen.denoise import loop
-    from diffgen.loading import loader
+    else:
+        answer, trace_failure = LocalRun(job, ask).answer(watch)
+    answer_out(lambda: write_answer(answer, job.console, json_output=json_output, thoughts=think and not show_steps,
+                                    stats=stats), trace_failure)
 
-    # Tokenise and check the context before the (long) weight load.
-    with doing("loading the tokenizer"):
-        tokenizer = loader.load_tokenizer(prepared.checkpoint.path)
-        # Refused by its size before it is tokenised (50 MB of text would take a minute and GBs).
-        prompt_mod.check_fits(composed.text, prepared.config.get("text_config", prepared.config)
-                              .get("max_position_embeddings"), tokenizer)
-        ids = prompt_mod.encode(tokenizer, composed.text, system=system, think=think, raw=raw)
-    vision = None
-    if pictures:
-        ids, vision = encode_with_images(prepared, tokenizer, composed.text, pictures, system=system, think=think)
-    if schema is not None:
-        _schema_run(prepared, tokenizer, ids, schema, console, model=model, retries=retries, exact=exact_loop,
-                    compile=compile, quiet=quiet, json_output=json_output, stats=stats)
-        return
-    loop.check_context_config(prepared.config, len(ids), settings)
-    loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
-    trace_failure = None
-    with doing("generating"):
-        if show_steps or trace_file is not None:
-            result, trace_failure = _observed(loaded, ids, settings, console, show_steps=show_steps, trace_file=trace_file,
-                               model=model, prompt=composed.text, exact=exact_loop, compile=compile, vision=vision)
-        else:
-            with status(console, "Denoising", quiet=quiet):
-                result = loop.generate(loaded, [ids], settings, exact=exact_loop, compile=compile,
-                                           vision=[vision])
-    completion = result.completions[0]
 
-    with doing("writing the answer to stdout"):
-        if json_output:
-            render.write_json(render.completion_record(completion, result, model=model), sys.stdout)
-        else:
-            if think and completion.thoughts and not show_steps:
-                render.show_thoughts(completion.thoughts, console)
-            render.write_answer(completion, sys.stdout)
-        if stats:
-            typer.echo(render.stats_line(completion), err=True)
-    if trace_failure is not None:
-        raise trace_failure  # the answer is out; the trace could not be written
+def _read_schema(schema_file: Optional[Path], retries: int, *, observed: bool) -> Optional[dict]:
+    """``--schema``'s JSON Schema (``observed``: --show-steps, --trace or --think, which it does
+    not combine with yet)."""
+    from diffgen.errors import UsageError
+
+    if schema_file is None:
+        if retries:
+            raise UsageError("--retries resamples the value slots of --schema", "add --schema FILE or drop --retries")
+        return None
+    from diffgen.denoise.constrained.schema import load_schema
+
+    if observed:
+        raise UsageError("--schema does not combine with --show-steps, --trace or --think yet", "drop one of them")
+    with doing("reading the schema"):
+        return load_schema(schema_file.read_text(encoding="utf-8"), f"the schema {schema_file.name}")
+
+
+def _compose(prompt: Optional[str], files: Any, *, no_stdin: bool, quiet: bool) -> str:
+    """The prompt: stdin (unless ``no_stdin``), the files and the argument; its warnings said."""
+    from diffgen import prompt as prompt_mod
+
+    with doing("reading the prompt"):
+        stdin = None if no_stdin else prompt_mod.read_stdin(sys.stdin)
+        composed = prompt_mod.compose(prompt, stdin, files)
+    for warning in composed.warnings if not quiet else ():
+        typer.echo(f"diffgen: warning: {warning}", err=True)
+    return composed.text
 
 
 # Flags of a local run that mean nothing for a model behind --server (parameter -> flag).
@@ -235,90 +167,29 @@ LOCAL_ONLY = {"device": "--device", "exact": "--exact", "fast": "--fast", "compi
               "retries": "--retries"}
 
 
-def _remote_run(server: str, text: str, console: Any, *, model: Optional[str], system: Optional[str], raw: bool,
-                think: bool, flags: dict[str, Any], seed: Optional[int], json_output: bool, stats: bool,
-                show_steps: bool, trace_file: Optional[Path], quiet: bool, pictures: list[Any]) -> None:
-    """``run --server``: the same prompt, flags and output as a local run, generated by a server."""
-    import secrets
-
-    from diffgen.errors import UsageError
-    from diffgen.remote import requests as remote
-    from diffgen.remote.client import Client
-    from diffgen.ui import render
-
-    seed = seed if seed is not None else secrets.randbelow(2**31)
-    with Client(server) as client:
-        with doing("asking the server for its model"):
-            served = client.model(model)
-        observe = show_steps or trace_file is not None
-        if observe and (served.settings is None or served.canvas_length is None):
-            raise UsageError(f"the server at {client.url} does not stream denoising steps, so --show-steps and "
-                             "--trace cannot draw them (diffgen serve does; other OpenAI-compatible servers do not)",
-                             "drop --show-steps / --trace")
-        image_urls: tuple[str, ...] = ()
-        if pictures:
-            from diffgen.images import data_url
-
-            image_urls = tuple(data_url(picture) for picture in pictures)
-        body, chat = remote.body(served.id, text, system=system, think=think, raw=raw, flags=flags, seed=seed,
-                                 image_urls=image_urls)
-        settings = remote.settings(served, flags, seed)
-        trace_failure = None
-        with doing("generating on the server"):
-            if observe:
-                with observing(console, None, show_steps=show_steps, trace_file=trace_file, model=served.id,
-                               prompt=text, settings=settings, canvas_length=int(served.canvas_length),
-                               channel_ids=served.channel_ids) as observer:
-                    answer = remote.stream_answer(client, body, chat=chat, on_record=observer.on_record)
-                    if observer.writer is not None:
-                        observer.writer.result({"text": answer.text, "thoughts": answer.thoughts,
-                                                "finish_reason": answer.finish_reason, "stats": answer.stats})
-                trace_failure = observer.failure
-            else:
-                with status(console, "Denoising on the server", quiet=quiet):
-                    answer = client.complete(body, chat=chat)
-
-    with doing("writing the answer to stdout"):
-        if json_output:
-            render.write_json(remote.record(answer, model=served.id, seed=seed, settings=settings), sys.stdout)
-        else:
-            if think and answer.thoughts and not show_steps:
-                render.show_thoughts(answer.thoughts, console)
-            render.write_answer(answer, sys.stdout)
-        if stats:
-            if answer.stats is not None:
-                typer.echo(render.stats_line_of(answer.stats, answer.finish_reason), err=True)
-            else:
-                usage = answer.usage or {}
-                typer.echo(render.usage_line(usage.get("completion_tokens"), usage.get("prompt_tokens"),
-                                             answer.seconds, answer.finish_reason), err=True)
-    if trace_failure is not None:
-        raise trace_failure  # the answer is out; the trace could not be written
-
-
-def _schema_run(prepared: Any, tokenizer: Any, ids: list[int], schema: dict, console: Any, *, model: str,
-                retries: int, exact: Optional[bool], compile: bool, quiet: bool, json_output: bool,
+def _schema_run(job: LocalJob, ids: list[int], schema: dict, *, retries: int, json_output: bool,
                 stats: bool) -> None:
     """``run --schema``: lay out the schema (context checked before the weights), generate, print."""
-    from diffgen.denoise import loop
     from diffgen.denoise.constrained import schema as schema_mod
     from diffgen.ui import render
 
+    prepared, tokenizer = job.prepared, job.tokenizer
     settings = prepared.settings
     text_config = prepared.config.get("text_config", prepared.config)
     with doing("laying out the schema"):
         vocab = schema_mod.vocabulary(tokenizer, int(text_config.get("vocab_size", len(tokenizer))),
                                       settings.pad_token_id)
-        plan = schema_mod.layout(schema, tokenizer, vocab, int(prepared.config.get("canvas_length", 256)))
-    loop.check_context_config(prepared.config, len(ids), settings.replace(max_new_tokens=len(plan.tokens)))
-    loaded = load_model(prepared, console, quiet=quiet, tokenizer=tokenizer)
+        plan = schema_mod.layout(schema, tokenizer, vocab, job.canvas_length)
+    job.check_context(len(ids), settings.replace(max_new_tokens=len(plan.tokens)))
+    loaded = job.load()
     with doing("generating"):
-        with status(console, "Denoising", quiet=quiet):
-            result = schema_mod.generate_json(loaded, ids, schema, settings, retries=retries, exact=exact,
-                                              compile=compile, vocab=vocab)
-    with doing("writing the answer to stdout"):
+        with status(job.console, "Denoising", quiet=job.quiet):
+            result = schema_mod.generate_json(loaded, ids, schema, settings, retries=retries, exact=job.exact,
+                                              compile=job.compile, vocab=vocab)
+
+    def write() -> None:
         if json_output:
-            render.write_json(schema_record(result, model=model), sys.stdout)
+            render.write_json(schema_record(result, model=job.model), sys.stdout)
         else:
             sys.stdout.write(result.text + "\n")
             sys.stdout.flush()
@@ -326,6 +197,8 @@ def _schema_run(prepared: Any, tokenizer: Any, ids: list[int], schema: dict, con
             unsure = sum(slot.mean_entropy > schema_mod.RETRY_ENTROPY for slot in result.slots)
             typer.echo(f"{len(result.slots)} slots ({unsure} unsure) | {result.forwards} decoder passes | "
                        f"{result.seconds:.2f} s", err=True)
+
+    answer_out(write, None)
 
 
 def schema_record(result: Any, *, model: str) -> dict:
@@ -345,25 +218,3 @@ def schema_record(result: Any, *, model: str) -> dict:
         "seconds": result.seconds,
         "settings": result.settings.to_dict(),
     }
-
-
-def _observed(loaded: Any, ids: list[int], settings: Any, console: Any, *, show_steps: bool,
-              trace_file: Optional[Path], model: str, prompt: str, exact: Optional[bool],
-              compile: bool = False, vision: Any = None) -> tuple[Any, Optional[BaseException]]:
-    """Run a generation whose steps feed the live view and/or a trace file; return its result and
-    the trace's write error (``None`` when it was written)."""
-    from diffgen.denoise import loop
-
-    generation = loop.stream(loaded, [ids], settings, observe=True, exact=exact, compile=compile,
-                                 vision=[vision])
-    with observing(console, loaded.tokenizer, show_steps=show_steps, trace_file=trace_file, model=model,
-                   prompt=prompt, settings=settings, canvas_length=generation.canvas_length) as observer:
-        for event in generation:
-            observer.on_event(event)
-        result = generation.result
-        if observer.writer is not None:
-            completion = result.completions[0]
-            observer.writer.result({"text": completion.text, "thoughts": completion.thoughts,
-                                    "finish_reason": completion.finish_reason,
-                                    "stats": dataclasses.asdict(completion.stats)})
-    return result, observer.failure

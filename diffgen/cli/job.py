@@ -1,0 +1,91 @@
+"""The recipe a local generation follows (``run``, ``fill``, ``edit``), written once.
+
+Flags checked, then: plan the load (:meth:`LocalJob.prepare`), load the tokenizer and encode
+(:meth:`LocalJob.tokenizing`), check the context before the weights (:meth:`LocalJob.check_context`),
+load them (:meth:`LocalJob.load`), denoise, and write the answer before any trace error is raised
+(:func:`answer_out`). The commands keep their own parsing, layout and printing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
+
+from diffgen.cli.common import exclusive, load_model, prepare_generation
+from diffgen.cli.funnel import doing
+from diffgen.cli.option_groups import Runtime
+from diffgen.cli.options import sampler_choice
+
+
+class LocalJob:
+    """One generation on a model loaded here, for ``model`` with the ``runtime`` options."""
+
+    def __init__(self, ctx: Any, model: str, runtime: Runtime, *, quiet: bool):
+        exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=runtime.exact,
+                                fast=runtime.fast)
+        #: the options, ``--exact`` / ``--fast`` resolved against the config file's defaults
+        self.runtime = dataclasses.replace(runtime, exact=exact, fast=fast)
+        #: the loop's ``exact`` argument (``None``: the device's default)
+        self.exact = sampler_choice(exact, fast, runtime.compile)
+        self.compile = runtime.compile
+        self.model, self.quiet = model, quiet
+        self.prepared: Any = None
+        self.tokenizer: Any = None
+        self._console: Any = None
+
+    @property
+    def console(self) -> Any:
+        """The stderr console (plan line, spinner, live view)."""
+        if self._console is None:
+            from diffgen.ui import render
+
+            self._console = render.error_console()
+        return self._console
+
+    def prepare(self, *, seed: Optional[int], flags: dict[str, Any], images: int = 0) -> Any:
+        """Plan the load: the checkpoint's config, the memory plan and the settings."""
+        self.prepared = prepare_generation(self.model, seed=seed, flags=flags, quiet=self.quiet,
+                                           **self.runtime.load(), images=images)
+        return self.prepared
+
+    @property
+    def canvas_length(self) -> int:
+        return int(self.prepared.config.get("canvas_length", 256))
+
+    @contextlib.contextmanager
+    def tokenizing(self) -> Iterator[Any]:
+        """The tokenizer, loaded; what the block does with it (encode, lay out) is the same phase."""
+        from diffgen.loading import loader
+
+        with doing("loading the tokenizer"):
+            self.tokenizer = loader.load_tokenizer(self.prepared.checkpoint.path)
+            yield self.tokenizer
+
+    def check_context(self, prompt_tokens: int, settings: Any, *, refusal: Optional[Callable[[], tuple[str, str]]] = None
+                      ) -> None:
+        """Refuse, before the weights load, a prompt and answer that do not fit the model's context;
+        ``refusal()`` gives the message and hint that say why in the command's own terms."""
+        from diffgen.denoise import loop
+        from diffgen.errors import PromptTooLongError
+
+        try:
+            loop.check_context_config(self.prepared.config, prompt_tokens, settings)
+        except PromptTooLongError as exc:
+            if refusal is None:
+                raise
+            raise PromptTooLongError(*refusal()) from exc
+
+    def load(self) -> Any:
+        """The weights, loaded after the plan line."""
+        return load_model(self.prepared, self.console, quiet=self.quiet, tokenizer=self.tokenizer)
+
+
+def answer_out(write: Callable[[], None], trace_failure: Optional[BaseException]) -> None:
+    """Write the answer on stdout, then raise the trace's write error, if any: the answer is out
+    before the trace's failure is reported."""
+    with doing("writing the answer to stdout"):
+        write()
+    if trace_failure is not None:
+        raise trace_failure  # the answer is out; the trace could not be written
