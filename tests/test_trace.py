@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from diffgen.cli.app import app
 from diffgen.ui.picture import settle_steps
 from diffgen.records.trace import CanvasRecord, StepRecord, read_trace
-from diffgen.ui.view import _visible
+from diffgen.ui.view import visible
 
 runner = CliRunner()
 RUN = ["run", "--seed", "3", "-n", "32", "--steps", "5", "Why is the sky blue?"]
@@ -85,7 +85,7 @@ def test_svg_is_well_formed_and_shows_every_token(traced, tmp_path):
     texts = [t for r in trace.records if isinstance(r, CanvasRecord) for t in r.texts if t.strip()]
     assert texts
     for text in texts:
-        assert "".join(_visible(text).split()) in shown
+        assert "".join(visible(text).split()) in shown
     assert "settled at step" in shown.replace(" ", "") or "settledatstep" in shown
     assert "acceptedtokensperstep" in shown
     assert html.read_text().lstrip().lower().startswith("<!doctype html>")

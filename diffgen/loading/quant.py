@@ -2,7 +2,7 @@
 
 bitsandbytes' ``BitsAndBytesConfig`` only touches ``nn.Linear``: DiffusionGemma's fused 3-D
 expert tensors (88% of the weights) stay bf16, and the tied encoder/decoder keys land in its
-skip list (DESIGN.md §3). So diffgen replaces each layer's experts module with a
+skip list (docs/architecture.md, "Facts the code relies on"). So diffgen replaces each layer's experts module with a
 :class:`QuantizedExperts` that stores every expert's weights compactly and runs all experts at
 once in grouped products (:mod:`diffgen.kernels.moe`: routed on the device, no per-expert loop,
 no host sync, so a denoising step can be graph-captured). One instance serves encoder layer i

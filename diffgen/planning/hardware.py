@@ -2,7 +2,7 @@
 
 :func:`detect` builds a :class:`HardwareProfile` from probes — small functions that ask torch,
 NVML and ``/proc/meminfo`` — which tests replace with simulated machines. Memory is measured
-the right way for each kind (DESIGN.md §4):
+the right way for each kind (docs/architecture.md, "Facts the code relies on"):
 
 * integrated GPUs (DGX Spark / GB10 and other unified-memory parts): ``mem_get_info`` counts
   the page cache as used, so the budget is ``MemAvailable`` from ``/proc/meminfo``, capped by
@@ -193,7 +193,7 @@ def read_meminfo() -> dict[str, int]:
     """Host memory in bytes as ``{"MemTotal": ..., "MemAvailable": ...}``, from psutil.
 
     On Linux psutil's ``available`` is the kernel's ``MemAvailable`` from ``/proc/meminfo`` (page
-    cache counted as reclaimable), which is what a DGX Spark budget needs (DESIGN.md §4); on
+    cache counted as reclaimable), which is what a DGX Spark budget needs (docs/architecture.md, "Facts the code relies on"); on
     macOS and Windows it is the platform's own estimate.
     """
     import psutil

@@ -26,7 +26,7 @@ from rich.text import Text
 
 from diffgen.denoise import channels
 from diffgen.records.trace import CanvasRecord, StepRecord, Trace
-from diffgen.ui.view import _visible
+from diffgen.ui.view import visible
 
 # Eight background colours from early (cool) to late (warm) steps.
 PALETTE = ["#313695", "#4575b4", "#74add1", "#abd9e9", "#fee090", "#fdae61", "#f46d43", "#a50026"]
@@ -137,9 +137,9 @@ def render_picture(trace: Trace) -> Group:
             if part is not None and text:
                 target = thoughts if part == channels.THOUGHT else answer
                 if is_fixed:
-                    target.append(_visible(text), style=FIXED)
+                    target.append(visible(text), style=FIXED)
                     continue
-                target.append(_visible(text), style=_colour(step, top, alternate=shown % 2 == 1))
+                target.append(visible(text), style=_colour(step, top, alternate=shown % 2 == 1))
                 shown += 1
     prompt = " ".join(str(trace.header.get("prompt", "")).split())
     parts = [Text(f"prompt: {prompt[:200]}", style="bold")]

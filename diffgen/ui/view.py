@@ -53,7 +53,7 @@ def plain_line(record: Record) -> str:
             f"t={record.elapsed:.2f}s")
 
 
-def _visible(text: str) -> str:
+def visible(text: str) -> str:
     """Control characters as their Unicode pictures, so a token cannot drive the terminal."""
     return "".join(chr(0x2400 + ord(c)) if ord(c) < 0x20 and c not in "\n\t" else
                    ("\u2421" if c == "\x7f" else c) for c in text)
@@ -114,7 +114,7 @@ class DenoisingState:
                 continue
             target = thoughts if part == channels.THOUGHT else answer
             style = piece.style if target is answer or piece.style in (NEW, NOISE) else THOUGHT
-            target.append(_visible(piece.text), style=style or None)
+            target.append(visible(piece.text), style=style or None)
         return thoughts[channels.label_length(thoughts.plain):], answer
 
     def header(self) -> Text:
