@@ -53,6 +53,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from devtools.tiny import save_tiny_checkpoint
     from diffgen.cli.chat import LocalChat
+    from diffgen.denoise.options import Execution
     from diffgen.loading.loader import load
     from diffgen.planning.plan import LoadPlan
     from diffgen.settings import GenerationSettings
@@ -68,7 +69,7 @@ def main() -> None:
                                   eos_token_ids=(-1,), stability_threshold=None, confidence_threshold=None)
 
     def play(reuse: bool, turns: int = len(QUESTIONS)) -> tuple[list[float], list[str], list[int], list[int]]:
-        backend = LocalChat(loaded, settings, exact=True, reuse=reuse)
+        backend = LocalChat(loaded, settings, execution=Execution(exact=True), reuse=reuse)
         messages = [{"role": "system", "content": SYSTEM}]
         firsts, answers, prompts, reused = [], [], [], []
         for turn, question in enumerate(QUESTIONS[:turns]):

@@ -36,7 +36,7 @@ def main() -> None:
     import transformers
 
     from devtools.tiny import save_tiny_checkpoint
-    from diffgen.denoise.loop import generate
+    from diffgen.denoise.loop import Execution, generate
     from diffgen.loading.loader import load
     from diffgen.planning.plan import LoadPlan
     from diffgen.prompt import encode
@@ -53,15 +53,7 @@ def main() -> None:
 
     def ours(exact: bool, compile: bool = False) -> float:
         start = time.perf_counter()
-        generate_kw = {"exact": exact}
-        if compile:
-            from diffgen.denoise.loop import stream
-
-            generation = stream(loaded, [ids], settings, exact=False, compile=True, observe=False)
-            for _ in generation:
-                pass
-        else:
-            generate(loaded, [ids], settings, **generate_kw)
+        generate(loaded, [ids], settings, execution=Execution(exact=exact, compile=compile))
         return (time.perf_counter() - start) / steps
 
     def reference(static: bool) -> float:

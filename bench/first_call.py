@@ -33,7 +33,7 @@ def main() -> None:
     import torch
 
     from diffgen.denoise import bench
-    from diffgen.denoise.loop import stream
+    from diffgen.denoise.loop import Execution, stream
     from diffgen.planning.plan import LoadPlan
 
     config = bench.random_config(args.config)
@@ -59,7 +59,7 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        generation = stream(loaded, [prompt], settings, exact=False, observe=False)
+        generation = stream(loaded, [prompt], settings, execution=Execution(exact=False), observe=False)
         for _ in generation:
             pass
         if cuda:

@@ -372,6 +372,7 @@ class Session:
                 reps: int | None = None, reference: str | None = None, **extra: Any) -> dict[str, Any]:
         """One timed configuration on the cached build: a row of the table (``error`` if it failed)."""
         from diffgen.denoise import bench
+        from diffgen.denoise.options import Execution
 
         row: dict[str, Any] = {"label": label, "phase": phase, "scheme": scheme, "batch": batch,
                                "env": dict(env) if env is not None else "all knobs unset",
@@ -386,7 +387,8 @@ class Session:
         try:
             with knob_env(env):
                 result = bench.run(loaded, steps=self.args.steps, prompt_tokens=self.args.prompt_tokens,
-                                   canvases=self.args.canvases, reps=reps or self.args.reps, batch=batch, exact=False,
+                                   canvases=self.args.canvases, reps=reps or self.args.reps, batch=batch,
+                                   execution=Execution(exact=False),
                                    compare_reference=reference is not None, reference_cache=reference or "dynamic")
             row.update(result)
             row["e2e_over_step"] = result["e2e_step_ms"] / result["median_step_ms"]
@@ -762,7 +764,7 @@ def _third_step(session: Session, loaded: Any, window: Callable[[], contextlib.A
     from dataclasses import replace
 
     from diffgen.denoise.bench import ordinary_token_ids
-    from diffgen.denoise.loop import StepEvent, stream
+    from diffgen.denoise.loop import Execution, StepEvent, stream
 
     config = loaded.model.config
     vocab = int(config.text_config.vocab_size)
@@ -774,7 +776,7 @@ def _third_step(session: Session, loaded: Any, window: Callable[[], contextlib.A
     prompt = [pool[i % len(pool)] for i in range(session.args.prompt_tokens)]
     manager = None
     with knob_env({**NEW, "DIFFGEN_CUDA_GRAPHS": "0"}):
-        generation = stream(loaded, [prompt], settings, exact=False, graphs=False, observe=True)
+        generation = stream(loaded, [prompt], settings, execution=Execution(exact=False, graphs=False), observe=True)
         try:
             for event in generation:
                 if isinstance(event, StepEvent) and event.canvas == 0:

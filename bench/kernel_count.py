@@ -103,14 +103,15 @@ def count_step(loaded, *, fused: bool, step: int = 3) -> Counter:
     """Kernels of step ``step`` of the first canvas of a one-prompt fast generation."""
     import torch
 
-    from diffgen.denoise.loop import StepEvent, stream
+    from diffgen.denoise.loop import Execution, StepEvent, stream
 
     os.environ["DIFFGEN_FUSED"] = "1" if fused else "0"
     settings = loaded.defaults.replace(max_new_tokens=loaded.model.config.canvas_length, max_denoising_steps=step + 1,
                                        seed=1, stability_threshold=0)
     counter = Counter()
     with torch.no_grad():
-        generation = iter(stream(loaded, [[2, 20, 30, 40, 50, 60, 70, 80]], settings, exact=False, graphs=False))
+        generation = iter(stream(loaded, [[2, 20, 30, 40, 50, 60, 70, 80]], settings,
+                                 execution=Execution(exact=False, graphs=False)))
         for event in generation:
             if isinstance(event, StepEvent) and event.step == step - 1:
                 with counter:

@@ -86,6 +86,37 @@ def vision(vision_checkpoint):
     return _load(vision_checkpoint)
 
 
+class EagerGraphs:
+    """A graph recorder that replays by running the body (the CUDA-graph path's logic on the CPU),
+    counting its recordings and replays."""
+
+    def __init__(self):
+        self.recorded = 0
+        self.replays = 0
+
+    def supports(self, device) -> bool:
+        return True
+
+    def record(self, body):
+        self.recorded += 1
+
+        def replay():
+            self.replays += 1
+            body()
+        return replay
+
+
+@pytest.fixture
+def eager_graphs(monkeypatch) -> EagerGraphs:
+    """Every graph recorded during the test is an :class:`EagerGraphs` recording, on any device
+    (``diffgen.denoise.runner.recorder`` replaced)."""
+    from diffgen.denoise import runner
+
+    recorder = EagerGraphs()
+    monkeypatch.setattr(runner, "recorder", recorder)
+    return recorder
+
+
 def write_image(path: Path, width: int = 30, height: int = 20, *, seed: int = 0, format: str = "PNG") -> Path:
     """A random RGB image saved with pillow; returns ``path``."""
     import numpy as np

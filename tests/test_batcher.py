@@ -5,8 +5,9 @@ another's canvas callback is queued before the next boundary) or by holding the 
 boundaries (``conftest.hold_at_boundaries``); nothing waits on the clock.
 
 Bitwise: on this CPU build a row's tokens batched with others are identical to the same seeded
-row generated alone (and to ``loop.generate(..., exact=False)``): per-row positions and
-counter-based noise make that hold by construction, and the float sums happened to agree here.
+row generated alone (and to ``loop.generate(..., execution=Execution(exact=False))``): per-row
+positions and counter-based noise make that hold by construction, and the float sums happened to
+agree here.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from diffgen import prompt as prompt_mod
 from diffgen.denoise import batcher as batcher_mod
 from diffgen.denoise import loop
 from diffgen.denoise.batcher import Batcher
+from diffgen.denoise.options import Execution
 
 TEXTS = ["Once upon a time", "Hi", "The sky is blue because air scatters short wavelengths of sunlight", "def main():"]
+
+FAST = Execution(exact=False)
 
 
 def settings(tiny, seed: int, tokens: int, **changes):
@@ -35,7 +39,7 @@ def ids(tiny, index: int) -> list[int]:
 
 
 def alone(tiny, index: int, seed: int, tokens: int, **changes) -> loop.Completion:
-    return loop.generate(tiny, [ids(tiny, index)], settings(tiny, seed, tokens, **changes), exact=False).completions[0]
+    return loop.generate(tiny, [ids(tiny, index)], settings(tiny, seed, tokens, **changes), execution=FAST).completions[0]
 
 
 class Recorder:
@@ -74,7 +78,7 @@ def test_a_batch_of_one_is_stream_with_the_fast_sampler(tiny, make):
     batcher = make(max_batch=4)
     recorder = Recorder()
     batcher.submit(ids(tiny, 0), [settings(tiny, 7, 40)], recorder).wait()
-    generation = loop.stream(tiny, [ids(tiny, 0)], settings(tiny, 7, 40), observe=False, exact=False)
+    generation = loop.stream(tiny, [ids(tiny, 0)], settings(tiny, 7, 40), observe=False, execution=FAST)
     canvases = [event for event in generation if isinstance(event, loop.CanvasEvent)]
     expected = generation.result.completions[0]
     got = recorder.done()[0]
@@ -203,7 +207,7 @@ def test_step_items_only_when_observed_one_row_each(tiny, make):
     assert "step" not in unwatched.kinds()
     assert [(event.canvas, event.step) for _, _, event in steps] == [(c, s) for c in range(2) for s in range(1, 5)]
     assert all(event.draft.shape == (1, 16) and event.mean_entropy.shape == (1,) for _, _, event in steps)
-    generation = loop.stream(tiny, [ids(tiny, 0)], settings(tiny, 1, 32), exact=False)
+    generation = loop.stream(tiny, [ids(tiny, 0)], settings(tiny, 1, 32), execution=FAST)
     reference = [event for event in generation if isinstance(event, loop.StepEvent)]
     assert all(torch.equal(mine.draft, theirs.draft) for (_, _, mine), theirs in zip(steps, reference))
 
@@ -235,13 +239,10 @@ def test_a_failing_batch_reports_to_every_row_and_the_scheduler_goes_on(tiny, ma
 
 
 @pytest.mark.parametrize("graphs", [False, True])
-def test_adaptive_stopping_rows_and_the_graph_path_match_rows_alone(sharp, graphs):
+def test_adaptive_stopping_rows_and_the_graph_path_match_rows_alone(sharp, graphs, eager_graphs):
     from conftest import SHARP_SETTINGS
 
-    def eager_capture(body):  # replays by running the body: the CUDA-graph path's logic on the CPU
-        return body
-
-    batcher = Batcher(sharp, max_batch=4, graphs=graphs, capture=eager_capture if graphs else None)
+    batcher = Batcher(sharp, max_batch=4, graphs=graphs)
     try:
         rows = [sharp.defaults.replace(max_denoising_steps=12, max_new_tokens=tokens, seed=seed, **SHARP_SETTINGS)
                 for seed, tokens in ((1, 48), (2, 32), (3, 64))]
@@ -256,7 +257,7 @@ def test_adaptive_stopping_rows_and_the_graph_path_match_rows_alone(sharp, graph
             ticket.wait()
         steps = set()
         for p, row, recorder in zip(prompts, rows, recorders):
-            expected = loop.generate(sharp, [p], row, exact=False).completions[0]
+            expected = loop.generate(sharp, [p], row, execution=FAST).completions[0]
             got = recorder.done()[0]
             assert got.token_ids == expected.token_ids
             assert got.stats.steps_per_canvas == expected.stats.steps_per_canvas

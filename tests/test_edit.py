@@ -20,6 +20,7 @@ from diffgen.denoise.constrained.edit import (
     parse_marked,
     unified_diff,
 )
+from diffgen.denoise.options import Execution
 from diffgen.errors import UsageError
 from diffgen.prompt import encode
 
@@ -101,7 +102,8 @@ def test_the_diff_is_a_unified_diff_that_patch_applies(tmp_path):
 def test_unmarked_text_comes_back_byte_identical_for_many_seeds(tiny, document, exact):
     prefix = encode(tiny.tokenizer, "Make it formal")
     for seed in range(6):
-        result = edit(tiny, prefix, document, tiny.defaults.replace(seed=seed, max_denoising_steps=4), exact=exact)
+        result = edit(tiny, prefix, document, tiny.defaults.replace(seed=seed, max_denoising_steps=4),
+                      execution=Execution(exact=exact))
         _check_untouched(document, result)
 
 
@@ -123,7 +125,7 @@ def test_the_spans_start_from_their_old_tokens_not_noise(tiny, monkeypatch, exac
 
     monkeypatch.setattr(runner, "denoise_step", spy)
     result = edit(tiny, encode(tiny.tokenizer, "Shorter"), document,
-                  tiny.defaults.replace(seed=3, max_denoising_steps=3), exact=exact)
+                  tiny.defaults.replace(seed=3, max_denoising_steps=3), execution=Execution(exact=exact))
     # The span covers canvases 0 and 1; canvas 2 is fixed text only and takes no decoder pass.
     assert sorted(first) == [0, 1] and len(plan.tokens) == 3 * canvas
     start_canvas = torch.cat([first[0], first[1]]).tolist()
@@ -137,12 +139,12 @@ def test_without_init_the_loop_is_unchanged_and_init_changes_only_the_start(tiny
     settings = tiny.defaults.replace(seed=4, max_denoising_steps=3, max_new_tokens=16)
     plain = loop.generate(tiny, [prompt], settings).completions[0].token_ids
     nothing = (torch.zeros(1, 16, dtype=torch.long), torch.zeros(1, 16, dtype=torch.bool))
-    generation = loop.stream(tiny, [prompt], settings, observe=False, init=nothing)
+    generation = loop.stream(tiny, [prompt], settings, observe=False, constraints=loop.Constraints(init=nothing))
     list(generation)
     assert generation.result.completions[0].token_ids == plain
     with pytest.raises(UsageError, match="init tensors must be"):
-        loop.stream(tiny, [prompt], settings, init=(torch.zeros(1, 5, dtype=torch.long),
-                                                    torch.zeros(1, 5, dtype=torch.bool)))
+        loop.stream(tiny, [prompt], settings, constraints=loop.Constraints(
+            init=(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 5, dtype=torch.bool))))
 
 
 # -- the command line ---------------------------------------------------------------------------

@@ -8,9 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffgen.denoise.loop import generate, stream
+from diffgen.denoise.loop import Execution, generate, stream
 from diffgen.prompt import encode
 from tests.conftest import SHARP_SETTINGS
+
+
+FAST = Execution(exact=False)
+GRAPHS = Execution(exact=False, graphs=True)
 
 
 def _ids(loaded):
@@ -19,7 +23,7 @@ def _ids(loaded):
 
 def test_fast_path_is_reproducible_with_its_seed(sharp):
     settings = sharp.defaults.replace(max_new_tokens=32, seed=7, **SHARP_SETTINGS)
-    runs = [generate(sharp, _ids(sharp), settings.replace(seed=s), exact=False) for s in (7, 7, 8)]
+    runs = [generate(sharp, _ids(sharp), settings.replace(seed=s), execution=FAST) for s in (7, 7, 8)]
     tokens = [[c.token_ids for c in r.completions] for r in runs]
     assert tokens[0] == tokens[1] != tokens[2]
 
@@ -28,7 +32,8 @@ def test_checking_for_the_end_less_often_changes_nothing(sharp):
     settings = sharp.defaults.replace(max_new_tokens=32, seed=3, **SHARP_SETTINGS)
     results = []
     for every in (1, 4, 7):
-        generation = stream(sharp, _ids(sharp), settings, exact=False, check_every=every, observe=False)
+        generation = stream(sharp, _ids(sharp), settings, execution=Execution(exact=False, check_every=every),
+                            observe=False)
         list(generation)
         results.append(generation.result)
     tokens = [[c.token_ids for c in r.completions] for r in results]
@@ -70,7 +75,7 @@ def test_host_syncs_per_step(sharp, monkeypatch, exact):
         return original(self)
 
     monkeypatch.setattr(torch.Tensor, "__bool__", counting_outside)
-    generation = stream(sharp, _ids(sharp)[:1], settings, exact=exact, observe=False)
+    generation = stream(sharp, _ids(sharp)[:1], settings, execution=Execution(exact=exact), observe=False)
     list(generation)
     monkeypatch.setattr(torch.Tensor, "__bool__", original)
     if exact:
@@ -80,36 +85,11 @@ def test_host_syncs_per_step(sharp, monkeypatch, exact):
         assert syncs <= 12 // 4 + 4
 
 
-def eager_capture(body):
-    """A graph recorder that replays by running the body: the CUDA-graph path's logic on the CPU."""
-    eager_capture.recorded += 1
-    return body
-
-
-eager_capture.recorded = 0
-
-
-class CountingCapture:
-    """A graph recorder that replays by running the body, counting recordings and replays."""
-
-    def __init__(self):
-        self.recorded = 0
-        self.replays = 0
-
-    def __call__(self, body):
-        self.recorded += 1
-
-        def replay():
-            self.replays += 1
-            body()
-        return replay
-
-
-def test_graphs_are_recorded_once_per_process_and_replay_every_later_canvas(sharp):
+def test_graphs_are_recorded_once_per_process_and_replay_every_later_canvas(sharp, eager_graphs):
     settings = sharp.defaults.replace(max_new_tokens=48, seed=5, **SHARP_SETTINGS)
-    eager = generate(sharp, _ids(sharp), settings, exact=False)
-    capture = CountingCapture()
-    generation = stream(sharp, _ids(sharp), settings, exact=False, graphs=True, capture=capture, observe=True)
+    eager = generate(sharp, _ids(sharp), settings, execution=FAST)
+    capture = eager_graphs
+    generation = stream(sharp, _ids(sharp), settings, execution=GRAPHS, observe=True)
     events = list(generation)
     assert [c.token_ids for c in generation.result.completions] == [c.token_ids for c in eager.completions]
     canvases = sum(1 for e in events if type(e).__name__ == "CanvasEvent")
@@ -119,7 +99,7 @@ def test_graphs_are_recorded_once_per_process_and_replay_every_later_canvas(shar
     # a later generation records nothing: every step, each canvas's first too (masked
     # self-conditioning), and every encoder pass is a replay of the graphs recorded above
     replays = capture.replays
-    again = stream(sharp, _ids(sharp), settings, exact=False, graphs=True, capture=capture, observe=True)
+    again = stream(sharp, _ids(sharp), settings, execution=GRAPHS, observe=True)
     steps_again = sum(1 for e in again if type(e).__name__ == "StepEvent")
     assert capture.recorded == 2 and again.runner is generation.runner
     assert capture.replays - replays == steps_again + canvases - 1
@@ -130,13 +110,13 @@ def test_graphs_are_recorded_once_per_process_and_replay_every_later_canvas(shar
     assert any(not torch.equal(a.canvas_tokens, b.canvas_tokens) for a, b in zip(steps, steps[1:]))
 
 
-def test_graphs_per_canvas_still_give_the_same_tokens(sharp, monkeypatch):
+def test_graphs_per_canvas_still_give_the_same_tokens(sharp, monkeypatch, eager_graphs):
     """``DIFFGEN_GRAPHS_PER_CANVAS=1`` (the A/B switch of bench/gpu_session.py) records anew per canvas."""
     monkeypatch.setenv("DIFFGEN_GRAPHS_PER_CANVAS", "1")
     settings = sharp.defaults.replace(max_new_tokens=48, seed=5, **SHARP_SETTINGS)
-    eager = generate(sharp, _ids(sharp), settings, exact=False)
-    capture = CountingCapture()
-    generation = stream(sharp, _ids(sharp), settings, exact=False, graphs=True, capture=capture, observe=False)
+    eager = generate(sharp, _ids(sharp), settings, execution=FAST)
+    capture = eager_graphs
+    generation = stream(sharp, _ids(sharp), settings, execution=GRAPHS, observe=False)
     events = list(generation)
     canvases = sum(1 for e in events if type(e).__name__ == "CanvasEvent")
     assert [c.token_ids for c in generation.result.completions] == [c.token_ids for c in eager.completions]
@@ -146,9 +126,9 @@ def test_graphs_per_canvas_still_give_the_same_tokens(sharp, monkeypatch):
 def test_a_row_draws_the_same_tokens_alone_or_in_a_batch(sharp):
     settings = sharp.defaults.replace(max_new_tokens=32, **SHARP_SETTINGS)
     prompts = _ids(sharp)
-    together = generate(sharp, prompts, settings, seeds=[11, 12, 13, 14], exact=False)
+    together = generate(sharp, prompts, settings, seeds=[11, 12, 13, 14], execution=FAST)
     for row, prompt in enumerate(prompts):
-        alone = generate(sharp, [prompt], settings, seeds=[11 + row], exact=False)
+        alone = generate(sharp, [prompt], settings, seeds=[11 + row], execution=FAST)
         assert alone.completions[0].token_ids == together.completions[row].token_ids
 
 
@@ -159,7 +139,7 @@ def test_the_step_has_no_data_dependent_host_sync(sharp):
     from diffgen.denoise.step import denoise_step, initial_state
 
     settings = sharp.defaults.replace(max_new_tokens=16, seed=1)
-    generation = stream(sharp, _ids(sharp)[:2], settings, exact=False, observe=False)
+    generation = stream(sharp, _ids(sharp)[:2], settings, execution=FAST, observe=False)
     list(generation)
     (context, _), = generation.runner._contexts.values()
     canvas = torch.zeros(2, generation.canvas_length, dtype=torch.long)
@@ -175,10 +155,11 @@ def test_the_compiled_step_gives_the_tokens_of_the_eager_step(sharp, monkeypatch
     generations); the eager backend keeps the suite fast, bench/cpu_compare.py times inductor."""
     monkeypatch.setenv("DIFFGEN_COMPILE_BACKEND", "eager")
     settings = sharp.defaults.replace(max_new_tokens=32, seed=9, **SHARP_SETTINGS)
-    eager = generate(sharp, _ids(sharp)[:2], settings, exact=False)
+    eager = generate(sharp, _ids(sharp)[:2], settings, execution=FAST)
     for _ in range(2):
-        generation = stream(sharp, _ids(sharp)[:2], settings, exact=False, compile=True, observe=False)
+        generation = stream(sharp, _ids(sharp)[:2], settings, execution=Execution(exact=False, compile=True),
+                            observe=False)
         list(generation)
         assert [c.token_ids for c in generation.result.completions] == [c.token_ids for c in eager.completions]
     with pytest.raises(Exception, match="fast sampler"):
-        stream(sharp, _ids(sharp)[:1], settings, exact=True, compile=True)
+        stream(sharp, _ids(sharp)[:1], settings, execution=Execution(exact=True, compile=True))

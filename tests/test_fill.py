@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from diffgen.cli.app import app
 from diffgen.denoise.constrained.fill import DEFAULT_HOLE, Hole, fill, layout, parse_template
-from diffgen.denoise.loop import StepEvent, stream
+from diffgen.denoise.loop import Constraints, Execution, StepEvent, stream
 from diffgen.errors import UsageError
 
 runner = CliRunner()
@@ -77,7 +77,7 @@ def test_malformed_templates_are_refused(text, words):
 def test_every_clamped_token_comes_back_for_many_seeds(tiny, template, exact):
     for seed in range(6):
         result = fill(tiny, _prefix(tiny), template, tiny.defaults.replace(seed=seed, max_denoising_steps=4),
-                      exact=exact)
+                      execution=Execution(exact=exact))
         _check_clamped(tiny, template, result)
 
 
@@ -102,8 +102,9 @@ def test_clamped_positions_have_zero_entropy_are_always_accepted_and_never_chang
     mask = torch.tensor([plan.fixed, plan.fixed])
     settings = sharp.defaults.replace(seed=5, max_denoising_steps=6, max_new_tokens=len(plan.tokens))
     for exact in (True, False):
-        events = [e for e in stream(sharp, [_prefix(sharp), _prefix(sharp) + [7]], settings, exact=exact,
-                                    clamp=(tokens, mask)) if isinstance(e, StepEvent)]
+        events = [e for e in stream(sharp, [_prefix(sharp), _prefix(sharp) + [7]], settings,
+                                    execution=Execution(exact=exact), constraints=Constraints(clamp=(tokens, mask)))
+                  if isinstance(e, StepEvent)]
         assert events
         for event in events:
             assert torch.equal(event.token_entropy[mask], torch.zeros(int(mask.sum())))
@@ -114,17 +115,15 @@ def test_clamped_positions_have_zero_entropy_are_always_accepted_and_never_chang
             assert bool((event.token_entropy[~mask] > 0).all())
 
 
-def test_replayed_graph_steps_clamp_like_eager_steps(tiny):
-    from tests.test_fast import eager_capture
-
+def test_replayed_graph_steps_clamp_like_eager_steps(tiny, eager_graphs):
     plan = layout(parse_template("{{4}} mid {{6}}"), tiny.tokenizer, int(tiny.model.config.canvas_length),
                   tiny.defaults.pad_token_id)
     clamp = (torch.tensor([plan.tokens]), torch.tensor([plan.fixed]))
     settings = tiny.defaults.replace(seed=3, max_denoising_steps=5, max_new_tokens=len(plan.tokens))
     runs = []
     for graphs in (False, True):
-        generation = stream(tiny, [_prefix(tiny)], settings, exact=False, graphs=graphs,
-                            capture=eager_capture if graphs else None, clamp=clamp)
+        generation = stream(tiny, [_prefix(tiny)], settings, execution=Execution(exact=False, graphs=graphs),
+                            constraints=Constraints(clamp=clamp))
         runs.append([e.canvas_tokens.clone() for e in generation if isinstance(e, StepEvent)])
     assert len(runs[0]) == len(runs[1]) and all(torch.equal(a, b) for a, b in zip(*runs))
     assert all(torch.equal(c[clamp[1]], clamp[0][clamp[1]]) for c in runs[1])
@@ -132,8 +131,8 @@ def test_replayed_graph_steps_clamp_like_eager_steps(tiny):
 
 def test_clamp_tensors_must_cover_whole_canvases(tiny):
     with pytest.raises(UsageError, match="whole canvases"):
-        stream(tiny, [_prefix(tiny)], tiny.defaults.replace(max_new_tokens=16),
-               clamp=(torch.zeros(1, 10, dtype=torch.long), torch.zeros(1, 10, dtype=torch.bool)))
+        stream(tiny, [_prefix(tiny)], tiny.defaults.replace(max_new_tokens=16), constraints=Constraints(
+            clamp=(torch.zeros(1, 10, dtype=torch.long), torch.zeros(1, 10, dtype=torch.bool))))
 
 
 # -- the command line ---------------------------------------------------------------------------

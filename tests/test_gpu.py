@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffgen.denoise.loop import generate, stream
+from diffgen.denoise.loop import Execution, generate, stream
 from diffgen.prompt import encode
 from tests.conftest import SHARP_SETTINGS, hold_at_boundaries
 
@@ -32,11 +32,11 @@ def test_graphs_are_recorded_once_per_process_and_match_eager(sharp_cuda):
     later canvas and generation, with the tokens of eager steps."""
     ids = [encode(sharp_cuda.tokenizer, p) for p in ("Why is the sky blue?", "hi")]
     settings = sharp_cuda.defaults.replace(max_new_tokens=64, seed=3, **SHARP_SETTINGS)
-    eager = _tokens(stream(sharp_cuda, ids, settings, exact=False, graphs=False, observe=False))
-    first = stream(sharp_cuda, ids, settings, exact=False, graphs=True, observe=False)
+    eager = _tokens(stream(sharp_cuda, ids, settings, execution=Execution(exact=False, graphs=False), observe=False))
+    first = stream(sharp_cuda, ids, settings, execution=Execution(exact=False, graphs=True), observe=False)
     assert _tokens(first) == eager
     assert first.runner.failed is None and first.runner.captures == 2
-    again = stream(sharp_cuda, ids, settings, exact=False, graphs=True, observe=False)
+    again = stream(sharp_cuda, ids, settings, execution=Execution(exact=False, graphs=True), observe=False)
     assert _tokens(again) == eager
     assert again.runner is first.runner and again.runner.captures == 2
 

@@ -45,7 +45,7 @@ def error_line(result) -> str:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_exact_tokens_are_generates_on_the_decoded_weights(layouts, layout):
-    from diffgen.denoise.loop import CanvasEvent, stream
+    from diffgen.denoise.loop import CanvasEvent, Execution, stream
     from diffgen.loading.quant import QuantizedExperts, QuantizedLinear
 
     quantised, plain = layouts[layout]
@@ -69,7 +69,7 @@ def test_exact_tokens_are_generates_on_the_decoded_weights(layouts, layout):
     ids = _encode(reference, PROMPTS)
     settings = reference.defaults.replace(max_new_tokens=32, seed=5)
     expected = _reference(reference, ids, settings)
-    events = list(stream(ours, ids, settings, exact=True))
+    events = list(stream(ours, ids, settings, execution=Execution(exact=True)))
     assert torch.equal(torch.cat([e.tokens for e in events if isinstance(e, CanvasEvent)], dim=-1), expected)
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from diffgen import prompt as prompt_mod
-from diffgen.denoise.loop import generate, stream
+from diffgen.denoise.loop import Execution, generate, stream
 from diffgen.denoise.prompt_cache import PromptCache
 from diffgen.errors import UsageError
 
@@ -192,20 +192,16 @@ def test_a_prompt_cache_serves_one_prompt(tiny):
 
 
 @pytest.mark.parametrize("graphs", [False, True])
-def test_reuse_on_the_gpu_path_dry_run_on_the_cpu(one_layer, graphs):
+def test_reuse_on_the_gpu_path_dry_run_on_the_cpu(one_layer, graphs, eager_graphs):
     """The fast sampler, and its CUDA-graph step replayed eagerly (the GPU path's logic on the
     CPU): with a reused cache every turn's tokens equal a fresh generation's."""
-
-    def eager_capture(body):
-        return body
-
     settings = one_layer.defaults.replace(max_new_tokens=32, max_denoising_steps=4)
     cache = PromptCache()
     messages = [{"role": "system", "content": SYSTEM}]
     for turn, question in enumerate(QUESTIONS[:3]):
         messages.append({"role": "user", "content": question})
         ids = prompt_mod.encode_messages(one_layer.tokenizer, messages)
-        kwargs = dict(exact=False, graphs=graphs, capture=eager_capture if graphs else None, observe=False)
+        kwargs = dict(execution=Execution(exact=False, graphs=graphs), observe=False)
         with_reuse = stream(one_layer, [ids], settings.replace(seed=turn), cache=cache, **kwargs)
         without = stream(one_layer, [ids], settings.replace(seed=turn), **kwargs)
         for generation in (with_reuse, without):

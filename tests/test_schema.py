@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from diffgen.cli.app import app
 from diffgen.denoise.constrained.schema import RETRY_ENTROPY, generate_json, load_schema, skeleton, vocabulary
+from diffgen.denoise.options import Execution
 from diffgen.errors import UsageError
 
 runner = CliRunner()
@@ -91,7 +92,7 @@ def test_the_skeleton_is_the_keys_and_punctuation():
 def test_the_output_validates_for_many_seeds(tiny, vocab, exact):
     for seed in range(8):
         result = generate_json(tiny, _prefix(tiny), PERSON, tiny.defaults.replace(seed=seed, max_denoising_steps=3),
-                               exact=exact, vocab=vocab)
+                               execution=Execution(exact=exact), vocab=vocab)
         value = json.loads(result.text)
         jsonschema.validate(value, PERSON)
         assert value == result.value
@@ -117,7 +118,7 @@ def test_a_sharp_model_still_obeys_the_restriction(sharp):
     vocab = vocabulary(sharp.tokenizer, int(sharp.model.config.text_config.vocab_size), sharp.defaults.pad_token_id)
     for seed in range(4):
         result = generate_json(sharp, _prefix(sharp), PERSON, sharp.defaults.replace(seed=seed, max_denoising_steps=3),
-                               exact=False, vocab=vocab)
+                               execution=Execution(exact=False), vocab=vocab)
         jsonschema.validate(json.loads(result.text), PERSON)
 
 
@@ -173,13 +174,14 @@ def test_an_unsupported_schema_is_refused_before_the_weights(tmp_path):
 def test_an_all_allowed_mask_changes_no_token(tiny, exact):
     import torch
 
-    from diffgen.denoise.loop import stream
+    from diffgen.denoise.loop import Constraints, stream
 
     settings = tiny.defaults.replace(seed=5, max_new_tokens=32, max_denoising_steps=4)
     vocab_size = int(tiny.model.config.text_config.vocab_size)
 
     def tokens(allowed):
-        generation = stream(tiny, [_prefix(tiny)], settings, observe=False, exact=exact, allowed=allowed)
+        generation = stream(tiny, [_prefix(tiny)], settings, observe=False, execution=Execution(exact=exact),
+                            constraints=Constraints(allowed=allowed))
         for _ in generation:
             pass
         return generation.result.completions[0].token_ids

@@ -72,7 +72,7 @@ def test_completion_answer_is_generate_with_the_same_settings(server, tiny, tiny
                                                max_tokens=24, extra_body={"steps": 3, "entropy_bound": 0.5})
     ids = prompt_mod.encode(tiny.tokenizer, "Once upon a time", raw=True)
     settings = tiny.defaults.replace(max_new_tokens=24, max_denoising_steps=3, entropy_bound=0.5, seed=2)
-    expected = loop.generate(tiny, [ids], settings, exact=True).completions[0]
+    expected = loop.generate(tiny, [ids], settings, execution=loop.Execution(exact=True)).completions[0]
     assert answer.choices[0].text == expected.text
     assert answer.usage.completion_tokens == len(expected.token_ids)
     assert answer.usage.prompt_tokens == len(ids)
@@ -475,7 +475,7 @@ def test_stream_steps_sends_the_records_a_local_run_draws(app_client, tiny):
                if "diffgen_step" in c)
     ids = prompt_mod.encode(tiny.tokenizer, "Once upon a time", raw=True)
     settings = tiny.defaults.replace(max_new_tokens=40, max_denoising_steps=3, seed=3)
-    generation = loop.stream(tiny, [ids], settings, exact=True)
+    generation = loop.stream(tiny, [ids], settings, execution=loop.Execution(exact=True))
     local = list(trace.records(generation, trace.TokenTexts(tiny.tokenizer)))
     local_steps = [r for r in local if isinstance(r, trace.StepRecord)]
     local_canvases = [r for r in local if isinstance(r, trace.CanvasRecord)]

@@ -144,7 +144,7 @@ def test_a_request_joins_a_running_batch_at_a_canvas_boundary(tiny_checkpoint, b
     assert first_chunks[-1].choices[0].finish_reason in ("stop", "length")
     ids = prompt_mod.encode(tiny.tokenizer, PROMPTS[2], raw=True)
     settings = tiny.defaults.replace(max_new_tokens=32, max_denoising_steps=4, stability_threshold=0, seed=4)
-    expected = loop.generate(tiny, [ids], settings, exact=False).completions[0]
+    expected = loop.generate(tiny, [ids], settings, execution=loop.Execution(exact=False)).completions[0]
     assert joined.choices[0].model_extra["token_ids"] == list(expected.token_ids)
     assert joined.choices[0].text == expected.text
 

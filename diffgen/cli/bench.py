@@ -23,6 +23,7 @@ from diffgen.cli.options import (
     complete_model,
     sampler_choice,
 )
+from diffgen.denoise.options import Execution
 
 EPILOG = (
     "Examples:\n\n"
@@ -80,7 +81,7 @@ def bench(
         raise UsageError("give exactly one of --model and --random-config",
                          "e.g. diffgen bench --random-config real, or set DIFFGEN_MODEL")
     exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
-    exact_loop = sampler_choice(exact, fast, compile)
+    execution = Execution(exact=sampler_choice(exact, fast, compile), compile=compile)
     from diffgen.ui import render
 
     console = render.error_console()
@@ -106,8 +107,8 @@ def bench(
         loaded = load_model(prepared, console)
     with doing("timing the denoising loop"), status(console, "Benchmarking") as show:
         result = bench_mod.run(loaded, steps=steps, prompt_tokens=prompt_tokens, canvases=canvases, batch=batch,
-                               exact=exact_loop, compare_reference=compare_reference, reps=reps,
-                               reference_cache=reference_cache, progress=show or say, compile=compile)
+                               execution=execution, compare_reference=compare_reference, reps=reps,
+                               reference_cache=reference_cache, progress=show or say)
     if json_output:
         sys.stdout.write(json.dumps(result) + "\n")
     else:

@@ -13,7 +13,7 @@ import secrets
 import sys
 import time
 from collections.abc import Iterator
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -43,6 +43,11 @@ from diffgen.cli.options import (
     sampler_choice,
     sampler_flags,
 )
+from diffgen.denoise.options import Execution
+
+if TYPE_CHECKING:
+    from diffgen.loading.loader import LoadedModel
+    from diffgen.settings import GenerationSettings
 
 EPILOG = (
     "Examples:\n\n"
@@ -142,7 +147,7 @@ def chat(
         if api_key and parameter_source(ctx, "api_key") == "COMMANDLINE":
             raise UsageError("--api-key is sent to a server: it needs --server", "add --server URL or drop --api-key")
         backend, name = _local(model, flags, seed=seed, device=device, quant=quant, max_memory=max_memory,
-                               offload=offload, offline=offline, exact=exact_loop, compile=compile,
+                               offload=offload, offline=offline, execution=Execution(exact=exact_loop, compile=compile),
                                reuse=not no_reuse, quiet=quiet)
     streams = chat_repl.default_streams(no_color)
     if not quiet:
@@ -164,8 +169,8 @@ def _remote(ctx: typer.Context, server: str, api_key: Optional[str], model: str,
     return RemoteChat(server, api_key=api_key, fields=fields)
 
 
-def _local(model: str, flags: dict[str, Any], *, seed: Optional[int], exact: Optional[bool], compile: bool,
-           reuse: bool, quiet: bool, **load: Any) -> tuple[Any, str]:
+def _local(model: str, flags: dict[str, Any], *, seed: Optional[int], execution: Execution, reuse: bool,
+           quiet: bool, **load: Any) -> tuple[LocalChat, str]:
     from diffgen.errors import UsageError
     from diffgen.loading import loader
     from diffgen.ui import render
@@ -178,7 +183,7 @@ def _local(model: str, flags: dict[str, Any], *, seed: Optional[int], exact: Opt
         raise UsageError("this checkpoint's tokenizer has no chat template, and chat needs one",
                          "use `diffgen run --raw` to send text as is")
     loaded = load_model(prepared, render.error_console(), quiet=quiet, tokenizer=tokenizer)
-    return LocalChat(loaded, prepared.settings, exact=exact, compile=compile, reuse=reuse), prepared.checkpoint.name
+    return LocalChat(loaded, prepared.settings, execution=execution, reuse=reuse), prepared.checkpoint.name
 
 
 class LocalChat:
@@ -188,11 +193,11 @@ class LocalChat:
     :class:`~diffgen.denoise.prompt_cache.PromptCache`); off, every turn encodes everything.
     """
 
-    def __init__(self, loaded: Any, settings: Any, *, exact: Optional[bool] = None, compile: bool = False,
+    def __init__(self, loaded: LoadedModel, settings: GenerationSettings, *, execution: Execution = Execution(),
                  reuse: bool = True):
         from diffgen.denoise.prompt_cache import PromptCache
 
-        self.loaded, self.settings, self.exact, self.compile = loaded, settings, exact, compile
+        self.loaded, self.settings, self.execution = loaded, settings, execution
         self.cache = PromptCache() if reuse else None
 
     def reset(self) -> None:
@@ -216,8 +221,7 @@ class LocalChat:
             raise PromptTooLongError(exc.message, "/reset starts a new conversation; or lower --max-new-tokens") \
                 from exc
         start = time.perf_counter()
-        generation = stream(self.loaded, [ids], settings, observe=False, exact=self.exact, compile=self.compile,
-                            cache=self.cache)
+        generation = stream(self.loaded, [ids], settings, observe=False, execution=self.execution, cache=self.cache)
         eos, limit = set(settings.eos_token_ids), settings.max_new_tokens
         answer, thoughts = Deltas(()), Deltas(())
         tokens: list[int] = []

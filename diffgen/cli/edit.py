@@ -88,7 +88,7 @@ def edit(
     loaded = job.load()
     result, trace_failure = denoise_laid_out(
         job.console, tokenizer,
-        lambda on_event: edit_mod.edit(loaded, prefix, document, settings, exact=job.exact, compile=job.compile,
+        lambda on_event: edit_mod.edit(loaded, prefix, document, settings, execution=job.execution,
                                        on_event=on_event),
         phase="revising the file", show_steps=show_steps, trace_file=trace_file, model=model,
         prompt=instruction, settings=settings, canvas_length=job.canvas_length, quiet=quiet)

@@ -103,7 +103,7 @@ def fill(
     loaded = job.load()
     result, trace_failure = denoise_laid_out(
         job.console, tokenizer,
-        lambda on_event: fill_mod.fill(loaded, prefix, parsed, settings, exact=job.exact, compile=job.compile,
+        lambda on_event: fill_mod.fill(loaded, prefix, parsed, settings, execution=job.execution,
                                        on_event=on_event, vision=vision),
         phase="filling the template", show_steps=show_steps, trace_file=trace_file, model=model,
         prompt=prompt or "", settings=settings, canvas_length=job.canvas_length, quiet=quiet)

@@ -17,6 +17,7 @@ from diffgen.cli.common import exclusive, load_model, prepare_generation
 from diffgen.cli.funnel import doing
 from diffgen.cli.option_groups import Runtime
 from diffgen.cli.options import sampler_choice
+from diffgen.denoise.options import Execution
 
 
 class LocalJob:
@@ -27,9 +28,8 @@ class LocalJob:
                                 fast=runtime.fast)
         #: the options, ``--exact`` / ``--fast`` resolved against the config file's defaults
         self.runtime = dataclasses.replace(runtime, exact=exact, fast=fast)
-        #: the loop's ``exact`` argument (``None``: the device's default)
-        self.exact = sampler_choice(exact, fast, runtime.compile)
-        self.compile = runtime.compile
+        #: how the loop runs (``exact`` ``None``: the device's default)
+        self.execution = Execution(exact=sampler_choice(exact, fast, runtime.compile), compile=runtime.compile)
         self.model, self.quiet = model, quiet
         self.prepared: Any = None
         self.tokenizer: Any = None

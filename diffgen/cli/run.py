@@ -184,8 +184,8 @@ def _schema_run(job: LocalJob, ids: list[int], schema: dict, *, retries: int, js
     loaded = job.load()
     with doing("generating"):
         with status(job.console, "Denoising", quiet=job.quiet):
-            result = schema_mod.generate_json(loaded, ids, schema, settings, retries=retries, exact=job.exact,
-                                              compile=job.compile, vocab=vocab)
+            result = schema_mod.generate_json(loaded, ids, schema, settings, retries=retries,
+                                              execution=job.execution, vocab=vocab)
 
     def write() -> None:
         if json_output:

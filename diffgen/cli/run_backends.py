@@ -127,7 +127,7 @@ class LocalRun:
         settings = job.prepared.settings
         job.check_context(len(ids), settings)
         loaded = job.load()
-        options = {"exact": job.exact, "compile": job.compile, "vision": [vision]}
+        options = {"execution": job.execution, "vision": [vision]}
         with doing("generating"):
             if not watch.observed:
                 with status(watch.console, "Denoising", quiet=watch.quiet):

@@ -86,7 +86,7 @@ from diffgen.denoise.backends import StaticBackend
 from diffgen.denoise.fused import fusable
 from diffgen.denoise.kv import bucket
 from diffgen.denoise.events import Completion, CompletionStats, StepEvent, cut_completion
-from diffgen.denoise.runner import FAST_CHECK_EVERY, CanvasRunner, commit_canvas, graphs_enabled
+from diffgen.denoise.runner import FAST_CHECK_EVERY, CanvasRunner, commit_canvas, graphs_enabled, graphs_supported
 from diffgen.denoise.sampling import TemperatureSchedule
 from diffgen.denoise.step import clone_state
 from diffgen.denoise.tickets import Counters, Row, RunningBatch, Ticket
@@ -127,11 +127,10 @@ class Batcher:
             other code that runs the model.
         graphs: replay each canvas's step from a CUDA graph (default: on CUDA unless
             ``DIFFGEN_CUDA_GRAPHS=0``, as in the loop).
-        capture: replaces the CUDA graph recorder (tests replay eagerly on the CPU).
     """
 
     def __init__(self, loaded: LoadedModel, *, max_batch: int = 8, lock: Any = None,
-                 graphs: bool | None = None, capture: Any = None):
+                 graphs: bool | None = None):
         if max_batch < 1:
             raise UsageError(f"max_batch must be at least 1, got {max_batch}")
         if not fusable(loaded.model):
@@ -143,9 +142,8 @@ class Batcher:
         model = loaded.model
         self.device = model.device
         self.graphs = (self.device.type == "cuda" and graphs_enabled()) if graphs is None else graphs
-        if self.graphs and self.device.type != "cuda" and capture is None:
+        if self.graphs and not graphs_supported(self.device):
             raise UsageError("CUDA graphs need a CUDA device")
-        self.capture = capture
         self.canvas_length = int(model.config.canvas_length)
         self.runner: CanvasRunner | None = None  # built at the first batch (see _runner_for)
         self._cond = threading.Condition()
@@ -331,7 +329,7 @@ class Batcher:
         if runner is not None:
             capacity = max(capacity, runner.backend.capacity)
         backend = StaticBackend(self.loaded, self.max_batch, capacity)
-        new = CanvasRunner(self.loaded, backend, graphs=self.graphs, capture=self.capture)
+        new = CanvasRunner(self.loaded, backend, graphs=self.graphs)
         if runner is not None:
             backend.kv.take_rows(runner.backend.kv)
             new.seeds.copy_(runner.seeds)

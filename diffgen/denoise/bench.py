@@ -16,7 +16,12 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from diffgen.denoise.options import Execution
+
+if TYPE_CHECKING:
+    from diffgen.loading.loader import LoadedModel
 
 REAL_CONFIG = Path(__file__).resolve().parents[1] / "data" / "diffusiongemma-26b-a4b-config.json"
 
@@ -110,20 +115,19 @@ def ordinary_token_ids(config: Any, tokenizer: Any, vocab: int) -> list[int]:
     return list(range(vocab))
 
 
-def run(loaded: Any, *, steps: int = 16, prompt_tokens: int = 64, canvases: int = 2, batch: int = 1,
-        exact: bool | None = None, compare_reference: bool = False, reps: int = 3,
-        reference_cache: str = "dynamic", graphs: bool | None = None, compile: bool = False,
-        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run(loaded: LoadedModel, *, steps: int = 16, prompt_tokens: int = 64, canvases: int = 2, batch: int = 1,
+        execution: Execution = Execution(), compare_reference: bool = False, reps: int = 3,
+        reference_cache: str = "dynamic", progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Time the generator (and optionally the reference); return the numbers as a dict.
 
-    ``progress`` is told each phase as it starts (``"warm-up (first call)"``, ``"timed run 1/3"``...).
+    ``execution``: how the loop runs (:class:`~diffgen.denoise.options.Execution`). ``progress`` is told each phase as it starts (``"warm-up (first call)"``, ``"timed run 1/3"``...).
     """
     say = progress or (lambda phase: None)
     import torch
 
     device = loaded.model.device
     settings, prompts = _workload(loaded, steps, prompt_tokens, canvases, batch)
-    options = {"exact": exact, "graphs": graphs, "compile": compile}
+    options = {"execution": execution}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     say("warm-up (first call)")
@@ -214,9 +218,9 @@ def _numbers(loaded: Any, generation: Any, shape: dict[str, int], median_step: f
         "transformers": transformers.__version__,
         "model": loaded.checkpoint.name,
         "scheme": loaded.plan.scheme,
-        "sampler": "exact" if generation.exact else "fast",
-        "graphs": generation.graphs,
-        "compiled": generation.compile,
+        "sampler": "exact" if generation.execution.exact else "fast",
+        "graphs": generation.execution.graphs,
+        "compiled": generation.execution.compile,
         "graph_captures": runner.captures if runner else 0,
         "capture_s": runner.capture_seconds if runner else 0.0,
         "graph_failure": runner.failed if runner else None,

@@ -19,6 +19,19 @@ returns are :mod:`diffgen.denoise.events`.
 Events carry device tensors and are built from values the loop computes anyway; nothing is
 copied to the host per step unless a consumer reads them (``observe=False`` skips building
 step events at all).
+
+The library API, in one import from this module::
+
+    loaded = diffgen.loading.loader.load(path, plan)          # a LoadedModel
+    ids = diffgen.prompt.encode(loaded.tokenizer, "Why is the sky blue?")
+    settings = loaded.defaults.replace(max_new_tokens=512, seed=1)
+    result = generate(loaded, [ids], settings)                 # GenerationResult
+    for event in stream(loaded, [ids], settings, execution=Execution(exact=False)): ...
+
+Besides ``observe``, ``seeds``, ``vision`` and ``cache``, :func:`stream` takes two option groups
+(:mod:`diffgen.denoise.options`): :class:`Execution` (sampler, CUDA graphs, ``torch.compile``,
+host-sync cadence) and :class:`Constraints` (clamped, seeded or restricted positions: what
+:mod:`diffgen.denoise.constrained` passes).
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,9 +51,10 @@ from diffgen.denoise.events import (CanvasEvent, Completion, CompletionStats, Ev
                                     StepEvent, cut_completion)
 from diffgen.denoise.fused import fusable, fused_enabled
 from diffgen.denoise.kv import bucket
-from diffgen.denoise.runner import FAST_CHECK_EVERY, CanvasRunner, commit_canvas, graphs_enabled, runner_for
-from diffgen.denoise.sampling import ExactSampler, GlobalNoise, PerRowNoise, TemperatureSchedule
-from diffgen.denoise.step import clone_state, compiled_step
+from diffgen.denoise.options import Constraints, Execution
+from diffgen.denoise.runner import FAST_CHECK_EVERY, CanvasRunner, commit_canvas, runner_for
+from diffgen.denoise.sampling import ExactSampler, FastSampler, GlobalNoise, PerRowNoise, TemperatureSchedule
+from diffgen.denoise.step import StepState, clone_state, compiled_step
 from diffgen.errors import PromptTooLongError, UsageError
 from diffgen.settings import GenerationSettings
 
@@ -50,8 +64,9 @@ if TYPE_CHECKING:
     from diffgen.loading.loader import LoadedModel
 
 # (re-exported: one import for callers)
-__all__ = ["FAST_CHECK_EVERY", "cache_keyword", "run_encoder", "stream", "generate", "CanvasEvent", "Completion",
-           "CompletionStats", "Event", "FinishReason", "GenerationResult", "StepEvent", "cut_completion"]
+__all__ = ["FAST_CHECK_EVERY", "cache_keyword", "run_encoder", "stream", "generate", "Generation", "Execution",
+           "Constraints", "CanvasEvent", "Completion", "CompletionStats", "Event", "FinishReason", "GenerationResult",
+           "StepEvent", "cut_completion"]
 
 
 @dataclass
@@ -60,7 +75,7 @@ class _Progress:
 
     start: float
     runner: CanvasRunner
-    sampler: Any
+    sampler: ExactSampler | FastSampler
     eos: torch.Tensor
     schedule: TemperatureSchedule
     stop_finished: bool
@@ -71,14 +86,18 @@ class _Progress:
 
 
 class Generation:
-    """A generation ready to run: iterate it for events; :attr:`result` afterwards."""
+    """A generation ready to run: iterate it for events; :attr:`result` afterwards (see :func:`stream`).
+
+    Attributes:
+        execution: the :class:`Execution` resolved for the model's device (no ``None`` left).
+        constraints: the :class:`Constraints`, checked against the prompts and canvases.
+        runner: the :class:`~diffgen.denoise.runner.CanvasRunner` it ran on (once started).
+    """
 
     def __init__(self, loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
-                 *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
-                 check_every: int | None = None, graphs: bool | None = None, capture: Any = None,
-                 compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 init: tuple[torch.Tensor, torch.Tensor] | None = None, allowed: torch.Tensor | None = None,
-                 vision: Sequence[VisionInputs | None] | None = None, cache: PromptCache | None = None):
+                 *, observe: bool = True, seeds: Sequence[int] | None = None, execution: Execution = Execution(),
+                 constraints: Constraints = Constraints(), vision: Sequence[VisionInputs | None] | None = None,
+                 cache: PromptCache | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UsageError("every prompt needs at least one token")
         if cache is not None and (len(prompts) != 1 or vision is not None and any(v is not None for v in vision)):
@@ -89,38 +108,15 @@ class Generation:
         if seeds is not None and len(seeds) != len(prompts):
             raise UsageError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         self.seeds = list(seeds) if seeds is not None else None
-        device = loaded.model.device
-        # The exact loop is the default on the CPU; elsewhere the fast one.
-        self.exact = device.type == "cpu" if exact is None else exact
-        # CUDA graphs replay the fast step (the exact one draws from the global generator, eagerly).
-        self.graphs = (not self.exact and device.type == "cuda" and graphs_enabled()) if graphs is None else graphs
-        if self.graphs and (self.exact or (device.type != "cuda" and capture is None)):
-            raise UsageError("CUDA graphs need the fast sampler on a CUDA device")
-        self._capture = capture
-        if compile and self.exact:
-            raise UsageError("compiling the step needs the fast sampler (compiled kernels reorder float sums, "
-                             "so the exact sampler would no longer match generate())")
-        self.compile = compile
-        # How often the loop asks the device whether every row has stopped (each ask is a host sync).
-        self.check_every = check_every or (1 if self.exact else FAST_CHECK_EVERY)
+        self.execution = execution.resolve(loaded.model.device)
         self.runner: CanvasRunner | None = None
         self.loaded = loaded
         self.settings = settings
         self.observe = observe
         self.canvas_length = int(loaded.model.config.canvas_length)
         self.canvases = math.ceil(settings.max_new_tokens / self.canvas_length)
-        expected = (len(prompts), self.canvases * self.canvas_length)
-        for name, pair in (("clamp", clamp), ("init", init)):
-            if pair is not None and any(tuple(t.shape) != expected for t in pair):
-                raise UsageError(f"{name} tensors must be {expected} (rows, whole canvases), got "
-                                 f"{tuple(pair[0].shape)} and {tuple(pair[1].shape)}")
-        self.clamp, self.init = clamp, init
-        self.allowed = allowed
-        if allowed is not None:
-            total = self.canvases * self.canvas_length
-            if allowed.dim() != 3 or allowed.shape[0] not in (1, len(prompts)) or allowed.shape[1] != total:
-                raise UsageError(f"the allowed-token mask must be (1 or rows, {total}, vocab), got "
-                                 f"{tuple(allowed.shape)}")
+        constraints.check(len(prompts), self.canvases * self.canvas_length)
+        self.constraints = constraints
         self._prompts = [list(p) for p in prompts]
         self._vision = _check_vision(vision, self._prompts)
         self._check_context()
@@ -154,21 +150,21 @@ class Generation:
 
     def _fused(self) -> bool:
         """Whether this generation runs diffgen's fused passes over the static cache."""
-        return not self.exact and fused_enabled() and fusable(self.loaded.model)
+        return not self.execution.exact and fused_enabled() and fusable(self.loaded.model)
 
     def _runner(self, device: torch.device) -> CanvasRunner:
         """The canvas runner, its prompts prefilled (pooled for the fused passes: graphs once a process)."""
-        step_fn = compiled_step() if self.compile else None
+        execution = self.execution
+        step_fn = compiled_step() if execution.compile else None
         batch = len(self._prompts)
         pad = self.settings.pad_token_id
         if self._fused():
             needed = max(len(p) for p in self._prompts) + self.canvases * self.canvas_length
-            runner = runner_for(self.loaded, batch, bucket(needed), graphs=self.graphs, capture=self._capture,
-                                step_fn=step_fn)
+            runner = runner_for(self.loaded, batch, bucket(needed), graphs=execution.graphs, step_fn=step_fn)
             runner.backend.load(self._prompts, range(batch), pad, self._vision_inputs(device), self.prompt_cache)
         else:
             backend = DynamicBackend(self.loaded, self._prompts, pad, self.prompt_cache)
-            runner = CanvasRunner(self.loaded, backend, graphs=self.graphs, capture=self._capture, step_fn=step_fn)
+            runner = CanvasRunner(self.loaded, backend, graphs=execution.graphs, step_fn=step_fn)
             backend.prefill(self._vision_inputs(device))
         runner.set_seeds(self._row_seeds(batch))
         return runner
@@ -187,17 +183,18 @@ class Generation:
         start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        if settings.seed is not None and self.exact:
+        exact = self.execution.exact
+        if settings.seed is not None and exact:
             torch.manual_seed(settings.seed)
         batch_size = len(self._prompts)
         runner = self.runner = self._runner(device)
-        sampler = self._exact_sampler(device) if self.exact else runner.sampler
+        sampler = self._exact_sampler(device) if exact else runner.sampler
         progress = _Progress(
             start=start, runner=runner, sampler=sampler, eos=torch.tensor(settings.eos_token_ids, device=device),
             schedule=TemperatureSchedule(settings.t_min, settings.t_max, settings.max_denoising_steps),
             # The reference keeps denoising rows that ended in an earlier canvas until every row
             # stops; with per-row noise those rows are done and draw nothing.
-            stop_finished=sampler.per_row or not self.exact,
+            stop_finished=sampler.per_row or not exact,
             finished=torch.zeros(batch_size, dtype=torch.bool, device=device),
             forwards=torch.zeros(batch_size, dtype=torch.int, device=device))
         for canvas_index in range(self.canvases):
@@ -215,14 +212,12 @@ class Generation:
         canvas_tensor = torch.tensor(index, dtype=torch.long, device=device)
         canvas = progress.sampler.initial_canvas(len(self._prompts), ~progress.finished, canvas_tensor)
         # This canvas's slice of the per-position constraints (fill, edit, schema), if any.
-        window = slice(index * self.canvas_length, (index + 1) * self.canvas_length)
-        if self.init is not None:
+        here = self.constraints.canvas(index, self.canvas_length, device)
+        if here.init is not None:
             # Seeded positions start from their token instead of noise; the noise is still drawn
             # (and discarded there), so the random draws keep their order.
-            canvas = torch.where(self.init[1][:, window].to(device), self.init[0][:, window].to(device), canvas)
-        allowed = None if self.allowed is None else self.allowed[:, window].to(device)
-        clamp = None if self.clamp is None else (self.clamp[0][:, window].to(device),
-                                                 self.clamp[1][:, window].to(device))
+            canvas = torch.where(here.init[1], here.init[0], canvas)
+        clamp = here.clamp
         clamp_mask = None if clamp is None else clamp[1]
         if clamp is not None and bool(clamp[1].all()):
             # Nothing to denoise: the canvas is fixed text, committed as context as is.
@@ -235,12 +230,12 @@ class Generation:
         forwards_before = progress.forwards
         steps, state = 0, None
         for steps, state in runner.denoise(settings, canvas, progress.finished, canvas_tensor, progress.forwards,
-                                           sampler=progress.sampler, clamp=clamp, allowed=allowed,
-                                           check_every=self.check_every, stop_finished=progress.stop_finished):
+                                           sampler=progress.sampler, clamp=clamp, allowed=here.allowed,
+                                           check_every=self.execution.check_every, stop_finished=progress.stop_finished):
             if self.observe:
                 yield self._step_event(index, steps, state, progress, clamp_mask)
         progress.forwards = state.forwards.clone()
-        if self.clamp is None:
+        if clamp is None:
             committed, progress.finished = commit_canvas(state.argmax, progress.finished, progress.eos,
                                                          settings.pad_token_id)
         else:
@@ -251,7 +246,7 @@ class Generation:
         yield CanvasEvent(canvas=index, canvases=self.canvases, tokens=committed, steps=steps,
                           finished=progress.finished, elapsed=time.perf_counter() - progress.start, fixed=clamp_mask)
 
-    def _step_event(self, index: int, steps: int, state: Any, progress: _Progress,
+    def _step_event(self, index: int, steps: int, state: StepState, progress: _Progress,
                     fixed: torch.Tensor | None) -> StepEvent:
         n_steps = self.settings.max_denoising_steps
         shown = clone_state(state) if progress.runner.graphs else state
@@ -343,53 +338,35 @@ def _check_context(canvas_length: int, limit: int | None, prompt_tokens: int, se
 
 
 def stream(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
-           *, observe: bool = True, seeds: Sequence[int] | None = None, exact: bool | None = None,
-           check_every: int | None = None, graphs: bool | None = None, capture: Any = None,
-           compile: bool = False, clamp: tuple[torch.Tensor, torch.Tensor] | None = None,
-           init: tuple[torch.Tensor, torch.Tensor] | None = None, allowed: torch.Tensor | None = None,
-           vision: Sequence[VisionInputs | None] | None = None, cache: PromptCache | None = None
-           ) -> Generation:
+           *, observe: bool = True, seeds: Sequence[int] | None = None, execution: Execution = Execution(),
+           constraints: Constraints = Constraints(), vision: Sequence[VisionInputs | None] | None = None,
+           cache: PromptCache | None = None) -> Generation:
     """Prepare a generation of ``prompts`` (token id lists; several are batched, left padded).
 
-    ``exact`` picks the reference-identical sampler (default on the CPU) or the fast one
-    (default elsewhere). With the exact sampler and no ``seeds`` the random draws come from
-    torch's global generator (seeded by ``settings.seed``) exactly as in transformers'
-    ``generate()``. With one seed per prompt each row draws from its own stream, so its tokens
-    do not depend on the rest of the batch (both samplers; the fast one always works per row,
-    deriving row seeds from ``settings.seed`` when ``seeds`` is not given). ``check_every`` is
-    how many steps pass between host syncs that ask whether all rows have stopped (1 for the
-    exact loop, like the reference). ``graphs`` replays the fast step from a CUDA graph
-    (default on CUDA; ``DIFFGEN_CUDA_GRAPHS=0`` turns it off); ``capture`` replaces the CUDA
-    graph recorder (tests replay eagerly on the CPU through the same code). ``compile`` runs
-    the fast step through ``torch.compile`` (:func:`~diffgen.denoise.step.compiled_step`):
-    minutes on the first call, cached on disk by inductor for later processes, about twice
-    as fast per step on a CPU. ``clamp`` = ``(tokens, mask)``, both ``(B, canvases x C)``
-    (``int64`` and ``bool``), pins the masked positions of every canvas to their tokens at
-    every step (infilling, :mod:`diffgen.denoise.constrained.fill`; see :class:`StepContext`); a canvas
-    whose positions are all clamped is committed as is without a decoder pass, and an EOS
-    ends no row (the layout is fixed), so every planned canvas runs. ``init`` = ``(tokens,
-    mask)``, same shapes, seeds the masked positions: each canvas starts from those tokens
-    instead of uniform noise there (editing, :mod:`diffgen.denoise.constrained.edit`); unlike a clamp
-    this pins nothing, the sampler renoises them as it would any rejected position. ``allowed``,
-    ``(1 or B, canvases x C, V)`` bool, restricts each position to its allowed tokens before
-    temperature and sampling (JSON by construction, :mod:`diffgen.denoise.constrained.schema`; see
-    :class:`StepContext`). ``vision``, one :class:`~diffgen.images.VisionInputs` or ``None``
-    per prompt: the prompts' images, encoded with the prompt as in transformers' ``generate()``.
-    ``cache``, a :class:`~diffgen.denoise.prompt_cache.PromptCache` (one text prompt only), keeps
-    the encoder's KV cache from one generation to the next: the prompt's longest common prefix
-    with what it holds is not encoded again (``diffgen chat``'s turns).
+    ``observe=False`` skips building step events. ``seeds``, one per prompt: each row draws from
+    its own stream, so its tokens do not depend on the rest of the batch (both samplers; the fast
+    one always works per row, deriving row seeds from ``settings.seed`` when ``seeds`` is not
+    given). ``execution``: sampler, CUDA graphs, ``torch.compile``, host-sync cadence
+    (:class:`~diffgen.denoise.options.Execution`; default: the device's choices).
+    ``constraints``: clamped, seeded or restricted positions for constrained generation
+    (:class:`~diffgen.denoise.options.Constraints`: infilling,
+    :mod:`diffgen.denoise.constrained.fill`; editing, :mod:`diffgen.denoise.constrained.edit`; JSON
+    by construction, :mod:`diffgen.denoise.constrained.schema`). ``vision``, one
+    :class:`~diffgen.images.VisionInputs` or ``None`` per prompt: the prompts' images, encoded with
+    the prompt as in transformers' ``generate()``. ``cache``, a
+    :class:`~diffgen.denoise.prompt_cache.PromptCache` (one text prompt only), keeps the encoder's
+    KV cache from one generation to the next: the prompt's longest common prefix with what it
+    holds is not encoded again (``diffgen chat``'s turns).
     """
-    return Generation(loaded, prompts, settings, observe=observe, seeds=seeds, exact=exact, check_every=check_every,
-                      graphs=graphs, capture=capture, compile=compile, clamp=clamp, init=init,
-                      allowed=allowed, vision=vision, cache=cache)
+    return Generation(loaded, prompts, settings, observe=observe, seeds=seeds, execution=execution,
+                      constraints=constraints, vision=vision, cache=cache)
 
 
 def generate(loaded: LoadedModel, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
-             *, seeds: Sequence[int] | None = None, exact: bool | None = None, compile: bool = False,
+             *, seeds: Sequence[int] | None = None, execution: Execution = Execution(),
              vision: Sequence[VisionInputs | None] | None = None) -> GenerationResult:
-    """Run a generation to the end and return its result."""
-    generation = stream(loaded, prompts, settings, observe=False, seeds=seeds, exact=exact, compile=compile,
-                        vision=vision)
+    """Run a generation to the end and return its result (:func:`stream`'s keywords)."""
+    generation = stream(loaded, prompts, settings, observe=False, seeds=seeds, execution=execution, vision=vision)
     for _ in generation:
         pass
     return generation.result

@@ -15,7 +15,8 @@ recorded too. Runners are pooled per model (:func:`runner_for`), so a server or 
 graphs. Over a :class:`~diffgen.denoise.backends.DynamicBackend` (transformers' modules) the
 decoder is bound to one canvas, so its graph is recorded per canvas, as before.
 ``DIFFGEN_CUDA_GRAPHS=0`` turns graphs off; ``DIFFGEN_GRAPHS_PER_CANVAS=1`` records per canvas
-even over the static backend (for comparison in ``bench/gpu_session.py``).
+even over the static backend (for comparison in ``bench/gpu_session.py``). Every graph is recorded
+by :data:`recorder`.
 
 Warm-up: the first recording of a (device, slots, model) waits for one eager step with
 self-conditioning, so that lazy work (cuBLAS workspaces, Triton compilation and autotuning) never
@@ -29,7 +30,7 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -77,25 +78,47 @@ def commit_canvas(argmax: torch.Tensor, finished: torch.Tensor, eos: torch.Tenso
     return committed, finished | ended_now
 
 
-class CudaGraphCapture:
-    """Records a function into a CUDA graph (its own memory pool); calling the result replays it."""
+class CudaGraph:
+    """``body`` recorded into a CUDA graph (its own memory pool); calling it replays the graph."""
 
-    def __init__(self):
-        self.graph: Any = None
-
-    def __call__(self, body: Callable[[], None]) -> Callable[[], None]:
-        self.release()
+    def __init__(self, body: Callable[[], None]):
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         with torch.cuda.graph(graph):
             body()
-        self.graph = graph
-        return graph.replay
+        self.graph: torch.cuda.CUDAGraph | None = graph
+
+    def __call__(self) -> None:
+        self.graph.replay()
 
     def release(self) -> None:
+        """Free the graph and its memory pool (a graph recorded per canvas, at the canvas's end)."""
         if self.graph is not None:
             self.graph.reset()
             self.graph = None
+
+
+class CudaGraphRecorder:
+    """Records the step and the encoder pass as CUDA graphs, on CUDA devices."""
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def record(self, body: Callable[[], None]) -> Callable[[], None]:
+        """``body`` recorded; calling the result replays it (a ``release()`` method, where it has
+        one, frees what the recording holds)."""
+        return CudaGraph(body)
+
+
+#: What every runner records its graphs with (read at each recording). The one seam for graphs
+#: off CUDA: the tests put a recorder here that replays by running the body eagerly, the
+#: CUDA-graph path's logic on the CPU (tests/conftest.py, ``eager_graphs``).
+recorder = CudaGraphRecorder()
+
+
+def graphs_supported(device: torch.device) -> bool:
+    """Whether :data:`recorder` records graphs on ``device``."""
+    return recorder.supports(device)
 
 
 # Warm-up keys already served in this process (see the module's docstring).
@@ -112,9 +135,8 @@ class StepGraph:
     into the static one.
     """
 
-    def __init__(self, capture: Callable[[Callable[[], None]], Callable[[], None]], step_fn: Callable[..., StepState],
-                 warm_key: Any, masked_first_step: bool):
-        self.capture, self.step_fn = capture, step_fn
+    def __init__(self, step_fn: Callable[..., StepState], warm_key: Hashable, masked_first_step: bool):
+        self.step_fn = step_fn
         self.warm_key, self.masked_first_step = warm_key, masked_first_step
         self.replay: Callable[[], None] | None = None
         self.static: StepState | None = None
@@ -130,7 +152,7 @@ class StepGraph:
         self.mask.fill_(False)
 
     def release(self) -> None:
-        release = getattr(self.capture, "release", None)
+        release = getattr(self.replay, "release", None)
         if release is not None:
             release()
         self.replay, self.static, self.mask = None, None, None
@@ -164,7 +186,7 @@ class StepGraph:
                     target.copy_(getattr(out, name))
             mask.fill_(True)
 
-        self.replay = self.capture(body)
+        self.replay = recorder.record(body)
         self.static, self.mask = static, mask
 
 
@@ -185,13 +207,11 @@ class CanvasRunner:
     """
 
     def __init__(self, loaded: LoadedModel, backend: StaticBackend | DynamicBackend, *, graphs: bool = False,
-                 capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None,
                  step_fn: Callable[..., StepState] | None = None):
         model = loaded.model
         self.loaded, self.backend = loaded, backend
         self.device = model.device
         self.graphs = graphs
-        self._capture = capture
         self._step_fn = step_fn
         slots = backend.slots
         text = model.config.get_text_config()
@@ -254,13 +274,10 @@ class CanvasRunner:
     def _recording(self) -> bool:
         return self.graphs and not self.failed and not graphs_per_canvas()
 
-    def _new_capture(self) -> Callable[[Callable[[], None]], Callable[[], None]]:
-        return self._capture if self._capture is not None else CudaGraphCapture()
-
     def _record(self, body: Callable[[], None]) -> Callable[[], None] | None:
         start = time.perf_counter()
         try:
-            replay = self._new_capture()(body)
+            replay = recorder.record(body)
         except Exception as exc:  # noqa: BLE001 - what cannot be captured still runs eagerly
             self._fail(exc)
             return None
@@ -300,7 +317,7 @@ class CanvasRunner:
             confidence_threshold=settings.confidence_threshold, embed_dtype=self.embed_dtype, **buffers)
         graph = None
         if self.graphs and sampler.capturable and not self.failed:
-            graph = StepGraph(self._new_capture(), self.step_fn, (str(self.device), self.backend.slots,
+            graph = StepGraph(self.step_fn, (str(self.device), self.backend.slots,
                               id(self.loaded.model)), self.masked_first_step)
         if static:
             self._contexts[key] = (context, graph)
@@ -365,7 +382,7 @@ class CanvasRunner:
         return graph.static
 
 
-def runner_for(loaded: LoadedModel, slots: int, capacity: int, *, graphs: bool, capture: Any = None,
+def runner_for(loaded: LoadedModel, slots: int, capacity: int, *, graphs: bool,
                step_fn: Callable[..., StepState] | None = None) -> CanvasRunner:
     """A pooled runner over a :class:`~diffgen.denoise.backends.StaticBackend` with ``slots`` rows
     and room for ``capacity`` positions (its buffers and graphs kept for later generations)."""
@@ -376,13 +393,13 @@ def runner_for(loaded: LoadedModel, slots: int, capacity: int, *, graphs: bool, 
     # A recorded graph holds the kernels chosen when it was recorded: the DIFFGEN_* knobs that pick
     # kernels (read at call time) are part of what it is.
     knobs = tuple(sorted((name, value) for name, value in os.environ.items() if name.startswith("DIFFGEN_")))
-    key = (slots, capacity, graphs, id(capture), step_fn, knobs)
+    # So is what recorded it (:data:`recorder`, which the tests replace).
+    key = (slots, capacity, graphs, recorder if graphs else None, step_fn, knobs)
     runner = pool.get(key)
     if runner is None or runner.loaded is not loaded:
         while len(pool) >= POOL_SIZE:
             pool.popitem(last=False)
-        runner = CanvasRunner(loaded, StaticBackend(loaded, slots, capacity), graphs=graphs, capture=capture,
-                              step_fn=step_fn)
+        runner = CanvasRunner(loaded, StaticBackend(loaded, slots, capacity), graphs=graphs, step_fn=step_fn)
         pool[key] = runner
     pool.move_to_end(key)
     return runner

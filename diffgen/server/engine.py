@@ -267,9 +267,10 @@ class Engine:
         """One choice of a json_schema request: the JSON text as ``run --schema`` generates it (call
         it under the lock). ``token_ids`` are the laid-out positions, pad dropped."""
         from diffgen.denoise.constrained.schema import generate_json
+        from diffgen.denoise.options import Execution
 
-        result = generate_json(self.loaded, ids, request.schema, self.settings_for(request, index), exact=self.exact,
-                               vocab=self.vocab)
+        result = generate_json(self.loaded, ids, request.schema, self.settings_for(request, index),
+                               execution=Execution(exact=self.exact), vocab=self.vocab)
         pad = self.settings.pad_token_id
         tokens = tuple(token for token in result.token_ids[: result.layout.length] if token != pad)
         return Choice(text=result.text, thoughts=None, finish_reason="stop", token_ids=tokens,
@@ -339,11 +340,11 @@ class Engine:
                        gone: Callable[[], bool], vision: Optional[VisionInputs], canvases: bool) -> bool:
         """Generate choice ``index`` through the loop (under the lock); false when the client went away."""
         from diffgen.denoise.channels import split_response
-        from diffgen.denoise.loop import CanvasEvent, StepEvent, stream
+        from diffgen.denoise.loop import CanvasEvent, Execution, StepEvent, stream
 
         settings = self.settings_for(request, index)
         generation = stream(self.loaded, [ids], settings, observe=request.stream_steps,
-                            exact=self.exact, vision=[vision] if vision is not None else None)
+                            execution=Execution(exact=self.exact), vision=[vision] if vision is not None else None)
         eos = set(settings.eos_token_ids)
         tokens: list[int] = []
         for event in generation:

@@ -23,12 +23,14 @@ import difflib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from diffgen.denoise.options import Execution
 from diffgen.errors import UsageError
 
 if TYPE_CHECKING:
     from diffgen.denoise.constrained.fill import Layout
+    from diffgen.denoise.events import Event
     from diffgen.loading.loader import LoadedModel
     from diffgen.settings import GenerationSettings
 
@@ -236,11 +238,10 @@ def edit_layout(document: Document, tokenizer, canvas_length: int, pad_token_id:
 
 
 def edit(loaded: LoadedModel, prefix: Sequence[int], document: Document | str, settings: GenerationSettings,
-         *, exact: bool | None = None, compile: bool = False,
-         on_event: Callable[[Any], None] | None = None) -> EditResult:
+         *, execution: Execution = Execution(), on_event: Callable[[Event], None] | None = None) -> EditResult:
     """Revise ``document``'s spans after the encoder prefix ``prefix`` (the instruction's tokens).
 
-    ``on_event`` is called with every loop event (``--show-steps``, ``--trace``).
+    ``execution``: how the loop runs (:class:`~diffgen.denoise.options.Execution`). ``on_event`` is called with every loop event (``--show-steps``, ``--trace``).
     """
     import time
 
@@ -252,7 +253,7 @@ def edit(loaded: LoadedModel, prefix: Sequence[int], document: Document | str, s
     canvas_length = int(loaded.model.config.canvas_length)
     plan, init, olds = edit_layout(document, loaded.tokenizer, canvas_length, settings.pad_token_id)
     settings = fill_settings(settings, plan)
-    tokens, entropy, steps = run_layout(loaded, prefix, plan, settings, exact=exact, compile=compile, init=init,
+    tokens, entropy, steps = run_layout(loaded, prefix, plan, settings, execution=execution, init=init,
                                         on_event=on_event)
     eos = set(settings.eos_token_ids)
     spans = []

@@ -30,9 +30,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from diffgen.denoise.options import Execution
 from diffgen.errors import UsageError
 
 if TYPE_CHECKING:
+    from diffgen.denoise.events import Event
+    from diffgen.images import VisionInputs
     from diffgen.loading.loader import LoadedModel
     from diffgen.settings import GenerationSettings
 
@@ -199,12 +202,13 @@ def fill_settings(settings: GenerationSettings, plan: Layout) -> GenerationSetti
 
 
 def fill(loaded: LoadedModel, prefix: Sequence[int], template: Template | str, settings: GenerationSettings,
-         *, exact: bool | None = None, compile: bool = False,
-         on_event: Callable[[Any], None] | None = None, vision: Any = None) -> FillResult:
+         *, execution: Execution = Execution(), on_event: Callable[[Event], None] | None = None,
+         vision: VisionInputs | None = None) -> FillResult:
     """Fill ``template``'s holes after the encoder prefix ``prefix`` (token ids, at least one).
 
-    ``on_event`` is called with every loop event (``--show-steps``, ``--trace``). ``vision``:
-    the prefix's image inputs (:class:`~diffgen.images.VisionInputs`), if it shows images.
+    ``execution``: how the loop runs (:class:`~diffgen.denoise.options.Execution`). ``on_event``
+    is called with every loop event (``--show-steps``, ``--trace``). ``vision``: the prefix's
+    image inputs (:class:`~diffgen.images.VisionInputs`), if it shows images.
     """
     import time
 
@@ -214,8 +218,8 @@ def fill(loaded: LoadedModel, prefix: Sequence[int], template: Template | str, s
     canvas_length = int(loaded.model.config.canvas_length)
     plan = layout(template, loaded.tokenizer, canvas_length, settings.pad_token_id)
     settings = fill_settings(settings, plan)
-    tokens, entropy, steps = run_layout(loaded, prefix, plan, settings, exact=exact, compile=compile,
-                                        on_event=on_event, vision=vision)
+    tokens, entropy, steps = run_layout(loaded, prefix, plan, settings, execution=execution, on_event=on_event,
+                                        vision=vision)
     eos = set(settings.eos_token_ids)
     holes = []
     for begin, end in plan.spans:
@@ -233,8 +237,8 @@ def fill(loaded: LoadedModel, prefix: Sequence[int], template: Template | str, s
 
 
 def run_layout(loaded: LoadedModel, prefix: Sequence[int], plan: Layout, settings: GenerationSettings, *,
-               exact: bool | None = None, compile: bool = False, init: Sequence[int | None] | None = None,
-               on_event: Callable[[Any], None] | None = None, vision: Any = None
+               execution: Execution = Execution(), init: Sequence[int | None] | None = None,
+               on_event: Callable[[Event], None] | None = None, vision: VisionInputs | None = None
                ) -> tuple[list[int], list[float], list[int]]:
     """Denoise ``plan``'s free positions with its fixed ones clamped (``settings`` from :func:`fill_settings`).
 
@@ -246,7 +250,7 @@ def run_layout(loaded: LoadedModel, prefix: Sequence[int], plan: Layout, setting
     """
     import torch
 
-    from diffgen.denoise.loop import CanvasEvent, StepEvent, stream
+    from diffgen.denoise.loop import CanvasEvent, Constraints, StepEvent, stream
 
     canvas_length = int(loaded.model.config.canvas_length)
     clamp = (torch.tensor([plan.tokens], dtype=torch.long), torch.tensor([plan.fixed], dtype=torch.bool))
@@ -254,8 +258,8 @@ def run_layout(loaded: LoadedModel, prefix: Sequence[int], plan: Layout, setting
     if init is not None:
         seed = (torch.tensor([[settings.pad_token_id if t is None else t for t in init]], dtype=torch.long),
                 torch.tensor([[t is not None for t in init]], dtype=torch.bool))
-    generation = stream(loaded, [list(prefix)], settings, observe=True, exact=exact, compile=compile, clamp=clamp,
-                        init=seed, vision=[vision] if vision is not None else None)
+    generation = stream(loaded, [list(prefix)], settings, observe=True, execution=execution,
+                        constraints=Constraints(clamp=clamp, init=seed), vision=[vision] if vision is not None else None)
     committed: list[list[int]] = []
     entropies: list[list[float]] = []
     steps: list[int] = []

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from diffgen.denoise.constrained.schema_check import check_schema, load_schema
 from diffgen.denoise.constrained.schema_layout import SchemaLayout, Slot, layout, skeleton
 from diffgen.denoise.constrained.schema_vocab import Vocabulary, vocabulary
+from diffgen.denoise.options import Execution
 
 if TYPE_CHECKING:
     from diffgen.loading.loader import LoadedModel
@@ -152,21 +153,21 @@ class SchemaResult:
 
 def _run_once(loaded: LoadedModel, prefixes: Sequence[Sequence[int]], plan: SchemaLayout,
               settings: GenerationSettings, tokens: Sequence[Sequence[int]], fixed: Sequence[Sequence[bool]],
-              seeds: Sequence[int] | None, exact: bool | None, compile: bool
+              seeds: Sequence[int] | None, execution: Execution
               ) -> tuple[list[list[int]], list[list[float]], list[int]]:
     """One generation of every row: per row the committed tokens and last-step entropies, and
     the batch's decoder passes per canvas."""
     import torch
 
-    from diffgen.denoise.loop import CanvasEvent, StepEvent, stream
+    from diffgen.denoise.loop import CanvasEvent, Constraints, StepEvent, stream
 
     vocab_size = int(loaded.model.config.text_config.vocab_size)
     canvas_length = int(loaded.model.config.canvas_length)
     _, _, allowed = plan.tensors(vocab_size)
     clamp = (torch.tensor([list(row) for row in tokens], dtype=torch.long),
              torch.tensor([list(row) for row in fixed], dtype=torch.bool))
-    generation = stream(loaded, [list(p) for p in prefixes], settings, observe=True, seeds=seeds, exact=exact,
-                        compile=compile, clamp=clamp, allowed=allowed)
+    generation = stream(loaded, [list(p) for p in prefixes], settings, observe=True, seeds=seeds,
+                        execution=execution, constraints=Constraints(clamp=clamp, allowed=allowed))
     rows = len(prefixes)
     committed: list[list[int]] = [[] for _ in range(rows)]
     entropy: list[list[float]] = [[] for _ in range(rows)]
@@ -186,7 +187,7 @@ def _run_once(loaded: LoadedModel, prefixes: Sequence[Sequence[int]], plan: Sche
 
 
 def generate_json(loaded: LoadedModel, prefix: Sequence[int], schema: dict, settings: GenerationSettings, *,
-                  retries: int = 0, exact: bool | None = None, compile: bool = False,
+                  retries: int = 0, execution: Execution = Execution(),
                   vocab: Vocabulary | None = None) -> SchemaResult:
     """Generate a JSON value for ``schema`` after the encoder prefix ``prefix`` (token ids, at least one).
 
@@ -194,13 +195,13 @@ def generate_json(loaded: LoadedModel, prefix: Sequence[int], schema: dict, sett
     is above :data:`RETRY_ENTROPY`, with the skeleton and every other slot clamped to its tokens;
     a slot keeps its new tokens only when their mean entropy is lower.
     """
-    return generate_json_rows(loaded, [prefix], schema, settings, retries=retries, exact=exact, compile=compile,
+    return generate_json_rows(loaded, [prefix], schema, settings, retries=retries, execution=execution,
                               vocab=vocab)[0]
 
 
 def generate_json_rows(loaded: LoadedModel, prefixes: Sequence[Sequence[int]], schema: dict,
                        settings: GenerationSettings, *, seeds: Sequence[int] | None = None, retries: int = 0,
-                       exact: bool | None = None, compile: bool = False, vocab: Vocabulary | None = None
+                       execution: Execution = Execution(), vocab: Vocabulary | None = None
                        ) -> list[SchemaResult]:
     """:func:`generate_json` for several prefixes batched together (one seed per row, or
     ``settings.seed`` as the loop derives row seeds); one result per prefix, in order."""
@@ -216,7 +217,7 @@ def generate_json_rows(loaded: LoadedModel, prefixes: Sequence[Sequence[int]], s
     settings = settings.replace(max_new_tokens=len(plan.tokens))
     rows = len(prefixes)
     tokens, entropy, steps = _run_once(loaded, prefixes, plan, settings, [plan.tokens] * rows, [plan.fixed] * rows,
-                                       seeds, exact, compile)
+                                       seeds, execution)
     all_steps = [tuple(steps)]
     attempts = [[1] * len(plan.spans) for _ in range(rows)]
     for retry in range(1, retries + 1):
@@ -232,7 +233,7 @@ def generate_json_rows(loaded: LoadedModel, prefixes: Sequence[Sequence[int]], s
         retry_seeds = None if seeds is None else [seed + retry for seed in seeds]
         seed = None if settings.seed is None else settings.seed + retry
         new_tokens, new_entropy, steps = _run_once(loaded, prefixes, plan, settings.replace(seed=seed), tokens,
-                                                   fixed, retry_seeds, exact, compile)
+                                                   fixed, retry_seeds, execution)
         all_steps.append(tuple(steps))
         for r in range(rows):
             for k in redo[r]:
