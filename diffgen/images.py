@@ -35,9 +35,15 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Union
 
 from diffgen.errors import ImageError, MissingExtraError, PromptTooLongError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL.Image import Image as PillowImage
+    from transformers import BaseImageProcessor, PreTrainedTokenizerBase, ProcessorMixin
 
 EXTRA = "pip install 'diffgen[images]'"
 # Formats pillow decodes that diffgen accepts (pillow's names); an animated GIF or WebP gives its first frame.
@@ -65,7 +71,7 @@ class Picture:
     width: int
     height: int
     format: str
-    image: Any
+    image: PillowImage
 
 
 @dataclass(frozen=True)
@@ -84,8 +90,8 @@ class VisionInputs:
             brackets not counted).
     """
 
-    pixel_values: Any
-    image_position_ids: Any
+    pixel_values: torch.Tensor
+    image_position_ids: torch.Tensor
     token_types: tuple[int, ...]
     images: int
     image_tokens: int
@@ -100,7 +106,7 @@ class IdsWithImages(list):
         self.vision = vision
 
 
-def require_pillow() -> Any:
+def require_pillow() -> ModuleType:
     """``PIL.Image``, or a one-line error naming the extra that installs it."""
     try:
         from PIL import Image
@@ -174,7 +180,8 @@ class PlaceholderProcessor:
     Attributes: ``image_processor``, ``tokenizer``, ``chat_template``, ``image_token_id``.
     """
 
-    def __init__(self, image_processor: Any, tokenizer: Any, chat_template: str | None):
+    def __init__(self, image_processor: BaseImageProcessor, tokenizer: PreTrainedTokenizerBase,
+                 chat_template: str | None):
         self.image_processor, self.tokenizer, self.chat_template = image_processor, tokenizer, chat_template
         self.image_token, self.boi_token, self.eoi_token = tokenizer.image_token, tokenizer.boi_token, tokenizer.eoi_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
@@ -206,6 +213,11 @@ class PlaceholderProcessor:
         return out
 
 
+#: What :func:`load_processor` returns: transformers' ``Gemma4Processor`` (images only), or the
+#: :class:`PlaceholderProcessor` where that cannot be imported.
+Processor = Union["ProcessorMixin", PlaceholderProcessor]
+
+
 def check_takes_images(path: str | Path, config: dict[str, Any] | None = None) -> None:
     """An :class:`~diffgen.errors.ImageError` unless the checkpoint at ``path`` (its parsed
     ``config``, when given) can take images: a vision tower, and the image processor's config
@@ -219,8 +231,8 @@ def check_takes_images(path: str | Path, config: dict[str, Any] | None = None) -
                          "use a checkpoint that ships its processor, as the released one does")
 
 
-def load_processor(path: str | Path, tokenizer: Any, config: dict[str, Any] | None = None, *,
-                   by_hand: bool | None = None) -> Any:
+def load_processor(path: str | Path, tokenizer: PreTrainedTokenizerBase, config: dict[str, Any] | None = None, *,
+                   by_hand: bool | None = None) -> Processor:
     """transformers' ``Gemma4Processor`` for the checkpoint at ``path``, without a video processor.
 
     ``tokenizer`` is copied (the processor registers its video token on the tokenizer it holds);
@@ -288,7 +300,7 @@ def user_content(text: str, pictures: Sequence[Picture]) -> list[dict[str, Any]]
     return parts
 
 
-def encode_turns(processor: Any, turns: Sequence[dict[str, Any]], *, think: bool = False
+def encode_turns(processor: Processor, turns: Sequence[dict[str, Any]], *, think: bool = False
                  ) -> tuple[list[int], VisionInputs | None]:
     """Token ids and image inputs for a conversation whose contents may hold image parts
     (``{"type": "image", "image": PIL image}``), rendered by the chat template and expanded by
@@ -328,7 +340,7 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(previous)
 
 
-def encode(processor: Any, text: str, pictures: Sequence[Picture], *, system: str | None = None,
+def encode(processor: Processor, text: str, pictures: Sequence[Picture], *, system: str | None = None,
            think: bool = False) -> tuple[list[int], VisionInputs | None]:
     """One user turn of ``text`` and ``pictures`` (with an optional system turn): see :func:`encode_turns`."""
     turns: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []

@@ -12,9 +12,12 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from diffgen.errors import DiffgenError, PromptTooLongError, UsageError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 #: The most bytes of prompt text read from stdin and files together, whatever the model: more than
 #: any DiffusionGemma context holds (262,144 tokens of at most a few hundred bytes each would be
@@ -62,7 +65,7 @@ def read_file(path: Path | str, what: str = "--file", limit: int = MAX_INPUT_BYT
         raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
 
 
-def check_fits(text: str, context: int | None, tokenizer: Any, what: str = "the prompt") -> None:
+def check_fits(text: str, context: int | None, tokenizer: PreTrainedTokenizerBase, what: str = "the prompt") -> None:
     """Refuse, before tokenising it, a text that cannot fit ``context`` tokens: no token of the
     tokenizer is longer than its longest vocabulary entry, so ``bytes / longest`` is the fewest
     tokens the text can become."""
@@ -75,7 +78,7 @@ def check_fits(text: str, context: int | None, tokenizer: Any, what: str = "the 
                                  f"model's context of {context:,}", "give a shorter input")
 
 
-def longest_token_bytes(tokenizer: Any) -> int:
+def longest_token_bytes(tokenizer: PreTrainedTokenizerBase) -> int:
     """The most UTF-8 bytes one token of ``tokenizer`` stands for (an upper bound: the SentencePiece
     space mark counts 3 bytes for the 1 it decodes to)."""
     cached = getattr(tokenizer, "_diffgen_longest", None)
@@ -147,7 +150,7 @@ def messages(text: str, system: str | None = None) -> list[dict[str, str]]:
     return turns + [{"role": "user", "content": text}]
 
 
-def encode(tokenizer: Any, text: str, *, system: str | None = None, think: bool = False,
+def encode(tokenizer: PreTrainedTokenizerBase, text: str, *, system: str | None = None, think: bool = False,
            raw: bool = False) -> list[int]:
     """Token ids for the model.
 
@@ -162,7 +165,8 @@ def encode(tokenizer: Any, text: str, *, system: str | None = None, think: bool 
     return encode_messages(tokenizer, messages(text, system), think=think)
 
 
-def encode_messages(tokenizer: Any, turns: Sequence[dict[str, str]], *, think: bool = False) -> list[int]:
+def encode_messages(tokenizer: PreTrainedTokenizerBase, turns: Sequence[dict[str, str]], *,
+                    think: bool = False) -> list[int]:
     """Token ids for a whole conversation (``[{"role", "content"}, ...]``) rendered by the
     checkpoint's chat template, ending with the start of the model's turn. :func:`encode` of one
     user turn is this with :func:`messages`; the server's chat endpoint sends whole conversations."""
@@ -176,7 +180,7 @@ def encode_messages(tokenizer: Any, turns: Sequence[dict[str, str]], *, think: b
 
 
 @contextlib.contextmanager
-def template_errors(tokenizer: Any) -> Iterator[None]:
+def template_errors(tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
     """A chat template that does not compile (or raises while rendering) becomes a
     :class:`DiffgenError` naming the file that holds it, instead of jinja2's exception."""
     import jinja2

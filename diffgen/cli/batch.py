@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -32,6 +32,12 @@ from diffgen.cli.options import (
 from diffgen.loading.prepare import prepare
 from diffgen.records import batch as batch_mod
 from diffgen.records.batch import FORMAT_RULE
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from diffgen.cli.batch_runner import Summary
+    from diffgen.remote.client import Client
 
 
 EPILOG = (
@@ -150,7 +156,7 @@ def batch(
         flags = sampler.flags(max_new_tokens=max_new_tokens)
         prompts = PromptFlags(system=system, raw=raw, think=think)
         images_dir = Path(input_path).parent if input_path != "-" else Path(".")
-        backend: Any
+        backend: LocalBatch | RemoteBatch
         if server:
             client = held.enter_context(_client(server))
             explicit = parameter_source(ctx, "model") in ("COMMANDLINE", "ENVIRONMENT", None)
@@ -171,7 +177,7 @@ def batch(
         _report_failures(summary, output)
 
 
-def _client(server: str) -> Any:
+def _client(server: str) -> Client:
     from diffgen.remote.client import Client
 
     return Client(server)
@@ -223,8 +229,8 @@ def _read_items(input_path: str, input_format: str) -> list:
     return list(batch_mod.parse(lines, input_format, name))
 
 
-def _generate_all(backend: Any, items: list, console: Any, output: Optional[Path], *, resume: bool, overwrite: bool,
-                  quiet: bool) -> Any:
+def _generate_all(backend: LocalBatch | RemoteBatch, items: list, console: Console, output: Optional[Path], *,
+                  resume: bool, overwrite: bool, quiet: bool) -> Summary:
     """Every record not done yet through ``backend`` (:mod:`diffgen.cli.batch_backends`), appended
     to the output as it finishes, with progress and a summary on stderr unless ``quiet``."""
     out = batch_mod.Output(output, resume=resume, overwrite=overwrite, stdout=sys.stdout)
@@ -237,7 +243,7 @@ def _generate_all(backend: Any, items: list, console: Any, output: Optional[Path
         out.close()
 
 
-def _report_failures(summary: Any, output: Optional[Path]) -> None:
+def _report_failures(summary: Summary, output: Optional[Path]) -> None:
     if summary.failed:
         for failure in summary.failures[:5]:
             typer.echo(f"diffgen: failed: {failure}", err=True)

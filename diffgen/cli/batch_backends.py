@@ -9,18 +9,29 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 
 from diffgen.cli import batch_runner
 from diffgen.cli.common import load_model
-from diffgen.records.batch import Job, seed_for
+from diffgen.records.batch import Job, Output, seed_for
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from diffgen.cli.batch_runner import Summary
+    from diffgen.denoise.constrained.schema import SchemaLayout, Vocabulary
+    from diffgen.images import Processor
+    from diffgen.loading.loader import LoadedModel
+    from diffgen.loading.prepare import Prepared
+    from diffgen.remote.client import Answer, Client, ServerModel
+    from diffgen.settings import GenerationSettings
 
 # Seconds at most that one record waits, in all, for a busy server (429/503 with Retry-After).
 BUSY_PATIENCE = 600.0
 
-Progress = Callable[[Any, int], None]
+Progress = Callable[["Summary", int], None]
 
 
 @dataclass(frozen=True)
@@ -40,15 +51,15 @@ class LocalBatch:
     """Records with equal settings generated together on a model loaded here, ``size`` rows at a
     time (``None``: as many as the memory plan fits, decided at :meth:`start`)."""
 
-    def __init__(self, prepared: Any, size: Optional[int], console: Any, *, model: str, base_seed: int,
+    def __init__(self, prepared: Prepared, size: Optional[int], console: Console, *, model: str, base_seed: int,
                  prompts: PromptFlags, schema: Optional[dict], retries: int, images_dir: Path):
         self.prepared, self.size, self.console, self.model = prepared, size, console, model
         self.base_seed, self.prompts, self.schema, self.retries = base_seed, prompts, schema, retries
         self.images_dir = images_dir
-        self.loaded: Any = None
-        self.processor: Any = None  # transformers' processor, built at the first record with images
-        self.vocab: Any = None
-        self.plan: Any = None
+        self.loaded: Optional[LoadedModel] = None
+        self.processor: Optional[Processor] = None  # built at the first record with images
+        self.vocab: Optional[Vocabulary] = None
+        self.plan: Optional[SchemaLayout] = None
 
     def kept(self) -> dict[str, Any]:
         """The settings that change a record's answer, as kept in OUTPUT.settings.json."""
@@ -76,12 +87,12 @@ class LocalBatch:
             self.plan = schema_mod.layout(self.schema, loaded.tokenizer, self.vocab,
                                           int(loaded.model.config.canvas_length))
 
-    def run(self, items: list, out: Any, progress: Progress) -> Any:
+    def run(self, items: list, out: Output, progress: Progress) -> Summary:
         return batch_runner.run(items, encode=self.encode, generate_batch=self.generate_batch,
                                 defaults=self.prepared.settings, base_seed=self.base_seed, batch_size=self.size,
                                 output=out, progress=progress)
 
-    def encode(self, job: Job, settings: Any) -> list[int]:
+    def encode(self, job: Job, settings: GenerationSettings) -> list[int]:
         from diffgen import prompt as prompt_mod
         from diffgen.denoise import loop
 
@@ -94,7 +105,7 @@ class LocalBatch:
         loop.check_context(self.loaded.model, len(ids), settings)
         return ids
 
-    def encode_images(self, job: Job, settings: Any) -> list[int]:
+    def encode_images(self, job: Job, settings: GenerationSettings) -> list[int]:
         """A record's ids and images (paths relative to the input file), as ``run --image`` does."""
         from diffgen import images
         from diffgen.denoise import loop
@@ -116,7 +127,7 @@ class LocalBatch:
         loop.check_context(loaded.model, len(ids), settings)
         return images.IdsWithImages(ids, vision)
 
-    def generate_batch(self, prompts: list[list[int]], settings: Any, seeds: list[int]) -> list[dict]:
+    def generate_batch(self, prompts: list[list[int]], settings: GenerationSettings, seeds: list[int]) -> list[dict]:
         from diffgen.denoise import loop
         from diffgen.ui import render
 
@@ -139,8 +150,8 @@ class RemoteBatch:
     """Every record one request to an OpenAI-compatible server, ``concurrency`` of them in flight.
     A record's images (paths relative to the input file) go as PNG data URLs."""
 
-    def __init__(self, client: Any, served: Any, *, flags: dict[str, Any], base_seed: int, prompts: PromptFlags,
-                 concurrency: int, images_dir: Path, output: Optional[Path]):
+    def __init__(self, client: Client, served: ServerModel, *, flags: dict[str, Any], base_seed: int,
+                 prompts: PromptFlags, concurrency: int, images_dir: Path, output: Optional[Path]):
         self.client, self.served, self.flags, self.base_seed = client, served, flags, base_seed
         self.prompts, self.concurrency, self.images_dir, self.output = prompts, concurrency, images_dir, output
 
@@ -158,7 +169,7 @@ class RemoteBatch:
             typer.echo(f"diffgen: sending to {self.client.url} ({self.served.id}), {self.concurrency} request(s) at "
                        "a time", err=True)
 
-    def run(self, items: list, out: Any, progress: Progress) -> Any:
+    def run(self, items: list, out: Output, progress: Progress) -> Summary:
         from diffgen.remote.client import RemoteError
 
         try:
@@ -188,7 +199,7 @@ class RemoteBatch:
         return remote.record(answer, model=served.id, seed=record_seed,
                              settings=remote.settings(served, record_flags, record_seed))
 
-    def complete(self, body: dict[str, Any], chat: bool) -> Any:
+    def complete(self, body: dict[str, Any], chat: bool) -> Answer:
         """One answer, waiting as a busy server asks (429/503 with Retry-After), up to
         :data:`BUSY_PATIENCE` seconds in all."""
         from diffgen.remote.client import Retry

@@ -9,13 +9,16 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import typer
 
 from diffgen.errors import DiffgenError
 from diffgen.records.batch import InputError, Job, Output, error_record, job_settings, seed_for
 from diffgen.settings import GenerationSettings
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 @dataclass
@@ -76,7 +79,7 @@ def run(items: Sequence[Job | InputError], *, encode: Callable[[Job, GenerationS
     progress(summary, 0)
     for batch in plan_batches(ready, batch_size):
         try:
-            results: list[Any] = _generate(batch, generate_batch, base_seed)
+            results: list[dict[str, Any] | Exception] = _generate(batch, generate_batch, base_seed)
         except Exception as exc:  # noqa: BLE001 - any failure of a batch is retried record by record
             results = [exc] if len(batch) == 1 else [_generate_one(job, generate_batch, base_seed) for job in batch]
         tokens = 0
@@ -92,12 +95,12 @@ def run(items: Sequence[Job | InputError], *, encode: Callable[[Job, GenerationS
     return summary
 
 
-def _generate(batch, generate_batch, base_seed) -> list[Any]:
+def _generate(batch, generate_batch, base_seed) -> list[dict[str, Any]]:
     seeds = [seed_for(job, base_seed) for job, _, _ in batch]
     return list(generate_batch([ids for _, _, ids in batch], batch[0][1], seeds))
 
 
-def _generate_one(item, generate_batch, base_seed) -> Any:
+def _generate_one(item, generate_batch, base_seed) -> dict[str, Any] | Exception:
     try:
         return _generate([item], generate_batch, base_seed)[0]
     except Exception as exc:  # noqa: BLE001 - becomes this record's error
@@ -195,11 +198,11 @@ def run_concurrent(items: Sequence[Job | InputError], *, send: Callable[[Job], d
 PROGRESS_INTERVAL = 5.0
 
 
-def with_progress(console: Any, show: bool, go: Callable[[Callable[[Summary, int], None]], Summary]) -> Summary:
+def with_progress(console: Console, show: bool, go: Callable[[Callable[[Summary, int], None]], Summary]) -> Summary:
     """``go(progress)``, a runner's run, with a progress bar (or, when stderr is not a terminal,
     a line now and then) and a summary line on stderr when ``show``."""
     start = time.perf_counter()
-    progress: Any = None
+    progress: Progress | LineProgress | None = None
     if show:
         progress = Progress(console) if console.is_terminal else LineProgress(sys.stderr, PROGRESS_INTERVAL)
     try:
@@ -212,7 +215,7 @@ def with_progress(console: Any, show: bool, go: Callable[[Callable[[Summary, int
     return summary
 
 
-def summary_line(summary: Any, elapsed: float) -> None:
+def summary_line(summary: Summary, elapsed: float) -> None:
     typer.echo(
         f"diffgen: {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped of {summary.total} "
         f"records in {elapsed:.1f} s ({summary.done / elapsed if elapsed else 0:.2f} records/s, "
@@ -224,7 +227,7 @@ def summary_line(summary: Any, elapsed: float) -> None:
 class Progress:
     """A Rich progress bar on stderr: records done/total, tokens/s, ETA."""
 
-    def __init__(self, console: Any):
+    def __init__(self, console: Console):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
@@ -235,7 +238,7 @@ class Progress:
         self.start = time.perf_counter()
         self.progress.start()
 
-    def update(self, summary: Any, tokens: int) -> None:
+    def update(self, summary: Summary, tokens: int) -> None:
         todo = summary.total - summary.skipped
         if self.task is None:
             self.task = self.progress.add_task("records", total=todo, rate="0.0")
@@ -252,14 +255,14 @@ class LineProgress:
     at the start and then at most one every ``interval`` seconds, so a long job shows it is alive
     without flooding the log. ``clock`` is injectable so tests need no waiting."""
 
-    def __init__(self, stream: Any, interval: float, clock: Any = time.monotonic):
+    def __init__(self, stream: IO[str], interval: float, clock: Callable[[], float] = time.monotonic):
         self.stream = stream
         self.interval = interval
         self.clock = clock
         self.start = clock()
         self.last: float | None = None
 
-    def update(self, summary: Any, tokens: int) -> None:
+    def update(self, summary: Summary, tokens: int) -> None:
         now = self.clock()
         todo = summary.total - summary.skipped
         if not todo or (self.last is not None and now - self.last < self.interval):

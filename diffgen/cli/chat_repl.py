@@ -22,9 +22,13 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Optional
+from typing import IO, TYPE_CHECKING, Any, Optional
 
 from diffgen.errors import DiffgenError
+
+if TYPE_CHECKING:
+    from diffgen.cli.chat import LocalChat
+    from diffgen.cli.chat_client import RemoteChat
 
 HELP = """\
 Commands:
@@ -136,8 +140,8 @@ class Repl:
     of input and ``KeyboardInterrupt`` when Ctrl-C is pressed at the prompt.
     """
 
-    def __init__(self, backend: Any, chat: Chat, streams: Streams, read: Callable[[str], str], *,
-                 stats: bool = False):
+    def __init__(self, backend: LocalChat | RemoteChat, chat: Chat, streams: Streams, read: Callable[[str], str],
+                 *, stats: bool = False):
         self.backend, self.chat, self.streams, self.read, self.stats = backend, chat, streams, read, stats
         self._armed: Callable[[], Any] = contextlib.nullcontext
 

@@ -10,15 +10,30 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from diffgen.cli.funnel import doing
 from diffgen.errors import UsageError
 
+if TYPE_CHECKING:
+    from rich.console import Console
+    from transformers import PreTrainedTokenizerBase
 
-def exclusive(ctx: Any, hint: str, **options: Any) -> tuple[Any, ...]:
+    from diffgen.denoise.constrained.edit import EditResult
+    from diffgen.denoise.constrained.fill import FillResult
+    from diffgen.denoise.events import Event
+    from diffgen.images import Picture, VisionInputs
+    from diffgen.loading.loader import LoadedModel
+    from diffgen.loading.prepare import Prepared
+    from diffgen.records.trace import Record, TokenTexts, TraceWriter
+    from diffgen.settings import GenerationSettings
+
+    Laid = FillResult | EditResult  # what a laid-out generation (fill, edit) returns
+
+
+def exclusive(ctx: Optional[typer.Context], hint: str, **options: Any) -> tuple[Any, ...]:
     """The values of options that exclude each other (in the order given), once checked.
 
     Two of them set on the command line (or in the environment) is a usage error; one set there
@@ -36,7 +51,7 @@ def exclusive(ctx: Any, hint: str, **options: Any) -> tuple[Any, ...]:
     raise UsageError(f"{names} exclude each other{where}", hint)
 
 
-def parameter_source(ctx: Any, name: str) -> Optional[str]:
+def parameter_source(ctx: Optional[typer.Context], name: str) -> Optional[str]:
     """Where a parameter's value came from: ``COMMANDLINE``, ``ENVIRONMENT``, ``DEFAULT_MAP`` (the
     config file) or ``DEFAULT``; ``None`` when unknown."""
     try:
@@ -81,7 +96,8 @@ def _paths(inputs: Any) -> list[Any]:
     return out
 
 
-def load_model(prepared: Any, console: Any, *, quiet: bool = False, tokenizer: Any = None) -> Any:
+def load_model(prepared: Prepared, console: Console, *, quiet: bool = False,
+               tokenizer: Optional[PreTrainedTokenizerBase] = None) -> LoadedModel:
     """Say the plan in one line on stderr, then load (progress bar on a terminal)."""
     from diffgen.loading.prepare import load_prepared
     from diffgen.planning.plan import human
@@ -98,7 +114,7 @@ def load_model(prepared: Any, console: Any, *, quiet: bool = False, tokenizer: A
 
 
 @contextlib.contextmanager
-def status(console: Any, message: str, *, quiet: bool = False) -> Iterator[Optional[Callable[[str], None]]]:
+def status(console: Console, message: str, *, quiet: bool = False) -> Iterator[Optional[Callable[[str], None]]]:
     """A spinner on stderr while ``message`` runs, only when stderr is a terminal.
 
     Yields a function that names the current phase in the spinner (``None`` without a spinner).
@@ -128,18 +144,18 @@ class Observer:
     ``on_event`` takes each loop event; :meth:`finish` writes the trace's result line.
     """
 
-    def __init__(self, sinks: list[Any], writer: Any, texts: Any):
+    def __init__(self, sinks: list[Any], writer: Optional[TraceWriter], texts: Optional[TokenTexts]):
         self.sinks, self.writer, self.texts = sinks, writer, texts
         #: the trace's write error (a full disk): the command raises it once the answer is out
         self.failure: Optional[BaseException] = None
 
-    def on_event(self, event: Any) -> None:
+    def on_event(self, event: Event) -> None:
         from diffgen.records import trace
 
         for record in trace.records([event], self.texts):
             self.on_record(record)
 
-    def on_record(self, record: Any) -> None:
+    def on_record(self, record: Record) -> None:
         """One host record (a step or committed canvas), e.g. rebuilt from a server's stream."""
         for sink in self.sinks:
             sink.update(record)
@@ -150,8 +166,9 @@ class Observer:
 
 
 @contextlib.contextmanager
-def observing(console: Any, tokenizer: Any, *, show_steps: bool, trace_file: Optional[Path], model: str,
-              prompt: str, settings: Any, canvas_length: int,
+def observing(console: Console, tokenizer: Optional[PreTrainedTokenizerBase], *, show_steps: bool,
+              trace_file: Optional[Path], model: str, prompt: str, settings: GenerationSettings | dict[str, Any],
+              canvas_length: int,
               channel_ids: Optional[tuple[int, int]] = None) -> Iterator[Optional[Observer]]:
     """An :class:`Observer` for ``--show-steps`` / ``--trace`` (``None`` when neither is asked for).
 
@@ -188,7 +205,7 @@ def observing(console: Any, tokenizer: Any, *, show_steps: bool, trace_file: Opt
 
 
 def read_images(paths: Optional[list[str]], prompt: Optional[str], what: str = "the prompt"
-                ) -> tuple[list[Any], bool]:
+                ) -> tuple[list[Picture], bool]:
     """``--image`` files read and checked before anything is planned or loaded; ``-`` reads one
     image from stdin, which needs the prompt as an argument. Returns the pictures and whether
     stdin was taken by an image."""
@@ -212,8 +229,9 @@ def read_images(paths: Optional[list[str]], prompt: Optional[str], what: str = "
     return pictures, "-" in paths
 
 
-def encode_with_images(prepared: Any, tokenizer: Any, text: str, pictures: list[Any], *, system: Optional[str],
-                       think: bool, settings: Any = None) -> tuple[list[int], Any]:
+def encode_with_images(prepared: Prepared, tokenizer: PreTrainedTokenizerBase, text: str, pictures: list[Picture], *,
+                       system: Optional[str], think: bool, settings: Optional[GenerationSettings] = None
+                       ) -> tuple[list[int], Optional[VisionInputs]]:
     """Token ids and image inputs through transformers' processor, the context checked before
     the weights load (the images' soft tokens count against it) for ``settings`` (the prepared
     ones by default)."""
@@ -233,7 +251,7 @@ def encode_with_images(prepared: Any, tokenizer: Any, text: str, pictures: list[
     return ids, vision
 
 
-def refuse_local_only(ctx: Any, flags: dict[str, str], where: str = "--server") -> None:
+def refuse_local_only(ctx: Optional[typer.Context], flags: dict[str, str], where: str = "--server") -> None:
     """With ``--server``, a usage error for a flag that only a local run uses (``flags``: parameter
     name -> flag as written), when it was given on the command line or in the environment (a
     config file's defaults for local runs are not an error)."""
@@ -243,7 +261,7 @@ def refuse_local_only(ctx: Any, flags: dict[str, str], where: str = "--server") 
                              f"drop {flag} (the server decides how it runs the model), or drop {where} to run here")
 
 
-def check_new_tokens(prepared: Any, flag: str = "--max-new-tokens") -> None:
+def check_new_tokens(prepared: Prepared, flag: str = "--max-new-tokens") -> None:
     """Refuse, before the weights are read, a token budget that no prompt could fit: its whole
     canvases alone run past the model's context (a prompt's own check comes once it is tokenised)."""
     config = prepared.config
@@ -258,7 +276,7 @@ def check_new_tokens(prepared: Any, flag: str = "--max-new-tokens") -> None:
 
 
 def prepare_generation(model: str, *, seed: Optional[int], flags: dict[str, Any], quiet: bool = False,
-                       **load: Any) -> Any:
+                       **load: Any) -> Prepared:
     """``prepare()`` with the sampler flags and a seed (a fresh random one when none was given),
     named for the error funnel."""
     import secrets
@@ -271,16 +289,17 @@ def prepare_generation(model: str, *, seed: Optional[int], flags: dict[str, Any]
     return prepared
 
 
-def offload_note(prepared: Any, offload: bool, *, quiet: bool = False) -> None:
+def offload_note(prepared: Prepared, offload: bool, *, quiet: bool = False) -> None:
     """``--offload`` on the CPU moves nothing: say so rather than ignore the flag silently."""
     if offload and prepared.plan.device == "cpu" and not quiet:
         typer.echo("diffgen: warning: --offload has no effect: the model runs on the CPU, where every layer already "
                    "is (it moves layers off a GPU)", err=True)
 
 
-def denoise_laid_out(console: Any, tokenizer: Any, run: Callable[[Optional[Callable[[Any], None]]], Any], *,
-                     phase: str, show_steps: bool, trace_file: Optional[Path], model: str, prompt: str,
-                     settings: Any, canvas_length: int, quiet: bool) -> Any:
+def denoise_laid_out(console: Console, tokenizer: PreTrainedTokenizerBase,
+                     run: Callable[[Optional[Callable[[Event], None]]], Laid], *, phase: str, show_steps: bool,
+                     trace_file: Optional[Path], model: str, prompt: str, settings: GenerationSettings,
+                     canvas_length: int, quiet: bool) -> tuple[Laid, Optional[BaseException]]:
     """Run a laid-out generation (``fill``, ``edit``): ``run(on_event)`` returns its result, whose
     events feed ``--show-steps`` / ``--trace`` when asked for. Returns the result and the trace's
     write error (``None`` when it was written), to raise once the answer is out."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -24,6 +24,9 @@ from diffgen.cli.options import (
     SeedOption,
     SystemOption,
 )
+
+if TYPE_CHECKING:
+    from diffgen.denoise.constrained.edit import Document
 
 EPILOG = (
     "Examples:\n\n"
@@ -103,7 +106,7 @@ def edit(
     answer_out(write, trace_failure)
 
 
-def _read_document(file: Path, lines: Optional[list[str]]) -> Any:
+def _read_document(file: Path, lines: Optional[list[str]]) -> Document:
     """The file's text, split into the spans to revise and the text kept byte for byte."""
     from diffgen import prompt as prompt_mod
     from diffgen.denoise.constrained import edit as edit_mod

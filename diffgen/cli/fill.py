@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -24,6 +24,12 @@ from diffgen.cli.options import (
     SeedOption,
     SystemOption,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from diffgen.denoise.constrained.fill import Template
+    from diffgen.loading.prepare import Prepared
 
 EPILOG = (
     "Examples:\n\n"
@@ -120,7 +126,7 @@ def fill(
     answer_out(write, trace_failure)
 
 
-def _read_template(template: Optional[str], *, quiet: bool) -> Any:
+def _read_template(template: Optional[str], *, quiet: bool) -> Template:
     """The template (from stdin for none or ``-``), parsed into text and holes."""
     from diffgen import prompt as prompt_mod
     from diffgen.denoise.constrained.fill import parse_template
@@ -142,7 +148,8 @@ def _read_template(template: Optional[str], *, quiet: bool) -> Any:
         return parse_template(text)
 
 
-def _prefix(tokenizer: Any, prepared: Any, prompt: Optional[str], *, system: Optional[str], raw: bool) -> list[int]:
+def _prefix(tokenizer: PreTrainedTokenizerBase, prepared: Prepared, prompt: Optional[str], *, system: Optional[str],
+            raw: bool) -> list[int]:
     """The tokens before the template: the prompt through the chat template, or only the
     tokenizer's own start (or a pad) when there is neither a prompt nor a system prompt."""
     from diffgen import prompt as prompt_mod

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from diffgen.cli.common import exclusive, load_model, prepare_generation
 from diffgen.cli.funnel import doing
@@ -19,11 +19,20 @@ from diffgen.cli.option_groups import Runtime
 from diffgen.cli.options import sampler_choice
 from diffgen.denoise.options import Execution
 
+if TYPE_CHECKING:
+    import typer
+    from rich.console import Console
+    from transformers import PreTrainedTokenizerBase
+
+    from diffgen.loading.loader import LoadedModel
+    from diffgen.loading.prepare import Prepared
+    from diffgen.settings import GenerationSettings
+
 
 class LocalJob:
     """One generation on a model loaded here, for ``model`` with the ``runtime`` options."""
 
-    def __init__(self, ctx: Any, model: str, runtime: Runtime, *, quiet: bool):
+    def __init__(self, ctx: typer.Context, model: str, runtime: Runtime, *, quiet: bool):
         exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=runtime.exact,
                                 fast=runtime.fast)
         #: the options, ``--exact`` / ``--fast`` resolved against the config file's defaults
@@ -31,12 +40,12 @@ class LocalJob:
         #: how the loop runs (``exact`` ``None``: the device's default)
         self.execution = Execution(exact=sampler_choice(exact, fast, runtime.compile), compile=runtime.compile)
         self.model, self.quiet = model, quiet
-        self.prepared: Any = None
-        self.tokenizer: Any = None
-        self._console: Any = None
+        self.prepared: Optional[Prepared] = None
+        self.tokenizer: Optional[PreTrainedTokenizerBase] = None
+        self._console: Optional[Console] = None
 
     @property
-    def console(self) -> Any:
+    def console(self) -> Console:
         """The stderr console (plan line, spinner, live view)."""
         if self._console is None:
             from diffgen.ui import render
@@ -44,7 +53,7 @@ class LocalJob:
             self._console = render.error_console()
         return self._console
 
-    def prepare(self, *, seed: Optional[int], flags: dict[str, Any], images: int = 0) -> Any:
+    def prepare(self, *, seed: Optional[int], flags: dict[str, Any], images: int = 0) -> Prepared:
         """Plan the load: the checkpoint's config, the memory plan and the settings."""
         self.prepared = prepare_generation(self.model, seed=seed, flags=flags, quiet=self.quiet,
                                            **self.runtime.load(), images=images)
@@ -55,7 +64,7 @@ class LocalJob:
         return int(self.prepared.config.get("canvas_length", 256))
 
     @contextlib.contextmanager
-    def tokenizing(self) -> Iterator[Any]:
+    def tokenizing(self) -> Iterator[PreTrainedTokenizerBase]:
         """The tokenizer, loaded; what the block does with it (encode, lay out) is the same phase."""
         from diffgen.loading import loader
 
@@ -63,7 +72,7 @@ class LocalJob:
             self.tokenizer = loader.load_tokenizer(self.prepared.checkpoint.path)
             yield self.tokenizer
 
-    def check_context(self, prompt_tokens: int, settings: Any, *, refusal: Optional[Callable[[], tuple[str, str]]] = None
+    def check_context(self, prompt_tokens: int, settings: GenerationSettings, *, refusal: Optional[Callable[[], tuple[str, str]]] = None
                       ) -> None:
         """Refuse, before the weights load, a prompt and answer that do not fit the model's context;
         ``refusal()`` gives the message and hint that say why in the command's own terms."""
@@ -77,7 +86,7 @@ class LocalJob:
                 raise
             raise PromptTooLongError(*refusal()) from exc
 
-    def load(self) -> Any:
+    def load(self) -> LoadedModel:
         """The weights, loaded after the plan line."""
         return load_model(self.prepared, self.console, quiet=self.quiet, tokenizer=self.tokenizer)
 

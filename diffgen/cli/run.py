@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -28,6 +28,9 @@ from diffgen.cli.options import (
     ThinkOption,
 )
 from diffgen.cli.run_backends import Ask, LocalRun, RemoteRun, Watch, write_answer
+
+if TYPE_CHECKING:
+    from diffgen.denoise.constrained.schema import SchemaResult
 
 EPILOG = (
     "Examples:\n\n"
@@ -201,7 +204,7 @@ def _schema_run(job: LocalJob, ids: list[int], schema: dict, *, retries: int, js
     answer_out(write, None)
 
 
-def schema_record(result: Any, *, model: str) -> dict:
+def schema_record(result: SchemaResult, *, model: str) -> dict:
     """The ``--json`` object of ``run --schema``."""
     return {
         "text": result.text,

@@ -10,13 +10,20 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from diffgen.cli.common import encode_with_images, observing, status
 from diffgen.cli.funnel import doing
 from diffgen.cli.job import LocalJob
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from diffgen.denoise.events import GenerationResult
+    from diffgen.images import Picture, VisionInputs
+    from diffgen.remote.client import Answer, Client, ServerModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +34,7 @@ class Ask:
     system: Optional[str]
     raw: bool
     think: bool
-    pictures: list[Any]
+    pictures: list[Picture]
     flags: dict[str, Any]  # the sampler flags given, by settings field name
     seed: Optional[int]
 
@@ -36,7 +43,7 @@ class Ask:
 class Watch:
     """What is watched while it denoises: the live view, a trace file, the spinner."""
 
-    console: Any
+    console: Console
     show_steps: bool
     trace_file: Optional[Path]
     model: str  # the model's name in the trace header
@@ -77,7 +84,7 @@ class RunAnswer:
                                  self.finish_reason)
 
 
-def write_answer(answer: RunAnswer, console: Any, *, json_output: bool, thoughts: bool, stats: bool) -> None:
+def write_answer(answer: RunAnswer, console: Console, *, json_output: bool, thoughts: bool, stats: bool) -> None:
     """The answer on stdout (or its ``--json`` object); its thoughts (when ``thoughts``) and the
     ``--stats`` line on stderr."""
     from diffgen.ui import render
@@ -98,7 +105,7 @@ class LocalRun:
     def __init__(self, job: LocalJob, ask: Ask):
         self.job, self.ask = job, ask
 
-    def encode(self) -> tuple[list[int], Any]:
+    def encode(self) -> tuple[list[int], Optional[VisionInputs]]:
         """Plan the load and encode the prompt (its images too), the context checked before the
         weights; the token ids and the image inputs (``None``: none)."""
         from diffgen import prompt as prompt_mod
@@ -120,7 +127,8 @@ class LocalRun:
         ids, vision = self.encode()
         return self.generate(ids, vision, watch)
 
-    def generate(self, ids: list[int], vision: Any, watch: Watch) -> tuple[RunAnswer, Optional[BaseException]]:
+    def generate(self, ids: list[int], vision: Optional[VisionInputs], watch: Watch
+                 ) -> tuple[RunAnswer, Optional[BaseException]]:
         from diffgen.denoise import loop
 
         job = self.job
@@ -143,7 +151,7 @@ class LocalRun:
                     observer.writer.result(answer.trace_result())
             return answer, observer.failure
 
-    def answer_of(self, result: Any) -> RunAnswer:
+    def answer_of(self, result: GenerationResult) -> RunAnswer:
         from diffgen.ui import render
 
         completion = result.completions[0]
@@ -189,7 +197,7 @@ class RemoteRun:
                 return answer, observer.failure
 
     @staticmethod
-    def check_observable(client: Any, served: Any, watch: Watch) -> None:
+    def check_observable(client: Client, served: ServerModel, watch: Watch) -> None:
         from diffgen.errors import UsageError
 
         if watch.observed and (served.settings is None or served.canvas_length is None):
@@ -206,7 +214,7 @@ class RemoteRun:
         return tuple(data_url(picture) for picture in self.ask.pictures)
 
     @staticmethod
-    def answer_of(reply: Any, served: Any, seed: int, settings: dict[str, Any]) -> RunAnswer:
+    def answer_of(reply: Answer, served: ServerModel, seed: int, settings: dict[str, Any]) -> RunAnswer:
         from diffgen.remote import requests as remote
 
         return RunAnswer(text=reply.text, thoughts=reply.thoughts, finish_reason=reply.finish_reason,

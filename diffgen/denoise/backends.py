@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
+    from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
+
     from diffgen.denoise.prompt_cache import PromptCache
     from diffgen.loading.loader import LoadedModel
 
@@ -91,7 +93,8 @@ class Decoder:
     cache, mask and positions of the canvas bound once.
     """
 
-    def __init__(self, model: Any, cache: Any, mask: Any, positions: torch.Tensor, cache_kw: str):
+    def __init__(self, model: DiffusionGemmaForBlockDiffusion, cache: DynamicCache,
+                 mask: torch.Tensor | dict[str, torch.Tensor], positions: torch.Tensor, cache_kw: str):
         self.model = model
         self.kwargs = {cache_kw: cache, "decoder_attention_mask": mask, "decoder_position_ids": positions}
 

@@ -77,7 +77,8 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -88,7 +89,7 @@ from diffgen.denoise.kv import bucket
 from diffgen.denoise.events import Completion, CompletionStats, StepEvent, cut_completion
 from diffgen.denoise.runner import FAST_CHECK_EVERY, CanvasRunner, commit_canvas, graphs_enabled, graphs_supported
 from diffgen.denoise.sampling import TemperatureSchedule
-from diffgen.denoise.step import clone_state
+from diffgen.denoise.step import StepState, clone_state
 from diffgen.denoise.tickets import Counters, Row, RunningBatch, Ticket
 from diffgen.errors import UsageError
 from diffgen.settings import SEED_LIMIT, GenerationSettings
@@ -129,7 +130,7 @@ class Batcher:
             ``DIFFGEN_CUDA_GRAPHS=0``, as in the loop).
     """
 
-    def __init__(self, loaded: LoadedModel, *, max_batch: int = 8, lock: Any = None,
+    def __init__(self, loaded: LoadedModel, *, max_batch: int = 8, lock: AbstractContextManager | None = None,
                  graphs: bool | None = None):
         if max_batch < 1:
             raise UsageError(f"max_batch must be at least 1, got {max_batch}")
@@ -427,7 +428,8 @@ class Batcher:
                 response = split_response(self.loaded.tokenizer, cut)
                 self._put(row.ticket, ("canvas", row.index, response.text, response.thoughts))
 
-    def _deliver_steps(self, observed: list[Row], state: Any, step: int, n_steps: int, temperature: float) -> None:
+    def _deliver_steps(self, observed: list[Row], state: StepState, step: int, n_steps: int,
+                       temperature: float) -> None:
         for row in observed:
             if row.ticket.cancelled:
                 continue

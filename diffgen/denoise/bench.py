@@ -13,7 +13,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any
 from diffgen.denoise.options import Execution
 
 if TYPE_CHECKING:
+    import torch
+    from transformers import DiffusionGemmaConfig, PreTrainedTokenizerBase
+
+    from diffgen.denoise.loop import Generation
     from diffgen.loading.loader import LoadedModel
+    from diffgen.planning.plan import LoadPlan
+    from diffgen.settings import GenerationSettings
 
 REAL_CONFIG = Path(__file__).resolve().parents[1] / "data" / "diffusiongemma-26b-a4b-config.json"
 
@@ -34,11 +40,12 @@ class NumbersTokenizer:
     def convert_tokens_to_ids(self, token: str) -> int:
         return -1
 
-    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return " ".join(map(str, ids))
 
 
-def random_tensors(config: Any, device: Any, seed: int = 0):
+def random_tensors(config: DiffusionGemmaConfig, device: torch.device | str, seed: int = 0
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(checkpoint name, tensor)`` for every unique weight of a random model (bf16, std 0.02,
     norms at 1), generated on ``device`` tensor by tensor, decoder-side names as checkpoints use."""
     import torch
@@ -57,7 +64,7 @@ def random_tensors(config: Any, device: Any, seed: int = 0):
             yield name, torch.randn(param.shape, dtype=torch.bfloat16, device=device, generator=generator) * 0.02
 
 
-def random_config(name: str) -> Any:
+def random_config(name: str) -> DiffusionGemmaConfig:
     """``real`` (the released model's dimensions, shipped with diffgen) or the path of a config.json."""
     from transformers import DiffusionGemmaConfig
 
@@ -70,7 +77,7 @@ def random_config(name: str) -> Any:
         raise UsageError(f"--random-config {name!r}: not 'real' and not a readable config.json ({exc})") from exc
 
 
-def random_model(name: str, plan: Any) -> Any:
+def random_model(name: str, plan: LoadPlan) -> LoadedModel:
     """A LoadedModel of random weights with the ``real`` dimensions (or a config.json's), loaded under ``plan``."""
     from diffgen.loading.loader import Checkpoint, LoadedModel
     from diffgen.settings import GenerationSettings
@@ -82,7 +89,7 @@ def random_model(name: str, plan: Any) -> Any:
     return LoadedModel(model, NumbersTokenizer(), GenerationSettings(), Checkpoint(label, Path("."), False), plan)
 
 
-def _sync(device: Any) -> None:
+def _sync(device: torch.device) -> None:
     import torch
 
     if device.type == "cuda":
@@ -97,7 +104,8 @@ def _peak_host_bytes() -> int | None:
         return None
 
 
-def ordinary_token_ids(config: Any, tokenizer: Any, vocab: int) -> list[int]:
+def ordinary_token_ids(config: DiffusionGemmaConfig, tokenizer: PreTrainedTokenizerBase | NumbersTokenizer,
+                       vocab: int) -> list[int]:
     """Token ids a random prompt may use, for any vocabulary size: not special tokens (the
     tokenizer's, and the config's image / audio / video placeholders, which would ask for pixels),
     from 200 up to 1000 where the vocabulary is that large (specials of the real and tiny
@@ -151,7 +159,8 @@ def run(loaded: LoadedModel, *, steps: int = 16, prompt_tokens: int = 64, canvas
     return result
 
 
-def _workload(loaded: Any, steps: int, prompt_tokens: int, canvases: int, batch: int) -> tuple[Any, list[list[int]]]:
+def _workload(loaded: LoadedModel, steps: int, prompt_tokens: int, canvases: int, batch: int
+              ) -> tuple[GenerationSettings, list[list[int]]]:
     """Fixed-step settings (no adaptive stop, an EOS no token is) and ``batch`` random prompts (seed 0)."""
     import torch
 
@@ -167,8 +176,8 @@ def _workload(loaded: Any, steps: int, prompt_tokens: int, canvases: int, batch:
     return settings, prompts
 
 
-def _observed(loaded: Any, prompts: list[list[int]], settings: Any, options: dict[str, Any], steps: int,
-              canvases: int) -> tuple[list[float], float]:
+def _observed(loaded: LoadedModel, prompts: list[list[int]], settings: GenerationSettings, options: dict[str, Any],
+              steps: int, canvases: int) -> tuple[list[float], float]:
     """One run with a device sync after every step: the step times (within a canvas) and the time to the first step."""
     from diffgen.denoise.loop import StepEvent, stream
 
@@ -189,7 +198,8 @@ def _observed(loaded: Any, prompts: list[list[int]], settings: Any, options: dic
     return [b - a for chunk in per_canvas for a, b in zip(chunk, chunk[1:])], first or 0.0
 
 
-def _end_to_end(loaded: Any, prompts: list[list[int]], settings: Any, options: dict[str, Any]) -> tuple[float, Any]:
+def _end_to_end(loaded: LoadedModel, prompts: list[list[int]], settings: GenerationSettings, options: dict[str, Any]
+                ) -> tuple[float, Generation]:
     """One run without step events or syncs: its seconds and the generation (for what it ran on)."""
     from diffgen.denoise.loop import stream
 
@@ -203,7 +213,7 @@ def _end_to_end(loaded: Any, prompts: list[list[int]], settings: Any, options: d
     return time.perf_counter() - start, generation
 
 
-def _numbers(loaded: Any, generation: Any, shape: dict[str, int], median_step: float, e2e_median: float,
+def _numbers(loaded: LoadedModel, generation: Generation, shape: dict[str, int], median_step: float, e2e_median: float,
              first_step: float, first_call: float) -> dict[str, Any]:
     """The result's numbers from the workload's ``shape`` and the medians, and what the last run ran on."""
     import torch
@@ -237,7 +247,8 @@ def _numbers(loaded: Any, generation: Any, shape: dict[str, int], median_step: f
     }
 
 
-def _reference(loaded: Any, prompts: list[list[int]], settings: Any, reps: int, cache: str) -> dict[str, Any]:
+def _reference(loaded: LoadedModel, prompts: list[list[int]], settings: GenerationSettings, reps: int,
+               cache: str) -> dict[str, Any]:
     import torch
     from transformers import EntropyBoundSamplerConfig
 

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CHANNEL_OPEN = "<|channel>"
 CHANNEL_CLOSE = "<channel|>"
@@ -60,7 +63,7 @@ class Response:
     thoughts: str | None
 
 
-def _token_id(tokenizer: Any, token: str) -> int | None:
+def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
     """The id of a special token, or ``None`` when the vocabulary lacks it."""
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == tokenizer.unk_token_id:
@@ -68,7 +71,7 @@ def _token_id(tokenizer: Any, token: str) -> int | None:
     return int(token_id)
 
 
-def split_response(tokenizer: Any, token_ids: Sequence[int]) -> Response:
+def split_response(tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int]) -> Response:
     """Split generated ids at the thought channel's markers and decode both parts.
 
     A channel that opens and never closes (the length ran out while thinking) is all thoughts

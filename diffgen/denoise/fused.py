@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -34,6 +34,8 @@ from torch import nn
 from diffgen.kernels import fused as ops
 
 if TYPE_CHECKING:
+    from transformers import DiffusionGemmaForBlockDiffusion, DiffusionGemmaTextConfig
+
     from diffgen.denoise.kv import StaticKV
 
 
@@ -42,7 +44,7 @@ def fused_enabled() -> bool:
     return os.environ.get("DIFFGEN_FUSED", "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
-def fusable(model: Any) -> bool:
+def fusable(model: DiffusionGemmaForBlockDiffusion) -> bool:
     """Whether the fused passes can run ``model``: every weight on one device, none offloaded
     (accelerate's hooks move offloaded weights in a module's own forward, which the fused passes
     do not call). Otherwise the fast path runs transformers' modules."""
@@ -59,7 +61,7 @@ def _f32(weight: torch.Tensor | None) -> torch.Tensor | None:
     return None if weight is None else weight.detach().float().contiguous()
 
 
-def _plain(module: Any) -> bool:
+def _plain(module: nn.Module) -> bool:
     return (type(module) is nn.Linear and module.bias is None and not hasattr(module, "_hf_hook")
             and module.weight.device.type != "meta")
 
@@ -126,12 +128,12 @@ class FusedModel:
     sc_gate_up: Callable[[torch.Tensor], torch.Tensor]
     sc_down: nn.Module
     eps: float
-    text_config: Any
+    text_config: DiffusionGemmaTextConfig
     dtype: torch.dtype
     embed_scale: torch.Tensor
 
 
-def prepare(model: Any) -> FusedModel:
+def prepare(model: DiffusionGemmaForBlockDiffusion) -> FusedModel:
     """The fused view of ``model`` (built on first use, then kept on the model)."""
     cached = getattr(model, "_diffgen_fused", None)
     if cached is not None:

@@ -28,9 +28,12 @@ with no other row touched.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import DiffusionGemmaTextConfig, DynamicCache
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -56,8 +59,8 @@ class StaticKV:
         lengths: the same on the host (the passes never read it).
     """
 
-    def __init__(self, text_config: Any, slots: int, capacity: int, canvas: int, dtype: torch.dtype,
-                 device: torch.device):
+    def __init__(self, text_config: DiffusionGemmaTextConfig, slots: int, capacity: int, canvas: int,
+                 dtype: torch.dtype, device: torch.device):
         self.slots, self.capacity, self.canvas = slots, capacity, canvas
         self.layer_types = list(text_config.layer_types)
         window = getattr(text_config, "sliding_window", None) or capacity + 1
@@ -95,7 +98,7 @@ class StaticKV:
         self.length[slot] = 0
         self.lengths[slot] = 0
 
-    def load_row(self, slot: int, cache: Any, row: int, first: int, length: int) -> None:
+    def load_row(self, slot: int, cache: DynamicCache, row: int, first: int, length: int) -> None:
         """Copy one row of a dynamic cache into ``slot``.
 
         ``cache`` is transformers' ``DynamicCache`` after its encoder read a (left-padded) batch:

@@ -20,12 +20,13 @@ Events carry device tensors and are built from values the loop computes anyway; 
 copied to the host per step unless a consumer reads them (``observe=False`` skips building
 step events at all).
 
-The library API, in one import from this module::
+The library API (``load`` from :mod:`diffgen.loading.loader`, ``LoadPlan`` from
+:mod:`diffgen.planning.plan`, ``encode`` from :mod:`diffgen.prompt`, the rest from here)::
 
-    loaded = diffgen.loading.loader.load(path, plan)          # a LoadedModel
-    ids = diffgen.prompt.encode(loaded.tokenizer, "Why is the sky blue?")
+    loaded = load(path, LoadPlan("cpu", "float32"))
+    ids = encode(loaded.tokenizer, "Why is the sky blue?")
     settings = loaded.defaults.replace(max_new_tokens=512, seed=1)
-    result = generate(loaded, [ids], settings)                 # GenerationResult
+    result = generate(loaded, [ids], settings)                      # a GenerationResult
     for event in stream(loaded, [ids], settings, execution=Execution(exact=False)): ...
 
 Besides ``observe``, ``seeds``, ``vision`` and ``cache``, :func:`stream` takes two option groups
@@ -59,8 +60,8 @@ from diffgen.errors import PromptTooLongError, UsageError
 from diffgen.settings import GenerationSettings
 
 if TYPE_CHECKING:
-    from diffgen.images import VisionInputs
     from diffgen.denoise.prompt_cache import PromptCache
+    from diffgen.images import VisionInputs
     from diffgen.loading.loader import LoadedModel
 
 # (re-exported: one import for callers)
@@ -231,7 +232,8 @@ class Generation:
         steps, state = 0, None
         for steps, state in runner.denoise(settings, canvas, progress.finished, canvas_tensor, progress.forwards,
                                            sampler=progress.sampler, clamp=clamp, allowed=here.allowed,
-                                           check_every=self.execution.check_every, stop_finished=progress.stop_finished):
+                                           check_every=self.execution.check_every,
+                                           stop_finished=progress.stop_finished):
             if self.observe:
                 yield self._step_event(index, steps, state, progress, clamp_mask)
         progress.forwards = state.forwards.clone()

@@ -29,9 +29,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class PromptCache:
     """
 
     def __init__(self) -> None:
-        self.cache: Any = None
+        self.cache: DynamicCache | None = None
         self.ids: list[int] = []
         self.last: Reuse | None = None
         self._owner: tuple[int, str, str] | None = None
@@ -72,7 +75,8 @@ class PromptCache:
         """Forget the cache (a new conversation)."""
         self.cache, self.ids, self._history, self._owner = None, [], {}, None
 
-    def take(self, model: Any, prompt: Sequence[int]) -> tuple[Any, int]:
+    def take(self, model: DiffusionGemmaForBlockDiffusion, prompt: Sequence[int]
+             ) -> tuple[DynamicCache | None, int]:
         """The cache to generate ``prompt`` from, cropped to the longest common prefix, and how many
         leading prompt tokens it already holds (at least one token is always left to encode)."""
         prompt = list(prompt)

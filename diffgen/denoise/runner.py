@@ -32,11 +32,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from diffgen.denoise.sampling import FastSampler, TemperatureSchedule, entropy_bound_acceptance
+from diffgen.denoise.sampling import ExactSampler, FastSampler, TemperatureSchedule, entropy_bound_acceptance
 from diffgen.denoise.step import STATE_FIELDS_OUT, StepContext, StepState, denoise_step, initial_state
 from diffgen.settings import GenerationSettings
 
@@ -122,7 +122,7 @@ def graphs_supported(device: torch.device) -> bool:
 
 
 # Warm-up keys already served in this process (see the module's docstring).
-_WARM: set[Any] = set()
+_WARM: set[Hashable] = set()
 
 
 class StepGraph:
@@ -292,7 +292,7 @@ class CanvasRunner:
 
     # -- steps -----------------------------------------------------------------------------------
 
-    def _context(self, settings: GenerationSettings, sampler: Any, clamp: tuple | None,
+    def _context(self, settings: GenerationSettings, sampler: ExactSampler | FastSampler, clamp: tuple | None,
                  allowed: torch.Tensor | None) -> tuple[StepContext, StepGraph | None]:
         """The step context (and graph) for these settings, over the runner's own buffers (the
         caller copies each canvas's values in); kept when everything it reads is static."""
@@ -303,7 +303,7 @@ class CanvasRunner:
             return self._contexts[key]
         schedule = TemperatureSchedule(settings.t_min, settings.t_max, n_steps)
         slots, length = self.backend.slots, self.canvas_length
-        buffers: dict[str, Any] = {"finished": self.finished, "canvas_index": self.canvas_index}
+        buffers: dict[str, torch.Tensor] = {"finished": self.finished, "canvas_index": self.canvas_index}
         if clamp is not None:
             buffers["clamp_tokens"] = torch.zeros((slots, length), dtype=torch.long, device=self.device)
             buffers["clamp_mask"] = torch.zeros((slots, length), dtype=torch.bool, device=self.device)
@@ -324,7 +324,8 @@ class CanvasRunner:
         return context, graph
 
     def denoise(self, settings: GenerationSettings, canvas: torch.Tensor, finished: torch.Tensor,
-                canvas_index: torch.Tensor, forwards: torch.Tensor, *, sampler: Any = None,
+                canvas_index: torch.Tensor, forwards: torch.Tensor, *,
+                sampler: ExactSampler | FastSampler | None = None,
                 clamp: tuple[torch.Tensor, torch.Tensor] | None = None, allowed: torch.Tensor | None = None,
                 check_every: int = FAST_CHECK_EVERY, stop_finished: bool = True) -> Iterator[tuple[int, StepState]]:
         """Denoise one canvas: yields ``(steps done, state)`` after every step, until every row

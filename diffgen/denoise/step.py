@@ -24,9 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from diffgen.denoise.sampling import ExactSampler, FastSampler
 
 STATE_FIELDS_OUT = ("canvas", "argmax", "self_conditioning", "stopped", "history", "step", "forwards",
                     "accepted", "entropy", "mean_entropy")
@@ -108,7 +111,7 @@ class StepContext:
     """
 
     decoder: Callable[..., torch.Tensor]
-    sampler: Any
+    sampler: ExactSampler | FastSampler
     temperatures: torch.Tensor
     accept: Callable[[torch.Tensor], torch.Tensor]
     stability_window: int | None

@@ -4,7 +4,7 @@
 """
 
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -16,7 +16,7 @@ from diffgen.kernels.moe import boundaries, experts_forward
 EXPERTS_IMPLEMENTATION = "diffgen_grouped"
 
 
-def bf16_experts_backend(device: Any, dtype: torch.dtype) -> str:
+def bf16_experts_backend(device: torch.device | str, dtype: torch.dtype) -> str:
     """How unquantised experts run on ``device``: ``"triton"`` (diffgen's kernel, 5 kernels a layer
     with the routing weight and unpermute in its epilogue) wherever Triton runs, else ``"torch"``
     (transformers' ``grouped_mm`` experts, about 17 kernels a layer). On cards where torch's
@@ -33,7 +33,7 @@ def bf16_experts_backend(device: Any, dtype: torch.dtype) -> str:
     return "triton"
 
 
-def grouped_experts_forward(module: Any, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+def grouped_experts_forward(module: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' experts forward for unquantised stacks (``module``: a ``@use_experts_implementation``
     experts module with ``gate_up_proj`` ``(E, 2I, H)`` and ``down_proj`` ``(E, H, I)``): diffgen's

@@ -8,7 +8,7 @@ grouped product (:func:`fp8_scaled_runs`), and the card's multiprocessors and sh
 
 import functools
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -52,7 +52,7 @@ def grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-def torch_grouped_mm_is_fast(device: Any, dtype: torch.dtype = torch.bfloat16) -> bool:
+def torch_grouped_mm_is_fast(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether torch's ``_grouped_mm`` / ``F.grouped_mm`` runs its grouped kernel on ``device``
     for ``dtype`` (no device-to-host sync, graph-capturable), rather than failing or taking its
     fallback. Read from torch's source (aten/src/ATen/native/cuda/GroupedBlas.cpp,
@@ -85,7 +85,7 @@ def torch_grouped_mm_is_fast(device: Any, dtype: torch.dtype = torch.bfloat16) -
     return major in (9, 10)
 
 
-def fp8_scaled_runs(device: Any, dtype: torch.dtype, n: int, k: int) -> bool:
+def fp8_scaled_runs(device: torch.device | str, dtype: torch.dtype, n: int, k: int) -> bool:
     """Whether :func:`fp8_scaled_grouped_mm` runs: CUDA compute capability 9.0 or 10.0 (torch's
     row-wise fp8 grouped kernels), bf16 activations (its only output dtype), ``n`` and ``k``
     multiples of 16 (its alignment)."""

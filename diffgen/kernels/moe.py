@@ -51,7 +51,8 @@ in :data:`diffgen.kernels.launches.GROUPED_PATHS`. Adding a format: see
 # No ``from __future__ import annotations``: torch.library reads the op's annotations as types.
 
 import functools
-from typing import Any, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 
@@ -119,7 +120,7 @@ def boundaries(experts: int, device: torch.device) -> Optional[torch.Tensor]:
 # -- the ops ----------------------------------------------------------------------------------------
 
 
-def backend_for(device: Any) -> str:
+def backend_for(device: torch.device | str) -> str:
     """``"triton"`` where the Triton kernel runs for ``device``, else ``"torch"``."""
     return "triton" if triton_runs(torch.device(device).type) else "torch"
 
@@ -190,7 +191,7 @@ def _sum_pairs_fake(pairs, like, top_k):
 # -- the experts forward ------------------------------------------------------------------------------
 
 
-def activation_kind(act_fn: Any) -> int:
+def activation_kind(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> int:
     """The kernel's ``ACT`` code for an activation module or function: 1 GELU with the tanh
     approximation (Gemma's ``gelu_pytorch_tanh``), 2 exact GELU, 3 SiLU; 0 for anything else (the
     activation then runs in torch between the products)."""
@@ -209,7 +210,7 @@ def activation_kind(act_fn: Any) -> int:
     return 0
 
 
-def fused_runs(device: Any, gate_up: Stack, down: Stack, backend: str = "auto") -> bool:
+def fused_runs(device: torch.device | str, gate_up: Stack, down: Stack, backend: str = "auto") -> bool:
     """Whether :func:`experts_forward` takes the fused kernels: Triton for this device and backend,
     the tuned config and the fused epilogue selected (environment, read at call time)."""
     if backend == "torch" or (backend == "auto" and backend_for(device) != "triton"):
@@ -220,7 +221,8 @@ def fused_runs(device: Any, gate_up: Stack, down: Stack, backend: str = "auto") 
 
 
 def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                    gate_up: Stack, down: Stack, act_fn: Any, backend: str = "auto",
+                    gate_up: Stack, down: Stack, act_fn: Callable[[torch.Tensor], torch.Tensor],
+                    backend: str = "auto",
                     fp8_activations: Optional[bool] = None,
                     boundaries: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Every token through its top-k experts, weighted and summed, as transformers' experts:

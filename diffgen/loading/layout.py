@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 from diffgen.errors import NotACheckpointError
 
 if TYPE_CHECKING:
+    from transformers import DiffusionGemmaConfig
+
     from diffgen.loading.prequant import Format
 
 EXPERTS = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
@@ -55,7 +57,7 @@ class Needs:
     linears: dict[str, tuple[int, int]]
 
 
-def model_needs(config: Any) -> Needs:
+def model_needs(config: DiffusionGemmaConfig | dict[str, Any]) -> Needs:
     """The tensors a DiffusionGemma model of ``config`` (a config object or a parsed config.json)
     needs, from the model built on the meta device and tied as transformers ties it."""
     import torch

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffgen.errors import NotACheckpointError, TokenizerMissingError, UnsafeCheckpointError
 from diffgen.loading.hub import (  # noqa: F401 - re-exported: the loader's callers resolve through it
@@ -29,6 +29,12 @@ from diffgen.loading.hub import (  # noqa: F401 - re-exported: the loader's call
 )
 from diffgen.planning.plan import LoadPlan
 from diffgen.settings import GenerationSettings
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import DiffusionGemmaForBlockDiffusion, PreTrainedTokenizerBase
+
+    from diffgen.loading.prequant import Format
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -46,8 +52,8 @@ class LoadedModel:
         plan: how it was loaded.
     """
 
-    model: Any
-    tokenizer: Any
+    model: DiffusionGemmaForBlockDiffusion
+    tokenizer: PreTrainedTokenizerBase
     defaults: GenerationSettings
     checkpoint: Checkpoint
     plan: LoadPlan
@@ -95,7 +101,7 @@ def load(name: str, plan: LoadPlan, *, offline: bool = False, progress: bool = T
     return load_checkpoint(checkpoint, plan, progress=progress)
 
 
-def load_tokenizer(path: Path) -> Any:
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     """The checkpoint's tokenizer (local files only; remote code never trusted). Missing or broken
     tokenizer files are a :class:`TokenizerMissingError` naming them."""
     from transformers import AutoTokenizer
@@ -114,7 +120,7 @@ def load_tokenizer(path: Path) -> Any:
 
 
 def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = True,
-                    tokenizer: Any = None, config: dict[str, Any] | None = None,
+                    tokenizer: PreTrainedTokenizerBase | None = None, config: dict[str, Any] | None = None,
                     defaults: GenerationSettings | None = None) -> LoadedModel:
     """Check and load a resolved checkpoint directory; ``progress`` shows a progress bar.
 
@@ -174,7 +180,8 @@ def load_checkpoint(checkpoint: Checkpoint, plan: LoadPlan, *, progress: bool = 
     return LoadedModel(model=model, tokenizer=tokenizer, defaults=defaults, checkpoint=checkpoint, plan=plan)
 
 
-def check_complete(path: Path, config: dict[str, Any], label: str) -> tuple[Any, dict[str, Any]]:
+def check_complete(path: Path, config: dict[str, Any], label: str
+                   ) -> tuple[Format | None, dict[str, tuple[str, list[int]]]]:
     """Refuse, from config.json, ``hf_quant_config.json`` and the shards' headers and before the model
     is built, a checkpoint that does not fill the model whole (:mod:`diffgen.loading.layout`) or
     whose quantised tensors are not what its format says (:mod:`diffgen.loading.prequant`); warn
@@ -191,7 +198,7 @@ def check_complete(path: Path, config: dict[str, Any], label: str) -> tuple[Any,
     return fmt, keys
 
 
-def prequantised_plan(plan: LoadPlan, fmt: Any, label: str) -> LoadPlan:
+def prequantised_plan(plan: LoadPlan, fmt: Format, label: str) -> LoadPlan:
     """The plan for a pre-quantised checkpoint: its own scheme (a plan made without it, e.g.
     ``LoadPlan("cpu", "float32")`` from a library caller, takes it); any other is refused."""
     from dataclasses import replace
@@ -204,12 +211,12 @@ def prequantised_plan(plan: LoadPlan, fmt: Any, label: str) -> LoadPlan:
                      f"pass --quant {fmt.scheme} or leave --quant at auto")
 
 
-def _device_map(plan: LoadPlan) -> Any:
+def _device_map(plan: LoadPlan) -> dict[str, str]:
     """Everything on the plan's device, or the plan's offload map (layer pairs kept together)."""
     return dict(plan.device_map) if plan.device_map else {"": plan.device}
 
 
-def resident_bytes(model: Any) -> int:
+def resident_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's parameters and buffers, each storage counted once (ties included)."""
     seen, total = set(), 0
     for tensor in [*model.parameters(), *model.buffers()]:

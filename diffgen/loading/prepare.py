@@ -10,9 +10,19 @@ A library caller plans and loads without the CLI::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from diffgen.errors import UsageError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from diffgen.loading.hub import Checkpoint
+    from diffgen.loading.loader import LoadedModel
+    from diffgen.loading.prequant import Format
+    from diffgen.planning.hardware import HardwareProfile
+    from diffgen.planning.plan import Estimate, LoadPlan
+    from diffgen.settings import GenerationSettings
 
 
 @dataclass(frozen=True)
@@ -23,7 +33,7 @@ class Machine:
 
     device: str
     dtype: str
-    profile: Any
+    profile: HardwareProfile
     budget: int
 
 
@@ -43,8 +53,8 @@ def machine(*, device: str, quant: str, max_memory: Optional[str]) -> Machine:
 
 
 def plan_load(config: dict, *, device: str, quant: str, max_memory: Optional[str], offload: bool,
-              batch: int = 1, where: Optional[Machine] = None, images: int = 0, fmt: Any = None,
-              label: str = "the checkpoint") -> Any:
+              batch: int = 1, where: Optional[Machine] = None, images: int = 0, fmt: Optional[Format] = None,
+              label: str = "the checkpoint") -> tuple[LoadPlan, Estimate, int]:
     """Choose the load plan for this machine from the config alone (see :mod:`diffgen.planning.plan`);
     ``images`` per generation add their tokens to the planned context and the vision workspace.
 
@@ -100,7 +110,7 @@ def _note_published(table: list, label: str) -> None:
           f"-m {repo}", file=sys.stderr, flush=True)
 
 
-def _device_budget(profile: Any, device: str) -> int:
+def _device_budget(profile: HardwareProfile, device: str) -> int:
     for candidate in profile.devices:
         if candidate.device == device:
             return candidate.usable
@@ -116,13 +126,13 @@ class Prepared:
     ``budget`` the plan that fits this machine; ``defaults`` the checkpoint's own settings.
     """
 
-    checkpoint: Any
+    checkpoint: Checkpoint
     config: dict
-    settings: Any
-    plan: Any
-    chosen: Any
+    settings: GenerationSettings
+    plan: LoadPlan
+    chosen: Estimate
     budget: int
-    defaults: Any = None
+    defaults: Optional[GenerationSettings] = None
 
 
 def prepare(model: str, *, offline: bool, device: str = "auto", quant: str = "auto", max_memory: Optional[str] = None,
@@ -152,7 +162,7 @@ def prepare(model: str, *, offline: bool, device: str = "auto", quant: str = "au
     return Prepared(checkpoint, config, settings, load_plan, chosen, budget, defaults)
 
 
-def checkpoint_format(location: str, config: dict, label: str) -> Any:
+def checkpoint_format(location: str, config: dict, label: str) -> Optional[Format]:
     """The pre-quantised format of the checkpoint whose config.json was read from ``location`` (a
     local directory, whose ``hf_quant_config.json`` is read too, or a Hub id), or ``None``."""
     from pathlib import Path
@@ -173,7 +183,8 @@ def auto_batch_rows(prepared: Prepared) -> int:
                               device=prepared.plan.device, context=context)
 
 
-def load_prepared(prepared: Prepared, *, progress: bool = False, tokenizer: Any = None) -> Any:
+def load_prepared(prepared: Prepared, *, progress: bool = False,
+                  tokenizer: Optional[PreTrainedTokenizerBase] = None) -> LoadedModel:
     """Load the prepared checkpoint under its plan; returns a :class:`~diffgen.loading.loader.LoadedModel`."""
     from diffgen.loading import loader
 

@@ -50,9 +50,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffgen.errors import NotACheckpointError
+
+if TYPE_CHECKING:
+    from diffgen.loading.layout import Needs
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 MODELOPT_NVFP4 = ("NVFP4", "W4A16_NVFP4")
@@ -179,7 +182,7 @@ SAFETENSORS_FP8 = "F8_E4M3"
 SCALE_DTYPES = ("F32", "BF16", "F16")
 
 
-def matrices(needs: Any, keys: dict[str, Any]) -> list[tuple[str, int, int]]:
+def matrices(needs: Needs, keys: dict[str, tuple[str, list[int]]]) -> list[tuple[str, int, int]]:
     """``(stem, out, in)`` of every quantised matrix the checkpoint must hold: each expert's
     projections (``...experts.E.gate_proj``) and each linear stored with a ``weight_scale``."""
     from diffgen.loading.layout import EXPERTS
@@ -199,7 +202,7 @@ def matrices(needs: Any, keys: dict[str, Any]) -> list[tuple[str, int, int]]:
     return out
 
 
-def validate(fmt: Format, needs: Any, keys: dict[str, tuple[str, list[int]]], label: str) -> None:
+def validate(fmt: Format, needs: Needs, keys: dict[str, tuple[str, list[int]]], label: str) -> None:
     """Refuse, from the headers, a quantised tensor of the wrong dtype or shape (every tensor is
     present: :func:`diffgen.loading.layout.check` ran first)."""
     for stem, rows, columns in matrices(needs, keys):

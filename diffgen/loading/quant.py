@@ -32,7 +32,6 @@ A published FP8 checkpoint (per-channel e4m3 with an fp32 or bf16 scale per outp
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import nn
@@ -110,7 +109,8 @@ class QuantizedStack(nn.Module):
     choose the grouped path; benchmarks set them.
     """
 
-    def __init__(self, scheme: str, count: int, out_dim: int, in_dim: int, dtype: torch.dtype, device: Any):
+    def __init__(self, scheme: str, count: int, out_dim: int, in_dim: int, dtype: torch.dtype,
+                 device: torch.device | str):
         super().__init__()
         self.scheme, self.shape, self.dtype = scheme, torch.Size((out_dim, in_dim)), dtype
         self.backend, self.fp8_activations = "auto", None
@@ -197,7 +197,7 @@ class QuantizedStack(nn.Module):
 class QuantizedExperts(nn.Module):
     """Drop-in for ``DiffusionGemmaTextExperts``: same forward, compact weights."""
 
-    def __init__(self, original: nn.Module, scheme: str, dtype: torch.dtype, device: Any):
+    def __init__(self, original: nn.Module, scheme: str, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         experts, two_inter, hidden = original.gate_up_proj.shape
         self.num_experts = experts
@@ -238,7 +238,7 @@ class QuantizedLinear(nn.Module):
     """A bias-free ``nn.Linear`` whose weight is stored quantised: NF4 for ``nf4-all``; fp8 or
     nvfp4 where a published checkpoint stores a linear so (run weight-only)."""
 
-    def __init__(self, original: nn.Linear, dtype: torch.dtype, device: Any, scheme: str = "nf4"):
+    def __init__(self, original: nn.Linear, dtype: torch.dtype, device: torch.device | str, scheme: str = "nf4"):
         super().__init__()
         self.in_features, self.out_features = original.in_features, original.out_features
         self.stack = QuantizedStack(scheme, 1, self.out_features, self.in_features, dtype, device)

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Union
 
 import torch
 from accelerate.utils import set_module_tensor_to_device
@@ -31,6 +31,15 @@ from diffgen.planning.plan import LoadPlan, keeps_dtype
 from diffgen.loading import qcache
 from diffgen.loading.quant import QuantizedExperts, QuantizedLinear
 from diffgen.loading.shards import shard_files
+
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion as Model
+
+    from diffgen.loading.prequant import Format
+
+Quantised = Union[QuantizedExperts, QuantizedLinear]
+Headers = dict[str, tuple[str, list[int]]]  # tensor name -> (dtype, shape), as the shards' headers say
 
 # The checkpoint tensors (by their last name part) each kind of quantised module is filled from.
 QUANTISED_LEAVES = {QuantizedExperts: frozenset({"gate_up_proj", "down_proj"}), QuantizedLinear: frozenset({"weight"})}
@@ -44,7 +53,7 @@ PER_EXPERT = re.compile(r"^(?P<module>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>ga
 ENCODER_TWIN = ("model.decoder.", "model.encoder.language_model.")
 
 
-def _swap_prequantised_linears(model: Any, fmt: Any, keys: dict[str, Any], dtype: torch.dtype,
+def _swap_prequantised_linears(model: Model, fmt: Format, keys: Headers, dtype: torch.dtype,
                                device: torch.device) -> None:
     """Every ``nn.Linear`` the checkpoint stores quantised (with a ``weight_scale``) becomes a
     weight-only :class:`QuantizedLinear` of the checkpoint's scheme, shared with its encoder twin."""
@@ -72,7 +81,7 @@ def _swap_prequantised_linears(model: Any, fmt: Any, keys: dict[str, Any], dtype
                 setattr(parent, child, linear)
 
 
-def _swap_modules(model: Any, plan: LoadPlan, device: torch.device) -> None:
+def _swap_modules(model: Model, plan: LoadPlan, device: torch.device) -> None:
     """Replace experts (and for nf4-all the text linears) by quantised modules shared by the
     encoder and decoder layer of the same index."""
     dtype = plan.torch_dtype
@@ -94,7 +103,7 @@ def _swap_modules(model: Any, plan: LoadPlan, device: torch.device) -> None:
             setattr(encoder_layer.get_submodule(parent_name), leaf, linear)
 
 
-def _retie(model: Any) -> None:
+def _retie(model: Model) -> None:
     """Point the encoder's text weights and the LM head at the decoder's (transformers' ties)."""
     decoder = model.model.decoder
     encoder = model.model.encoder.language_model
@@ -111,8 +120,8 @@ def _retie(model: Any) -> None:
     model.lm_head.weight = decoder.embed_tokens.weight
 
 
-def load_quantized(path: Path, plan: LoadPlan, *, progress: bool = False, fmt: Any = None,
-                   keys: dict[str, Any] | None = None) -> Any:
+def load_quantized(path: Path, plan: LoadPlan, *, progress: bool = False, fmt: Format | None = None,
+                   keys: Headers | None = None) -> Model:
     """Build the model empty, then fill it under ``plan`` from the checkpoint's shards.
 
     ``fmt`` (a :class:`~diffgen.loading.prequant.Format`) with ``keys`` (the shards' tensors, from
@@ -145,7 +154,7 @@ def load_quantized(path: Path, plan: LoadPlan, *, progress: bool = False, fmt: A
     return _fill_quantising(model, modules, cache, files, plan, progress=progress, source=str(path))
 
 
-def _fill_from_cache(model: Any, modules: dict[str, Any], cache: qcache.QuantCache, files: list[Path],
+def _fill_from_cache(model: Model, modules: dict[str, Quantised], cache: qcache.QuantCache, files: list[Path],
                      plan: LoadPlan, *, progress: bool) -> bool:
     """Fill the quantised modules from the cache and everything else from the shards (skipping
     the tensors the quantised modules would take); ``False`` (nothing from the shards read yet)
@@ -165,8 +174,8 @@ def _fill_from_cache(model: Any, modules: dict[str, Any], cache: qcache.QuantCac
     return True
 
 
-def _fill_quantising(model: Any, modules: dict[str, Any], cache: qcache.QuantCache | None, files: list[Path],
-                     plan: LoadPlan, *, progress: bool, source: str) -> Any:
+def _fill_quantising(model: Model, modules: dict[str, Quantised], cache: qcache.QuantCache | None, files: list[Path],
+                     plan: LoadPlan, *, progress: bool, source: str) -> Model:
     """Fill the model from the shards, quantising on the way and writing the cache entry (when
     ``cache`` is given) one layer at a time as each shard completes layers."""
     writer = cache.writer(modules, announce=progress) if cache is not None else None  # says so before the bar
@@ -204,7 +213,8 @@ def _shard_tensors(files: list[Path], *, on_shard: Callable[[], None], skip: Cal
         on_shard()
 
 
-def build_quantized(config: Any, tensors: Any, plan: LoadPlan, *, source: str = "the checkpoint") -> Any:
+def build_quantized(config: DiffusionGemmaConfig, tensors: Iterable[tuple[str, torch.Tensor]], plan: LoadPlan, *,
+                    source: str = "the checkpoint") -> Model:
     """An empty model filled from ``(name, tensor)`` pairs (checkpoint names) under ``plan``."""
     model = empty_quantized(config, plan)
     received: dict[int, set[str]] = {}
@@ -212,7 +222,8 @@ def build_quantized(config: Any, tensors: Any, plan: LoadPlan, *, source: str = 
     return finish_quantized(model, source=source, received=received)
 
 
-def empty_quantized(config: Any, plan: LoadPlan, *, fmt: Any = None, keys: dict[str, Any] | None = None) -> Any:
+def empty_quantized(config: DiffusionGemmaConfig, plan: LoadPlan, *, fmt: Format | None = None,
+                    keys: Headers | None = None) -> Model:
     """The model with empty (meta) weights, its buffers on the device and — for a quantised plan —
     its quantised modules in place (their buffers allocated on the device, not yet filled); with a
     pre-quantised ``fmt``, also the linears that ``keys`` show stored quantised."""
@@ -237,11 +248,11 @@ def empty_quantized(config: Any, plan: LoadPlan, *, fmt: Any = None, keys: dict[
     return model
 
 
-def quantised_modules(model: Any) -> dict[str, Any]:
+def quantised_modules(model: Model) -> dict[str, Quantised]:
     """Each quantised module once (encoder and decoder share them), under the name its checkpoint
     tensors carry: the decoder's, as checkpoints store the tied text weights under the decoder."""
     names: dict[int, list[str]] = {}
-    found: dict[int, Any] = {}
+    found: dict[int, Quantised] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, (QuantizedExperts, QuantizedLinear)):
             names.setdefault(id(module), []).append(name)
@@ -249,7 +260,7 @@ def quantised_modules(model: Any) -> dict[str, Any]:
     return {min(names[key], key=lambda n: (".decoder." not in n, n)): module for key, module in found.items()}
 
 
-def finish_quantized(model: Any, *, source: str, received: dict[int, set[str]] | None = None) -> Any:
+def finish_quantized(model: Model, *, source: str, received: dict[int, set[str]] | None = None) -> Model:
     """Re-tie, then check that nothing stayed empty: no parameter on the meta device and — when
     ``received`` (the checkpoint tensors each quantised module got) is given — no quantised module
     short of a tensor (its buffers would hold garbage)."""
@@ -265,8 +276,8 @@ def finish_quantized(model: Any, *, source: str, received: dict[int, set[str]] |
     return model
 
 
-def _fill(model: Any, tensors: Any, plan: LoadPlan, received: dict[int, set[str]] | None = None, *,
-          fmt: Any = None) -> None:
+def _fill(model: Model, tensors: Iterable[tuple[str, torch.Tensor]], plan: LoadPlan,
+          received: dict[int, set[str]] | None = None, *, fmt: Format | None = None) -> None:
     """Place every ``(name, tensor)``; note in ``received`` which tensors each quantised module got.
     ``fmt``: a pre-quantised format, whose quantised tensors are copied as stored."""
     device, dtype = torch.device(plan.device), plan.torch_dtype
@@ -282,13 +293,13 @@ def _fill(model: Any, tensors: Any, plan: LoadPlan, received: dict[int, set[str]
             received.setdefault(id(target), set()).add(key.rpartition(".")[2])
 
 
-def _complete(modules: dict[str, Any], received: dict[int, set[str]]) -> set[str]:
+def _complete(modules: dict[str, Quantised], received: dict[int, set[str]]) -> set[str]:
     """The names of the quantised ``modules`` that received every checkpoint tensor they need."""
     return {name for name, module in modules.items()
             if QUANTISED_LEAVES[type(module)] <= received.get(id(module), set())}
 
 
-def _quantised_target(model: Any, key: str) -> Any:
+def _quantised_target(model: Model, key: str) -> Quantised | None:
     """The quantised module that checkpoint tensor ``key`` fills, or ``None``."""
     module_name, _, leaf = key.rpartition(".")
     try:
@@ -300,7 +311,7 @@ def _quantised_target(model: Any, key: str) -> Any:
     return None
 
 
-def _place_prequantised(model: Any, key: str, tensor: torch.Tensor, fmt: Any) -> bool:
+def _place_prequantised(model: Model, key: str, tensor: torch.Tensor, fmt: Format) -> bool:
     """Copy a pre-quantised checkpoint's tensor into its quantised module as stored; ``True`` when
     ``key`` belongs to a quantised module (activation scales, unused, included), ``False`` for a
     tensor that loads as usual."""
@@ -335,7 +346,7 @@ def _place_prequantised(model: Any, key: str, tensor: torch.Tensor, fmt: Any) ->
     return True
 
 
-def _place(model: Any, key: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Any:
+def _place(model: Model, key: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Quantised | None:
     """Put checkpoint tensor ``key`` in its place; return the quantised module it filled, if any."""
     module_name, _, leaf = key.rpartition(".")
     target = _quantised_target(model, key)
@@ -360,7 +371,7 @@ def _place(model: Any, key: str, tensor: torch.Tensor, device: torch.device, dty
     return None
 
 
-def _progress(show: bool, total: int, desc: str, unit: str = "shard") -> Any:
+def _progress(show: bool, total: int, desc: str, unit: str = "shard") -> tqdm | None:
     if not show:
         return None
     from tqdm.auto import tqdm
@@ -368,11 +379,11 @@ def _progress(show: bool, total: int, desc: str, unit: str = "shard") -> Any:
     return tqdm(total=total, desc=desc, unit=unit)
 
 
-def _tick(bar: Any) -> None:
+def _tick(bar: tqdm | None) -> None:
     if bar is not None:
         bar.update(1)
 
 
-def _close(bar: Any) -> None:
+def _close(bar: tqdm | None) -> None:
     if bar is not None:
         bar.close()

@@ -37,6 +37,10 @@ from typing import TYPE_CHECKING, Any
 from diffgen.errors import DeviceError, UsageError
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
+    import torch
+
     from diffgen.planning.hardware import HardwareProfile
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
@@ -82,7 +86,7 @@ class LoadPlan:
     stored: str = ""
 
     @property
-    def torch_dtype(self) -> Any:
+    def torch_dtype(self) -> torch.dtype:
         import torch
 
         return getattr(torch, self.dtype)
@@ -140,7 +144,7 @@ def simple_plan(device: str = "auto") -> LoadPlan:
     return LoadPlan(*device_dtype(device))
 
 
-def _mps_available(torch: Any) -> bool:
+def _mps_available(torch: ModuleType) -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend and backend.is_available())
 
@@ -211,7 +215,7 @@ def count_parameters(config: dict[str, Any]) -> ParameterCounts:
     return ParameterCounts(tuple(experts), tuple(linears), other, fixed, cast, tuple(layers), vision, tuple(shapes))
 
 
-def keeps_dtype(name: str, buffer: Any) -> bool:
+def keeps_dtype(name: str, buffer: torch.Tensor) -> bool:
     """Whether a buffer keeps its dtype when the weights are cast (as transformers loads them):
     rotary frequency tables and non-floating buffers do; scalars follow the weights' dtype."""
     return "inv_freq" in name or not buffer.is_floating_point()

@@ -24,10 +24,15 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from diffgen.denoise.channels import CHANNEL_CLOSE, CHANNEL_OPEN
 from diffgen.errors import UsageError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from diffgen.denoise.events import Event
 
 TRACE_VERSION = 1
 ENTROPY_DECIMALS = 4
@@ -104,7 +109,7 @@ class TokenTexts:
     character (byte fallback) is decoded together; its text goes to the run's first position.
     """
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
         self._cache: dict[int, str] = {}
         vocab_ids = [tokenizer.convert_tokens_to_ids(t) for t in (CHANNEL_OPEN, CHANNEL_CLOSE)]
@@ -141,7 +146,7 @@ class TokenTexts:
         return out
 
 
-def _separator(tokenizer: Any) -> str:
+def _separator(tokenizer: PreTrainedTokenizerBase) -> str:
     """What ``tokenizer.decode`` puts between two tokens beyond their own texts: ``" "`` for
     word-level tokenizers (no decoder: tokens joined with spaces), ``""`` for the usual ones."""
     try:
@@ -158,7 +163,7 @@ def _separator(tokenizer: Any) -> str:
     return " " if joined == alone[0] + " " + alone[1] and not alone[1].startswith(" ") else ""
 
 
-def records(events: Iterable[Any], texts: TokenTexts, row: int = 0) -> Iterator[Record]:
+def records(events: Iterable[Event], texts: TokenTexts, row: int = 0) -> Iterator[Record]:
     """Host records of ``row`` from generator events (copies only what views draw)."""
     from diffgen.denoise.loop import StepEvent
 
@@ -196,7 +201,7 @@ def records(events: Iterable[Any], texts: TokenTexts, row: int = 0) -> Iterator[
             )
 
 
-def _fixed(event: Any, row: int) -> list[bool] | None:
+def _fixed(event: Event, row: int) -> list[bool] | None:
     fixed = getattr(event, "fixed", None)
     return None if fixed is None else fixed[row].tolist()
 

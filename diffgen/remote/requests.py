@@ -11,10 +11,13 @@ that ignores an extra field answers with its own defaults.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from diffgen.remote.client import FINISH_FROM_OPENAI, Answer, Client, RemoteError, ServerModel
 from diffgen.settings import SAMPLER_FLAGS, GenerationSettings
+
+if TYPE_CHECKING:
+    from diffgen.records.trace import Record
 
 
 def body(model: str, text: str, *, system: Optional[str], think: bool, raw: bool, flags: dict[str, Any],
@@ -70,7 +73,7 @@ def record(answer: Answer, *, model: str, seed: int, settings: dict[str, Any]) -
 
 
 def stream_answer(client: Client, request: dict[str, Any], *, chat: bool,
-                  on_record: Optional[Callable[[Any], None]] = None) -> Answer:
+                  on_record: Optional[Callable[[Record], None]] = None) -> Answer:
     """Stream one request (with ``stream_steps`` when ``on_record`` is given, which then gets the
     :class:`~diffgen.records.trace.StepRecord` and :class:`~diffgen.records.trace.CanvasRecord` of
     each step and committed canvas); the answer its chunks add up to."""

@@ -243,7 +243,7 @@ class ContainFailures:
     after answering, and uvicorn then closes the keep-alive connection under the client.) Once a
     response has started (a stream), there is nothing else to send: the exception goes on."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: FastAPI):
         self.app = app
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:

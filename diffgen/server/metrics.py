@@ -9,12 +9,15 @@ adds a dependency for what ``render`` does in twenty lines).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from diffgen.server.engine import Engine
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def values(engine: Any) -> list[tuple[str, str, str, float]]:
+def values(engine: Engine) -> list[tuple[str, str, str, float]]:
     """``(name, type, help, value)`` for every metric, from the engine's counts (the batcher's and
     the serial path's, :meth:`~diffgen.server.engine.Engine.counters`) and its queue's."""
     counts = engine.counters()
@@ -45,7 +48,7 @@ def values(engine: Any) -> list[tuple[str, str, str, float]]:
     ]
 
 
-def render(engine: Any) -> str:
+def render(engine: Engine) -> str:
     """The exposition text: ``# HELP``, ``# TYPE`` and one sample per metric."""
     lines = []
     for name, kind, help_, value in values(engine):

@@ -7,10 +7,13 @@ from what the parsers accept.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffgen.server.wire import DEFAULT_MAX_STEPS, MAX_CHOICES, MAX_STOP, ROLES
 from diffgen.settings import FIELD_SCHEMAS, SAMPLER_FLAGS
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 _BOOL = {"type": "boolean"}
 _TEXT_PART = {"type": "object", "required": ["type", "text"],
@@ -98,7 +101,7 @@ ANSWERS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def install(app: Any, max_steps: int) -> None:
+def install(app: FastAPI, max_steps: int) -> None:
     """Add the request bodies to ``app``'s generated document (rather than passing them as
     ``openapi_extra``, which FastAPI encodes as JSON numbers of its own: 2**63 - 1, the seed's
     maximum, became a float)."""

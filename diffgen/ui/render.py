@@ -12,6 +12,8 @@ import json
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from diffgen.denoise.loop import Completion, GenerationResult
 
 
@@ -73,14 +75,14 @@ def usage_line(new_tokens: int | None, prompt_tokens: int | None, seconds: float
     return ", ".join(parts)
 
 
-def error_console(no_color: bool = False) -> Any:
+def error_console(no_color: bool = False) -> Console:
     """A Rich console on stderr (NO_COLOR is honoured by Rich itself)."""
     from rich.console import Console
 
     return Console(stderr=True, no_color=no_color or None, highlight=False)
 
 
-def show_thoughts(thoughts: str, console: Any) -> None:
+def show_thoughts(thoughts: str, console: Console) -> None:
     """The thought channel, dimmed, on the stderr console."""
     from rich.text import Text
 

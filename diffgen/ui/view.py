@@ -20,9 +20,9 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
-from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.panel import Panel
 from rich.text import Text
 
@@ -142,7 +142,7 @@ class DenoisingState:
 class TailLines:
     """Render a renderable but keep only its last ``max_lines`` lines (the newest text)."""
 
-    def __init__(self, renderable: Any, max_lines: int):
+    def __init__(self, renderable: RenderableType, max_lines: int):
         self.renderable = renderable
         self.max_lines = max(1, max_lines)
 
@@ -158,7 +158,7 @@ class TailLines:
 def render_state(state: DenoisingState, height: int | None = None) -> Group:
     """The whole frame: header, optional thought region, the text, footer."""
     thoughts, answer = state.split()
-    parts: list[Any] = [state.header()]
+    parts: list[RenderableType] = [state.header()]
     budget = (height or 10_000) - 4
     if thoughts.plain.strip():
         parts.append(Panel(TailLines(thoughts, max(2, budget // 3)), title="thinking", title_align="left",
@@ -205,7 +205,7 @@ class LiveView:
 class PlainStepLog:
     """One plain line per record on ``stream`` (no ANSI)."""
 
-    def __init__(self, stream: Any):
+    def __init__(self, stream: IO[str]):
         self.stream = stream
 
     def __enter__(self) -> PlainStepLog:
@@ -218,6 +218,6 @@ class PlainStepLog:
         self.stream.write(plain_line(record) + "\n")
 
 
-def step_view(console: Console, channel_ids: Sequence[int] | None, stream: Any) -> LiveView | PlainStepLog:
+def step_view(console: Console, channel_ids: Sequence[int] | None, stream: IO[str]) -> LiveView | PlainStepLog:
     """The live view when ``console`` is a terminal, else the plain step log on ``stream``."""
     return LiveView(console, channel_ids) if console.is_terminal else PlainStepLog(stream)

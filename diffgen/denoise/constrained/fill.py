@@ -28,12 +28,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from diffgen.denoise.options import Execution
 from diffgen.errors import UsageError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from diffgen.denoise.events import Event
     from diffgen.images import VisionInputs
     from diffgen.loading.loader import LoadedModel
@@ -130,7 +132,7 @@ class Layout:
     length: int
 
 
-def layout(template: Template, tokenizer: Any, canvas_length: int, pad_token_id: int) -> Layout:
+def layout(template: Template, tokenizer: PreTrainedTokenizerBase, canvas_length: int, pad_token_id: int) -> Layout:
     """Tokenise the fixed text and place everything on whole canvases."""
     tokens: list[int] = []
     fixed: list[bool] = []

@@ -42,6 +42,8 @@ from diffgen.denoise.constrained.schema_vocab import Vocabulary, vocabulary
 from diffgen.denoise.options import Execution
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from diffgen.loading.loader import LoadedModel
     from diffgen.settings import GenerationSettings
 
@@ -57,8 +59,8 @@ RETRY_ENTROPY = 1.0
 # -- assembling the value -----------------------------------------------------------------------
 
 
-def render_slot(slot: Slot, ids: Sequence[int], literals: Sequence[Sequence[int]], tokenizer: Any,
-                pad: int) -> tuple[Any, str, str | None]:
+def render_slot(slot: Slot, ids: Sequence[int], literals: Sequence[Sequence[int]],
+                tokenizer: PreTrainedTokenizerBase, pad: int) -> tuple[Any, str, str | None]:
     """``(value, JSON literal, repair note or None)`` of one slot's tokens."""
     kept = [t for t in ids if t != pad]
     if slot.kind == "enum":

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from diffgen.denoise.constrained.schema_check import (DEFAULT_INTEGER, DEFAULT_NUMBER, DEFAULT_STRING, bounds, digits,
                                                       kind_of)
 from diffgen.denoise.constrained.schema_vocab import Vocabulary
 from diffgen.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,7 @@ class SchemaLayout:
     literals: tuple[tuple[tuple[int, ...], ...], ...]
     length: int
 
-    def tensors(self, vocab_size: int) -> tuple[Any, Any, Any]:
+    def tensors(self, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(clamp tokens (1, P), clamp mask (1, P), allowed (1, P, V))`` for the loop."""
         import torch
 
@@ -144,7 +148,7 @@ def _slot_positions(slot: Slot, vocab: Vocabulary) -> list[tuple[int, ...]]:
     return [vocab.digits + sign + pad, vocab.digits] + [rest] * (slot.length - 2)
 
 
-def layout(schema: dict, tokenizer: Any, vocab: Vocabulary, canvas_length: int) -> SchemaLayout:
+def layout(schema: dict, tokenizer: PreTrainedTokenizerBase, vocab: Vocabulary, canvas_length: int) -> SchemaLayout:
     """Tokenise the skeleton's fixed text, size the enum slots and place everything on whole canvases."""
     pad = vocab.pad
     tokens: list[int] = []

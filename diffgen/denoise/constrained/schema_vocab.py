@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class Vocabulary:
     point: tuple[int, ...]
 
 
-def vocabulary(tokenizer: Any, size: int, pad: int) -> Vocabulary:
+def vocabulary(tokenizer: PreTrainedTokenizerBase, size: int, pad: int) -> Vocabulary:
     """Classify every id by decoding it alone (a few seconds for a 262k vocabulary)."""
     special = set(getattr(tokenizer, "all_special_ids", ()) or ())
     known = min(size, len(tokenizer))
