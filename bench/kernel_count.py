@@ -11,13 +11,16 @@ and every kernel is counted once:
   except those that launch none there (:data:`NOT_KERNELS`: allocations and metadata-only ops).
 
 The model is random with the released structure: 30 layers (five sliding-window layers then a
-full-attention one, five times), 128 experts, top-8, and small widths (widths change no count).
+full-attention one, five times), 128 experts, top-8, and small widths (widths change no count, nor
+does the number of experts: each grouped product is one launch whatever its grid; ``--experts 16``
+counts the same 193 kernels at 6 layers as 128 do, in two thirds of the time under the interpreter).
 The third step of a generation is counted (the first has no self-conditioning; graphs off: a
 replayed graph holds exactly these kernels). ``--unfused`` also counts transformers' modules
 (``DIFFGEN_FUSED=0``): the count before the fused step.
 
     python bench/kernel_count.py                      # one JSON line
     python bench/kernel_count.py --schemes bf16 fp8 int8 --unfused
+    python bench/kernel_count.py --layers 6 12 --experts 16   # one JSON line per layer count
 """
 
 from __future__ import annotations
@@ -47,11 +50,12 @@ RELEASED = {
 }
 
 
-def build(directory: Path, layers: int = 30) -> Path:
+def build(directory: Path, layers: int = 30, experts: int = RELEASED["num_experts"]) -> Path:
     """A random checkpoint with the released layer structure (``layers`` of it) and tiny widths."""
     from devtools.tiny import save_tiny_checkpoint
 
-    structure = dict(RELEASED, num_hidden_layers=layers, layer_types=RELEASED["layer_types"][:layers])
+    structure = dict(RELEASED, num_hidden_layers=layers, layer_types=RELEASED["layer_types"][:layers],
+                     num_experts=experts)
     return save_tiny_checkpoint(directory, **structure)
 
 
@@ -124,20 +128,32 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schemes", nargs="+", default=["bf16", "fp8"], help="bf16, fp8, int8 (expert storage)")
     parser.add_argument("--unfused", action="store_true", help="also count transformers' modules (DIFFGEN_FUSED=0)")
-    parser.add_argument("--layers", type=int, default=30, help="layers of the released structure (default all 30)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[30],
+                        help="layers of the released structure (default all 30); several: one JSON line each")
+    parser.add_argument("--experts", type=int, default=RELEASED["num_experts"],
+                        help=f"experts per layer (default {RELEASED['num_experts']}, as released; counts do not change)")
     parser.add_argument("--ops", action="store_true", help="also list the aten ops by name")
     args = parser.parse_args(argv)
 
     import torch
 
+    torch.set_num_threads(1)
+    reports = [count_layers(layers, args) for layers in args.layers]
+    os.environ.pop("DIFFGEN_FUSED", None)
+    return reports[-1]
+
+
+def count_layers(layers: int, args: argparse.Namespace) -> dict:
+    """One JSON line (printed and returned): kernels per fast step at ``layers`` layers, per scheme."""
+    import torch
+
     from diffgen.loading.loader import load
     from diffgen.planning.plan import LoadPlan
 
-    torch.set_num_threads(1)
-    report: dict = {"layers": args.layers, "target": TARGET, "triton_interpret": os.environ.get("TRITON_INTERPRET"),
-                    "torch": torch.__version__, "schemes": {}}
+    report: dict = {"layers": layers, "experts": args.experts, "target": TARGET,
+                    "triton_interpret": os.environ.get("TRITON_INTERPRET"), "torch": torch.__version__, "schemes": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = build(Path(tmp) / "ckpt", args.layers)
+        checkpoint = build(Path(tmp) / "ckpt", layers, args.experts)
         for scheme in args.schemes:
             quant = "none" if scheme == "bf16" else scheme
             loaded = load(str(checkpoint), LoadPlan("cpu", "bfloat16", quant=quant), progress=False)
@@ -152,8 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
                     row[f"{name}_ops"] = dict(sorted(counter.ops.items(), key=lambda kv: -kv[1]))
             report["schemes"][scheme] = row
             del loaded
-    os.environ.pop("DIFFGEN_FUSED", None)
-    print(json.dumps(report))
+    print(json.dumps(report), flush=True)
     return report
 
 
