@@ -214,8 +214,8 @@ def test_progress_bar_shows_records_tokens_per_second_and_eta():
 
     from rich.console import Console
 
-    from diffgen.cli.batch_runner import Summary
-    from diffgen.cli.batch_runner import Progress
+    from diffgen.cli.support.batch_runner import Summary
+    from diffgen.cli.support.batch_runner import Progress
 
     console = Console(file=io.StringIO(), force_terminal=True, width=100)
     progress = Progress(console)
@@ -425,8 +425,8 @@ def test_resume_refuses_other_settings_unless_a_flag_says_so(tiny_checkpoint, tm
 def test_progress_lines_when_stderr_is_not_a_terminal():
     import io
 
-    from diffgen.cli.batch_runner import LineProgress
-    from diffgen.cli.batch_runner import Summary
+    from diffgen.cli.support.batch_runner import LineProgress
+    from diffgen.cli.support.batch_runner import Summary
 
     now = [0.0]
     stream = io.StringIO()

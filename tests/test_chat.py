@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from diffgen.cli import chat_repl
-from diffgen.cli.chat_repl import Chat, Repl, Reply, Streams
+from diffgen.cli.support import chat_repl
+from diffgen.cli.support.chat_repl import Chat, Repl, Reply, Streams
 from diffgen.errors import DiffgenError
 
 # -- the REPL with a scripted backend -------------------------------------------------------------------
@@ -267,7 +267,7 @@ def test_in_process_thoughts_and_answer_arrive_apart_canvas_by_canvas(tiny, monk
 def test_server_thoughts_arrive_as_reasoning_content_apart_from_the_answer(tiny, monkeypatch):
     from starlette.testclient import TestClient
 
-    from diffgen.cli.chat_client import RemoteChat
+    from diffgen.cli.support.chat_client import RemoteChat
     from diffgen.denoise import loop
     from diffgen.server.app import Engine, create_app
 

@@ -184,7 +184,7 @@ def test_no_help_shows_a_flag_as_if_it_took_a_value():
 def test_quant_choices_come_from_the_plan():
     import typing
 
-    from diffgen.cli.options import QuantChoice
+    from diffgen.cli.support.options import QuantChoice
     from diffgen.planning.plan import QUANT_CHOICES
 
     assert typing.get_args(QuantChoice) == QUANT_CHOICES

@@ -14,7 +14,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from diffgen.cli import funnel
+from diffgen.cli.support import funnel
 from diffgen.cli.app import app
 from tests.conftest import run_cli
 
@@ -145,7 +145,7 @@ def test_an_unexpected_exception_outside_any_command_phase(monkeypatch):
     def broken(*args, **kwargs):
         raise KeyError("oops")
 
-    monkeypatch.setattr("diffgen.cli.config.read_or_warn", broken)
+    monkeypatch.setattr("diffgen.cli.support.config.read_or_warn", broken)
     one_line(invoke("info", "--json"), 1, "reading the config file: KeyError", "DIFFGEN_DEBUG=1")
 
 

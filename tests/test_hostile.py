@@ -257,7 +257,7 @@ write_text({str(target)!r}, "x" * 5000, "--svg")
 def test_chat_save_refuses_a_file_that_is_not_a_saved_conversation(tmp_path):
     import io
 
-    from diffgen.cli.chat_repl import Chat, Repl, Streams
+    from diffgen.cli.support.chat_repl import Chat, Repl, Streams
 
     notes = tmp_path / "notes.txt"
     notes.write_text("mine\n")

@@ -1,1 +1,1 @@
-"""The command line: one module per command over the library."""
+"""The command line: one module per command over the library; what they share is in :mod:`diffgen.cli.support`."""

@@ -4,7 +4,7 @@ Each command (``diffgen/cli/<command>.py``) parses its options, builds settings,
 library and hands the result to a renderer. Heavy imports (torch, transformers) happen inside
 the commands, so ``--help``, ``--version`` and completion stay instant.
 
-Every command runs inside the one error funnel (:mod:`diffgen.cli.funnel`): :class:`DiffgenGroup`
+Every command runs inside the one error funnel (:mod:`diffgen.cli.support.funnel`): :class:`DiffgenGroup`
 invokes them inside it and renders click's own usage errors in the same one-line style, and
 :func:`main` catches whatever could still escape.
 """
@@ -24,13 +24,13 @@ from diffgen.cli import chat
 from diffgen.cli import completion
 from diffgen.cli import edit
 from diffgen.cli import fill
-from diffgen.cli import funnel
+from diffgen.cli.support import funnel
 from diffgen.cli import info
 from diffgen.cli import pull
 from diffgen.cli import replay
 from diffgen.cli import run
 from diffgen.cli import serve
-from diffgen.cli.options import NoColorOption
+from diffgen.cli.support.options import NoColorOption
 
 
 def _flags_take_no_value(params: list[Any]) -> list[Any]:
@@ -179,7 +179,7 @@ def _apply_config(ctx: typer.Context) -> None:
 
     A file that cannot be read is a warning, and diffgen goes on without it.
     """
-    from diffgen.cli import config
+    from diffgen.cli.support import config
 
     data, problem = config.read_or_warn()
     if problem is not None:

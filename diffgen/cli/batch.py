@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli import batch_runner
-from diffgen.cli.batch_backends import LocalBatch, PromptFlags, RemoteBatch
-from diffgen.cli.common import check_new_tokens, offload_note, parameter_source, read_input, refuse_local_only
-from diffgen.cli.funnel import doing, error_funnel
-from diffgen.cli.option_groups import Sampler, grouped
-from diffgen.cli.options import (
+from diffgen.cli.support import batch_runner
+from diffgen.cli.support.batch_backends import LocalBatch, PromptFlags, RemoteBatch
+from diffgen.cli.support.common import check_new_tokens, offload_note, parameter_source, read_input, refuse_local_only
+from diffgen.cli.support.funnel import doing, error_funnel
+from diffgen.cli.support.option_groups import Sampler, grouped
+from diffgen.cli.support.options import (
     DEFAULT_MODEL,
     DeviceOption,
     MaxMemoryOption,
@@ -36,7 +36,7 @@ from diffgen.records.batch import FORMAT_RULE
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from diffgen.cli.batch_runner import Summary
+    from diffgen.cli.support.batch_runner import Summary
     from diffgen.remote.client import Client
 
 
@@ -231,7 +231,7 @@ def _read_items(input_path: str, input_format: str) -> list:
 
 def _generate_all(backend: LocalBatch | RemoteBatch, items: list, console: Console, output: Optional[Path], *,
                   resume: bool, overwrite: bool, quiet: bool) -> Summary:
-    """Every record not done yet through ``backend`` (:mod:`diffgen.cli.batch_backends`), appended
+    """Every record not done yet through ``backend`` (:mod:`diffgen.cli.support.batch_backends`), appended
     to the output as it finishes, with progress and a summary on stderr unless ``quiet``."""
     out = batch_mod.Output(output, resume=resume, overwrite=overwrite, stdout=sys.stdout)
     try:

@@ -9,9 +9,9 @@ from typing import Annotated, Any, Literal, Optional
 
 import typer
 
-from diffgen.cli.common import exclusive, parameter_source, status
-from diffgen.cli.funnel import doing
-from diffgen.cli.options import (
+from diffgen.cli.support.common import exclusive, parameter_source, status
+from diffgen.cli.support.funnel import doing
+from diffgen.cli.support.options import (
     CompileOption,
     DeviceOption,
     ExactOption,
@@ -97,7 +97,7 @@ def bench(
                                    batch=batch)
             loaded = bench_mod.random_model(random_config, plan)
     else:
-        from diffgen.cli.common import load_model
+        from diffgen.cli.support.common import load_model
         from diffgen.denoise import bench as bench_mod
         from diffgen.loading.prepare import prepare
 

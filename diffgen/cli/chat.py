@@ -3,8 +3,8 @@
 In-process the model is loaded once, under the same plan and flags as ``diffgen run``, and the
 conversation's encoder KV cache is kept between turns (:class:`~diffgen.denoise.prompt_cache.PromptCache`):
 each turn encodes only what its prompt does not share with what the cache holds. With
-``--server`` the turns go to an OpenAI-compatible server (:mod:`diffgen.cli.chat_client`). The
-loop itself, its commands and streams are :mod:`diffgen.cli.chat_repl`.
+``--server`` the turns go to an OpenAI-compatible server (:mod:`diffgen.cli.support.chat_client`). The
+loop itself, its commands and streams are :mod:`diffgen.cli.support.chat_repl`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli.common import check_new_tokens, exclusive, load_model, parameter_source, prepare_generation
-from diffgen.cli.funnel import doing
-from diffgen.cli.options import (
+from diffgen.cli.support.common import check_new_tokens, exclusive, load_model, parameter_source, prepare_generation
+from diffgen.cli.support.funnel import doing
+from diffgen.cli.support.options import (
     DEFAULT_MODEL,
     CompileOption,
     ConfidenceOption,
@@ -128,7 +128,7 @@ def chat(
     no_color: NoColorOption = False,
 ) -> None:
     """Talk with the model, turn after turn (in-process, or with --server against a server)."""
-    from diffgen.cli import chat_repl
+    from diffgen.cli.support import chat_repl
     from diffgen.errors import UsageError
 
     exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
@@ -160,7 +160,7 @@ def chat(
 
 
 def _remote(ctx: typer.Context, server: str, api_key: Optional[str], model: str, flags: dict[str, Any]) -> Any:
-    from diffgen.cli.chat_client import RemoteChat
+    from diffgen.cli.support.chat_client import RemoteChat
     from diffgen.remote.requests import sampler_fields
 
     fields = sampler_fields(flags)
@@ -187,7 +187,7 @@ def _local(model: str, flags: dict[str, Any], *, seed: Optional[int], execution:
 
 
 class LocalChat:
-    """A chat backend on an in-process model (see :mod:`diffgen.cli.chat_repl` for the protocol).
+    """A chat backend on an in-process model (see :mod:`diffgen.cli.support.chat_repl` for the protocol).
 
     ``reuse``: keep the conversation's KV cache between turns (a
     :class:`~diffgen.denoise.prompt_cache.PromptCache`); off, every turn encodes everything.
@@ -206,7 +206,7 @@ class LocalChat:
 
     def reply(self, messages: list[dict[str, str]], *, think: bool, seed: Optional[int]) -> Iterator[tuple[str, Any]]:
         from diffgen import prompt as prompt_mod
-        from diffgen.cli.chat_repl import Reply
+        from diffgen.cli.support.chat_repl import Reply
         from diffgen.denoise.channels import split_response
         from diffgen.denoise.loop import CanvasEvent, check_context, stream
         from diffgen.errors import PromptTooLongError

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from diffgen.cli.options import NoColorOption
+from diffgen.cli.support.options import NoColorOption
 
 SHELLS = {"bash": "diffgen.bash", "zsh": "diffgen.zsh", "fish": "diffgen.fish"}
 COMPLETE_VAR = "_DIFFGEN_COMPLETE"

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from diffgen.cli.common import check_trace_path, denoise_laid_out, exclusive
-from diffgen.cli.funnel import doing
-from diffgen.cli.job import LocalJob, answer_out
-from diffgen.cli.option_groups import Runtime, Sampler, grouped
-from diffgen.cli.options import (
+from diffgen.cli.support.common import check_trace_path, denoise_laid_out, exclusive
+from diffgen.cli.support.funnel import doing
+from diffgen.cli.support.job import LocalJob, answer_out
+from diffgen.cli.support.option_groups import Runtime, Sampler, grouped
+from diffgen.cli.support.options import (
     DEFAULT_MODEL,
     ClampedShowStepsOption,
     ClampedTraceOption,

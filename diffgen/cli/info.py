@@ -8,8 +8,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli.funnel import doing
-from diffgen.cli.options import (
+from diffgen.cli.support.funnel import doing
+from diffgen.cli.support.options import (
     DeviceOption,
     MaxMemoryOption,
     NoColorOption,
@@ -55,7 +55,7 @@ def info(
     no_color: NoColorOption = False,
 ) -> None:
     """Show the hardware profile, the usable memory and how it was measured, and the plan per --quant."""
-    from diffgen.cli import config
+    from diffgen.cli.support import config
     from diffgen.errors import UsageError
     from diffgen.planning import hardware
     from diffgen.planning import plan

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffgen.cli.funnel import error_funnel
-from diffgen.cli.options import NoColorOption, OfflineOption, not_blank
+from diffgen.cli.support.funnel import error_funnel
+from diffgen.cli.support.options import NoColorOption, OfflineOption, not_blank
 
 EPILOG = (
     "Examples:\n\n"

@@ -9,9 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffgen.cli.common import check_output_path
-from diffgen.cli.funnel import doing
-from diffgen.cli.options import NoColorOption
+from diffgen.cli.support.common import check_output_path
+from diffgen.cli.support.funnel import doing
+from diffgen.cli.support.options import NoColorOption
 from diffgen.outputs import same_file
 
 EPILOG = (

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli.common import check_trace_path, exclusive, parameter_source, read_images, refuse_local_only, status
-from diffgen.cli.funnel import doing
-from diffgen.cli.job import LocalJob, answer_out
-from diffgen.cli.option_groups import Runtime, Sampler, grouped
-from diffgen.cli.options import (
+from diffgen.cli.support.common import check_trace_path, exclusive, parameter_source, read_images, refuse_local_only, status
+from diffgen.cli.support.funnel import doing
+from diffgen.cli.support.job import LocalJob, answer_out
+from diffgen.cli.support.option_groups import Runtime, Sampler, grouped
+from diffgen.cli.support.options import (
     DEFAULT_MODEL,
     ImageOption,
     MaxNewTokensOption,
@@ -27,7 +27,7 @@ from diffgen.cli.options import (
     SystemOption,
     ThinkOption,
 )
-from diffgen.cli.run_backends import Ask, LocalRun, RemoteRun, Watch, write_answer
+from diffgen.cli.support.run_backends import Ask, LocalRun, RemoteRun, Watch, write_answer
 
 if TYPE_CHECKING:
     from diffgen.denoise.constrained.schema import SchemaResult

@@ -15,9 +15,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli.common import exclusive, load_model, offload_note
-from diffgen.cli.funnel import doing
-from diffgen.cli.options import (
+from diffgen.cli.support.common import exclusive, load_model, offload_note
+from diffgen.cli.support.funnel import doing
+from diffgen.cli.support.options import (
     DEFAULT_MODEL,
     DeviceOption,
     MaxMemoryOption,

@@ -1,6 +1,6 @@
 """The batch file formats: JSONL or plain-text prompts in, one JSONL record per prompt out.
 
-The runners that generate them are :mod:`diffgen.cli.batch_runner`.
+The runners that generate them are :mod:`diffgen.cli.support.batch_runner`.
 
 * Input: JSONL objects (``id``, ``prompt`` and optional per-record settings and images — ``image``
   one path, ``images`` a list, relative to the input file — see :data:`RECORD_FIELDS`) or plain text (one prompt per line; the id is the line number). A

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from diffgen.cli.common import encode_with_images, observing, status
-from diffgen.cli.funnel import doing
-from diffgen.cli.job import LocalJob
+from diffgen.cli.support.common import encode_with_images, observing, status
+from diffgen.cli.support.funnel import doing
+from diffgen.cli.support.job import LocalJob
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -28,7 +28,7 @@ from diffgen.errors import DiffgenError
 
 if TYPE_CHECKING:
     from diffgen.cli.chat import LocalChat
-    from diffgen.cli.chat_client import RemoteChat
+    from diffgen.cli.support.chat_client import RemoteChat
 
 HELP = """\
 Commands:
@@ -251,7 +251,7 @@ class Repl:
             streams.error(exc.message + (f" — {exc.hint}" if exc.hint else ""))
             return False
         except Exception as exc:  # one turn failing unexpectedly does not end the conversation
-            from diffgen.cli import funnel
+            from diffgen.cli.support import funnel
 
             self._close(pieces)
             self._end_lines(answered, thinking)

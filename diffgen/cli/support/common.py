@@ -1,4 +1,4 @@
-"""What the commands share besides their options (:mod:`diffgen.cli.options`): loading with a
+"""What the commands share besides their options (:mod:`diffgen.cli.support.options`): loading with a
 plan line, a spinner, input files and output paths.
 
 Only light modules are imported here, so building the CLI (``--help``, completion) stays fast.
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from diffgen.cli.funnel import doing
+from diffgen.cli.support.funnel import doing
 from diffgen.errors import UsageError
 
 if TYPE_CHECKING:

@@ -15,12 +15,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Optional
 
-from diffgen.cli.chat_repl import Reply
+from diffgen.cli.support.chat_repl import Reply
 from diffgen.errors import DiffgenError
 
 
 class RemoteChat:
-    """A chat backend over HTTP (see :mod:`diffgen.cli.chat_repl` for the protocol).
+    """A chat backend over HTTP (see :mod:`diffgen.cli.support.chat_repl` for the protocol).
 
     ``fields``: body fields sent with every request (sampler settings, ``max_tokens``, ``model``);
     ``client``: an httpx client to send through (tests pass Starlette's TestClient).

@@ -13,10 +13,10 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
-from diffgen.cli.common import exclusive, load_model, prepare_generation
-from diffgen.cli.funnel import doing
-from diffgen.cli.option_groups import Runtime
-from diffgen.cli.options import sampler_choice
+from diffgen.cli.support.common import exclusive, load_model, prepare_generation
+from diffgen.cli.support.funnel import doing
+from diffgen.cli.support.option_groups import Runtime
+from diffgen.cli.support.options import sampler_choice
 from diffgen.denoise.options import Execution
 
 if TYPE_CHECKING:

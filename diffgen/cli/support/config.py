@@ -17,7 +17,7 @@ Precedence: command-line flags > environment variables > this file > built-in de
 
 A broken file never locks the user out: unreadable TOML is a warning (naming the file) and
 the file is ignored, so ``--help``, ``info`` and ``completion`` keep working; a bad value is
-reported when a command uses it, naming the file and the key (see :mod:`diffgen.cli.funnel`).
+reported when a command uses it, naming the file and the key (see :mod:`diffgen.cli.support.funnel`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where ``diffgen batch`` generates: a model loaded here (:class:`LocalBatch`) or a server
 (:class:`RemoteBatch`). Both take the parsed records and the output, and return the run's
-:class:`~diffgen.cli.batch_runner.Summary`; the command around them (flags, input, settings file,
+:class:`~diffgen.cli.support.batch_runner.Summary`; the command around them (flags, input, settings file,
 progress, failures) is one.
 """
 
@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 
-from diffgen.cli import batch_runner
-from diffgen.cli.common import load_model
+from diffgen.cli.support import batch_runner
+from diffgen.cli.support.common import load_model
 from diffgen.records.batch import Job, Output, seed_for
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from diffgen.cli.batch_runner import Summary
+    from diffgen.cli.support.batch_runner import Summary
     from diffgen.denoise.constrained.schema import SchemaLayout, Vocabulary
     from diffgen.images import Processor
     from diffgen.loading.loader import LoadedModel

@@ -3,7 +3,7 @@
 A command declares ``sampler: Sampler`` or ``runtime: Runtime`` among its parameters and is
 wrapped by :func:`grouped`: Typer then sees the group's options one by one, in the group's place
 (the same flags, help and order as if they were written out), and the command receives them
-bundled in one frozen object. The options themselves are :mod:`diffgen.cli.options`' aliases.
+bundled in one frozen object. The options themselves are :mod:`diffgen.cli.support.options`' aliases.
 
 Only light modules are imported here, so ``--help`` and completion stay fast.
 """
@@ -17,7 +17,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from diffgen.cli.options import (
+from diffgen.cli.support.options import (
     CompileOption,
     ConfidenceOption,
     DeviceOption,
