@@ -19,14 +19,14 @@ import torch
 
 from conftest import hold_at_boundaries
 from diffgen import prompt as prompt_mod
-from diffgen.denoise import batcher as batcher_mod
-from diffgen.denoise import loop
+from diffgen.denoise import items, loop
 from diffgen.denoise.batcher import Batcher
 from diffgen.denoise.options import Execution
 
 TEXTS = ["Once upon a time", "Hi", "The sky is blue because air scatters short wavelengths of sunlight", "def main():"]
 
 FAST = Execution(exact=False)
+EXACT = Execution(exact=True)
 
 
 def settings(tiny, seed: int, tokens: int, **changes):
@@ -42,11 +42,18 @@ def alone(tiny, index: int, seed: int, tokens: int, **changes) -> loop.Completio
     return loop.generate(tiny, [ids(tiny, index)], settings(tiny, seed, tokens, **changes), execution=FAST).completions[0]
 
 
+KINDS = {items.Step: "step", items.Canvas: "canvas", items.Done: "done", items.Failed: "error", items.End: "end"}
+
+
+def kind(item: items.Item) -> str:
+    return KINDS[type(item)]
+
+
 class Recorder:
     """A ticket's consumer: keeps every item; ``then`` runs on a given item (on the scheduler thread)."""
 
     def __init__(self, then=None):
-        self.items: list[tuple] = []
+        self.items: list[items.Item] = []
         self.then = then
 
     def __call__(self, item: tuple) -> None:
@@ -55,10 +62,10 @@ class Recorder:
             self.then(item)
 
     def done(self) -> dict[int, loop.Completion]:
-        return {item[1]: item[2] for item in self.items if item[0] == "done"}
+        return {item.index: item.completion for item in self.items if isinstance(item, items.Done)}
 
     def kinds(self) -> list[str]:
-        return [item[0] for item in self.items]
+        return [kind(item) for item in self.items]
 
 
 @pytest.fixture()
@@ -118,7 +125,7 @@ def test_a_row_joins_at_a_canvas_boundary_and_a_longer_prompt_grows_the_cache(ti
     tickets = []
 
     def join_after_first_canvas(item):
-        if item[0] == "canvas" and not tickets[1:]:
+        if kind(item) == "canvas" and not tickets[1:]:
             # Queued before the next boundary: it joins the running batch there. Its prompt is
             # longer than the batch's cache (2 prompt tokens + one canvas), so the cache grows.
             tickets.append(batcher.submit(ids(tiny, 2), [settings(tiny, 9, 48)], late))
@@ -147,11 +154,11 @@ def test_n_rows_of_one_request_and_rows_leaving_early(tiny, make):
 def test_other_settings_wait_for_their_own_batch_first_come_first_served(tiny, make):
     batcher = make(max_batch=8)
     order: list[str] = []
-    recorders = {name: Recorder(lambda item, name=name: order.append(name) if item[0] == "done" else None)
+    recorders = {name: Recorder(lambda item, name=name: order.append(name) if kind(item) == "done" else None)
                  for name in "ABC"}
 
     def queue_b_then_c(item):
-        if item[0] in ("canvas", "done") and "B" not in queued:
+        if kind(item) in ("canvas", "done") and "B" not in queued:
             queued["B"] = batcher.submit(ids(tiny, 1), [settings(tiny, 2, 16, max_denoising_steps=3)], recorders["B"])
             # C could share A's batch, but B (another batch key) came first: C must not overtake it.
             queued["C"] = batcher.submit(ids(tiny, 3), [settings(tiny, 3, 16)], recorders["C"])
@@ -173,7 +180,7 @@ def test_cancelling_frees_the_row_for_the_next_request(tiny, make):
     tickets: dict = {}
 
     def cancel_after_first_canvas(item):
-        if item[0] == "canvas" and "second" not in tickets:
+        if kind(item) == "canvas" and "second" not in tickets:
             tickets["second"] = batcher.submit(ids(tiny, 1), [settings(tiny, 5, 16)], second)
             tickets["gone"] = batcher.submit(ids(tiny, 2), [settings(tiny, 6, 16)], waiting_then_cancelled)
             tickets["gone"].cancel()  # still waiting: it leaves the queue at once
@@ -203,13 +210,13 @@ def test_step_items_only_when_observed_one_row_each(tiny, make):
     hold.clear()
     for ticket in tickets:
         ticket.wait()
-    steps = [item for item in watched.items if item[0] == "step"]
+    steps = [item.event for item in watched.items if kind(item) == "step"]
     assert "step" not in unwatched.kinds()
-    assert [(event.canvas, event.step) for _, _, event in steps] == [(c, s) for c in range(2) for s in range(1, 5)]
-    assert all(event.draft.shape == (1, 16) and event.mean_entropy.shape == (1,) for _, _, event in steps)
+    assert [(event.canvas, event.step) for event in steps] == [(c, s) for c in range(2) for s in range(1, 5)]
+    assert all(event.draft.shape == (1, 16) and event.mean_entropy.shape == (1,) for event in steps)
     generation = loop.stream(tiny, [ids(tiny, 0)], settings(tiny, 1, 32), execution=FAST)
     reference = [event for event in generation if isinstance(event, loop.StepEvent)]
-    assert all(torch.equal(mine.draft, theirs.draft) for (_, _, mine), theirs in zip(steps, reference))
+    assert all(torch.equal(mine.draft, theirs.draft) for mine, theirs in zip(steps, reference))
 
 
 def test_a_failing_batch_reports_to_every_row_and_the_scheduler_goes_on(tiny, make, monkeypatch):
@@ -230,7 +237,7 @@ def test_a_failing_batch_reports_to_every_row_and_the_scheduler_goes_on(tiny, ma
     for ticket in tickets:
         ticket.wait()
     for recorder in recorders:
-        assert recorder.kinds() == ["error", "end"] and "fell over" in str(recorder.items[0][1])
+        assert recorder.kinds() == ["error", "end"] and "fell over" in str(recorder.items[0].error)
     monkeypatch.undo()
     after = Recorder()
     batcher.submit(ids(tiny, 0), [settings(tiny, 3, 16)], after).wait()
@@ -297,7 +304,7 @@ def test_a_canvas_whose_every_row_is_cancelled_stops_early(tiny, make):
     tickets = {}
 
     def cancel_on_second_step(item):
-        if item[0] == "step" and item[2].step == 2:
+        if kind(item) == "step" and item.event.step == 2:
             tickets["long"].cancel()
 
     recorder = Recorder(cancel_on_second_step)
@@ -316,7 +323,7 @@ def test_a_canvas_whose_every_row_is_cancelled_stops_early(tiny, make):
     started = [threading.Event(), threading.Event()]
     wanted = batcher.submit(ids(tiny, 1), [settings(tiny, 2, 16, max_denoising_steps=12)], kept,
                             on_start=started[0].set)
-    dropped.then = lambda item: gone.cancel() if item[0] == "step" else None
+    dropped.then = lambda item: gone.cancel() if kind(item) == "step" else None
     gone = batcher.submit(ids(tiny, 2), [settings(tiny, 3, 16, max_denoising_steps=12)], dropped, observe=True,
                           on_start=started[1].set)
     for event in started:  # both admitted (the held scheduler admits at its boundary): one batch
@@ -346,7 +353,7 @@ def test_a_request_failing_to_join_leaves_the_running_batch_alone(tiny, make, mo
     tickets = []
 
     def submit_after_first_canvas(item):
-        if item[0] == "canvas" and not tickets[1:]:
+        if kind(item) == "canvas" and not tickets[1:]:
             tickets.append(batcher.submit(poison, [settings(tiny, 9, 32)], joining))
 
     running = Recorder(submit_after_first_canvas)
@@ -355,7 +362,7 @@ def test_a_request_failing_to_join_leaves_the_running_batch_alone(tiny, make, mo
     tickets.append(batcher.submit(ids(tiny, 1), [settings(tiny, 8, 64)], running))
     tickets[0].wait()
     tickets[1].wait()
-    assert joining.kinds() == ["error", "end"] and "out of memory" in str(joining.items[0][1])
+    assert joining.kinds() == ["error", "end"] and "out of memory" in str(joining.items[0].error)
     assert "error" not in running.kinds()
     assert running.done()[0].token_ids == alone(tiny, 1, 8, 64).token_ids
     counters = batcher.counters()
@@ -366,7 +373,7 @@ def test_a_consumer_that_raises_takes_its_queued_rows_out_of_the_queue(tiny, mak
     batcher = make(max_batch=1)
 
     def broken(item):
-        if item[0] == "canvas":
+        if kind(item) == "canvas":
             raise BrokenPipeError("the client went away")
 
     recorder = Recorder(broken)
@@ -396,7 +403,7 @@ def test_a_cancelled_request_hit_by_a_batch_failure_counts_as_cancelled(tiny, ma
     hold.set()
     hold_at_boundaries(batcher, hold.is_set)
     tickets = {}
-    cancelled = Recorder(lambda item: tickets["cancelled"].cancel() if item[0] == "step" else None)
+    cancelled = Recorder(lambda item: tickets["cancelled"].cancel() if kind(item) == "step" else None)
     other = Recorder()
     started = [threading.Event(), threading.Event()]
     tickets["cancelled"] = batcher.submit(ids(tiny, 0), [settings(tiny, 1, 16)], cancelled, observe=True,
@@ -410,3 +417,91 @@ def test_a_cancelled_request_hit_by_a_batch_failure_counts_as_cancelled(tiny, ma
     assert other.kinds() == ["error", "end"] and cancelled.kinds()[-1] == "end"
     counters = batcher.counters()
     assert counters.requests_failed == 1 and counters.requests_cancelled == 1
+
+
+def exact_work(tiny, text: int, rows: list):
+    """A solo request through the loop with the exact sampler, choice ``i`` under ``rows[i]`` (no
+    ``Canvas`` items: a request that is not streamed)."""
+    from diffgen.denoise import solo
+
+    return lambda i: solo.loop_items(tiny, ids(tiny, text), rows[i], i, observe=False, execution=EXACT, canvases=False)
+
+
+def test_a_solo_request_waits_for_the_batch_before_it_and_runs_its_choices_alone_in_order(tiny, make):
+    batcher = make(max_batch=4)
+    order: list[tuple[str, int]] = []
+
+    def recorder(name: str) -> Recorder:
+        return Recorder(lambda item: order.append((name, item.index)) if kind(item) == "done" else None)
+
+    recorders = {name: recorder(name) for name in ("A", "S", "C")}
+    solo_rows = [settings(tiny, 5, 32), settings(tiny, 6, 32)]
+    hold = threading.Event()
+    hold.set()
+    hold_at_boundaries(batcher, hold.is_set)
+    tickets = [batcher.submit(ids(tiny, 0), [settings(tiny, 1, 64)], recorders["A"]),
+               batcher.submit_solo(exact_work(tiny, 1, solo_rows), 2, recorders["S"]),
+               # C could share A's batch, but the solo request came first: C must not overtake it.
+               batcher.submit(ids(tiny, 3), [settings(tiny, 3, 16)], recorders["C"])]
+    hold.clear()
+    for ticket in tickets:
+        ticket.wait()
+    assert order == [("A", 0), ("S", 0), ("S", 1), ("C", 0)]
+    assert recorders["S"].kinds() == ["done", "done", "end"]
+    expected = [loop.generate(tiny, [ids(tiny, 1)], row, execution=EXACT).completions[0] for row in solo_rows]
+    assert [recorders["S"].done()[k].token_ids for k in range(2)] == [e.token_ids for e in expected]
+    assert recorders["A"].done()[0].token_ids == alone(tiny, 0, 1, 64).token_ids
+    counters = batcher.counters()
+    assert counters.batches == 2 and counters.requests_served == 3 and counters.rows_served == 4
+    solo_passes = sum(sum(e.stats.steps_per_canvas) for e in expected)
+    assert counters.decoder_forwards == solo_passes + sum(
+        sum(recorders[name].done()[0].stats.steps_per_canvas) for name in ("A", "C"))
+
+
+def test_a_cancelled_solo_request_stops_after_its_canvas_and_its_waiting_choices_never_run(tiny, make):
+    from diffgen.denoise import solo
+
+    batcher = make(max_batch=2)
+    tickets = {}
+    rows = [settings(tiny, 1, 64), settings(tiny, 2, 64)]
+
+    def work(i):
+        return solo.loop_items(tiny, ids(tiny, 0), rows[i], i, observe=False, execution=EXACT, canvases=True)
+
+    recorder = Recorder(lambda item: tickets["solo"].cancel() if kind(item) == "canvas" else None)
+    started = threading.Event()
+    tickets["solo"] = batcher.submit_solo(work, 2, recorder, on_start=started.set)
+    tickets["solo"].wait()
+    assert started.is_set() and recorder.kinds() == ["canvas", "end"]
+    counters = batcher.counters()
+    assert counters.decoder_forwards == 4  # one canvas of 4 steps, then it stopped; choice 1 never ran
+    assert counters.requests_cancelled == 1 and counters.requests_served == counters.rows_served == 0
+    assert counters.rows_queued == counters.requests_queued == counters.rows_in_flight == 0
+    # Cancelled while it waits (the model busy elsewhere): it leaves the queue and never runs.
+    batcher.lock.acquire()
+    try:
+        waiting = Recorder()
+        ticket = batcher.submit_solo(work, 2, waiting)
+        ticket.cancel()
+    finally:
+        batcher.lock.release()
+    ticket.wait()
+    assert waiting.kinds() == ["end"] and batcher.counters().decoder_forwards == 4
+    assert batcher.counters().requests_cancelled == 2
+
+
+def test_a_failing_solo_request_reports_and_the_scheduler_goes_on(tiny, make):
+    batcher = make(max_batch=2)
+
+    def broken(i):
+        yield items.Canvas(i, "so far", None)
+        raise RuntimeError("the accelerator fell over")
+
+    failed = Recorder()
+    batcher.submit_solo(broken, 2, failed).wait()
+    assert failed.kinds() == ["canvas", "error", "end"] and "fell over" in str(failed.items[1].error)
+    after = Recorder()
+    batcher.submit(ids(tiny, 0), [settings(tiny, 3, 16)], after).wait()
+    assert after.done()[0].token_ids == alone(tiny, 0, 3, 16).token_ids
+    counters = batcher.counters()
+    assert counters.requests_failed == 1 and counters.requests_served == 1 and counters.rows_queued == 0

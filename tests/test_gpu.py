@@ -57,12 +57,12 @@ def batched_tokens(loaded, *, graphs: bool) -> tuple[list, object]:
         hold = threading.Event()
         hold.set()
         hold_at_boundaries(batcher, hold.is_set)  # all three are queued before the first canvas
-        tickets = [batcher.submit(p, [row], lambda item, d=d: d.update({item[0]: item}))
+        tickets = [batcher.submit(p, [row], lambda item, d=d: d.update({type(item).__name__: item}))
                    for p, row, d in zip(prompts, rows, done)]
         hold.clear()
         for ticket in tickets:
             ticket.wait()
-        return [d["done"][2].token_ids for d in done], batcher.runner
+        return [d["Done"].completion.token_ids for d in done], batcher.runner
     finally:
         batcher.close(wait=True)
 

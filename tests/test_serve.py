@@ -11,8 +11,6 @@ import asyncio
 import dataclasses
 import json
 import signal
-import subprocess
-import sys
 
 import httpx
 import jsonschema
@@ -578,8 +576,8 @@ def _hang_up_post(app, path: str, body: dict):
     return app(scope, receive, send), sent
 
 
-def test_serial_requests_beyond_the_thread_pool_queue_and_the_next_gets_429(tiny):
-    """More serial requests wait for the model than anyio has worker threads (40), and the queue,
+def test_solo_requests_beyond_the_thread_pool_queue_and_the_next_gets_429(tiny):
+    """More solo (exact) requests wait for the model than anyio has worker threads (40), and the queue,
     not the pool, bounds them: every one is admitted, the one over --max-queue gets 429 at once, and
     all the admitted ones are answered once the model is free."""
     import httpx
@@ -607,10 +605,10 @@ def test_serial_requests_beyond_the_thread_pool_queue_and_the_next_gets_429(tiny
     assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limit_exceeded"
     assert "retry-after" in over.headers and models.status_code == 200
     assert [a.status_code for a in answers] == [200] * 48
-    assert engine.admission.queued == 0 and engine.admission.rejected == 1 and engine.serial.requests_served == 48
+    assert engine.admission.queued == 0 and engine.admission.rejected == 1 and engine.counters().requests_served == 48
 
 
-def test_a_serial_request_whose_client_hangs_up_while_it_waits_never_runs(tiny):
+def test_a_solo_request_whose_client_hangs_up_while_it_waits_never_runs(tiny):
     engine = Engine(loaded=tiny, name="tiny", settings=tiny.defaults, exact=True)
     app = create_app(engine)
 
@@ -621,10 +619,64 @@ def test_a_serial_request_whose_client_hangs_up_while_it_waits_never_runs(tiny):
             await call  # answered (499) as soon as the hang-up is seen, while the generation still waits
         finally:
             engine.lock.release()
-        while engine.serial.requests_served + engine.serial.requests_failed < 1 or engine.lock.locked():
-            await asyncio.sleep(0.01)  # the worker takes the model, sees the hang-up and gives it back
+        while engine.counters().requests_cancelled < 1 or engine.lock.locked():
+            await asyncio.sleep(0.01)  # the hang-up takes it out of the queue; the scheduler finds nothing to run
         return sent
 
     sent = asyncio.run(scenario())
     assert sent[0]["status"] == 499
-    assert engine.serial.decoder_forwards == 0 and engine.admission.queued == 0
+    counts = engine.counters()
+    assert counts.decoder_forwards == 0 and counts.requests_served == 0 and engine.admission.queued == 0
+    assert counts.rows_queued == 0 and counts.requests_queued == 0 and counts.rows_in_flight == 0
+
+
+def test_a_fast_a_json_schema_and_an_exact_request_sent_together_are_answered_by_one_path(tiny):
+    """Requests of the three kinds wait in the batcher's one queue while the model is busy: the fast
+    one is a batch's row, the json_schema and exact ones run alone after it, in arrival order. Each
+    answer is what it is alone, and /metrics counts all three in one set of counters. (The sampler
+    is the server's: the exact request is queued after the engine is switched to the exact sampler.)"""
+    from diffgen.denoise.constrained.schema import generate_json
+    from diffgen.server.metrics import parse
+
+    engine = Engine(loaded=tiny, name="tiny", settings=tiny.defaults, exact=False)
+    app = create_app(engine)
+    fixed = {"steps": 4, "stability": 0, "return_token_ids": True}
+    bodies = {"fast": {"prompt": "Hi", "max_tokens": 32, "seed": 4, **fixed},
+              "schema": {"messages": USER, "seed": 5, "steps": 3, "response_format": json_schema(CLUB)},
+              "exact": {"prompt": "Once upon a time", "max_tokens": 32, "seed": 3, **fixed}}
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=None) as http:
+            engine.lock.acquire()  # the model is busy: every request waits in the queue
+            try:
+                sent = {}
+                for name, body in bodies.items():
+                    engine.exact = name == "exact"
+                    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+                    sent[name] = asyncio.create_task(http.post(path, json=body))
+                    while engine.counters().requests_queued < len(sent):  # queued in arrival order
+                        await asyncio.sleep(0.01)
+            finally:
+                engine.lock.release()
+            answers = {name: (await task).json() for name, task in sent.items()}
+            return answers, parse((await http.get("/metrics")).text)
+
+    answers, counts = asyncio.run(scenario())
+    fast, exact = (wire.parse_text(bodies[name]) for name in ("fast", "exact"))
+    expected = {name: loop.generate(tiny, [engine.prompt_ids(request)], engine.settings_for(request, 0),
+                                    execution=loop.Execution(exact=name == "exact")).completions[0]
+                for name, request in (("fast", fast), ("exact", exact))}
+    for name, completion in expected.items():
+        assert answers[name]["choices"][0]["token_ids"] == list(completion.token_ids), name
+        assert answers[name]["choices"][0]["text"] == completion.text, name
+    schema = wire.parse_chat(bodies["schema"])
+    json_answer = generate_json(tiny, engine.prompt_ids(schema), CLUB, engine.settings_for(schema, 0),
+                              execution=loop.Execution(exact=False))
+    assert answers["schema"]["choices"][0]["message"]["content"] == json_answer.text
+    jsonschema.validate(json.loads(json_answer.text), CLUB)
+    passes = sum(sum(completion.stats.steps_per_canvas) for completion in expected.values()) + json_answer.forwards
+    assert counts["diffgen_requests_served_total"] == 3 and counts["diffgen_rows_served_total"] == 3
+    assert counts["diffgen_requests_failed_total"] == counts["diffgen_requests_cancelled_total"] == 0
+    assert counts["diffgen_decoder_forwards_total"] == passes and counts["diffgen_batches_total"] == 1
+    assert counts["diffgen_rows_in_flight"] == counts["diffgen_rows_queued"] == counts["diffgen_queue_depth"] == 0

@@ -223,26 +223,36 @@ def test_a_full_queue_gets_429_and_a_client_that_hangs_up_frees_its_place(tiny_c
         stop_server(served)
 
 
-def test_a_serial_request_runs_between_two_canvases_of_a_batch(tiny_checkpoint, batched, hold):
-    """A json_schema request (the serial path) shares the model with a running batch: it takes the
-    lock between canvases, so it is answered while the batch is held at a boundary."""
+def test_a_json_schema_request_waits_for_the_batch_before_it_and_nothing_overtakes_it(tiny_checkpoint, batched,
+                                                                                      hold):
+    """A json_schema request (run alone) that arrives while a batch runs waits in the queue, first
+    come, first served: nothing of it runs while the batch is held at a boundary, and a fast request
+    arriving after it does not join the running batch. The batch drains, the JSON request runs
+    alone, then the late request forms a batch of its own."""
     model = str(tiny_checkpoint)
     before = metrics(batched)
     hold.write_text("0")
     api = client(batched)
-    with ThreadPoolExecutor(1) as pool:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    with ThreadPoolExecutor(3) as pool:
         running = pool.submit(api.completions.create, model=model, prompt="Hi", seed=1, max_tokens=48,
                               extra_body=FIXED)
         wait_for(batched, rows_in_flight=1)
-        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
-                  "additionalProperties": False}
-        answer = api.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "Fine?"}], seed=2, extra_body={"steps": 2},
-            response_format={"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}})
-        assert json.loads(answer.choices[0].message.content)["ok"] in (True, False)
-        assert metrics(batched)["diffgen_batch_canvases_total"] == before["diffgen_batch_canvases_total"]
+        answer = pool.submit(api.chat.completions.create, model=model, messages=[{"role": "user", "content": "Fine?"}],
+                             seed=2, extra_body={"steps": 2},
+                             response_format={"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}})
+        wait_for(batched, rows_queued=1)
+        late = pool.submit(api.completions.create, model=model, prompt="Hi", seed=3, max_tokens=16, extra_body=FIXED)
+        held = wait_for(batched, rows_queued=2, rows_in_flight=1, queue_depth=2)
+        assert held["diffgen_batch_canvases_total"] == before["diffgen_batch_canvases_total"]
+        assert held["diffgen_requests_served_total"] == before["diffgen_requests_served_total"]
         hold.unlink()
+        assert json.loads(answer.result().choices[0].message.content)["ok"] in (True, False)
         assert running.result().choices[0].finish_reason in ("stop", "length")
+        assert late.result().choices[0].finish_reason in ("stop", "length")
+    counts = wait_for(batched, before, requests_served_total=3)
+    assert counts["diffgen_batches_total"] - before["diffgen_batches_total"] == 2  # the late one did not join
 
 
 def test_metrics_write_large_counters_in_full(tiny):
@@ -251,9 +261,11 @@ def test_metrics_write_large_counters_in_full(tiny):
 
     from diffgen.server.metrics import sample
 
+    from diffgen.denoise.tickets import Counters
+
     engine = Engine(loaded=tiny, name="tiny", settings=tiny.defaults, exact=True)
     engine.admission.rejected = 1234567
-    engine.serial.decoder_forwards = 2**53 + 1
+    engine.batcher.counters = lambda: Counters(decoder_forwards=2**53 + 1)
     text = TestClient(create_app(engine)).get("/metrics").text
     assert "\ndiffgen_requests_rejected_total 1234567\n" in text
     assert f"\ndiffgen_decoder_forwards_total {2**53 + 1}\n" in text

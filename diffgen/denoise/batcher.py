@@ -1,19 +1,19 @@
 """Continuous batching: requests that arrive together are denoised together, as rows of one batch.
 
-(Just over 500 lines, most of them this account of why it batches as it does; its requests and rows
-are :mod:`diffgen.denoise.tickets`, its cache work :mod:`diffgen.denoise.backends` / :mod:`diffgen.denoise.kv`.)
+(Over 500 lines because of this account of why it batches as it does and when a request runs alone,
+kept beside the code it explains; its requests, rows and their items are :mod:`diffgen.denoise.tickets`,
+its cache work :mod:`diffgen.denoise.backends` / :mod:`diffgen.denoise.kv`, its solo work
+:mod:`diffgen.denoise.solo`.)
 
-A :class:`Batcher` owns one scheduler thread. :meth:`Batcher.submit` queues a request (one
-prompt, one :class:`~diffgen.settings.GenerationSettings` per row: ``n`` choices are ``n``
-rows) and returns a :class:`Ticket`; the scheduler hands the request's items to the ticket's
-``put`` callback as they happen (on the scheduler thread, so the callback must be quick):
-
-* ``("step", index, StepEvent)`` after every denoising step, only for tickets submitted with
-  ``observe=True`` (the event is this row's alone: every tensor has batch dimension 1);
-* ``("canvas", index, text, thoughts)`` after each committed canvas of row ``index``;
-* ``("done", index, Completion)`` when row ``index`` ends (its stats are its own);
-* ``("error", exception)`` if the batch failed or the request could not join it, then, always
-  last, ``("end",)``.
+A :class:`Batcher` owns one scheduler thread, the only one that runs the model for it.
+:meth:`Batcher.submit` queues a request whose rows the batch step can share (one prompt, one
+:class:`~diffgen.settings.GenerationSettings` per row: ``n`` choices are ``n`` rows),
+:meth:`Batcher.submit_solo` one it cannot (run alone). Each returns a :class:`Ticket`; the
+scheduler hands the request's typed items (:mod:`diffgen.denoise.items`) to the ticket's ``put``
+callback, on the scheduler thread (so the callback must be quick): ``Step`` after every step with
+``observe=True`` (this row's tensors alone), ``Canvas`` after a committed canvas (a batched row's
+last comes with its ``Done``), ``Done`` when a row ends (stats its own), ``Failed`` if it failed,
+then always ``End``.
 
 No HTTP here: :mod:`diffgen.server.engine` is one user; a test or a batch job could be another.
 
@@ -34,14 +34,17 @@ How it batches (and why):
 * **Only the fast sampler batches.** :class:`~diffgen.denoise.sampling.FastSampler` draws from
   counter-based noise keyed by (row seed, row's canvas, step): a row's random numbers do not
   depend on its neighbours or on when it joined (``canvas_index`` is per row here). The exact
-  sampler draws from one global generator in the reference's order, so exact requests run
-  alone, through the server's serial path.
+  sampler draws from one global generator in the reference's order, so exact requests run alone.
 * **Settings that act on the whole step are shared.** Steps, temperatures, entropy bound and
   adaptive stopping are batch-wide in :class:`~diffgen.denoise.step.StepContext`; a row only
   joins a batch whose :func:`batch_key` equals its own. Seeds and ``max_new_tokens`` are per
   row. Admission is first come, first served across keys: the scheduler admits waiting rows in
   arrival order and stops at the first one that needs another key, so that row is served as
   soon as the running batch drains, and nothing that arrived later overtakes it (no starvation).
+* **Solo requests** (the exact sampler; json_schema, whose layout is its own; images, whose vision
+  inputs join the prefill) are a key of their own per row: at the head of the queue one waits for
+  the running batch to drain, then its work runs alone on the scheduler thread (the loop or the
+  schema generator, as the CLI runs them), one choice after the other.
 * **A batch of one is** :func:`~diffgen.denoise.loop.stream`: same encoder and decoder calls,
   same positions and masks, same sampler, same steps, so the same tokens. A row batched with
   others got the very tokens it gets alone in every case measured on the CPU (torch 2.13, one
@@ -55,14 +58,14 @@ How it batches (and why):
   running row is dropped at the next boundary and its slot goes to the next waiting row. A
   canvas whose every row is cancelled stops early: the step loop looks at the (host-side)
   cancel flags every ``FAST_CHECK_EVERY`` steps, so a request with many steps per canvas does
-  not hold the model after its client left.
+  not hold the model after its client left. A solo request stops after its canvas in progress.
 * **Failures.** A failure while denoising fails every row of the batch (each request gets
-  ``("error", exception)``); a failure while encoding newcomers' prompts fails the newcomers'
+  ``Failed``); a failure while encoding newcomers' prompts fails the newcomers'
   requests only: they are encoded into a cache of their own before the batch's is touched.
-* **One model, one lock.** Every device operation (a boundary's cache work, a canvas's steps)
-  runs under ``lock``, which the server shares with its serial path (so no other thread touches
-  the device while a step is recorded as a CUDA graph); it is released between canvases, so an
-  exact request waiting for the lock runs between two canvases of a batch.
+* **One model, one lock.** Every device operation (a boundary's cache work, a canvas's steps, a
+  solo request) runs under ``lock``, released between canvases; code outside the batcher that
+  runs the same model shares it, so no other thread touches the device while a step is recorded
+  as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -82,15 +85,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from diffgen.denoise.channels import split_response
 from diffgen.denoise.backends import StaticBackend
 from diffgen.denoise.fused import fusable
 from diffgen.denoise.kv import bucket
-from diffgen.denoise.events import Completion, CompletionStats, StepEvent, cut_completion
+from diffgen.denoise.items import End, Failed, Item
 from diffgen.denoise.runner import FAST_CHECK_EVERY, CanvasRunner, commit_canvas, graphs_enabled, graphs_supported
 from diffgen.denoise.sampling import TemperatureSchedule
 from diffgen.denoise.step import StepState, clone_state
-from diffgen.denoise.tickets import Counters, Row, RunningBatch, Ticket
+from diffgen.denoise.tickets import Committed, Counters, Row, RunningBatch, SoloWork, Ticket
 from diffgen.errors import UsageError
 from diffgen.settings import SEED_LIMIT, GenerationSettings
 
@@ -116,8 +118,6 @@ def batch_key(settings: GenerationSettings) -> tuple:
             tuple(settings.eos_token_ids), settings.pad_token_id)
 
 
-
-
 class Batcher:
     """Continuous batching over one loaded model (see the module's docstring).
 
@@ -134,9 +134,6 @@ class Batcher:
                  graphs: bool | None = None):
         if max_batch < 1:
             raise UsageError(f"max_batch must be at least 1, got {max_batch}")
-        if not fusable(loaded.model):
-            raise UsageError("continuous batching runs diffgen's fused passes, which need the whole model on one "
-                             "device", "run without --offload, or one request at a time")
         self.loaded = loaded
         self.max_batch = max_batch
         self.lock = lock if lock is not None else threading.Lock()
@@ -157,7 +154,7 @@ class Batcher:
 
     # -- the caller's side ------------------------------------------------------------------
 
-    def submit(self, prompt: Sequence[int], settings: Sequence[GenerationSettings], put: Callable[[tuple], None],
+    def submit(self, prompt: Sequence[int], settings: Sequence[GenerationSettings], put: Callable[[Item], None],
                *, observe: bool = False, on_start: Callable[[], None] | None = None) -> Ticket:
         """Queue one request: ``prompt`` token ids, one settings per row (each with its seed; a
         random one where it is ``None``).
@@ -169,13 +166,30 @@ class Batcher:
             raise UsageError("every prompt needs at least one token")
         if not settings:
             raise UsageError("a request needs at least one row")
+        if not fusable(self.loaded.model):
+            raise UsageError("continuous batching runs diffgen's fused passes, which need the whole model on one "
+                             "device", "run without --offload, or one request at a time")
         # A row without a seed gets a random one (as the loop does), never one shared with its neighbours.
         settings = [row if row.seed is not None else dataclasses.replace(row, seed=secrets.randbelow(SEED_LIMIT))
                     for row in settings]
-        ticket = Ticket(self.cancel, prompt, settings, put, observe, on_start)
-        rows = [Row(ticket=ticket, index=index, settings=row, key=batch_key(row),
-                     canvases=math.ceil(row.max_new_tokens / self.canvas_length))
-                for index, row in enumerate(settings)]
+        ticket = Ticket(self.cancel, put, len(settings), on_start, prompt=prompt, settings=settings, observe=observe)
+        return self._queued(ticket, [Row(ticket=ticket, index=index, settings=row, key=batch_key(row),
+                                         canvases=math.ceil(row.max_new_tokens / self.canvas_length))
+                                     for index, row in enumerate(settings)])
+
+    def submit_solo(self, work: SoloWork, choices: int, put: Callable[[Item], None], *,
+                    on_start: Callable[[], None] | None = None) -> Ticket:
+        """Queue one request that runs alone: ``work(i)`` generates choice ``i`` (``choices`` of
+        them, one after the other) once the request reaches the head of the queue and the
+        running batch has drained. ``on_start`` as in :meth:`submit`."""
+        if choices < 1:
+            raise UsageError("a request needs at least one row")
+        ticket = Ticket(self.cancel, put, choices, on_start, work=work)
+        # object(): a key no other row has, so a solo row is always taken alone
+        return self._queued(ticket, [Row(ticket=ticket, index=index, settings=None, key=object(), canvases=0)
+                                     for index in range(choices)])
+
+    def _queued(self, ticket: Ticket, rows: list[Row]) -> Ticket:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
@@ -242,9 +256,7 @@ class Batcher:
             try:
                 with self.lock:  # every device operation of the batcher runs under the model's lock
                     run = self._boundary(run)
-                if run is None:
-                    continue
-                if self._at_boundary():
+                if run is None or self._at_boundary():
                     continue
                 self._denoise(run)
             except BaseException as exc:  # noqa: BLE001 - every row of the batch gets it; the scheduler goes on
@@ -266,8 +278,8 @@ class Batcher:
             self._counters.rows_in_flight = rows
 
     def _boundary(self, run: RunningBatch | None) -> RunningBatch | None:
-        """Between two canvases: drop, encode, admit (see the module's docstring). Call it
-        holding ``lock``."""
+        """Between two canvases: drop, encode, admit (see the module's docstring), or with no batch
+        left, run a solo row at the head of the queue. Call it holding ``lock``."""
         if run is not None:
             keep = [row for row in run.rows if not row.ended and not row.ticket.cancelled]
             for row in run.rows:
@@ -280,6 +292,8 @@ class Batcher:
                 run = None
         free = self.max_batch - (len(run.rows) if run is not None else 0)
         taken = self._take(run.key if run is not None else None, free) if free > 0 else []
+        if taken and taken[0].ticket.work is not None:  # a solo row (see _take)
+            self._run_solo(taken.pop())
         if taken:
             # The newcomers' prompts are encoded on their own first (into transformers' dynamic
             # cache): if that fails (a prompt too long for the memory left, say), only their
@@ -297,8 +311,9 @@ class Batcher:
         self._set_in_flight(len(run.rows) if run is not None else 0)
         return run
 
-    def _take(self, key: tuple | None, free: int) -> list[Row]:
-        """Waiting rows to admit: in arrival order, up to ``free``, stopping at another key."""
+    def _take(self, key: object | None, free: int) -> list[Row]:
+        """Waiting rows to admit: in arrival order, up to ``free``, stopping at another key (so a
+        solo row, whose key is its own, only ever comes alone, when no batch runs)."""
         taken: list[Row] = []
         with self._cond:
             while self._queue and len(taken) < free:
@@ -315,6 +330,29 @@ class Batcher:
         for ticket in starting:
             ticket.notify_start()
         return taken
+
+    def _run_solo(self, row: Row) -> None:
+        """Run a solo request's row alone: its work's items go to the consumer, its passes are
+        counted, and it stops after the canvas in progress once the request is cancelled."""
+        ticket, failure = row.ticket, None
+        self._set_in_flight(1)
+        try:
+            for part in ticket.work(row.index) if not ticket.cancelled else ():
+                if isinstance(part, Committed):
+                    with self._cond:
+                        self._counters.decoder_forwards += part.passes
+                        self._counters.row_forwards += part.passes
+                    if ticket.cancelled:
+                        break
+                elif not ticket.cancelled:
+                    self._put(ticket, part)
+        except BaseException as exc:  # noqa: BLE001 - the request gets it; the scheduler goes on
+            failure = exc
+        self._set_in_flight(0)  # before the request's end is delivered
+        if failure is not None:
+            self._fail(ticket, failure)
+        else:
+            self._row_closed(row, served=not ticket.cancelled)
 
     def _needed(self, row: Row) -> int:
         """Positions ``row`` will hold at most: its prompt and every canvas it may commit."""
@@ -424,36 +462,17 @@ class Batcher:
                 row.ended = True
                 self._row_done(row)
             else:
-                cut, _ = cut_completion(row.tokens, row.settings)
-                response = split_response(self.loaded.tokenizer, cut)
-                self._put(row.ticket, ("canvas", row.index, response.text, response.thoughts))
+                self._put(row.ticket, row.canvas_item(self.loaded.tokenizer))
 
     def _deliver_steps(self, observed: list[Row], state: StepState, step: int, n_steps: int,
                        temperature: float) -> None:
         for row in observed:
-            if row.ticket.cancelled:
-                continue
-            part = slice(row.slot, row.slot + 1)
-            event = StepEvent(
-                canvas=row.done_canvases, canvases=row.canvases, step=step, max_steps=n_steps,
-                temperature=temperature, accepted=state.accepted[part].clone(), draft=state.argmax[part].clone(),
-                canvas_tokens=state.canvas[part].clone(), token_entropy=state.entropy[part].clone(),
-                mean_entropy=state.mean_entropy[part].clone(), finished=state.stopped[part].clone(),
-                elapsed=time.perf_counter() - row.started)
-            self._put(row.ticket, ("step", row.index, event))
+            if not row.ticket.cancelled:
+                self._put(row.ticket, row.step_item(state, step, n_steps, temperature))
 
     def _row_done(self, row: Row) -> None:
-        tokens, reason = cut_completion(row.tokens, row.settings)
-        response = split_response(self.loaded.tokenizer, tokens)
-        seconds = time.perf_counter() - row.started
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        stats = CompletionStats(
-            prompt_tokens=len(row.ticket.prompt), new_tokens=len(tokens), canvases=row.done_canvases,
-            steps_per_canvas=tuple(row.steps), tokens_per_forward=len(tokens) / max(row.forwards, 1),
-            seconds=seconds, tokens_per_second=len(tokens) / seconds if seconds > 0 else 0.0,
-            peak_memory_bytes=peak)
-        self._put(row.ticket, ("done", row.index, Completion(response.text, response.thoughts, tuple(tokens), reason,
-                                                      stats)))
+        self._put(row.ticket, row.done_item(self.loaded.tokenizer, peak))
         self._row_closed(row, served=True)
 
     def _row_closed(self, row: Row, *, served: bool) -> None:
@@ -472,7 +491,7 @@ class Batcher:
         if last:
             self._end(ticket)
 
-    def _put(self, ticket: Ticket, item: tuple) -> None:
+    def _put(self, ticket: Ticket, item: Item) -> None:
         """Hand ``item`` to the ticket's consumer; a consumer that raises is treated as gone."""
         try:
             ticket.put(item)
@@ -482,7 +501,7 @@ class Batcher:
 
     def _end(self, ticket: Ticket) -> None:
         try:
-            self._put(ticket, ("end",))
+            self._put(ticket, End())
         finally:
             ticket.ended.set()
 
@@ -502,6 +521,6 @@ class Batcher:
         if starting:
             ticket.notify_start()
         try:
-            self._put(ticket, ("error", exc))
+            self._put(ticket, Failed(exc))
         finally:
             self._end(ticket)

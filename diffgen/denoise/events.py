@@ -128,14 +128,15 @@ class Completion:
             (thought-channel tokens included).
         finish_reason: ``"eos"`` when the model ended the answer, ``"length"`` when
             ``max_new_tokens`` cut it.
-        stats: numbers for this completion.
+        stats: numbers for this completion (``None`` only for a json_schema answer the server
+            generated: :func:`diffgen.denoise.solo.schema_items`).
     """
 
     text: str
     thoughts: str | None
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
-    stats: CompletionStats
+    stats: CompletionStats | None
 
 
 @dataclass(frozen=True)

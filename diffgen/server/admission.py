@@ -1,4 +1,4 @@
-"""Who may use the model, and when: the first-come-first-served model lock and the bounded queue.
+"""Who may wait for the model: the bounded queue (the order is the batcher's, first come, first served).
 
 A request takes its place in the queue (:meth:`Admission.admit`) before anything of it runs in
 a thread; the place is given back once (:meth:`Reservation.release`) when its generation starts,
@@ -10,44 +10,8 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any
 
 from diffgen.server.wire import queue_full
-
-
-class FairLock:
-    """A lock handed out in the order it was asked for (``threading.Lock`` is not fair: a batcher
-    that releases and re-takes it between canvases could starve a waiting exact request)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._next = 0
-        self._serving = 0
-        self._held = False
-
-    def acquire(self) -> bool:
-        with self._cond:
-            turn = self._next
-            self._next += 1
-            while turn != self._serving:
-                self._cond.wait()
-            self._held = True
-            return True
-
-    def release(self) -> None:
-        with self._cond:
-            self._held = False
-            self._serving += 1
-            self._cond.notify_all()
-
-    def locked(self) -> bool:
-        return self._held
-
-    def __enter__(self) -> bool:
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
 
 
 class Admission:

@@ -5,10 +5,10 @@ The package is split as vLLM's serving package and llama.cpp's server split thei
 (:mod:`~diffgen.server.wire` request bodies in, :mod:`~diffgen.server.answers` response objects
 and chunks out, :mod:`~diffgen.server.openapi` the bodies' JSON Schema), the HTTP side (this
 module), the queue (:mod:`~diffgen.server.admission`), the serving
-(:mod:`~diffgen.server.engine`: the model, the batcher and the serial path;
+(:mod:`~diffgen.server.engine`: the model and the batcher every request goes through;
 :mod:`~diffgen.server.images` reads image URLs), and the way back
-(:mod:`~diffgen.server.items` typed work items, :mod:`~diffgen.server.streaming` server-sent
-events or collected choices).
+(:mod:`~diffgen.server.streaming`: the batcher's typed items as server-sent events or collected
+choices).
 
 Why FastAPI on uvicorn rather than a hand-written server: the OpenAI API is plain JSON over
 HTTP/1.1 plus server-sent events, and Starlette (under FastAPI) already does the parts that are
@@ -19,18 +19,18 @@ that vLLM's and SGLang's OpenAI servers use, so clients' expectations are met by
 The bodies themselves are checked by :mod:`diffgen.server.wire` (not pydantic models) so that the
 sampler's fields get the very checks and messages of the CLI.
 
-Concurrency: requests under the fast sampler (``serve``'s default) go to a continuous batcher
-(:mod:`diffgen.denoise.batcher`): requests that arrive together are denoised as rows of one
-batch, a request arriving while a batch runs joins it at the next canvas boundary (up to
+Concurrency: every request goes through one continuous batcher (:mod:`diffgen.denoise.batcher`),
+whose one scheduler thread is the only one that runs the model, first come, first served.
+Requests under the fast sampler (``serve``'s default) that arrive together are denoised as rows
+of one batch, a request arriving while a batch runs joins it at the next canvas boundary (up to
 ``--max-batch`` rows), and a row whose client disconnects is dropped at the next boundary.
-Requests the batcher cannot take (the exact sampler, ``response_format`` json_schema, images) run
-one at a time through the serial path (:meth:`Engine.serial_streaming`, streamed or not), each on
-a thread of its own (not the event loop's pool, whose 40 threads waiting requests would use up).
-One first-come-first-served lock guards the model: the serial path holds it for a whole request,
-the batcher for one canvas at a time. A request takes its place in the queue
+Requests the batch step cannot share (the exact sampler, ``response_format`` json_schema,
+images) run alone on the same thread once the batch before them drains (:meth:`Engine.submit`,
+streamed or not); one whose client disconnects stops after its canvas in progress. No thread of
+the event loop's pool waits for the model. A request takes its place in the queue
 (:meth:`Engine.admit`) before anything of it runs in a thread: its prompt and images are read
-only once admitted. Requests waiting to start (for a slot in the batch or for the lock) form the
-queue; when ``--max-queue`` of them wait, a new one gets 429 with ``Retry-After``. A request's
+only once admitted. Requests waiting to start form the queue; when ``--max-queue`` of them wait,
+a new one gets 429 with ``Retry-After``. A request's
 ``steps`` and images are bounded (``--max-steps``, ``--max-images``: 422 beyond). ``GET
 /metrics`` shows the counts in Prometheus' text format (:mod:`diffgen.server.metrics`).
 
@@ -204,7 +204,7 @@ async def answer(engine: Engine, gate: Gate, request: Request, parse: Callable[[
     reservation = engine.admit()
     try:
         vision = None
-        if parsed.images:  # images read and decoded only now, admitted; such requests take the serial path
+        if parsed.images:  # images read and decoded only now, admitted; such requests run alone
             ids, vision = await run_in_threadpool(engine.check_images, parsed)
         else:  # a schema's first layout reads the vocabulary
             ids, _ = await run_in_threadpool(engine.check, parsed)

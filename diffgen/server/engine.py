@@ -1,13 +1,12 @@
 """The resident model and how a request is generated: :class:`Engine`.
 
-Requests under the fast sampler (``serve``'s default) go to the continuous batcher
-(:mod:`diffgen.denoise.batcher`, :meth:`Engine.submit`). Requests the batcher cannot take (the
-exact sampler, ``response_format`` json_schema, images) run one at a time through the serial path
-(:meth:`Engine.serial_streaming`). One first-come-first-served lock
-(:class:`~diffgen.server.admission.FairLock`) guards the model: the serial path holds it for a
-whole request, the batcher for one canvas at a time. Both hand their request's typed items
-(:mod:`diffgen.server.items`) to a ``put`` callback, and count in the batcher's
-:class:`~diffgen.denoise.batcher.Counters` (:meth:`Engine.counters` sums them).
+Every request goes to the continuous batcher's one queue (:mod:`diffgen.denoise.batcher`,
+:meth:`Engine.submit`), first come, first served. Requests under the fast sampler (``serve``'s
+default) are rows of a batch; those the batch step cannot share (the exact sampler,
+``response_format`` json_schema, images) are solo work (:mod:`diffgen.denoise.solo`): once the
+batch before them drains, the scheduler runs them alone, one choice after the other. Either way the
+request's typed items (:mod:`diffgen.denoise.items`) go to a ``put`` callback from the scheduler
+thread, and the batcher's :class:`~diffgen.denoise.tickets.Counters` count them all.
 """
 
 from __future__ import annotations
@@ -15,20 +14,20 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from diffgen.errors import DiffgenError, PromptTooLongError
-from diffgen.server import items, wire
-from diffgen.server.admission import Admission, FairLock, Reservation
+from diffgen.server import wire
+from diffgen.server.admission import Admission, Reservation
 from diffgen.server.answers import Choice, cut_at_stop, finish_reason
 
 if TYPE_CHECKING:
     from diffgen.denoise.batcher import Batcher
-    from diffgen.denoise.tickets import Counters, Ticket
-    from diffgen.denoise.loop import Completion
+    from diffgen.denoise.events import Completion
+    from diffgen.denoise.items import Item
+    from diffgen.denoise.tickets import Counters, SoloWork, Ticket
     from diffgen.denoise.constrained.schema import SchemaLayout, Vocabulary
     from diffgen.images import VisionInputs
     from diffgen.loading.loader import LoadedModel
@@ -40,13 +39,7 @@ DEFAULT_MAX_QUEUE = 64  # requests waiting to start before new ones get 429
 # model's context holds a few dozen at most, and each is decoded in memory (up to 40 MP, ~120 MB).
 DEFAULT_MAX_IMAGES = 8
 
-Put = Callable[[items.Item], None]
-
-
-def new_counters() -> Counters:
-    from diffgen.denoise.tickets import Counters
-
-    return Counters()
+Put = Callable[["Item"], None]
 
 
 @dataclass
@@ -59,17 +52,18 @@ class Engine:
         settings: the checkpoint's :class:`~diffgen.settings.GenerationSettings`; a request's
             fields replace some of them.
         exact: the loop's ``exact`` argument (``None``: the device's default sampler). Requests
-            under the fast sampler are batched; under the exact one they run one at a time.
-        lock: guards the model: held for a whole serial request, or for one canvas of a batch.
+            under the fast sampler are batched; under the exact one they run alone.
+        lock: the model's lock, the batcher's: its scheduler holds it around every device
+            operation (a canvas of a batch, a solo request); other code that runs this model
+            in the process takes it too.
         vocab: the :class:`~diffgen.denoise.constrained.schema.Vocabulary` that ``response_format``
             json_schema requests restrict their value slots to, built at the first such request
             (it reads every token's text once) and kept (``None`` until then).
-        max_batch: rows denoised together at most (1: one row at a time, through the batcher).
+        max_batch: rows denoised together at most (1: one row at a time).
         max_queue: requests that may wait to start; one more gets 429.
-        batcher: the :class:`~diffgen.denoise.batcher.Batcher`, made at the first batched request.
+        batcher: the :class:`~diffgen.denoise.batcher.Batcher` every request goes through (its
+            scheduler thread starts at the first request).
         admission: the queue (:class:`~diffgen.server.admission.Admission`: ``queued``, ``rejected``).
-        serial: the serial path's :class:`~diffgen.denoise.batcher.Counters` (requests served and
-            failed, rows in flight, decoder passes).
         allow_local_images: ``image_url`` parts may name local files (``serve --allow-local-images``).
         allow_remote_images: ``image_url`` parts may be http(s) URLs, fetched by the server
             (``serve --allow-remote-images``).
@@ -83,7 +77,7 @@ class Engine:
     name: str
     settings: GenerationSettings
     exact: Optional[bool] = None
-    lock: FairLock = field(default_factory=FairLock)
+    lock: threading.Lock = field(default_factory=threading.Lock)
     vocab: Optional[Vocabulary] = field(default=None, repr=False)
     allow_local_images: bool = False
     allow_remote_images: bool = False
@@ -92,14 +86,15 @@ class Engine:
     max_queue: int = DEFAULT_MAX_QUEUE
     max_steps: int = wire.DEFAULT_MAX_STEPS
     max_images: int = DEFAULT_MAX_IMAGES
-    batcher: Optional[Batcher] = field(default=None, repr=False)
+    batcher: Batcher = field(init=False, repr=False)
     admission: Admission = field(init=False, repr=False)
-    serial: Counters = field(default_factory=new_counters, repr=False)
-    _making: threading.Lock = field(default_factory=threading.Lock, repr=False)  # the batcher, made once
     _building: threading.Lock = field(default_factory=threading.Lock, repr=False)  # vocab and processor
 
     def __post_init__(self) -> None:
+        from diffgen.denoise.batcher import Batcher
+
         self.admission = Admission(self.max_queue)
+        self.batcher = Batcher(self.loaded, max_batch=self.max_batch, lock=self.lock)
 
     # -- where a request goes ----------------------------------------------------------------
 
@@ -111,7 +106,7 @@ class Engine:
         return not self.exact
 
     def batches(self, request: wire.Request) -> bool:
-        """Whether ``request`` goes to the batcher (else the serial path). The batcher runs
+        """Whether ``request``'s choices are rows of a batch (else it runs alone). A batch runs
         diffgen's fused passes, which need the whole model on one device (not offloaded)."""
         from diffgen.denoise.fused import fusable
 
@@ -152,49 +147,46 @@ class Engine:
         return self.admission.admit()
 
     def counters(self) -> Counters:
-        """Every request's counts: the batcher's and the serial path's, field by field."""
-        batch = self.batcher.counters() if self.batcher is not None else new_counters()
-        return type(batch)(**{name: value + getattr(self.serial, name) for name, value in vars(batch).items()})
+        """Every request's counts: the batcher's."""
+        return self.batcher.counters()
 
-    # -- the batched path ----------------------------------------------------------------------
+    # -- the one path ----------------------------------------------------------------------------
 
-    def _get_batcher(self) -> Batcher:
-        from diffgen.denoise.batcher import Batcher
+    def submit(self, request: wire.Request, ids: list[int], put: Put, reservation: Optional[Reservation] = None,
+               vision: Optional[VisionInputs] = None) -> Ticket:
+        """Queue ``request`` in the batcher, as rows of a batch or as solo work; returns its
+        :class:`~diffgen.denoise.tickets.Ticket` (``cancel()`` it when the client goes away). ``put``
+        receives the request's items from the scheduler thread; ``reservation`` is given back when
+        the request leaves the queue. ``vision``: the prompt's image inputs (:meth:`check_images`)."""
+        from diffgen.denoise.items import End
 
-        with self._making:
-            if self.batcher is None:
-                self.batcher = Batcher(self.loaded, max_batch=self.max_batch, lock=self.lock)
-            return self.batcher
-
-    def submit(self, request: wire.Request, ids: list[int], put: Put,
-               reservation: Optional[Reservation] = None) -> Ticket:
-        """Hand a batchable request to the batcher; returns its :class:`~diffgen.denoise.batcher.Ticket`
-        (``cancel()`` it when the client goes away). ``put`` receives the request's items, from
-        the batcher's thread."""
-        batcher = self._get_batcher()
-        settings = [self.settings_for(request, index) for index in range(request.n)]
         started = time.perf_counter()
 
-        def relay(item: tuple) -> None:
-            if item[0] == "end":
+        def relay(item: Item) -> None:
+            if isinstance(item, End):
                 self.admission.finished(time.perf_counter() - started)
-            put(self.item(request, ids, item))
+            put(item)
 
-        return batcher.submit(ids, settings, relay, observe=request.stream_steps,
-                              on_start=reservation.release if reservation is not None else None)
+        on_start = reservation.release if reservation is not None else None
+        if self.batches(request):
+            settings = [self.settings_for(request, index) for index in range(request.n)]
+            return self.batcher.submit(ids, settings, relay, observe=request.stream_steps, on_start=on_start)
+        return self.batcher.submit_solo(self.solo_work(request, ids, vision), request.n, relay, on_start=on_start)
 
-    def item(self, request: wire.Request, ids: list[int], delivered: tuple) -> items.Item:
-        """One of the batcher's deliveries as the item it stands for (a row's completion as its choice)."""
-        kind, *rest = delivered
-        if kind == "step":
-            return items.Step(*rest)
-        if kind == "canvas":
-            return items.Canvas(*rest)
-        if kind == "done":
-            return items.Done(rest[0], self.choice(request, ids, rest[1]))
-        if kind == "error":
-            return items.Failed(rest[0])
-        return items.End()
+    def solo_work(self, request: wire.Request, ids: list[int], vision: Optional[VisionInputs]) -> SoloWork:
+        """How the batcher generates a choice of a request it runs alone, with the sampler chosen
+        now: json_schema through the schema generator (the JSON is sent whole, once generated),
+        the rest through the loop (``Canvas`` items only when streamed)."""
+        from diffgen.denoise import solo
+        from diffgen.denoise.options import Execution
+
+        execution = Execution(exact=self.exact)
+        if request.schema is not None:
+            return lambda index: solo.schema_items(self.loaded, ids, request.schema, self.settings_for(request, index),
+                                                   index, execution=execution, vocab=self.vocabulary())
+        return lambda index: solo.loop_items(self.loaded, ids, self.settings_for(request, index), index,
+                                             observe=request.stream_steps, execution=execution, vision=vision,
+                                             canvases=request.stream)
 
     # -- what a request asks for ---------------------------------------------------------------
 
@@ -263,20 +255,9 @@ class Engine:
 
     # -- answers -------------------------------------------------------------------------------
 
-    def schema_choice(self, request: wire.Request, ids: list[int], index: int) -> Choice:
-        """One choice of a json_schema request: the JSON text as ``run --schema`` generates it (call
-        it under the lock). ``token_ids`` are the laid-out positions, pad dropped."""
-        from diffgen.denoise.constrained.schema import generate_json
-        from diffgen.denoise.options import Execution
-
-        result = generate_json(self.loaded, ids, request.schema, self.settings_for(request, index),
-                               execution=Execution(exact=self.exact), vocab=self.vocab)
-        pad = self.settings.pad_token_id
-        tokens = tuple(token for token in result.token_ids[: result.layout.length] if token != pad)
-        return Choice(text=result.text, thoughts=None, finish_reason="stop", token_ids=tokens,
-                      prompt_tokens=len(ids), completion_tokens=len(tokens))
-
     def choice(self, request: wire.Request, ids: list[int], completion: Completion) -> Choice:
+        """A choice's completion (a ``Done`` item's) as its answer: cut at the first stop string,
+        with OpenAI's finish reason and the prompt's and answer's token counts."""
         text, stopped = cut_at_stop(completion.text, request.stop)
         return Choice(text=text, thoughts=completion.thoughts,
                       finish_reason=finish_reason(completion.finish_reason, stopped),
@@ -284,87 +265,7 @@ class Engine:
                       completion_tokens=len(completion.token_ids),
                       stats=dataclasses.asdict(completion.stats) if completion.stats is not None else None)
 
-    # -- the serial path -----------------------------------------------------------------------
-
-    @contextmanager
-    def _serial(self, reservation: Optional[Reservation]) -> Iterator[None]:
-        """The serial path's turn: the model lock, the reservation given back, the counts kept."""
-        started = time.perf_counter()
-        try:
-            with self.lock:
-                if reservation is not None:
-                    reservation.release()
-                self.serial.rows_in_flight += 1
-                try:
-                    yield
-                except BaseException:
-                    self.serial.requests_failed += 1
-                    raise
-                else:
-                    self.serial.requests_served += 1
-                finally:
-                    self.serial.rows_in_flight -= 1
-        finally:
-            if reservation is not None:
-                reservation.release()
-            self.admission.finished(time.perf_counter() - started)
-
-    def serial_streaming(self, request: wire.Request, ids: list[int], put: Put,
-                         reservation: Optional[Reservation] = None, cancelled: Optional[threading.Event] = None,
-                         vision: Optional[VisionInputs] = None, canvases: bool = True) -> None:
-        """Generate every choice one after the other under the lock (the serial path: ``--exact``,
-        json_schema and image requests), calling ``put`` with each choice's items (:mod:`~diffgen.server.items`:
-        ``Canvas`` after each committed canvas, ``Done`` at its end; ``Step`` with ``stream_steps``),
-        then ``End`` (``Failed`` first if something raised). Stops after the canvas in progress
-        once ``cancelled`` is set (the client went away), or as soon as it gets the lock when that
-        happened while it waited. ``vision``: the prompt's image inputs (:meth:`check_images`);
-        ``canvases``: send the ``Canvas`` items (text so far)."""
-        gone = cancelled.is_set if cancelled is not None else (lambda: False)
-        try:
-            if request.schema is not None:  # the JSON is sent whole, as one delta, once it is generated
-                self.vocabulary()
-            with self._serial(reservation):
-                for index in range(request.n):
-                    if gone():  # gone while it waited for the lock
-                        return
-                    if request.schema is not None:
-                        put(items.Done(index, self.schema_choice(request, ids, index)))
-                    elif not self._serial_choice(request, ids, index, put, gone, vision, canvases):
-                        return
-        except BaseException as exc:  # noqa: BLE001 - handed to the response, which reports it
-            put(items.Failed(exc))
-        finally:
-            put(items.End())
-
-    def _serial_choice(self, request: wire.Request, ids: list[int], index: int, put: Put,
-                       gone: Callable[[], bool], vision: Optional[VisionInputs], canvases: bool) -> bool:
-        """Generate choice ``index`` through the loop (under the lock); false when the client went away."""
-        from diffgen.denoise.channels import split_response
-        from diffgen.denoise.loop import CanvasEvent, Execution, StepEvent, stream
-
-        settings = self.settings_for(request, index)
-        generation = stream(self.loaded, [ids], settings, observe=request.stream_steps,
-                            execution=Execution(exact=self.exact), vision=[vision] if vision is not None else None)
-        eos = set(settings.eos_token_ids)
-        tokens: list[int] = []
-        for event in generation:
-            if isinstance(event, StepEvent):
-                put(items.Step(index, event))
-            if not isinstance(event, CanvasEvent):
-                continue
-            self.serial.decoder_forwards += event.steps
-            if gone():
-                return False
-            if not canvases:
-                continue
-            tokens.extend(event.tokens[0].tolist())
-            end = next((i for i, token in enumerate(tokens) if token in eos), len(tokens))
-            response = split_response(self.loaded.tokenizer, tokens[: min(end, settings.max_new_tokens)])
-            put(items.Canvas(index, response.text, response.thoughts))
-        put(items.Done(index, self.choice(request, ids, generation.result.completions[0])))
-        return True
-
-    # -- images (``image_url`` parts): the serial path's ---------------------------------------
+    # -- images (``image_url`` parts): solo requests ------------------------------------------
 
     def check_images(self, request: wire.Request) -> tuple[list[int], VisionInputs]:
         """Token ids and image inputs of a chat request with images, the context checked: every

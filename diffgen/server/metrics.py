@@ -18,21 +18,21 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def values(engine: Engine) -> list[tuple[str, str, str, float]]:
-    """``(name, type, help, value)`` for every metric, from the engine's counts (the batcher's and
-    the serial path's, :meth:`~diffgen.server.engine.Engine.counters`) and its queue's."""
+    """``(name, type, help, value)`` for every metric, from the engine's counts (the batcher's
+    :class:`~diffgen.denoise.tickets.Counters`, which every request goes through) and its queue's."""
     counts = engine.counters()
     queue = engine.admission
     return [
         ("diffgen_requests_served_total", "counter", "Requests answered to the end.", counts.requests_served),
-        ("diffgen_requests_cancelled_total", "counter", "Batched requests whose client went away first.",
+        ("diffgen_requests_cancelled_total", "counter", "Requests whose client went away first.",
          counts.requests_cancelled),
         ("diffgen_requests_failed_total", "counter", "Requests ended by a server error.", counts.requests_failed),
         ("diffgen_requests_rejected_total", "counter", "Requests refused with 429 because the queue was full.",
          queue.rejected),
         ("diffgen_queue_depth", "gauge", "Requests waiting to start (for a batch slot or the model).", queue.queued),
         ("diffgen_rows_in_flight", "gauge", "Rows (choices) being denoised now.", counts.rows_in_flight),
-        ("diffgen_rows_queued", "gauge", "Batched rows waiting for a slot.", counts.rows_queued),
-        ("diffgen_rows_served_total", "counter", "Batched rows (choices) answered to the end.", counts.rows_served),
+        ("diffgen_rows_queued", "gauge", "Rows (choices) waiting to start.", counts.rows_queued),
+        ("diffgen_rows_served_total", "counter", "Rows (choices) answered to the end.", counts.rows_served),
         ("diffgen_batches_total", "counter", "Batches formed (a batch lives until its last row leaves).",
          counts.batches),
         ("diffgen_batch_canvases_total", "counter", "Canvases denoised by batches (one per batch and boundary).",
@@ -40,7 +40,7 @@ def values(engine: Engine) -> list[tuple[str, str, str, float]]:
         ("diffgen_decoder_forwards_total", "counter",
          "Decoder forward passes (a batched pass counts once, whatever its rows).", counts.decoder_forwards),
         ("diffgen_row_forwards_total", "counter",
-         "Decoder passes summed over batched rows (what one row at a time would have run).", counts.row_forwards),
+         "Decoder passes summed over rows (what one row at a time would have run).", counts.row_forwards),
         ("diffgen_encoder_forwards_total", "counter", "Encoder passes of batches (new prompts, committed canvases).",
          counts.encoder_forwards),
         ("diffgen_max_batch", "gauge", "Rows a batch may hold (serve --max-batch).", engine.max_batch),

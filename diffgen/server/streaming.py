@@ -1,30 +1,33 @@
 """A request's generation on its way to the client: started (:func:`start_work`), then streamed
 as server-sent events (:func:`stream_events`) or collected into choices (:func:`collect`).
 
-The generation runs on the batcher's thread or a worker thread of its own and hands its typed
-items (:mod:`diffgen.server.items`) to the event loop through an asyncio queue. When the client
-goes away, the generation is cancelled: its row leaves the batch at the next canvas boundary, or
-the serial path stops after the canvas in progress.
+Every generation runs on the batcher's scheduler thread (batched, or alone) and hands its typed
+items (:mod:`diffgen.denoise.items`) to the event loop through an asyncio queue; a choice's
+completion becomes its answer here (:meth:`~diffgen.server.engine.Engine.choice`). When the client
+goes away, the generation is cancelled: a request still waiting leaves the queue, a batched row
+leaves the batch at the next canvas boundary, a request running alone stops after its canvas in
+progress.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
-import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
+from diffgen.denoise import items
 from diffgen.errors import DiffgenError
-from diffgen.server import answers, items, wire
+from diffgen.server import answers, wire
 from diffgen.server.answers import Choice, Deltas
 
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-    from diffgen.denoise.loop import StepEvent
+    from diffgen.denoise.events import Completion, StepEvent
     from diffgen.images import VisionInputs
     from diffgen.records.trace import CanvasRecord, StepRecord
     from diffgen.server.admission import Reservation
@@ -35,20 +38,19 @@ LOG = logging.getLogger("diffgen.server")
 
 @dataclass
 class Work:
-    """A generation started for one HTTP request: its items arrive in ``queue``; ``cancel()`` stops it."""
+    """A generation started for one HTTP request: its items arrive in ``queue``; ``cancel()`` stops
+    it; ``choice(completion)`` is a ``Done`` item's answer."""
 
     queue: asyncio.Queue
     cancel: Callable[[], None]
+    choice: Callable[[Completion], Choice]
 
 
 def start_work(engine: Engine, request: wire.Request, ids: list[int], reservation: Optional[Reservation] = None,
                vision: Optional[VisionInputs] = None) -> Work:
-    """Start generating ``request`` (on the batcher's thread, or on a thread of its own for the
-    serial path, which takes image inputs: ``vision``); its items are handed to this event loop's
-    queue. Why a thread of its own rather than the event loop's pool (``run_in_threadpool``): a
-    serial request waits for the model's lock for as long as the requests before it run, and
-    anyio's pool has 40 threads, so 40 waiting requests would leave none for anything else (the
-    queue, not the pool, bounds the waiting requests: ``--max-queue``)."""
+    """Queue ``request`` in the engine's batcher (``vision``: its image inputs); its items are
+    handed to this event loop's queue. No thread of the event loop's pool waits for the model:
+    the queue, not the pool, bounds the waiting requests (``--max-queue``)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -58,16 +60,8 @@ def start_work(engine: Engine, request: wire.Request, ids: list[int], reservatio
         except RuntimeError:  # the event loop has closed (the server stopped): nobody is listening
             pass
 
-    if engine.batches(request):
-        ticket = engine.submit(request, ids, put, reservation)
-        return Work(queue, ticket.cancel)
-    cancelled = threading.Event()
-    worker = threading.Thread(target=engine.serial_streaming, args=(request, ids, put),
-                              kwargs={"reservation": reservation, "cancelled": cancelled, "vision": vision,
-                                      "canvases": request.stream},
-                              name="diffgen-generation", daemon=True)
-    worker.start()
-    return Work(queue, cancelled.set)
+    ticket = engine.submit(request, ids, put, reservation, vision)
+    return Work(queue, ticket.cancel, functools.partial(engine.choice, request, ids))
 
 
 async def disconnected(request: Request) -> None:
@@ -93,7 +87,7 @@ async def collect(request: Request, work: Work, n: int) -> list[Choice]:
                 raise wire.ApiError(499, "the client closed the connection", code="client_closed")
             item = get.result()
             if isinstance(item, items.Done):
-                choices[item.index] = item.choice
+                choices[item.index] = work.choice(item.completion)
             elif isinstance(item, items.Failed):
                 failure = item.error
             elif isinstance(item, items.End):
@@ -117,7 +111,7 @@ async def stream_events(engine: Engine, request: wire.Request, ids: list[int],
     (``work``) is started here when not given, and cancelled when the client goes away
     (Starlette cancels this generator)."""
     work = work if work is not None else start_work(engine, request, ids)
-    events = Events(engine, request)
+    events = Events(engine, request, work.choice)
     try:
         while not isinstance(item := await work.queue.get(), items.End):
             for event in await events.of(item):
@@ -131,8 +125,8 @@ async def stream_events(engine: Engine, request: wire.Request, ids: list[int],
 class Events:
     """The server-sent events of one streamed request's items (see :func:`stream_events`)."""
 
-    def __init__(self, engine: Engine, request: wire.Request):
-        self.request, self.name = request, engine.name
+    def __init__(self, engine: Engine, request: wire.Request, choice: Callable[[Completion], Choice]):
+        self.request, self.name, self.choice = request, engine.name, choice
         self.id, self.created = answers.new_id(request.kind), answers.now()
         self.texts = [Deltas(request.stop) for _ in range(request.n)]
         self.thoughts = [Deltas(()) for _ in range(request.n)]
@@ -168,7 +162,7 @@ class Events:
         return [event for event in out if event]
 
     def done(self, item: items.Done) -> list[str]:
-        index, choice = item.index, item.choice
+        index, choice = item.index, self.choice(item.completion)
         self.finished.append(choice)
         out = [self.piece(index, self.texts[index].update(choice.text, final=True),
                           self.thoughts[index].update(choice.thoughts or "", final=True))]

@@ -47,7 +47,7 @@ from diffgen.settings import SAMPLER_FLAGS, SEED_LIMIT, field_problem
 # checkpoint's default is 48 and the sampler's adaptive stop rarely lets more than that matter;
 # 256 leaves room to experiment (over 5x the default) while keeping one canvas to minutes, not hours.
 DEFAULT_MAX_STEPS = 256
-MAX_CHOICES = 8  # ``n`` at most: each choice is one more row of a batch (or one more generation, serially)
+MAX_CHOICES = 8  # ``n`` at most: each choice is one more row of a batch (or, run alone, one more generation)
 MAX_STOP = 4  # OpenAI's own limit on stop sequences
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 IMAGE_SCHEMES = ("data:", "file://", "http://", "https://", "/")
