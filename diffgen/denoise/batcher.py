@@ -1,9 +1,7 @@
 """Continuous batching: requests that arrive together are denoised together, as rows of one batch.
 
-(Over 500 lines because of this account of why it batches as it does and when a request runs alone,
-kept beside the code it explains; its requests, rows and their items are :mod:`diffgen.denoise.tickets`,
-its cache work :mod:`diffgen.denoise.backends` / :mod:`diffgen.denoise.kv`, its solo work
-:mod:`diffgen.denoise.solo`.)
+Its requests, rows and their items are :mod:`diffgen.denoise.tickets`, its cache work
+:mod:`diffgen.denoise.backends` / :mod:`diffgen.denoise.kv`, its solo work :mod:`diffgen.denoise.solo`.
 
 A :class:`Batcher` owns one scheduler thread, the only one that runs the model for it.
 :meth:`Batcher.submit` queues a request whose rows the batch step can share (one prompt, one
@@ -17,55 +15,9 @@ then always ``End``.
 
 No HTTP here: :mod:`diffgen.server.engine` is one user; a test or a batch job could be another.
 
-How it batches (and why):
-
-* **Canvas boundaries.** All rows of a batch start a canvas together and step together; the
-  batch only changes between canvases. There the scheduler (1) drops rows that ended (EOS or
-  their own ``max_new_tokens``) or were cancelled, which frees their slots; (2) encodes the last
-  committed canvas of the rows that stay (one encoder pass, recorded once as a CUDA graph);
-  (3) admits waiting rows into free slots, up to ``max_batch``: their prompts are prefilled by
-  transformers' encoder, left-padded together, and copied into their slots of the runner's
-  static KV cache (:class:`~diffgen.denoise.kv.StaticKV`). Slots are allocated up front, so rows
-  joining and leaving never move another row and never need a new graph; a row needing more
-  positions than the cache's context bucket moves the batch to a larger bucket (rows carried
-  over), so no prompt waits for a length reason.
-* **Per-row positions.** Each row's position ids count its own tokens from 0 (padding does not
-  move them), so a row's rotary angles are those it would have alone, whichever batch it joins.
-* **Only the fast sampler batches.** :class:`~diffgen.denoise.sampling.FastSampler` draws from
-  counter-based noise keyed by (row seed, row's canvas, step): a row's random numbers do not
-  depend on its neighbours or on when it joined (``canvas_index`` is per row here). The exact
-  sampler draws from one global generator in the reference's order, so exact requests run alone.
-* **Settings that act on the whole step are shared.** Steps, temperatures, entropy bound and
-  adaptive stopping are batch-wide in :class:`~diffgen.denoise.step.StepContext`; a row only
-  joins a batch whose :func:`batch_key` equals its own. Seeds and ``max_new_tokens`` are per
-  row. Admission is first come, first served across keys: the scheduler admits waiting rows in
-  arrival order and stops at the first one that needs another key, so that row is served as
-  soon as the running batch drains, and nothing that arrived later overtakes it (no starvation).
-* **Solo requests** (the exact sampler; json_schema, whose layout is its own; images, whose vision
-  inputs join the prefill) are a key of their own per row: at the head of the queue one waits for
-  the running batch to drain, then its work runs alone on the scheduler thread (the loop or the
-  schema generator, as the CLI runs them), one choice after the other.
-* **A batch of one is** :func:`~diffgen.denoise.loop.stream`: same encoder and decoder calls,
-  same positions and masks, same sampler, same steps, so the same tokens. A row batched with
-  others got the very tokens it gets alone in every case measured on the CPU (torch 2.13, one
-  and two threads, the tiny test checkpoint and a 256-wide random model, rows joining and
-  leaving, adaptive stopping); on a GPU the matmul kernels picked for another batch size may
-  round differently, so there it is expected but not promised (not measured here).
-* **Costs.** Every step runs all ``max_batch`` slots (empty ones draw nothing and are masked),
-  and every row attends over the whole context bucket (columns it does not hold are masked).
-* **Cancellation** (:meth:`Ticket.cancel`, or a consumer whose ``put`` raises): waiting rows
-  leave the queue at once (a request with ``n`` rows may have some running, some waiting); a
-  running row is dropped at the next boundary and its slot goes to the next waiting row. A
-  canvas whose every row is cancelled stops early: the step loop looks at the (host-side)
-  cancel flags every ``FAST_CHECK_EVERY`` steps, so a request with many steps per canvas does
-  not hold the model after its client left. A solo request stops after its canvas in progress.
-* **Failures.** A failure while denoising fails every row of the batch (each request gets
-  ``Failed``); a failure while encoding newcomers' prompts fails the newcomers'
-  requests only: they are encoded into a cache of their own before the batch's is touched.
-* **One model, one lock.** Every device operation (a boundary's cache work, a canvas's steps, a
-  solo request) runs under ``lock``, released between canvases; code outside the batcher that
-  runs the same model shares it, so no other thread touches the device while a step is recorded
-  as a CUDA graph.
+How it batches, and why (canvas boundaries, per-row positions, why only the fast sampler
+batches, shared settings and first-come-first-served admission, solo requests, costs,
+cancellation, failures, one lock): docs/architecture.md, "Continuous batching".
 """
 
 from __future__ import annotations
