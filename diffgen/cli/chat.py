@@ -17,31 +17,17 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from diffgen.cli.support.common import check_new_tokens, exclusive, load_model, parameter_source, prepare_generation
+from diffgen.cli.support.common import check_new_tokens, exclusive, parameter_source
 from diffgen.cli.support.funnel import doing
+from diffgen.cli.support.job import LocalJob
+from diffgen.cli.support.option_groups import Runtime, Sampler, grouped
 from diffgen.cli.support.options import (
     DEFAULT_MODEL,
-    CompileOption,
-    ConfidenceOption,
-    DeviceOption,
-    EntropyBoundOption,
-    ExactOption,
-    FastOption,
-    MaxMemoryOption,
     MaxNewTokensOption,
     ModelOption,
     NoColorOption,
-    OffloadOption,
-    OfflineOption,
-    QuantOption,
     QuietOption,
-    StabilityOption,
-    StepsOption,
     SystemOption,
-    TMaxOption,
-    TMinOption,
-    sampler_choice,
-    sampler_flags,
 )
 from diffgen.denoise.options import Execution
 
@@ -77,6 +63,7 @@ def _check_seed(ctx: typer.Context, value: Any) -> Any:
 LOCAL_ONLY = ("device", "exact", "fast", "compile", "quant", "max_memory", "offload", "offline", "no_reuse")
 
 
+@grouped
 def chat(
     ctx: typer.Context,
     model: ModelOption = DEFAULT_MODEL,
@@ -98,25 +85,13 @@ def chat(
         bool, typer.Option("--think", help="Start in thinking mode (/think toggles it); thoughts go dimmed to stderr.")
     ] = False,
     max_new_tokens: MaxNewTokensOption = None,
-    steps: StepsOption = None,
-    entropy_bound: EntropyBoundOption = None,
-    t_min: TMinOption = None,
-    t_max: TMaxOption = None,
-    stability: StabilityOption = None,
-    confidence: ConfidenceOption = None,
+    sampler: Sampler = Sampler(),
     seed: Annotated[
         Optional[int],
         typer.Option("--seed", callback=_check_seed, show_default="random per turn",
                      help="Seed of the first turn; turn i (from 0) uses SEED+i, so a scripted chat is reproducible."),
     ] = None,
-    device: DeviceOption = "auto",
-    exact: ExactOption = False,
-    fast: FastOption = False,
-    compile: CompileOption = False,
-    quant: QuantOption = "auto",
-    max_memory: MaxMemoryOption = None,
-    offload: OffloadOption = False,
-    offline: OfflineOption = False,
+    runtime: Runtime = Runtime(),
     no_reuse: Annotated[
         bool,
         typer.Option("--no-reuse", help="Encode the whole conversation every turn instead of reusing the KV cache "
@@ -131,10 +106,9 @@ def chat(
     from diffgen.cli.support import chat_repl
     from diffgen.errors import UsageError
 
-    exact, fast = exclusive(ctx, "give one of them, or neither for the device's default", exact=exact, fast=fast)
-    exact_loop = sampler_choice(exact, fast, compile)
-    flags = sampler_flags(max_new_tokens, steps, entropy_bound, t_min, t_max, stability, confidence)
+    flags = sampler.flags(max_new_tokens=max_new_tokens)
     if server:
+        exclusive(ctx, "give one of them, or neither for the device's default", exact=runtime.exact, fast=runtime.fast)
         given = [name for name in LOCAL_ONLY
                  if parameter_source(ctx, name) in ("COMMANDLINE", "ENVIRONMENT") and ctx.params.get(name)
                  not in (None, False, "auto")]
@@ -146,9 +120,7 @@ def chat(
     else:
         if api_key and parameter_source(ctx, "api_key") == "COMMANDLINE":
             raise UsageError("--api-key is sent to a server: it needs --server", "add --server URL or drop --api-key")
-        backend, name = _local(model, flags, seed=seed, device=device, quant=quant, max_memory=max_memory,
-                               offload=offload, offline=offline, execution=Execution(exact=exact_loop, compile=compile),
-                               reuse=not no_reuse, quiet=quiet)
+        backend, name = _local(LocalJob(ctx, model, runtime, quiet=quiet), flags, seed=seed, reuse=not no_reuse)
     streams = chat_repl.default_streams(no_color)
     if not quiet:
         streams.notice(f"diffgen chat: {name} — /help lists the commands, Ctrl-D leaves")
@@ -169,21 +141,16 @@ def _remote(ctx: typer.Context, server: str, api_key: Optional[str], model: str,
     return RemoteChat(server, api_key=api_key, fields=fields)
 
 
-def _local(model: str, flags: dict[str, Any], *, seed: Optional[int], execution: Execution, reuse: bool,
-           quiet: bool, **load: Any) -> tuple[LocalChat, str]:
+def _local(job: LocalJob, flags: dict[str, Any], *, seed: Optional[int], reuse: bool) -> tuple[LocalChat, str]:
     from diffgen.errors import UsageError
-    from diffgen.loading import loader
-    from diffgen.ui import render
 
-    prepared = prepare_generation(model, seed=seed, flags=flags, quiet=quiet, **load)
+    prepared = job.prepare(seed=seed, flags=flags)
     check_new_tokens(prepared)
-    with doing("loading the tokenizer"):
-        tokenizer = loader.load_tokenizer(prepared.checkpoint.path)
-    if not getattr(tokenizer, "chat_template", None):
-        raise UsageError("this checkpoint's tokenizer has no chat template, and chat needs one",
-                         "use `diffgen run --raw` to send text as is")
-    loaded = load_model(prepared, render.error_console(), quiet=quiet, tokenizer=tokenizer)
-    return LocalChat(loaded, prepared.settings, execution=execution, reuse=reuse), prepared.checkpoint.name
+    with job.tokenizing() as tokenizer:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UsageError("this checkpoint's tokenizer has no chat template, and chat needs one",
+                             "use `diffgen run --raw` to send text as is")
+    return LocalChat(job.load(), prepared.settings, execution=job.execution, reuse=reuse), prepared.checkpoint.name
 
 
 class LocalChat:
