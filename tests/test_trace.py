@@ -73,6 +73,20 @@ def test_read_trace_gives_back_the_records(traced):
     assert isinstance(trace.records[0], StepRecord) and isinstance(trace.records[5], CanvasRecord)
 
 
+def test_a_record_reads_back_from_the_server_stream_as_it_was(traced):
+    """The trace's records and the server stream's ``diffgen_step`` / ``diffgen_canvas`` payloads are
+    two shapes of one record, mapped in one place: every record of a real run (clamped positions
+    included) comes back equal, and the payload carries the published names as JSON."""
+    records = read_trace(traced[0]).records
+    clamped = records[0].__class__(**{**records[0].__dict__, "fixed": [True] + [False] * (len(records[0].tokens) - 1)})
+    for record in [*records, clamped]:
+        payload = json.loads(json.dumps(record.to_stream()))
+        assert type(record).from_stream(payload) == record
+    step = records[0].to_stream()
+    assert {"canvas_tokens", "token_entropy", "draft", "accepted", "texts", "fixed"} <= step.keys()
+    assert set(step["accepted"]) <= {0, 1} and clamped.to_stream()["fixed"][:2] == [1, 0]
+
+
 def test_svg_is_well_formed_and_shows_every_token(traced, tmp_path):
     path, _ = traced
     svg, html = tmp_path / "run.svg", tmp_path / "run.html"

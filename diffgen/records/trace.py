@@ -81,6 +81,27 @@ class StepRecord:
     def fixed_count(self) -> int:
         return sum(self.fixed) if self.fixed else 0
 
+    def to_stream(self) -> dict[str, Any]:
+        """The server stream's ``diffgen_step`` fields (its published names, unlike the trace's:
+        ``canvas_tokens``, ``token_entropy``, ``accepted`` and ``fixed`` as 0/1), with ``texts``
+        so that a client without the model's tokenizer draws exactly what a local run draws.
+        :meth:`from_stream` reads them back: the one mapping between the two shapes."""
+        return {"canvas": self.canvas, "canvases": self.canvases, "step": self.step, "max_steps": self.max_steps,
+                "temperature": self.temperature, "elapsed": self.elapsed, "draft": self.draft,
+                "canvas_tokens": self.tokens, "accepted": [int(a) for a in self.accepted],
+                "token_entropy": self.entropy, "mean_entropy": self.mean_entropy, "finished": self.finished,
+                "fixed": _bits(self.fixed), "texts": self.texts}
+
+    @classmethod
+    def from_stream(cls, data: dict[str, Any]) -> StepRecord:
+        """The record a local run's view gets, from a ``diffgen_step`` payload (:meth:`to_stream`)."""
+        return cls(canvas=data["canvas"], canvases=data["canvases"], step=data["step"], max_steps=data["max_steps"],
+                   temperature=data["temperature"], tokens=list(data["canvas_tokens"]),
+                   accepted=[bool(a) for a in data["accepted"]],
+                   texts=list(data.get("texts") or [""] * len(data["canvas_tokens"])), draft=list(data["draft"]),
+                   entropy=list(data["token_entropy"]), mean_entropy=data["mean_entropy"],
+                   finished=bool(data["finished"]), elapsed=data["elapsed"], fixed=_flags(data.get("fixed")))
+
 
 @dataclass(frozen=True)
 class CanvasRecord:
@@ -98,8 +119,28 @@ class CanvasRecord:
     elapsed: float
     fixed: list[bool] | None = None
 
+    def to_stream(self) -> dict[str, Any]:
+        """The server stream's ``diffgen_canvas`` fields (``fixed`` as 0/1); :meth:`from_stream` reads them back."""
+        return {"canvas": self.canvas, "canvases": self.canvases, "tokens": self.tokens, "texts": self.texts,
+                "steps": self.steps, "finished": self.finished, "elapsed": self.elapsed, "fixed": _bits(self.fixed)}
+
+    @classmethod
+    def from_stream(cls, data: dict[str, Any]) -> CanvasRecord:
+        """The record a local run's view gets, from a ``diffgen_canvas`` payload (:meth:`to_stream`)."""
+        return cls(canvas=data["canvas"], canvases=data["canvases"], tokens=list(data["tokens"]),
+                   texts=list(data["texts"]), steps=data["steps"], finished=bool(data["finished"]),
+                   elapsed=data["elapsed"], fixed=_flags(data.get("fixed")))
+
 
 Record = StepRecord | CanvasRecord
+
+
+def _bits(flags: list[bool] | None) -> list[int] | None:
+    return None if flags is None else [int(flag) for flag in flags]
+
+
+def _flags(bits: list[int] | None) -> list[bool] | None:
+    return None if bits is None else [bool(bit) for bit in bits]
 
 
 class TokenTexts:

@@ -81,6 +81,8 @@ def stream_answer(client: Client, request: dict[str, Any], *, chat: bool,
 
     start = time.perf_counter()
     if on_record is not None:
+        from diffgen.records.trace import CanvasRecord, StepRecord
+
         request = {**request, "stream_steps": True}
     text, thoughts = [], []
     finish, token_ids, stats, usage, model = None, None, None, None, request.get("model", "")
@@ -88,9 +90,9 @@ def stream_answer(client: Client, request: dict[str, Any], *, chat: bool,
         model = chunk.get("model") or model
         usage = chunk.get("usage") or usage
         if on_record is not None and isinstance(chunk.get("diffgen_step"), dict):
-            on_record(step_record(chunk["diffgen_step"]))
+            on_record(StepRecord.from_stream(chunk["diffgen_step"]))
         if on_record is not None and isinstance(chunk.get("diffgen_canvas"), dict):
-            on_record(canvas_record(chunk["diffgen_canvas"]))
+            on_record(CanvasRecord.from_stream(chunk["diffgen_canvas"]))
         if not chunk.get("choices"):
             continue
         choice = chunk["choices"][0]
@@ -118,27 +120,3 @@ def _first_choice_chunks(chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str,
         choices = chunk.get("choices") or []
         if not choices or choices[0].get("index", 0) == 0:
             yield chunk
-
-
-def step_record(data: dict[str, Any]) -> Any:
-    """A ``diffgen_step`` payload as the :class:`~diffgen.records.trace.StepRecord` a local run's view gets."""
-    from diffgen.records.trace import StepRecord
-
-    fixed = data.get("fixed")
-    return StepRecord(canvas=data["canvas"], canvases=data["canvases"], step=data["step"],
-                      max_steps=data["max_steps"], temperature=data["temperature"], tokens=list(data["canvas_tokens"]),
-                      accepted=[bool(a) for a in data["accepted"]],
-                      texts=list(data.get("texts") or [""] * len(data["canvas_tokens"])), draft=list(data["draft"]),
-                      entropy=list(data["token_entropy"]), mean_entropy=data["mean_entropy"],
-                      finished=bool(data["finished"]), elapsed=data["elapsed"],
-                      fixed=None if fixed is None else [bool(f) for f in fixed])
-
-
-def canvas_record(data: dict[str, Any]) -> Any:
-    """A ``diffgen_canvas`` payload as a :class:`~diffgen.records.trace.CanvasRecord`."""
-    from diffgen.records.trace import CanvasRecord
-
-    fixed = data.get("fixed")
-    return CanvasRecord(canvas=data["canvas"], canvases=data["canvases"], tokens=list(data["tokens"]),
-                        texts=list(data["texts"]), steps=data["steps"], finished=bool(data["finished"]),
-                        elapsed=data["elapsed"], fixed=None if fixed is None else [bool(f) for f in fixed])

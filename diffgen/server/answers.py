@@ -107,29 +107,6 @@ def extension_chunk(request: Request, model: str, *, id: str, created: int, inde
     return out
 
 
-def step_payload(record: Any) -> dict[str, Any]:
-    """``diffgen_step``'s fields from a :class:`~diffgen.records.trace.StepRecord` (one choice's
-    step on the host): the contract's ``canvas``, ``canvases``, ``step``, ``max_steps``,
-    ``temperature``, ``elapsed``, ``draft``, ``canvas_tokens``, ``accepted`` (0/1),
-    ``token_entropy`` (nats, 4 decimals), ``mean_entropy``, ``finished``, ``fixed`` (0/1 or null),
-    plus ``texts``: the display text of each accepted position (``""`` for noise), so that a client
-    without the model's tokenizer draws exactly what a local run draws."""
-    return {"canvas": record.canvas, "canvases": record.canvases, "step": record.step,
-            "max_steps": record.max_steps, "temperature": record.temperature, "elapsed": record.elapsed,
-            "draft": record.draft, "canvas_tokens": record.tokens, "accepted": [int(a) for a in record.accepted],
-            "token_entropy": record.entropy, "mean_entropy": record.mean_entropy, "finished": record.finished,
-            "fixed": None if record.fixed is None else [int(f) for f in record.fixed], "texts": record.texts}
-
-
-def canvas_payload(record: Any) -> dict[str, Any]:
-    """``diffgen_canvas``'s fields from a :class:`~diffgen.records.trace.CanvasRecord`: the committed
-    canvas (``tokens``, their ``texts``), the ``steps`` it took, ``finished`` (an EOS met),
-    ``elapsed`` seconds, ``fixed`` (0/1 or null)."""
-    return {"canvas": record.canvas, "canvases": record.canvases, "tokens": record.tokens, "texts": record.texts,
-            "steps": record.steps, "finished": record.finished, "elapsed": record.elapsed,
-            "fixed": None if record.fixed is None else [int(f) for f in record.fixed]}
-
-
 def usage_chunk(request: Request, model: str, choices: list[Choice], *, id: str, created: int) -> dict[str, Any]:
     """``stream_options.include_usage``: the last chunk, no choices, the usage."""
     kind = "chat.completion.chunk" if request.kind == "chat" else "text_completion"

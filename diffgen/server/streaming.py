@@ -141,7 +141,7 @@ class Events:
                 return []
             # Off the event loop: reading a step's tensors waits for the device.
             record = await asyncio.to_thread(self.steps.step, item.index, item.event)
-            return [self.extension(item.index, "diffgen_step", answers.step_payload(record))]
+            return [self.extension(item.index, "diffgen_step", record.to_stream())]
         if isinstance(item, items.Canvas):
             return self.canvas(item)
         if isinstance(item, items.Done):
@@ -156,7 +156,7 @@ class Events:
     def canvas(self, item: items.Canvas) -> list[str]:
         out = []
         if self.steps is not None and (record := self.steps.commit(item.index)) is not None:
-            out.append(self.extension(item.index, "diffgen_canvas", answers.canvas_payload(record)))
+            out.append(self.extension(item.index, "diffgen_canvas", record.to_stream()))
         out.append(self.piece(item.index, self.texts[item.index].update(item.text),
                               self.thoughts[item.index].update(item.thoughts or "")))
         return [event for event in out if event]
