@@ -393,7 +393,7 @@ class Batcher:
                     self._deliver_steps(observed, shown, steps, n_steps, schedule.value(n_steps - steps + 1))
                 if steps % FAST_CHECK_EVERY == 0 and all(row.ticket.cancelled for row in rows):
                     break  # nobody wants this canvas any more (host-side flags: no device sync)
-            committed, ended_now = commit_canvas(state.argmax, finished, eos, settings.pad_token_id)
+            committed, ended_now = commit_canvas(state.draft, finished, eos, settings.pad_token_id)
             tokens, ended, forwards = committed.tolist(), ended_now.tolist(), state.forwards.tolist()
         with self._cond:
             self._counters.canvases += 1

@@ -238,11 +238,11 @@ class Generation:
                 yield self._step_event(index, steps, state, progress, clamp_mask)
         progress.forwards = state.forwards.clone()
         if clamp is None:
-            committed, progress.finished = commit_canvas(state.argmax, progress.finished, progress.eos,
+            committed, progress.finished = commit_canvas(state.draft, progress.finished, progress.eos,
                                                          settings.pad_token_id)
         else:
             # A template's layout is fixed: an EOS inside a hole ends that hole, not the generation.
-            committed = state.argmax.clone()
+            committed = state.draft.clone()
         progress.committed.append(committed)
         progress.row_steps.append(progress.forwards - forwards_before)
         yield CanvasEvent(canvas=index, canvases=self.canvases, tokens=committed, steps=steps,
@@ -255,7 +255,7 @@ class Generation:
         return StepEvent(
             canvas=index, canvases=self.canvases, step=steps, max_steps=n_steps,
             temperature=progress.schedule.value(n_steps - steps + 1), accepted=shown.accepted,
-            draft=shown.argmax, canvas_tokens=shown.canvas, token_entropy=shown.entropy,
+            draft=shown.draft, canvas_tokens=shown.canvas, token_entropy=shown.entropy,
             mean_entropy=shown.mean_entropy, finished=shown.stopped | progress.finished,
             elapsed=time.perf_counter() - progress.start, fixed=fixed,
         )

@@ -31,7 +31,7 @@ import torch
 if TYPE_CHECKING:
     from diffgen.denoise.sampling import ExactSampler, FastSampler
 
-STATE_FIELDS_OUT = ("canvas", "argmax", "self_conditioning", "stopped", "history", "step", "forwards",
+STATE_FIELDS_OUT = ("canvas", "draft", "self_conditioning", "stopped", "history", "step", "forwards",
                     "accepted", "entropy", "mean_entropy")
 
 
@@ -41,7 +41,7 @@ class StepState:
 
     Attributes:
         canvas: ``(B, C)`` int64, the tokens the next decoder pass reads.
-        argmax: ``(B, C)`` int64, the draft: argmax of the last step's scaled logits.
+        draft: ``(B, C)`` int64, the argmax of the last step's scaled logits (what the canvas would commit to).
         self_conditioning: ``(B, C, V)`` in the embedding dtype, the last step's temperature-
             scaled logits, or ``None`` before the first step of a canvas.
         stopped: ``(B,)`` bool, rows whose adaptive stop fired on this canvas.
@@ -55,7 +55,7 @@ class StepState:
     """
 
     canvas: torch.Tensor
-    argmax: torch.Tensor
+    draft: torch.Tensor
     self_conditioning: torch.Tensor | None
     stopped: torch.Tensor
     history: torch.Tensor | None
@@ -142,19 +142,19 @@ def clamp(tokens: torch.Tensor, context: StepContext) -> torch.Tensor:
     return torch.where(context.clamp_mask, context.clamp_tokens, tokens)
 
 
-def _clamp_draw(sampled: torch.Tensor, argmax: torch.Tensor, entropy: torch.Tensor, scaled: torch.Tensor,
+def _clamp_draw(sampled: torch.Tensor, draft: torch.Tensor, entropy: torch.Tensor, scaled: torch.Tensor,
                 context: StepContext) -> tuple[torch.Tensor, ...]:
     """The sampler's outputs with clamped positions fixed: token, token, entropy 0, one-hot logits."""
     mask, tokens = context.clamp_mask, context.clamp_tokens
     sampled = torch.where(mask, tokens, sampled)
-    argmax = torch.where(mask, tokens, argmax)
+    draft = torch.where(mask, tokens, draft)
     entropy = torch.where(mask, torch.zeros_like(entropy), entropy)
     floor = torch.finfo(scaled.dtype).min
     index = tokens.unsqueeze(-1)
     at_token = torch.where(mask.unsqueeze(-1), torch.zeros_like(index, dtype=scaled.dtype),
                            scaled.gather(-1, index))
     scaled = scaled.masked_fill(mask.unsqueeze(-1), floor).scatter(-1, index, at_token)
-    return sampled, argmax, entropy, scaled
+    return sampled, draft, entropy, scaled
 
 
 def initial_state(context: StepContext, canvas: torch.Tensor, forwards: torch.Tensor) -> StepState:
@@ -167,7 +167,7 @@ def initial_state(context: StepContext, canvas: torch.Tensor, forwards: torch.Te
     canvas = clamp(canvas, context)
     return StepState(
         canvas=canvas,
-        argmax=canvas,
+        draft=canvas,
         self_conditioning=None,
         stopped=torch.zeros(batch, dtype=torch.bool, device=device),
         history=history,
@@ -193,15 +193,15 @@ def denoise_step(state: StepState, context: StepContext, *, self_conditioning_ma
     temperature = context.temperatures.index_select(0, state.step.view(1)).squeeze(0)
     step = state.step + 1
     if context.allowed is None:
-        sampled, argmax, entropy, scaled = sampler.draw(raw, temperature, active=active,
+        sampled, draft, entropy, scaled = sampler.draw(raw, temperature, active=active,
                                                         canvas=context.canvas_index, step=step,
                                                         out_dtype=context.embed_dtype)
     else:
-        sampled, argmax, entropy, scaled = sampler.draw(restrict(raw, context.allowed, sampler.softcap),
+        sampled, draft, entropy, scaled = sampler.draw(restrict(raw, context.allowed, sampler.softcap),
                                                         temperature, active=active, canvas=context.canvas_index,
                                                         step=step, out_dtype=context.embed_dtype, capped=True)
     if context.clamp_mask is not None:
-        sampled, argmax, entropy, scaled = _clamp_draw(sampled, argmax, entropy, scaled, context)
+        sampled, draft, entropy, scaled = _clamp_draw(sampled, draft, entropy, scaled, context)
     accepted = context.accept(entropy)
     canvas = sampler.renoise(torch.where(accepted, sampled, state.canvas), accepted, active=active,
                              canvas=context.canvas_index, step=step)
@@ -212,16 +212,16 @@ def denoise_step(state: StepState, context: StepContext, *, self_conditioning_ma
         if state.self_conditioning is not None:
             # Rows that stopped earlier keep their canvas, draft and logits.
             keep = state.stopped
-            argmax = torch.where(keep[:, None], state.argmax, argmax)
+            draft = torch.where(keep[:, None], state.draft, draft)
             canvas = torch.where(keep[:, None], state.canvas, canvas)
             scaled = torch.where(keep[:, None, None], state.self_conditioning, scaled)
         if history is None:
             stable = torch.ones_like(stopped)
         else:
-            stable = (history == argmax[None]).all(dim=-1).all(dim=0)
-            history = torch.cat([history[1:], argmax[None]], dim=0)
+            stable = (history == draft[None]).all(dim=-1).all(dim=0)
+            history = torch.cat([history[1:], draft[None]], dim=0)
         stopped = stopped | (stable & (mean_entropy < context.confidence_threshold))
-    return StepState(canvas=canvas, argmax=argmax, self_conditioning=scaled, stopped=stopped, history=history,
+    return StepState(canvas=canvas, draft=draft, self_conditioning=scaled, stopped=stopped, history=history,
                      step=step, forwards=state.forwards + active, accepted=accepted, entropy=entropy,
                      mean_entropy=mean_entropy)
 

@@ -146,7 +146,7 @@ class Row:
         part = slice(self.slot, self.slot + 1)
         return Step(self.index, StepEvent(
             canvas=self.done_canvases, canvases=self.canvases, step=step, max_steps=n_steps,
-            temperature=temperature, accepted=state.accepted[part].clone(), draft=state.argmax[part].clone(),
+            temperature=temperature, accepted=state.accepted[part].clone(), draft=state.draft[part].clone(),
             canvas_tokens=state.canvas[part].clone(), token_entropy=state.entropy[part].clone(),
             mean_entropy=state.mean_entropy[part].clone(), finished=state.stopped[part].clone(),
             elapsed=time.perf_counter() - self.started))
