@@ -32,7 +32,8 @@ def measure(path: str, seeds: int = 5) -> list[dict]:
 
     from diffgen.denoise.loop import generate
     from diffgen.loading.loader import load, resident_bytes
-    from diffgen.planning.plan import LoadPlan, count_parameters, weight_bytes
+    from diffgen.planning.plan import LoadPlan
+    from diffgen.planning.sizes import count_parameters, weight_bytes
     from diffgen.prompt import encode
 
     config = json.load(open(f"{path}/config.json"))

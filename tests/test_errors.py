@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -268,15 +267,14 @@ def test_offload_on_the_cpu_says_it_only_moves_layers_off_a_gpu(tiny_checkpoint)
 def test_a_scheme_that_does_not_fit_names_the_command_that_does(tiny_checkpoint):
     from diffgen.loading.prepare import machine, plan_load  # noqa: F401 - the same plan the command makes
     from diffgen.loading.loader import resolve_config
-    from diffgen.planning import plan
-
+    from diffgen.planning import plan, sizes
     _, config = resolve_config(str(tiny_checkpoint))
-    table = {e.scheme: e for e in plan.estimates(config, plan.count_parameters(config), device="cpu",
+    table = {e.scheme: e for e in plan.estimates(config, sizes.count_parameters(config), device="cpu",
                                                  dtype="float32", budget=None, context=min(
-                                                     plan.DEFAULT_CONTEXT, config["text_config"][
+                                                     sizes.DEFAULT_CONTEXT, config["text_config"][
                                                          "max_position_embeddings"]))}
     budget = (table["fp32"].total + table["bf16"].total) // 2  # bf16 fits, fp32 does not
     line = one_line(invoke("run", "-m", str(tiny_checkpoint), "--quant", "fp32", "--max-memory", str(budget), "Hi"),
                     2, "--quant fp32 needs")
-    assert line.endswith(f"--quant bf16 fits ({plan.human(table['bf16'].total)}): "
+    assert line.endswith(f"--quant bf16 fits ({sizes.human(table['bf16'].total)}): "
                          f"diffgen run -m {tiny_checkpoint} --quant bf16 --max-memory {budget} Hi")

@@ -190,15 +190,14 @@ def _released_config_dir(tmp_path):
 
 
 def test_the_plan_counts_the_vision_tower_and_the_images_workspace(tmp_path):
-    from diffgen.planning import plan
-
+    from diffgen.planning import sizes
     config = json.loads((_released_config_dir(tmp_path) / "config.json").read_text())
-    counts = plan.count_parameters(config)
+    counts = sizes.count_parameters(config)
     assert 0.5e9 < counts.vision < 0.6e9  # the released ~0.57B-parameter tower, inside the total
-    text_only = plan.runtime_bytes(config, "bfloat16")
-    with_images = plan.runtime_bytes(config, "bfloat16", images=2)
-    assert "vision" not in text_only and with_images["vision"] > 2 * 16 * plan.IMAGE_PATCHES ** 2
-    assert plan.image_context(3) == 3 * 282
+    text_only = sizes.runtime_bytes(config, "bfloat16")
+    with_images = sizes.runtime_bytes(config, "bfloat16", images=2)
+    assert "vision" not in text_only and with_images["vision"] > 2 * 16 * sizes.IMAGE_PATCHES ** 2
+    assert sizes.image_context(3) == 3 * 282
 
 
 def test_info_shows_the_vision_tower_and_plans_for_images(tmp_path):

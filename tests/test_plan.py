@@ -5,16 +5,17 @@ from pathlib import Path
 
 import pytest
 
-from diffgen.planning import plan
+from diffgen.planning import plan, sizes
 from diffgen.errors import UsageError
-from diffgen.planning.plan import GB, Estimate
+from diffgen.planning.plan import Estimate
+from diffgen.planning.sizes import GB
 
 REAL_CONFIG = json.loads((Path(__file__).parent.parent / "diffgen" / "data" / "diffusiongemma-26b-a4b-config.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def real_counts():
-    return plan.count_parameters(REAL_CONFIG)
+    return sizes.count_parameters(REAL_CONFIG)
 
 
 def test_real_model_parameter_count(real_counts):
@@ -28,24 +29,24 @@ def test_real_model_parameter_count(real_counts):
     ("bf16", 51.6, 0.02), ("fp8", 28.8, 0.02), ("int8", 28.8, 0.02), ("nf4", 18.8, 0.02), ("nf4-all", 16.4, 0.02),
 ])
 def test_real_model_weight_memory_per_scheme(real_counts, scheme, expected, tolerance):
-    assert plan.weight_bytes(real_counts, scheme, "bfloat16") / GB == pytest.approx(expected, rel=tolerance)
+    assert sizes.weight_bytes(real_counts, scheme, "bfloat16") / GB == pytest.approx(expected, rel=tolerance)
 
 
 def test_real_model_runtime_at_8k():
-    parts = plan.runtime_bytes(REAL_CONFIG, "bfloat16", context=8192, batch=1, device="cuda:0")
+    parts = sizes.runtime_bytes(REAL_CONFIG, "bfloat16", context=8192, batch=1, device="cuda:0")
     gib = {k: v / 1024**3 for k, v in parts.items()}
     assert gib["kv"] == pytest.approx(0.35, abs=0.05)
     assert gib["canvas"] == pytest.approx(0.8, abs=0.1)  # bf16 logits buffers of the fast step
     assert 2.0 < gib["prefill"] < 3.0
     assert sum(gib.values()) == pytest.approx(4.0, abs=0.3)
-    two_rows = plan.runtime_bytes(REAL_CONFIG, "bfloat16", context=8192, batch=2, device="cuda:0")
+    two_rows = sizes.runtime_bytes(REAL_CONFIG, "bfloat16", context=8192, batch=2, device="cuda:0")
     assert two_rows["canvas"] == 2 * parts["canvas"]
     assert two_rows["prefill"] < 1.2 * parts["prefill"]  # the score workspace is reused, not per row
 
 
 def test_batch_8_keeps_bf16_on_an_80_gb_card():
     """The GPU check's batch row: 8 rows of the released model stay in bf16 on an H100."""
-    counts = plan.count_parameters(REAL_CONFIG)
+    counts = sizes.count_parameters(REAL_CONFIG)
     budget = 78 * 2**30
     table8 = plan.estimates(REAL_CONFIG, counts, device="cuda:0", dtype="bfloat16", budget=budget, batch=8)
     assert plan.choose(table8, "auto", budget).scheme == "bf16"
@@ -55,7 +56,7 @@ def table(budget, fp8=True, device="cuda:0"):
     class Profile:
         devices = [type("D", (), {"fp8": fp8})()]
 
-    counts = plan.count_parameters(REAL_CONFIG)
+    counts = sizes.count_parameters(REAL_CONFIG)
     return plan.estimates(REAL_CONFIG, counts, device=device, dtype="bfloat16", budget=budget, hardware=Profile())
 
 
@@ -84,7 +85,7 @@ def test_a_requested_scheme_that_does_not_fit_names_one_that_does():
 
 
 def test_offload_is_the_explicit_last_resort_and_keeps_layer_pairs_together():
-    counts = plan.count_parameters(REAL_CONFIG)
+    counts = sizes.count_parameters(REAL_CONFIG)
     estimates = plan.estimates(REAL_CONFIG, counts, device="cuda:0", dtype="bfloat16", budget=15 * GB)
     chosen = plan.choose(estimates, "auto", 15 * GB, offload=True)
     assert chosen.scheme == "bf16"
@@ -99,14 +100,14 @@ def test_offload_is_the_explicit_last_resort_and_keeps_layer_pairs_together():
 def test_quantised_offload_is_refused_naming_the_scheme_that_can_offload():
     estimate = Estimate("nf4", 30 * GB, 5 * GB, fits=False)
     with pytest.raises(UsageError) as info:
-        plan.make_plan(estimate, "cuda:0", "bfloat16", 20 * GB, plan.count_parameters(REAL_CONFIG))
+        plan.make_plan(estimate, "cuda:0", "bfloat16", 20 * GB, sizes.count_parameters(REAL_CONFIG))
     assert info.value.retry == (("--quant", "bf16"),)
 
 
 def test_offload_on_the_cpu_is_refused_without_suggesting_it_again():
     estimate = Estimate("fp32", 30 * GB, 5 * GB, fits=False)
     with pytest.raises(UsageError) as info:
-        plan.make_plan(estimate, "cpu", "float32", 20 * GB, plan.count_parameters(REAL_CONFIG))
+        plan.make_plan(estimate, "cpu", "float32", 20 * GB, sizes.count_parameters(REAL_CONFIG))
     assert "only moves layers from a CUDA GPU" in str(info.value) and not info.value.retry
 
 
@@ -128,24 +129,24 @@ def test_estimate_equals_resident_bytes_on_the_tiny_checkpoint(tiny_checkpoint, 
     from diffgen.loading.loader import load, resident_bytes
 
     config = json.loads((tiny_checkpoint / "config.json").read_text())
-    counts = plan.count_parameters(config)
-    quant = "none" if scheme in plan.UNQUANTISED else scheme
-    dtype = plan.UNQUANTISED.get(scheme, "float32")
+    counts = sizes.count_parameters(config)
+    quant = "none" if scheme in sizes.UNQUANTISED else scheme
+    dtype = sizes.UNQUANTISED.get(scheme, "float32")
     loaded = load(str(tiny_checkpoint), plan.LoadPlan("cpu", dtype, quant), progress=False)
-    assert resident_bytes(loaded.model) == plan.weight_bytes(counts, scheme, "float32")
+    assert resident_bytes(loaded.model) == sizes.weight_bytes(counts, scheme, "float32")
 
 
 def test_auto_batch_rows_fill_the_budget_beside_the_weights():
-    counts = plan.count_parameters(REAL_CONFIG)
+    counts = sizes.count_parameters(REAL_CONFIG)
     nf4 = next(e for e in plan.estimates(REAL_CONFIG, counts, device="cuda:0", dtype="bfloat16", budget=None)
                if e.scheme == "nf4")
-    per_row = plan.runtime_bytes(REAL_CONFIG, "bfloat16", batch=2, device="cuda:0")["canvas"] // 2
-    one = nf4.weights + sum(plan.runtime_bytes(REAL_CONFIG, "bfloat16", batch=1, device="cuda:0").values())
+    per_row = sizes.runtime_bytes(REAL_CONFIG, "bfloat16", batch=2, device="cuda:0")["canvas"] // 2
+    one = nf4.weights + sum(sizes.runtime_bytes(REAL_CONFIG, "bfloat16", batch=1, device="cuda:0").values())
     assert plan.rows_that_fit(REAL_CONFIG, nf4, dtype="bfloat16", budget=one, device="cuda:0") == 1
     rows = plan.rows_that_fit(REAL_CONFIG, nf4, dtype="bfloat16", budget=40 * GB, device="cuda:0")
     assert 1 < rows < plan.MAX_AUTO_BATCH
-    used = nf4.weights + sum(plan.runtime_bytes(REAL_CONFIG, "bfloat16", batch=rows, device="cuda:0").values())
-    more = nf4.weights + sum(plan.runtime_bytes(REAL_CONFIG, "bfloat16", batch=rows + 1, device="cuda:0").values())
+    used = nf4.weights + sum(sizes.runtime_bytes(REAL_CONFIG, "bfloat16", batch=rows, device="cuda:0").values())
+    more = nf4.weights + sum(sizes.runtime_bytes(REAL_CONFIG, "bfloat16", batch=rows + 1, device="cuda:0").values())
     assert used <= 40 * GB < more and per_row > 0
     assert plan.rows_that_fit(REAL_CONFIG, nf4, dtype="bfloat16", budget=10**15, device="cuda:0") == plan.MAX_AUTO_BATCH
 
@@ -156,7 +157,7 @@ def test_the_loader_accepts_an_offload_shaped_device_map(tiny_checkpoint):
     from diffgen.loading.loader import load
 
     config = json.loads((tiny_checkpoint / "config.json").read_text())
-    mapping = plan.offload_device_map(plan.count_parameters(config), "float32", "cpu", budget=1, runtime=0)
+    mapping = plan.offload_device_map(sizes.count_parameters(config), "float32", "cpu", budget=1, runtime=0)
     assert mapping["model.decoder.layers.0"] == mapping["model.encoder.language_model.layers.0"] == "cpu"
     loaded = load(str(tiny_checkpoint), plan.LoadPlan("cpu", "float32", device_map=tuple(mapping.items())),
                   progress=False)
@@ -178,7 +179,7 @@ def test_quantised_storage_keeps_its_dtypes_under_bf16(tiny_checkpoint, scheme):
     stacks = [m for m in loaded.model.modules() if isinstance(m, QuantizedStack)]
     storage = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}.get(scheme, torch.uint8)
     assert stacks and all(s.q.dtype == storage and s.scale.dtype == torch.float32 for s in stacks)
-    assert resident_bytes(loaded.model) == plan.weight_bytes(plan.count_parameters(config), scheme, "bfloat16")
+    assert resident_bytes(loaded.model) == sizes.weight_bytes(sizes.count_parameters(config), scheme, "bfloat16")
 
 
 def test_without_a_gpu_offload_is_never_suggested():

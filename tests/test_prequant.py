@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from diffgen.errors import NotACheckpointError, UsageError
 from diffgen.loading import loader
-from diffgen.planning import plan
-from diffgen.planning.plan import GB, GiB, LoadPlan
+from diffgen.planning import plan, sizes
+from diffgen.planning.plan import LoadPlan
+from diffgen.planning.sizes import GB, GiB
 from tests.conftest import run_cli
 from tests.prequant_layouts import write
 from tests.test_exactness import PROMPTS, _encode, _reference
@@ -254,7 +255,7 @@ def test_auto_on_the_bf16_checkpoint_names_the_published_4_bit_one(capsys):
     (16, True, None),
 ])
 def test_which_published_checkpoint_to_pick_for_which_card(budget_gb, fp8, pick):
-    counts = plan.count_parameters(REAL_CONFIG)
+    counts = sizes.count_parameters(REAL_CONFIG)
     table = plan.estimates(REAL_CONFIG, counts, device="cuda:0", dtype="bfloat16", budget=budget_gb * GB,
                            hardware=_Profile(fp8))
     choice = plan.published_choice(table)

@@ -107,12 +107,11 @@ def test_a_budget_too_small_is_refused_before_loading(tiny_checkpoint):
 
 
 def test_fp8_is_refused_where_the_gpu_lacks_it():
-    from diffgen.planning import plan
-
+    from diffgen.planning import plan, sizes
     class Ampere:
         devices = [type("D", (), {"fp8": False})()]
 
-    counts = plan.ParameterCounts(((2, 64, 64),), (), 100, 0)
+    counts = sizes.ParameterCounts(((2, 64, 64),), (), 100, 0)
     table = plan.estimates({"text_config": {"hidden_size": 64, "num_attention_heads": 1, "head_dim": 64,
                                             "num_key_value_heads": 1, "num_hidden_layers": 1, "vocab_size": 10}},
                            counts, device="cuda:0", dtype="bfloat16", budget=10**12, hardware=Ampere())

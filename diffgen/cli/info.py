@@ -58,8 +58,7 @@ def info(
     from diffgen.cli.support import config
     from diffgen.errors import UsageError
     from diffgen.planning import hardware
-    from diffgen.planning import plan
-
+    from diffgen.planning import plan, sizes
     with doing("measuring this machine"):
         profile = hardware.detect()
     settings_file = config.config_path()
@@ -68,7 +67,7 @@ def info(
     budget = plan.parse_size(max_memory) if max_memory else next(
         (d.usable for d in profile.devices if d.device == device_name), profile.usable)
     data: dict[str, Any] = {"hardware": profile.to_dict(), "device": device_name, "dtype": dtype,
-                            "budget_gb": round(budget / plan.GB, 3),
+                            "budget_gb": round(budget / sizes.GB, 3),
                             "budget_source": "--max-memory" if max_memory else "measured",
                             "plans": [], "chosen": None, "can_offload": device_name.startswith("cuda"),
                             "config": {"path": str(settings_file), "exists": settings_file.is_file(),
@@ -81,10 +80,10 @@ def info(
         where, checkpoint_config = hub.resolve_config(model, offline=offline)
         fmt = checkpoint_format(where, checkpoint_config, model)
         with doing("planning from config.json"):
-            counts = plan.count_parameters(checkpoint_config)
+            counts = sizes.count_parameters(checkpoint_config)
             text_config = checkpoint_config.get("text_config", checkpoint_config)
             limit = text_config.get("max_position_embeddings")
-            image_tokens = plan.image_context(images, _soft_tokens(where))
+            image_tokens = sizes.image_context(images, _soft_tokens(where))
             context = _context(context, limit, images, image_tokens)
             full = plan.estimates(checkpoint_config, counts, device=device_name, dtype=dtype, budget=budget,
                                   hardware=profile, context=context + image_tokens, batch=batch, images=images)
@@ -102,7 +101,7 @@ def info(
         data.update(model=model, source=where, parameters=counts.total, context=context, batch=batch,
                     plans=[e.to_dict() for e in table], chosen=chosen, vision_parameters=counts.vision,
                     context_limit=limit, images=images, image_tokens=image_tokens,
-                    max_image_tokens=(_soft_tokens(where) or plan.IMAGE_TOKENS) if has_vision else None,
+                    max_image_tokens=(_soft_tokens(where) or sizes.IMAGE_TOKENS) if has_vision else None,
                     format=None if fmt is None else {"label": fmt.label, "quant": fmt.scheme, "method": fmt.method},
                     pick=None if pick is None else {"quant": pick[0], "model": pick[1]})
     if json_output:
@@ -150,7 +149,7 @@ def _print(data: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from diffgen.planning.plan import GiB
+    from diffgen.planning.sizes import GiB
 
     console = Console(highlight=False)
     hw = data["hardware"]

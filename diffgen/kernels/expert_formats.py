@@ -1,7 +1,7 @@
 """The expert stack formats: their names, stored bytes, kernel codes and dequantisation (torch).
 
 Formats of diffgen's quantised stacks (:mod:`diffgen.loading.quant`): ``int8`` and ``fp8`` (one
-scale per output row), ``nf4`` (blocks of :data:`~diffgen.planning.plan.NF4_BLOCK` weights with
+scale per output row), ``nf4`` (blocks of :data:`~diffgen.planning.sizes.NF4_BLOCK` weights with
 an absmax each, decoded through a 16-entry code table) and ``bf16`` (an unquantised float stack).
 Adding a format: a name in :data:`FORMATS`, its kernel code in :func:`kernel_format` (and the
 branch in ``moe_triton._weight_tile``), its dequantisation in :func:`dequantize`, its stored
@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from diffgen.planning.plan import NF4_BLOCK
+from diffgen.planning.sizes import NF4_BLOCK
 
 FORMATS = ("int8", "fp8", "nf4", "bf16")  # "bf16": an unquantised float stack (bf16, fp16 or fp32)
 # Stored bytes per weight (scales aside), for tile sizing; "bf16" stacks use their element size.

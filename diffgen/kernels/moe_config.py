@@ -10,7 +10,7 @@ import functools
 import os
 
 from diffgen.kernels.expert_formats import kernel_format
-from diffgen.planning.plan import NF4_BLOCK
+from diffgen.planning.sizes import NF4_BLOCK
 
 
 def config_mode() -> str:

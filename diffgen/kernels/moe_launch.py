@@ -13,7 +13,7 @@ from diffgen.kernels.capability import device_limits
 from diffgen.kernels.expert_formats import WEIGHT_BYTES, kernel_format, nf4_pairs
 from diffgen.kernels.launches import GROUPED_PATHS, launch
 from diffgen.kernels.moe_config import config_mode, kernel_config, tune_overrides, tuned_config
-from diffgen.planning.plan import NF4_BLOCK
+from diffgen.planning.sizes import NF4_BLOCK
 
 
 def grouped_mm_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, code: Optional[torch.Tensor],

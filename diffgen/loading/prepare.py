@@ -42,7 +42,6 @@ def machine(*, device: str, quant: str, max_memory: Optional[str]) -> Machine:
     ``--max-memory`` that is not a size. Reads no checkpoint."""
     from diffgen.planning import hardware
     from diffgen.planning import plan
-
     if quant not in plan.QUANT_CHOICES:
         raise UsageError(f"--quant {quant!r}: use one of {', '.join(plan.QUANT_CHOICES)}")
     budget = plan.parse_size(max_memory) if max_memory else None
@@ -61,17 +60,16 @@ def plan_load(config: dict, *, device: str, quant: str, max_memory: Optional[str
     ``fmt``: the checkpoint's pre-quantised format (:func:`diffgen.loading.prequant.detect`): it
     loads in that scheme only, and a ``--quant`` naming another is refused in one line.
     """
-    from diffgen.planning import plan
-
+    from diffgen.planning import plan, sizes
     where = where or machine(device=device, quant=quant, max_memory=max_memory)
     if fmt is not None and quant not in ("auto", fmt.scheme):
         raise UsageError(f"{label} is already quantised ({fmt.label}): --quant {quant} cannot apply to it",
                          f"leave --quant at auto or pass --quant {fmt.scheme}; to quantise another way start from "
                          f"the bf16 checkpoint", retry=(("--quant", fmt.scheme),))
-    counts = plan.count_parameters(config)
+    counts = sizes.count_parameters(config)
     text = config.get("text_config", config)
-    context = min(plan.DEFAULT_CONTEXT + plan.image_context(images),
-                  int(text.get("max_position_embeddings", plan.DEFAULT_CONTEXT)))
+    context = min(sizes.DEFAULT_CONTEXT + sizes.image_context(images),
+                  int(text.get("max_position_embeddings", sizes.DEFAULT_CONTEXT)))
     only = fmt.scheme if fmt is not None else None
     linears = fmt.scheme if fmt is not None and fmt.linears else None
     table = plan.estimates(config, counts, device=where.device, dtype=where.dtype, budget=where.budget,
@@ -101,7 +99,6 @@ def _note_published(table: list, label: str) -> None:
 
     from diffgen.loading.hub import DEFAULT_MODEL
     from diffgen.planning import plan
-
     if label != DEFAULT_MODEL:
         return
     repo = dict(plan.PUBLISHED)["nvfp4"]
@@ -175,10 +172,9 @@ def checkpoint_format(location: str, config: dict, label: str) -> Optional[Forma
 
 def auto_batch_rows(prepared: Prepared) -> int:
     """``--batch-size auto``: the most rows whose runtime fits beside the chosen scheme's weights."""
-    from diffgen.planning import plan
-
+    from diffgen.planning import plan, sizes
     text = prepared.config.get("text_config", prepared.config)
-    context = min(plan.DEFAULT_CONTEXT, int(text.get("max_position_embeddings", plan.DEFAULT_CONTEXT)))
+    context = min(sizes.DEFAULT_CONTEXT, int(text.get("max_position_embeddings", sizes.DEFAULT_CONTEXT)))
     return plan.rows_that_fit(prepared.config, prepared.chosen, dtype=prepared.plan.dtype, budget=prepared.budget,
                               device=prepared.plan.device, context=context)
 

@@ -261,7 +261,7 @@ class QuantCache:
             _remove_stale_temporaries(self.root)
             free = shutil.disk_usage(self.root).free
             if free < size + DISK_RESERVE:
-                from diffgen.planning.plan import human
+                from diffgen.planning.sizes import human
 
                 warn(f"not writing the quantised-weights cache: it needs {human(size)} and "
                      f"{self.root} has {human(free)} free; loading without it", "write")
@@ -272,7 +272,7 @@ class QuantCache:
                  f"loading without it (set {SWITCH_VARIABLE}=0 to stop trying)", "write")
             return None
         if announce:
-            from diffgen.planning.plan import human
+            from diffgen.planning.sizes import human
 
             print(f"diffgen: caching the {self.key.scheme} weights ({human(size)}) in {self.directory} for faster "
                   f"loads ({SWITCH_VARIABLE}=0 turns this off)", file=sys.stderr, flush=True)

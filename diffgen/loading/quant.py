@@ -38,7 +38,7 @@ from torch import nn
 
 from diffgen.kernels import expert_formats, moe, nvfp4
 from diffgen.kernels.expert_formats import bnb_functional
-from diffgen.planning.plan import NF4_BLOCK
+from diffgen.planning.sizes import NF4_BLOCK
 
 # The 16 NormalFloat-4 levels (QLoRA, Dettmers et al. 2023), as bitsandbytes defines them.
 NF4_LEVELS = torch.tensor([

@@ -17,7 +17,6 @@ are let go with the shard).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -27,7 +26,8 @@ import torch
 from accelerate.utils import set_module_tensor_to_device
 
 from diffgen.errors import NotACheckpointError
-from diffgen.planning.plan import LoadPlan, keeps_dtype
+from diffgen.planning.plan import LoadPlan
+from diffgen.planning.sizes import keeps_dtype
 from diffgen.loading import qcache
 from diffgen.loading.quant import QuantizedExperts, QuantizedLinear
 from diffgen.loading.shards import shard_files

@@ -100,7 +100,7 @@ def load_model(prepared: Prepared, console: Console, *, quiet: bool = False,
                tokenizer: Optional[PreTrainedTokenizerBase] = None) -> LoadedModel:
     """Say the plan in one line on stderr, then load (progress bar on a terminal)."""
     from diffgen.loading.prepare import load_prepared
-    from diffgen.planning.plan import human
+    from diffgen.planning.sizes import human
 
     load_plan, chosen = prepared.plan, prepared.chosen
     if not quiet:
