@@ -138,6 +138,22 @@ def run_cli(*args: str, input: bytes | None = None, env: dict | None = None,
                           env=full_env)
 
 
+def cli(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
+    """The same command as :func:`run_cli`, in this process (Typer's runner): its exit code, stdout and
+    stderr as a subprocess would give them, without the 3-4 s of importing torch and transformers
+    again. For commands whose behaviour does not hang on the process itself: not signals, not a
+    terminal, not environment variables read at import time (those go through :func:`run_cli`)."""
+    from typer.testing import CliRunner
+
+    from diffgen.cli.app import app
+
+    result = CliRunner().invoke(app, list(args), input=input)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(["diffgen", *args], result.exit_code, result.stdout_bytes,
+                                       result.stderr_bytes)
+
+
 # -- a real `diffgen serve` in a subprocess ----------------------------------------------------------
 
 

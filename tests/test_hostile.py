@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from diffgen.cli.app import app
-from tests.conftest import run_cli, write_image
+from tests.conftest import cli, run_cli, write_image
 
 runner = CliRunner()
 
@@ -188,8 +188,8 @@ def test_trace_replaces_a_trace_and_overwrite_replaces_anything(tiny_checkpoint,
     trace.write_text(TRACE)
     notes.write_text("mine\n")
     for target, extra in ((trace, []), (notes, ["--overwrite"])):
-        done = run_cli("run", "-q", "-m", str(tiny_checkpoint), "--seed", "1", "--max-new-tokens", "4", "--steps", "2",
-                       "--trace", str(target), *extra, "Hi")
+        done = cli("run", "-q", "-m", str(tiny_checkpoint), "--seed", "1", "--max-new-tokens", "4", "--steps", "2",
+                   "--trace", str(target), *extra, "Hi")
         assert done.returncode == 0, done.stderr
         lines = [json.loads(line) for line in target.read_text().splitlines()]
         assert lines[0]["type"] == "header" and lines[-1]["type"] == "result" and len(lines) > 2
@@ -211,7 +211,7 @@ def test_a_trace_that_cannot_be_written_still_prints_the_answer(tiny_checkpoint,
     old = tmp_path / "t.jsonl"
     old.write_text(TRACE)
     common = f"-m {tiny_checkpoint} --seed 3 --max-new-tokens 4 --steps 2"
-    expected = run_cli("run", "-q", *common.split(), "Hi").stdout
+    expected = cli("run", "-q", *common.split(), "Hi").stdout
     done = run_cli(shell=f"ulimit -f 2; cd {tmp_path} && {sys.executable} -m diffgen run -q {common} "
                          "--trace t.jsonl Hi")
     assert done.returncode == 1
@@ -225,8 +225,8 @@ def test_a_trace_that_cannot_be_written_still_prints_the_answer(tiny_checkpoint,
 
 def test_a_full_disk_for_the_trace_still_prints_the_answer(tiny_checkpoint):
     common = ["-m", str(tiny_checkpoint), "--seed", "3", "--max-new-tokens", "4", "--steps", "2"]
-    expected = run_cli("run", "-q", *common, "Hi").stdout
-    done = run_cli("run", "-q", *common, "--trace", "/dev/full", "Hi")
+    expected = cli("run", "-q", *common, "Hi").stdout
+    done = cli("run", "-q", *common, "--trace", "/dev/full", "Hi")
     assert done.returncode == 1
     assert done.stdout == expected and expected.strip()
     assert done.stderr.decode().strip().splitlines() == [
@@ -289,8 +289,8 @@ def test_a_second_batch_writer_is_refused_with_the_holders_pid(tiny_checkpoint, 
             assert line == (f"diffgen: error: -o {out} is being written by process {os.getpid()} (diffgen holds "
                             f"{outputs.lock_path(out)}) — wait for it to finish, or write to another file")
             assert not out.exists()
-    done = run_cli("batch", "-q", "-m", str(tiny_checkpoint), str(prompts), "-o", str(out), "--max-new-tokens", "4",
-                   "--steps", "2")
+    done = cli("batch", "-q", "-m", str(tiny_checkpoint), str(prompts), "-o", str(out), "--max-new-tokens", "4",
+               "--steps", "2")
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [1, 2]
     assert not outputs.lock_path(out).exists()
@@ -320,7 +320,7 @@ def test_a_string_with_max_length_zero_is_the_empty_string(tiny_checkpoint, tmp_
                                                                     "b": {"type": "integer", "minimum": -3,
                                                                           "maximum": 7}},
                                   "required": ["a", "b"], "additionalProperties": False}))
-    done = run_cli("run", "-q", "-m", str(tiny_checkpoint), "--seed", "1", "--schema", str(schema), "Hi")
+    done = cli("run", "-q", "-m", str(tiny_checkpoint), "--seed", "1", "--schema", str(schema), "Hi")
     assert done.returncode == 0, done.stderr
     value = json.loads(done.stdout)
     assert value["a"] == "" and -3 <= value["b"] <= 7
@@ -440,7 +440,7 @@ def test_chat_stdin_that_is_not_utf8_is_replaced_with_a_warning(tiny_checkpoint)
 
 
 def test_offload_on_the_cpu_says_it_does_nothing(tiny_checkpoint):
-    done = run_cli("run", "-m", str(tiny_checkpoint), "--offload", "--max-new-tokens", "4", "--steps", "2", "Hi")
+    done = cli("run", "-m", str(tiny_checkpoint), "--offload", "--max-new-tokens", "4", "--steps", "2", "Hi")
     assert done.returncode == 0
     assert "diffgen: warning: --offload has no effect: the model runs on the CPU" in done.stderr.decode()
 

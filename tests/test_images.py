@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffgen import images
-from tests.conftest import run_cli, write_image
+from tests.conftest import cli, run_cli, write_image
 
 
 def _reference(loaded, inputs, settings):
@@ -82,8 +82,8 @@ def test_same_tokens_as_transformers_generate_with_the_processors_pixel_values(v
 
 def test_run_image_gives_the_tokens_of_transformers_generate(vision, vision_checkpoint, tmp_path):
     picture = write_image(tmp_path / "x.png", 36, 24, seed=3)
-    done = run_cli("run", "-m", str(vision_checkpoint), "--seed", "5", "--max-new-tokens", "32", "--json",
-                   "--image", str(picture), "What is this?")
+    done = cli("run", "-m", str(vision_checkpoint), "--seed", "5", "--max-new-tokens", "32", "--json",
+               "--image", str(picture), "What is this?")
     assert done.returncode == 0, done.stderr.decode()
     record = json.loads(done.stdout)
     processor = images.load_processor(vision.checkpoint.path, vision.tokenizer)
@@ -96,13 +96,13 @@ def test_run_image_gives_the_tokens_of_transformers_generate(vision, vision_chec
 
 def test_an_image_on_stdin_with_the_prompt_as_argument(vision_checkpoint, tmp_path):
     data = write_image(tmp_path / "x.png", 30, 30, seed=1).read_bytes()
-    by_file = run_cli("run", "-m", str(vision_checkpoint), "--seed", "2", "--max-new-tokens", "16", "--json",
-                      "--image", str(tmp_path / "x.png"), "What is this?", input=b"")
-    by_stdin = run_cli("run", "-m", str(vision_checkpoint), "--seed", "2", "--max-new-tokens", "16", "--json",
-                       "--image", "-", "What is this?", input=data)
+    by_file = cli("run", "-m", str(vision_checkpoint), "--seed", "2", "--max-new-tokens", "16", "--json",
+                  "--image", str(tmp_path / "x.png"), "What is this?", input=b"")
+    by_stdin = cli("run", "-m", str(vision_checkpoint), "--seed", "2", "--max-new-tokens", "16", "--json",
+                   "--image", "-", "What is this?", input=data)
     assert by_stdin.returncode == 0, by_stdin.stderr.decode()
     assert json.loads(by_stdin.stdout)["tokens"] == json.loads(by_file.stdout)["tokens"]
-    no_prompt = run_cli("run", "-m", str(vision_checkpoint), "--image", "-", input=data)
+    no_prompt = cli("run", "-m", str(vision_checkpoint), "--image", "-", input=data)
     assert no_prompt.returncode == 2
     assert "prompt must be an argument" in no_prompt.stderr.decode()
 
@@ -136,7 +136,7 @@ def _bad(tmp_path, kind):
     ("bomb", 1, "is too large to decode safely"),
 ])
 def test_a_bad_image_is_one_line_before_anything_is_loaded(vision_checkpoint, tmp_path, kind, code, words):
-    done = run_cli("run", "-m", str(vision_checkpoint), "--image", str(_bad(tmp_path, kind)), "hi")
+    done = cli("run", "-m", str(vision_checkpoint), "--image", str(_bad(tmp_path, kind)), "hi")
     err = done.stderr.decode()
     assert done.returncode == code, err
     assert words in err
@@ -147,7 +147,7 @@ def test_a_bad_image_is_one_line_before_anything_is_loaded(vision_checkpoint, tm
 def test_more_images_than_the_context_holds(vision_checkpoint, tmp_path):
     picture = str(write_image(tmp_path / "x.png", 60, 60))
     many = [arg for _ in range(60) for arg in ("--image", picture)]
-    done = run_cli("run", "-m", str(vision_checkpoint), *many, "hi")
+    done = cli("run", "-m", str(vision_checkpoint), *many, "hi")
     err = done.stderr.decode()
     assert done.returncode == 1, err
     assert "60 image(s) take 3840 of the prompt's" in err and "more than the model's context of 4096" in err
@@ -171,7 +171,7 @@ def test_without_pillow_image_input_names_the_extra(vision_checkpoint, tmp_path)
 
 
 def test_a_text_only_checkpoint_refuses_images_before_loading(tiny_checkpoint, tmp_path):
-    done = run_cli("run", "-m", str(tiny_checkpoint), "--image", str(write_image(tmp_path / "x.png")), "hi")
+    done = cli("run", "-m", str(tiny_checkpoint), "--image", str(write_image(tmp_path / "x.png")), "hi")
     err = done.stderr.decode()
     assert done.returncode == 1 and "has no image processor" in err and "plan:" not in err
 
@@ -203,16 +203,16 @@ def test_the_plan_counts_the_vision_tower_and_the_images_workspace(tmp_path):
 def test_info_shows_the_vision_tower_and_plans_for_images(tmp_path):
     directory = _released_config_dir(tmp_path)
     common = ("info", "-m", str(directory), "--device", "cpu", "--max-memory", "200GB", "--json")
-    plain = json.loads(run_cli(*common).stdout)
-    done = run_cli(*common, "--images", "4")
+    plain = json.loads(cli(*common).stdout)
+    done = cli(*common, "--images", "4")
     assert done.returncode == 0, done.stderr.decode()
     data = json.loads(done.stdout)
     assert 0.5e9 < data["vision_parameters"] < 0.6e9
     assert data["image_tokens"] == 4 * 282 and data["max_image_tokens"] == 280
     assert data["plans"][0]["runtime_gb"] > plain["plans"][0]["runtime_gb"]
-    text = run_cli("info", "-m", str(directory), "--device", "cpu", "--max-memory", "200GB").stdout.decode()
+    text = cli("info", "-m", str(directory), "--device", "cpu", "--max-memory", "200GB").stdout.decode()
     assert "vision: tower 0.557B parameters" in text
-    too_many = run_cli(*common, "--context", "262000", "--images", "1")
+    too_many = cli(*common, "--context", "262000", "--images", "1")
     assert too_many.returncode == 2 and "more than the model's context of 262144" in too_many.stderr.decode()
 
 
@@ -264,8 +264,8 @@ def test_fill_with_an_image_is_the_librarys_fill_with_its_inputs(vision, vision_
 
     picture = write_image(tmp_path / "x.png", 30, 30, seed=6)
     template = "Colour: {{4}}. Shape: {{4}}."
-    done = run_cli("fill", "-m", str(vision_checkpoint), "--seed", "9", "--json", "--image", str(picture),
-                   "-p", "Describe the picture", template)
+    done = cli("fill", "-m", str(vision_checkpoint), "--seed", "9", "--json", "--image", str(picture),
+               "-p", "Describe the picture", template)
     assert done.returncode == 0, done.stderr.decode()
     record = json.loads(done.stdout)
     processor = images.load_processor(vision.checkpoint.path, vision.tokenizer)
@@ -300,15 +300,15 @@ def test_the_processor_by_hand_matches_transformers_processor(vision, tmp_path):
 
 def test_image_flag_combinations_and_the_observed_run(vision_checkpoint, tmp_path):
     picture = str(write_image(tmp_path / "x.png"))
-    raw = run_cli("run", "-m", str(vision_checkpoint), "--raw", "--image", picture, "hi")
+    raw = cli("run", "-m", str(vision_checkpoint), "--raw", "--image", picture, "hi")
     assert raw.returncode == 2 and "--image does not combine with --raw" in raw.stderr.decode()
-    twice = run_cli("run", "-m", str(vision_checkpoint), "--image", "-", "--image", "-", "hi", input=b"")
+    twice = cli("run", "-m", str(vision_checkpoint), "--image", "-", "--image", "-", "hi", input=b"")
     assert twice.returncode == 2 and "pass - at most once" in twice.stderr.decode()
     # --trace takes the observed path through the loop: the same tokens as the plain run.
     common = ("run", "-m", str(vision_checkpoint), "--seed", "1", "--max-new-tokens", "16", "--json", "--image",
               picture, "hi")
-    traced = run_cli(*common, "--trace", str(tmp_path / "t.jsonl"))
-    plain = run_cli(*common)
+    traced = cli(*common, "--trace", str(tmp_path / "t.jsonl"))
+    plain = cli(*common)
     assert traced.returncode == 0, traced.stderr.decode()
     assert json.loads(traced.stdout)["tokens"] == json.loads(plain.stdout)["tokens"]
     assert (tmp_path / "t.jsonl").stat().st_size > 0

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import run_cli
+from tests.conftest import cli
 
 
 def rewrite(src: Path, dst: Path, change) -> Path:
@@ -52,7 +52,7 @@ def error_line(result) -> str:
 @pytest.mark.parametrize("quant", ["fp32", "int8"])
 def test_experts_in_another_layout_are_refused_not_left_random(tiny_checkpoint, tmp_path, quant):
     path = rewrite(tiny_checkpoint, tmp_path / "ckpt", per_expert)
-    result = run_cli("run", "-m", str(path), "--quant", quant, "hi")
+    result = cli("run", "-m", str(path), "--quant", quant, "hi")
     assert result.returncode == 1 and result.stdout == b""
     line = error_line(result)
     assert "lacks 4 of the" in line and "(first: model.decoder.layers.0.experts.down_proj)" in line
@@ -63,7 +63,7 @@ def test_a_missing_buffer_is_refused(tiny_checkpoint, tmp_path):
         del tensors["model.encoder.language_model.layers.1.layer_scalar"]
         return tensors
 
-    result = run_cli("run", "-m", str(rewrite(tiny_checkpoint, tmp_path / "ckpt", drop)), "hi")
+    result = cli("run", "-m", str(rewrite(tiny_checkpoint, tmp_path / "ckpt", drop)), "hi")
     assert result.returncode == 1
     assert "lacks 1 of the" in error_line(result)
     assert "model.encoder.language_model.layers.1.layer_scalar" in error_line(result)
@@ -94,7 +94,7 @@ def test_unknown_extra_tensors_are_named_in_a_warning(tiny_checkpoint, tmp_path,
         return tensors
 
     path = rewrite(tiny_checkpoint, tmp_path / "ckpt", add)
-    result = run_cli("run", "-m", str(path), "--quant", quant, "--max-new-tokens", "16", "--steps", "2", "hi")
+    result = cli("run", "-m", str(path), "--quant", quant, "--max-new-tokens", "16", "--steps", "2", "hi")
     assert result.returncode == 0, result.stderr.decode()
     warnings = [line for line in result.stderr.decode().splitlines() if "no place for" in line]
     assert len(warnings) == 1

@@ -21,7 +21,7 @@ from diffgen.loading import loader
 from diffgen.planning import plan, sizes
 from diffgen.planning.plan import LoadPlan
 from diffgen.planning.sizes import GB, GiB
-from tests.conftest import run_cli
+from tests.conftest import cli, run_cli
 from tests.prequant_layouts import write
 from tests.test_exactness import PROMPTS, _encode, _reference
 
@@ -78,7 +78,7 @@ def test_exact_tokens_are_generates_on_the_decoded_weights(layouts, layout):
 def test_run_on_a_published_layout_says_so_and_writes_no_quantised_cache(layouts, layout, diffgen_cache):
     quantised, plain = layouts[layout]
     args = ("--exact", "--seed", "3", "-n", "32", "--steps", "6", "Why is the sky blue?")
-    ours, reference = run_cli("run", "-m", str(quantised), *args), run_cli("run", "-m", str(plain), *args)
+    ours, reference = cli("run", "-m", str(quantised), *args), cli("run", "-m", str(plain), *args)
     assert ours.returncode == 0, ours.stderr.decode()
     assert ours.stdout == reference.stdout and ours.stdout.strip()
     assert f"{SCHEMES[layout]} experts (rest float32), as stored ({LABELS[layout]} checkpoint)" in ours.stderr.decode()
@@ -88,11 +88,11 @@ def test_run_on_a_published_layout_says_so_and_writes_no_quantised_cache(layouts
 
 def test_quant_naming_another_scheme_is_refused_and_its_own_is_taken(layouts):
     quantised, _ = layouts["modelopt-nvfp4"]
-    refused = run_cli("run", "-m", str(quantised), "--quant", "int8", "hi")
+    refused = cli("run", "-m", str(quantised), "--quant", "int8", "hi")
     assert refused.returncode == 2
     line = error_line(refused)
     assert "already quantised (ModelOpt NVFP4): --quant int8 cannot apply to it" in line
-    taken = run_cli("run", "-m", str(quantised), "--quant", "nvfp4", "-n", "16", "--steps", "2", "hi")
+    taken = cli("run", "-m", str(quantised), "--quant", "nvfp4", "-n", "16", "--steps", "2", "hi")
     assert taken.returncode == 0, taken.stderr.decode()
     with pytest.raises(UsageError):
         loader.load(str(quantised), LoadPlan("cpu", "float32", "int8"), progress=False)
@@ -101,7 +101,7 @@ def test_quant_naming_another_scheme_is_refused_and_its_own_is_taken(layouts):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_info_names_the_format_and_plans_the_real_size(layouts, layout):
     quantised, _ = layouts[layout]
-    result = run_cli("info", "-m", str(quantised), "--device", "cpu", "--json")
+    result = cli("info", "-m", str(quantised), "--device", "cpu", "--json")
     assert result.returncode == 0, result.stderr.decode()
     data = json.loads(result.stdout)
     assert data["format"] == {"label": LABELS[layout], "quant": SCHEMES[layout], "method": LABELS[layout].split()[0]
@@ -109,7 +109,7 @@ def test_info_names_the_format_and_plans_the_real_size(layouts, layout):
     assert [row["quant"] for row in data["plans"]] == [SCHEMES[layout]] and data["chosen"] == SCHEMES[layout]
     loaded = loader.load(str(quantised), LoadPlan("cpu", "float32"), progress=False)
     assert data["plans"][0]["weights_gb"] == round(loader.resident_bytes(loaded.model) / GB, 3)
-    text = run_cli("info", "-m", str(quantised), "--device", "cpu")
+    text = cli("info", "-m", str(quantised), "--device", "cpu")
     assert f"format: {LABELS[layout]} checkpoint, pre-quantised" in text.stdout.decode().replace("\n", " ")
 
 
@@ -191,7 +191,7 @@ BAD = {
 def test_a_bad_checkpoint_is_refused_in_one_line_before_the_model_is_built(layouts, tmp_path, monkeypatch, case):
     layout, changes, message = BAD[case]
     path = _broken(layouts, tmp_path, layout, **changes)
-    result = run_cli("run", "-m", str(path), "hi")
+    result = cli("run", "-m", str(path), "hi")
     assert result.returncode == 1 and result.stdout == b""
     assert message in error_line(result)
 
