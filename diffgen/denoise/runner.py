@@ -64,11 +64,11 @@ def graphs_per_canvas() -> bool:
     return _flag("DIFFGEN_GRAPHS_PER_CANVAS", "0")
 
 
-def commit_canvas(argmax: torch.Tensor, finished: torch.Tensor, eos: torch.Tensor,
+def commit_canvas(draft: torch.Tensor, finished: torch.Tensor, eos: torch.Tensor,
                   pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Commit a canvas (the last step's argmax): rows ended earlier become all pad, pad follows a
+    """Commit a canvas (the last step's draft): rows ended earlier become all pad, pad follows a
     row's first EOS. Returns the committed tokens and the rows finished now."""
-    committed = argmax.clone()
+    committed = draft.clone()
     is_eos = torch.isin(committed, eos)
     ended_now = is_eos.any(dim=-1)
     committed[finished] = pad_token_id

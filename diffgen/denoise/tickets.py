@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import TYPE_CHECKING, Union
 
 import torch
 
@@ -20,6 +20,11 @@ from diffgen.denoise.channels import split_response
 from diffgen.denoise.events import Completion, CompletionStats, StepEvent, cut_completion
 from diffgen.denoise.items import Canvas, Done, Item, Step
 from diffgen.settings import GenerationSettings
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from diffgen.denoise.step import StepState
 
 
 @dataclass(frozen=True)
@@ -141,7 +146,7 @@ class Row:
     ended: bool = False
     slot: int = -1
 
-    def step_item(self, state: Any, step: int, n_steps: int, temperature: float) -> Step:
+    def step_item(self, state: StepState, step: int, n_steps: int, temperature: float) -> Step:
         """This row's part of a batch's step state (its slot's tensors, copied) as its item."""
         part = slice(self.slot, self.slot + 1)
         return Step(self.index, StepEvent(
@@ -151,13 +156,13 @@ class Row:
             mean_entropy=state.mean_entropy[part].clone(), finished=state.stopped[part].clone(),
             elapsed=time.perf_counter() - self.started))
 
-    def canvas_item(self, tokenizer: Any) -> Canvas:
+    def canvas_item(self, tokenizer: PreTrainedTokenizerBase) -> Canvas:
         """The answer and thoughts of the canvases committed so far."""
         cut, _ = cut_completion(self.tokens, self.settings)
         response = split_response(tokenizer, cut)
         return Canvas(self.index, response.text, response.thoughts)
 
-    def done_item(self, tokenizer: Any, peak: int | None) -> Done:
+    def done_item(self, tokenizer: PreTrainedTokenizerBase, peak: int | None) -> Done:
         """The row's completion, with its own stats (``peak``: the accelerator's peak memory)."""
         tokens, reason = cut_completion(self.tokens, self.settings)
         response = split_response(tokenizer, tokens)

@@ -88,7 +88,6 @@ class ParameterCounts:
 
 def count_parameters(config: dict[str, Any]) -> ParameterCounts:
     """Instantiate the model on the meta device from ``config`` (a parsed config.json) and count."""
-    import torch
     from accelerate import init_empty_weights
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
